@@ -1,0 +1,185 @@
+//! API errors: one type, one mapping to an HTTP status and OpenAI's error JSON.
+
+use axum::{
+    extract::{FromRequest, Request},
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use bytes::Bytes;
+use flatmesh_runtime::RuntimeError;
+use serde::de::DeserializeOwned;
+
+use crate::models::ModelError;
+
+/// An error answered to a client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// OpenAI's `type`: `invalid_request_error`, `not_found_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// A stable code (also a metric label).
+    pub code: &'static str,
+    pub message: String,
+    /// The request field at fault, when one is.
+    pub param: Option<String>,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn bad_request(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let param = param.into();
+        let message = message.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: "invalid_value",
+            message: if param.is_empty() {
+                message
+            } else {
+                format!("{param}: {message}")
+            },
+            param: (!param.is_empty()).then_some(param),
+            retry_after: None,
+        }
+    }
+
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            message,
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn not_found(message: String) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "model_not_found",
+            message,
+        )
+    }
+
+    pub fn unavailable(message: String, retry_after: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "unavailable",
+                message,
+            )
+        }
+    }
+
+    pub fn internal(message: String) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
+    }
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::NotFound(_) => {
+                let mut err = ApiError::not_found(e.to_string());
+                err.param = Some("model".into());
+                err
+            }
+            ModelError::Failed { .. } => ApiError::unavailable(e.to_string(), 30),
+        }
+    }
+}
+
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        let code = e.kind();
+        if e.is_client_error() {
+            let param = match e {
+                RuntimeError::ContextOverflow { .. } => Some("messages".to_string()),
+                _ => None,
+            };
+            ApiError {
+                param,
+                code,
+                ..ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    code,
+                    e.to_string(),
+                )
+            }
+        } else {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                code,
+                e.to_string(),
+            )
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// A JSON body whose errors name the field at fault (`temperature: invalid type ...`),
+/// and whose size limit answers 413 in the same error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    "request_too_large",
+                    "request body is larger than the server accepts (server.max_body_bytes)".into(),
+                )
+            } else {
+                ApiError::bad_request("", e.body_text())
+            }
+        })?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de)
+            .map(ApiJson)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if inner.is_syntax() || inner.is_eof() {
+                    ApiError::bad_request("", format!("request body is not valid JSON: {inner}"))
+                } else if path == "." {
+                    ApiError::bad_request("", inner.to_string())
+                } else {
+                    ApiError::bad_request(path, inner.to_string())
+                }
+            })
+    }
+}

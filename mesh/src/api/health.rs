@@ -1,0 +1,42 @@
+//! Liveness, readiness and the Prometheus endpoint.
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Json, Router,
+};
+use serde_json::json;
+
+use super::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+}
+
+/// Ready once no model is still loading, and until shutdown begins.
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let models = state.models.status();
+    let loading = models.iter().any(|m| m.state == "loading");
+    let ready = !loading && !state.is_draining();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "draining": state.is_draining(), "models": models})),
+    )
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,93 @@
+//! The agent's HTTP front door: routes, shared state, and serving with graceful shutdown.
+
+pub mod error;
+mod health;
+mod openai;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use axum::{extract::DefaultBodyLimit, Router};
+use tokio::net::TcpListener;
+
+use crate::{metrics::Metrics, models::Models};
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub models: Models,
+    pub metrics: Metrics,
+    /// Set once shutdown begins: `/readyz` turns 503 so balancers stop sending work.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// The model id as a metric label: configured ids only, so labels stay bounded.
+    pub fn model_label(&self, model: &str) -> String {
+        if self.models.contains(model) {
+            model.to_string()
+        } else {
+            "unknown".to_string()
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .merge(openai::routes())
+        .merge(health::routes())
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// Serve until `shutdown` resolves, then stop accepting and give in-flight requests
+/// (streams included) up to `grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (begin_tx, begin_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        state.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            grace_seconds = grace.as_secs_f64(),
+            "Shutting down: draining in-flight requests"
+        );
+        let _ = begin_tx.send(());
+    });
+    let mut server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        r = &mut server => return r.expect("server task panicked"),
+        _ = begin_rx => {}
+    }
+    // Shutdown has begun; `server` ends when the last connection closes.
+    match tokio::time::timeout(grace, server).await {
+        Ok(r) => r.expect("server task panicked"),
+        Err(_) => {
+            tracing::warn!("Grace period over; closing the connections still open");
+            Ok(())
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}

@@ -1,0 +1,297 @@
+//! Request and response bodies of the OpenAI-compatible API, and their validation.
+
+use flatmesh_runtime::{ChatMessage, SamplingParams};
+use serde::{Deserialize, Serialize};
+
+use crate::api::error::ApiError;
+
+/// A string or a list of strings (`stop`, `prompt`, embeddings `input`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Message content: a string, or a list of parts of which only text is supported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by chat and text completions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Common {
+    pub model: String,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Not in OpenAI's API; common in compatible servers.
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Option<OneOrMany>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub prompt: OneOrMany,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: serde_json::Value,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+impl ChatRequest {
+    pub fn messages(&self) -> Result<Vec<ChatMessage>, ApiError> {
+        if self.messages.is_empty() {
+            return Err(ApiError::bad_request(
+                "messages",
+                "must contain at least one message",
+            ));
+        }
+        self.messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if !ROLES.contains(&m.role.as_str()) {
+                    return Err(ApiError::bad_request(
+                        format!("messages[{i}].role"),
+                        format!("{:?} is not one of {}", m.role, ROLES.join(", ")),
+                    ));
+                }
+                let content = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(parts)) => {
+                        let mut text = String::new();
+                        for (j, p) in parts.iter().enumerate() {
+                            match (p.kind.as_str(), &p.text) {
+                                ("text", Some(t)) => text.push_str(t),
+                                _ => {
+                                    return Err(ApiError::bad_request(
+                                        format!("messages[{i}].content[{j}]"),
+                                        format!(
+                                            "content parts of type {:?} are not supported",
+                                            p.kind
+                                        ),
+                                    ))
+                                }
+                            }
+                        }
+                        text
+                    }
+                };
+                Ok(ChatMessage {
+                    role: m.role.clone(),
+                    content,
+                })
+            })
+            .collect()
+    }
+
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.common.max_tokens)
+    }
+}
+
+impl CompletionRequest {
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        match self.prompt.clone().into_vec().as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(ApiError::bad_request(
+                "prompt",
+                "exactly one prompt string is supported",
+            )),
+        }
+    }
+}
+
+impl Common {
+    /// Check ranges and turn the request into sampling settings.
+    pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
+        if self.model.is_empty() {
+            return Err(ApiError::bad_request("model", "must not be empty"));
+        }
+        if self.n.unwrap_or(1) != 1 {
+            return Err(ApiError::bad_request("n", "only n = 1 is supported"));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::bad_request(
+                "temperature",
+                format!("{temperature} is not between 0 and 2"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad_request(
+                "top_p",
+                format!("{top_p} is not in (0, 1]"),
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
+                return Err(ApiError::bad_request(
+                    name,
+                    format!("{v} is not between -2 and 2"),
+                ));
+            }
+        }
+        if self.max_tokens == Some(0) {
+            return Err(ApiError::bad_request("max_tokens", "must be at least 1"));
+        }
+        Ok(SamplingParams {
+            temperature,
+            top_p,
+            top_k: self.top_k.unwrap_or(0) as usize,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+        })
+    }
+
+    pub fn stop(&self) -> Result<Vec<String>, ApiError> {
+        let stop = self
+            .stop
+            .clone()
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        if stop.len() > 4 {
+            return Err(ApiError::bad_request(
+                "stop",
+                "at most 4 stop sequences are allowed",
+            ));
+        }
+        Ok(stop)
+    }
+
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+impl EmbeddingRequest {
+    pub fn inputs(&self) -> Result<Vec<String>, ApiError> {
+        let bad = |m: &str| ApiError::bad_request("input", m);
+        let inputs = match &self.input {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    serde_json::Value::String(s) => Ok(s.clone()),
+                    serde_json::Value::Number(_) | serde_json::Value::Array(_) => {
+                        Err(bad("token id arrays are not supported; send strings"))
+                    }
+                    _ => Err(ApiError::bad_request(
+                        format!("input[{i}]"),
+                        "must be a string",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad("must be a string or an array of strings")),
+        };
+        if inputs.is_empty() {
+            return Err(bad("must not be empty"));
+        }
+        if inputs.len() > 2048 {
+            return Err(bad("at most 2048 inputs per request"));
+        }
+        if let Some(i) = inputs.iter().position(String::is_empty) {
+            return Err(ApiError::bad_request(
+                format!("input[{i}]"),
+                "must not be empty",
+            ));
+        }
+        Ok(inputs)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The command line: `flatmesh serve` and its flags, and the wiring that starts the agent.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    api::{self, AppState},
+    config::{Config, LogFormat},
+    metrics::Metrics,
+    models::Models,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flatmesh",
+    version,
+    about = "A serving mesh for a shared, flat-rate model service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent.
+    Serve(ServeArgs),
+    /// Print the effective configuration (defaults, file and overrides merged) as TOML.
+    Config(ServeArgs),
+}
+
+/// Every flag overrides the config file; every flag is also an environment variable.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// TOML config file. Without one, built-in defaults serve the demo models.
+    #[arg(long, short, env = "FLATMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address (server.http_addr).
+    #[arg(long, env = "FLATMESH_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// Directory of relative model paths (models_dir).
+    #[arg(long, env = "FLATMESH_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Log format (log.format).
+    #[arg(long, env = "FLATMESH_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Log filter (log.level).
+    #[arg(long, env = "FLATMESH_LOG_LEVEL")]
+    log_level: Option<String>,
+    /// Write bound addresses as JSON to this file (server.addr_file).
+    #[arg(long, env = "FLATMESH_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    fn config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.http_addr {
+            c.server.http_addr = v;
+        }
+        if let Some(v) = self.models_dir {
+            c.models_dir = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log.format = v;
+        }
+        if let Some(v) = self.log_level {
+            c.log.level = v;
+        }
+        if let Some(v) = self.addr_file {
+            c.server.addr_file = Some(v);
+        }
+        c.finish()
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let print_only = matches!(cli.command, Command::Config(_));
+    let args = match cli.command {
+        Command::Serve(a) | Command::Config(a) => a,
+    };
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flatmesh: bad configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if print_only {
+        print!(
+            "{}",
+            toml::to_string_pretty(&config).expect("config serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
+    init_logs(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "Agent stopped");
+            eprintln!("flatmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let models = Models::new(&config.models, metrics.clone());
+    let state = AppState {
+        models: models.clone(),
+        metrics,
+        draining: Arc::default(),
+    };
+    let (listener, addr) = api::bind(config.http_addr()?).await?;
+    tracing::info!(http = %addr, models = config.models.len(), "Listening");
+    if let Some(path) = &config.server.addr_file {
+        let json = serde_json::json!({"http": addr.to_string()});
+        std::fs::write(path, json.to_string()).map_err(|e| {
+            anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
+        })?;
+    }
+    tokio::spawn(async move { models.preload().await });
+    let app = api::router(state.clone(), config.server.max_body_bytes);
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    api::serve(listener, app, state, shutdown_signal(), grace).await?;
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,7 @@
+//! The flatmesh agent: serves many models to many tenants over OpenAI-compatible HTTP.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod models;

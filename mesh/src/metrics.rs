@@ -1,0 +1,115 @@
+//! Prometheus metrics of the agent, all under the `flatmesh_` prefix in base units.
+
+use prometheus::{
+    exponential_buckets, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry, Encoder,
+    HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+};
+
+/// Every metric family, registered once in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub time_to_first_token_seconds: HistogramVec,
+    pub input_tokens: IntCounterVec,
+    pub output_tokens: IntCounterVec,
+    pub model_load_seconds: HistogramVec,
+    pub model_load_failures: IntCounterVec,
+    pub model_bytes: IntGaugeVec,
+    pub in_flight: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let latency = exponential_buckets(0.005, 2.0, 14).expect("valid buckets"); // 5 ms .. 41 s
+        let load = exponential_buckets(0.01, 2.0, 14).expect("valid buckets");
+        let m = Metrics {
+            requests: register_int_counter_vec_with_registry!(
+                "flatmesh_requests_total",
+                "Requests answered, by model, endpoint and HTTP status.",
+                &["model", "endpoint", "status"],
+                r
+            )
+            .expect("register"),
+            request_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_request_duration_seconds",
+                "Time from request to the last byte of the response.",
+                &["model", "endpoint"],
+                latency.clone(),
+                r
+            )
+            .expect("register"),
+            time_to_first_token_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_time_to_first_token_seconds",
+                "Time from request to the first generated token.",
+                &["model"],
+                latency,
+                r
+            )
+            .expect("register"),
+            input_tokens: register_int_counter_vec_with_registry!(
+                "flatmesh_input_tokens_total",
+                "Prompt tokens processed.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            output_tokens: register_int_counter_vec_with_registry!(
+                "flatmesh_output_tokens_total",
+                "Tokens generated.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            model_load_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_model_load_seconds",
+                "Time to load a model into memory.",
+                &["model"],
+                load,
+                r
+            )
+            .expect("register"),
+            model_load_failures: register_int_counter_vec_with_registry!(
+                "flatmesh_model_load_failures_total",
+                "Model loads that failed, by error kind.",
+                &["model", "kind"],
+                r
+            )
+            .expect("register"),
+            model_bytes: register_int_gauge_vec_with_registry!(
+                "flatmesh_model_bytes",
+                "Memory held by a loaded model, measured after load.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            in_flight: register_int_gauge_vec_with_registry!(
+                "flatmesh_requests_in_flight",
+                "Requests being served now.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            registry: r,
+        };
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

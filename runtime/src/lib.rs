@@ -1,0 +1,23 @@
+//! The model runtime: engines that load models and run generate and embed on a device.
+//!
+//! Nothing here knows about HTTP, tenants or the mesh; the agent in `mesh/` drives it.
+
+mod bert;
+mod engine;
+mod error;
+mod llama;
+mod load;
+pub mod sampling;
+mod stop;
+pub mod template;
+pub mod tokenizer;
+
+pub use bert::BertEngine;
+pub use engine::{
+    ChatMessage, Embeddings, Engine, FinishReason, GenerateEvent, GenerateRequest, Generation,
+    ModelInfo, ModelKind, Prompt,
+};
+pub use error::{Result, RuntimeError};
+pub use llama::LlamaEngine;
+pub use load::{load, Format};
+pub use sampling::SamplingParams;

@@ -1,0 +1,359 @@
+//! LLM engine for llama-family GGUF models, on candle's quantized kernels.
+
+use std::{fs::File, io::BufReader, ops::ControlFlow, path::Path};
+
+use candle_core::{quantized::gguf_file, Device, Tensor};
+use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
+
+use crate::{
+    engine::{
+        Engine, FinishReason, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind,
+        Prompt,
+    },
+    sampling::Sampler,
+    stop::{Step, StopMatcher},
+    template::ChatTemplate,
+    tokenizer::{GgufTokenizer, StreamDecoder},
+    Result, RuntimeError,
+};
+
+/// Prompts are prefilled in chunks of this many tokens, which bounds the attention scratch.
+const PREFILL_CHUNK: usize = 512;
+
+/// A loaded llama-family model. Each generation works on its own clone of the weights'
+/// handles (the weights themselves are shared) with its own KV cache.
+pub struct LlamaEngine {
+    model: ModelWeights,
+    tokenizer: GgufTokenizer,
+    template: Option<ChatTemplate>,
+    info: ModelInfo,
+    size_bytes: u64,
+    device: Device,
+}
+
+impl LlamaEngine {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bad = |reason: String| RuntimeError::BadFormat {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason,
+        };
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
+            _ => bad(e.to_string()),
+        })?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let ct = gguf_file::Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| bad("metadata key general.architecture is missing".into()))?;
+        if arch != "llama" {
+            return Err(RuntimeError::UnsupportedArchitecture(arch));
+        }
+        let context = ct
+            .metadata
+            .get("llama.context_length")
+            .and_then(|v| v.to_u32().ok())
+            .map_or(MAX_SEQ_LEN, |n| (n as usize).min(MAX_SEQ_LEN));
+        let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+        let template = match ct.metadata.get("tokenizer.chat_template") {
+            Some(v) => {
+                let src = v.to_string().map_err(|e| bad(e.to_string()))?;
+                let name =
+                    |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
+                Some(ChatTemplate::new(
+                    src,
+                    &name(&tokenizer.bos),
+                    &name(&tokenizer.eos),
+                )?)
+            }
+            None => None,
+        };
+        let size_bytes = measured_size(&ct);
+        let device = Device::Cpu;
+        let model =
+            ModelWeights::from_gguf(ct, &mut reader, &device).map_err(|e| bad(e.to_string()))?;
+        Ok(LlamaEngine {
+            model,
+            tokenizer,
+            template,
+            info: ModelInfo {
+                kind: ModelKind::Llm,
+                architecture: arch,
+                context_length: context,
+                embedding_dims: None,
+            },
+            size_bytes,
+            device,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    /// The prompt's tokens, after the chat template where the prompt is a chat.
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Text(t) => std::borrow::Cow::Borrowed(t.as_str()),
+            Prompt::Chat(messages) => {
+                let template = self.template.as_ref().ok_or(RuntimeError::InvalidRequest(
+                    "this model has no chat template; use /v1/completions".into(),
+                ))?;
+                std::borrow::Cow::Owned(template.render(messages)?)
+            }
+        };
+        let ids = self.tokenizer.encode(&text)?;
+        if ids.is_empty() {
+            return Err(RuntimeError::InvalidRequest(
+                "prompt: must not be empty".into(),
+            ));
+        }
+        Ok(ids)
+    }
+
+    fn logits(&self, model: &mut ModelWeights, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let logits = model.forward(&input, pos)?;
+        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}
+
+impl Engine for LlamaEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.tokenizer.encode(text)?.len())
+    }
+
+    fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_event: &mut dyn FnMut(GenerateEvent) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let prompt = self.prompt_tokens(&req.prompt)?;
+        let context = self.info.context_length;
+        let room = context.saturating_sub(prompt.len());
+        let max_tokens = req.max_tokens.unwrap_or(room);
+        if room == 0 || max_tokens > room {
+            return Err(RuntimeError::ContextOverflow {
+                prompt_tokens: prompt.len(),
+                max_tokens: req.max_tokens.unwrap_or(0),
+                context,
+            });
+        }
+
+        let mut model = self.model.clone();
+        let mut logits = Vec::new();
+        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+            logits = self.logits(&mut model, chunk, i * PREFILL_CHUNK)?;
+        }
+        let mut result = Generation {
+            text: String::new(),
+            prompt_tokens: prompt.len(),
+            completion_tokens: 0,
+            finish_reason: FinishReason::Length,
+        };
+        if on_event(GenerateEvent::Started {
+            prompt_tokens: prompt.len(),
+        })
+        .is_break()
+        {
+            result.finish_reason = FinishReason::Cancelled;
+            return Ok(result);
+        }
+
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut decoder = StreamDecoder::default();
+        let mut stops = StopMatcher::new(&req.stop);
+        let mut pos = prompt.len();
+        while result.completion_tokens < max_tokens {
+            let token = sampler.sample(&mut logits);
+            result.completion_tokens += 1;
+            if self.tokenizer.end_of_generation.contains(&token) {
+                result.finish_reason = FinishReason::Stop;
+                break;
+            }
+            if let Some(delta) = decoder.push(&self.tokenizer, token)? {
+                let (text, stopped) = match stops.push(&delta) {
+                    Step::Emit(t) => (t, false),
+                    Step::Stop(t) => (t, true),
+                };
+                if !text.is_empty() && on_event(GenerateEvent::Text(text)).is_break() {
+                    result.finish_reason = FinishReason::Cancelled;
+                    break;
+                }
+                if stopped {
+                    result.finish_reason = FinishReason::Stop;
+                    break;
+                }
+            }
+            if result.completion_tokens == max_tokens {
+                break;
+            }
+            logits = self.logits(&mut model, &[token], pos)?;
+            pos += 1;
+        }
+        if result.finish_reason != FinishReason::Cancelled {
+            let rest = stops.flush();
+            if !rest.is_empty() {
+                let _ = on_event(GenerateEvent::Text(rest));
+            }
+        }
+        result.text = stops.into_text();
+        Ok(result)
+    }
+}
+
+/// Bytes the loaded weights occupy: quantized tensors as stored, plus the token embedding
+/// table, which is dequantized to f32 for lookups (and kept quantized for a tied output).
+fn measured_size(ct: &gguf_file::Content) -> u64 {
+    ct.tensor_infos
+        .iter()
+        .map(|(name, t)| {
+            let elems = t.shape.elem_count();
+            let stored = elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+            let dequantized = if name == "token_embd.weight" {
+                elems * 4
+            } else {
+                0
+            };
+            (stored + dequantized) as u64
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SamplingParams;
+
+    /// The demo model, where `deploy/fetch-models` put it.
+    fn demo() -> LlamaEngine {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2-135m-instruct/model.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run deploy/fetch-models",
+            path.display()
+        );
+        LlamaEngine::load(&path).unwrap()
+    }
+
+    #[test]
+    fn tokenizer_matches_llama_cpp_ids() {
+        let e = demo();
+        let ids = e
+            .prompt_tokens(&Prompt::Text("The capital of France is".into()))
+            .unwrap();
+        assert_eq!(ids, vec![504, 3575, 282, 4649, 314]);
+        // Digits are split one by one, control tokens are parsed, no BOS is added.
+        let ids = e.tokenizer().encode("<|im_start|>2024").unwrap();
+        assert_eq!(ids[0], 1);
+        assert_eq!(ids.len(), 5);
+        assert_eq!(e.tokenizer().decode(&ids).unwrap(), "2024");
+    }
+
+    #[test]
+    fn greedy_completion_is_deterministic_and_knows_paris() {
+        let e = demo();
+        let req = GenerateRequest {
+            prompt: Prompt::Text("The capital of France is".into()),
+            max_tokens: Some(8),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: vec![],
+        };
+        let mut streamed = String::new();
+        let a = e
+            .generate(&req, &mut |ev| {
+                if let GenerateEvent::Text(t) = ev {
+                    streamed.push_str(&t);
+                }
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert!(a.text.starts_with(" Paris"), "{:?}", a.text);
+        assert_eq!(a.text, streamed);
+        assert_eq!(a.completion_tokens, 8);
+        assert_eq!(a.finish_reason, FinishReason::Length);
+        let b = e
+            .generate(&req, &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(a.text, b.text);
+    }
+
+    #[test]
+    fn prompt_over_context_is_a_clear_error() {
+        let e = demo();
+        let req = GenerateRequest {
+            prompt: Prompt::Text("hello ".repeat(5000)),
+            max_tokens: Some(1),
+            sampling: SamplingParams::default(),
+            stop: vec![],
+        };
+        let err = e
+            .generate(&req, &mut |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert_eq!(err.kind(), "context_length_exceeded");
+        assert!(
+            err.to_string().contains("maximum context length is 4096"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cancelling_stops_generation() {
+        let e = demo();
+        let req = GenerateRequest {
+            prompt: Prompt::Text("Once upon a time".into()),
+            max_tokens: Some(50),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: vec![],
+        };
+        let mut seen = 0;
+        let g = e
+            .generate(&req, &mut |ev| {
+                if matches!(ev, GenerateEvent::Text(_)) {
+                    seen += 1;
+                }
+                if seen == 2 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Cancelled);
+        assert!(g.completion_tokens < 50);
+    }
+
+    #[test]
+    fn missing_and_corrupt_files_are_clear_errors() {
+        let err = LlamaEngine::load(Path::new("/nonexistent/model.gguf"))
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), "model_file_not_found");
+        let dir = std::env::temp_dir().join(format!("flatmesh-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.gguf");
+        std::fs::write(&bad, b"definitely not a gguf file").unwrap();
+        let err = LlamaEngine::load(&bad).err().unwrap();
+        assert_eq!(err.kind(), "bad_model_format");
+        assert!(err.to_string().contains("bad.gguf"), "{err}");
+    }
+}

@@ -1,0 +1,84 @@
+"""Fixtures for end-to-end tests: the real `flatmesh` binary on loopback, real models."""
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(os.environ.get("FLATMESH_BIN", ROOT / "target" / "debug" / "flatmesh"))
+MODELS = Path(os.environ.get("FLATMESH_MODELS_DIR", ROOT / "models"))
+LLM = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+
+
+class Agent:
+    """One agent process on port 0; `url` is read back from its address file."""
+
+    def __init__(self, config: str = "", ready_timeout: float = 180.0, extra_args=()):
+        self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-e2e-")
+        cfg = Path(self.dir.name) / "flatmesh.toml"
+        cfg.write_text(config)
+        self.addr_file = Path(self.dir.name) / "addr.json"
+        self.log = open(Path(self.dir.name) / "agent.log", "w+")
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--config", str(cfg), "--http-addr", "127.0.0.1:0",
+             "--addr-file", str(self.addr_file), "--models-dir", str(MODELS), *extra_args],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + ready_timeout
+        while not self.addr_file.exists():
+            self._check_alive()
+            if time.time() > deadline:
+                raise TimeoutError("agent did not start listening")
+            time.sleep(0.05)
+        self.url = "http://" + json.loads(self.addr_file.read_text())["http"]
+        while True:
+            self._check_alive()
+            try:
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise TimeoutError("agent did not become ready:\n" + self.logs())
+            time.sleep(0.1)
+
+    def _check_alive(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"agent exited with {self.proc.returncode}:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        self.dir.cleanup()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def agent():
+    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
+    a = Agent()
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def client(agent):
+    from openai import OpenAI
+    return OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=120)

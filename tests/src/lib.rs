@@ -1,0 +1,95 @@
+//! Shared fixtures for end-to-end tests: start the real `flatmesh` binary on loopback.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The agent binary: `$FLATMESH_BIN`, or `target/debug/flatmesh` of this workspace.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLATMESH_BIN") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let bin = root.join("target/debug/flatmesh");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p flatmesh` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A running agent on a free port; killed on drop.
+pub struct Agent {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Start with this TOML config and wait until it listens.
+    pub fn start(config: &str, args: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("flatmesh.toml");
+        std::fs::write(&cfg, config).expect("write config");
+        let addr_file = dir.path().join("addr.json");
+        let child = Command::new(agent_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--http-addr", "127.0.0.1:0", "--addr-file"])
+            .arg(&addr_file)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn flatmesh");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let url = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    break format!("http://{}", v["http"].as_str().expect("http address"));
+                }
+            }
+            assert!(Instant::now() < deadline, "agent did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Agent {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        reqwest::blocking::get(format!("{}{path}", self.url)).expect("GET")
+    }
+
+    pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::blocking::Response {
+        reqwest::blocking::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .expect("POST")
+    }
+
+    /// Poll `path` until it answers 200.
+    pub fn wait_for(&self, path: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.get(path).status() != 200 {
+            assert!(Instant::now() < deadline, "{path} never answered 200");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
