@@ -167,19 +167,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 ApiError::bad_request("", e.body_text())
             }
         })?;
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
-            .map(ApiJson)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                if inner.is_syntax() || inner.is_eof() {
-                    ApiError::bad_request("", format!("request body is not valid JSON: {inner}"))
-                } else if path == "." {
-                    ApiError::bad_request("", inner.to_string())
-                } else {
-                    ApiError::bad_request(path, inner.to_string())
-                }
-            })
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request("", format!("request body is not valid JSON: {e}"))
+        })?;
+        parse(&value).map(ApiJson)
     }
+}
+
+/// Deserialize a part of a request body; errors name the field at fault.
+pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::bad_request("", inner.to_string())
+        } else {
+            ApiError::bad_request(path, inner.to_string())
+        }
+    })
 }

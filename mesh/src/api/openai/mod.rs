@@ -27,7 +27,7 @@ use self::{
     types::{ChatRequest, Common, CompletionRequest, EmbeddingRequest, Usage},
 };
 use super::{
-    error::{ApiError, ApiJson},
+    error::{parse, ApiError, ApiJson},
     AppState,
 };
 
@@ -130,23 +130,25 @@ impl Head {
     }
 }
 
-async fn chat(
-    State(state): State<AppState>,
-    body: Result<ApiJson<ChatRequest>, ApiError>,
-) -> Response {
-    let req = body.and_then(|ApiJson(r)| {
-        let messages = r.messages()?;
-        Ok((Prompt::Chat(messages), r.max_tokens(), r.common))
+async fn chat(State(state): State<AppState>, body: Result<ApiJson<Value>, ApiError>) -> Response {
+    let req = body.and_then(|ApiJson(v)| {
+        let common: Common = parse(&v)?;
+        let r: ChatRequest = parse(&v)?;
+        let max_tokens = r.max_completion_tokens.or(common.max_tokens);
+        Ok((Prompt::Chat(r.messages()?), max_tokens, common))
     });
     run(state, Shape::Chat, req).await
 }
 
 async fn completions(
     State(state): State<AppState>,
-    body: Result<ApiJson<CompletionRequest>, ApiError>,
+    body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
-    let req =
-        body.and_then(|ApiJson(r)| Ok((Prompt::Text(r.prompt()?), r.common.max_tokens, r.common)));
+    let req = body.and_then(|ApiJson(v)| {
+        let common: Common = parse(&v)?;
+        let r: CompletionRequest = parse(&v)?;
+        Ok((Prompt::Text(r.prompt()?), common.max_tokens, common))
+    });
     run(state, Shape::Completion, req).await
 }
 

@@ -51,7 +51,7 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Fields shared by chat and text completions.
+/// Fields shared by chat and text completions (parsed from the same body as either).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Common {
     pub model: String,
@@ -85,15 +85,11 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: OneOrMany,
-    #[serde(flatten)]
-    pub common: Common,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,10 +150,6 @@ impl ChatRequest {
                 })
             })
             .collect()
-    }
-
-    pub fn max_tokens(&self) -> Option<u32> {
-        self.max_completion_tokens.or(self.common.max_tokens)
     }
 }
 
