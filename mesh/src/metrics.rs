@@ -26,7 +26,7 @@ impl Metrics {
         let r = Registry::new();
         let latency = exponential_buckets(0.005, 2.0, 14).expect("valid buckets"); // 5 ms .. 41 s
         let load = exponential_buckets(0.01, 2.0, 14).expect("valid buckets");
-        let m = Metrics {
+        Metrics {
             requests: register_int_counter_vec_with_registry!(
                 "flatmesh_requests_total",
                 "Requests answered, by model, endpoint and HTTP status.",
@@ -94,8 +94,7 @@ impl Metrics {
             )
             .expect("register"),
             registry: r,
-        };
-        m
+        }
     }
 
     /// The text exposition format.

@@ -1,8 +1,17 @@
 //! LLM engine for llama-family GGUF models, on candle's quantized kernels.
 
-use std::{fs::File, io::BufReader, ops::ControlFlow, path::Path};
+use std::{
+    fs::File,
+    io::{BufReader, Cursor, Read, Seek},
+    ops::ControlFlow,
+    path::Path,
+    sync::Mutex,
+};
 
-use candle_core::{quantized::gguf_file, Device, Tensor};
+use candle_core::{
+    quantized::{gguf_file, GgmlDType, QTensor},
+    Device, Tensor,
+};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
 use crate::{
@@ -19,6 +28,16 @@ use crate::{
 
 /// Prompts are prefilled in chunks of this many tokens, which bounds the attention scratch.
 const PREFILL_CHUNK: usize = 512;
+
+/// One forward pass at a time on the CPU: candle's CPU kernels already use every core, and
+/// concurrent passes contend for its worker pool (8 concurrent streams measured 4x slower
+/// in total than one). Sequences interleave token by token instead.
+static CPU_COMPUTE: Mutex<()> = Mutex::new(());
+
+/// Quantizations whose CPU matmul has no SIMD kernel in candle; their weights are converted
+/// to Q8_0 at load (a near-lossless widening: each 4/5-bit value fits 8 bits with the block's
+/// own scale), which roughly doubles their size and speeds decode and prefill several times.
+const WIDEN_TO_Q8_0: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
 /// A loaded llama-family model. Each generation works on its own clone of the weights'
 /// handles (the weights themselves are shared) with its own KV cache.
@@ -72,8 +91,10 @@ impl LlamaEngine {
             }
             None => None,
         };
-        let size_bytes = measured_size(&ct);
         let device = Device::Cpu;
+        let (ct, mut reader) =
+            widen_slow_quantizations(ct, reader, &device).map_err(|e| bad(e.to_string()))?;
+        let size_bytes = measured_size(&ct);
         let model =
             ModelWeights::from_gguf(ct, &mut reader, &device).map_err(|e| bad(e.to_string()))?;
         Ok(LlamaEngine {
@@ -117,7 +138,10 @@ impl LlamaEngine {
 
     fn logits(&self, model: &mut ModelWeights, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let logits = model.forward(&input, pos)?;
+        let logits = {
+            let _turn = CPU_COMPUTE.lock().unwrap_or_else(|e| e.into_inner());
+            model.forward(&input, pos)?
+        };
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
     }
 }
@@ -213,6 +237,41 @@ impl Engine for LlamaEngine {
         Ok(result)
     }
 }
+
+/// Rewrite the tensors listed in `WIDEN_TO_Q8_0` as Q8_0, returning GGUF content (in memory)
+/// that reads like the original file. Files without such tensors pass through untouched.
+fn widen_slow_quantizations<R: Read + Seek + 'static>(
+    ct: gguf_file::Content,
+    mut reader: R,
+    device: &Device,
+) -> candle_core::Result<(gguf_file::Content, Box<dyn ReadSeek>)> {
+    if !ct
+        .tensor_infos
+        .values()
+        .any(|t| WIDEN_TO_Q8_0.contains(&t.ggml_dtype))
+    {
+        return Ok((ct, Box::new(reader)));
+    }
+    let mut tensors = Vec::with_capacity(ct.tensor_infos.len());
+    for (name, info) in &ct.tensor_infos {
+        let mut t = ct.tensor(&mut reader, name, device)?;
+        if WIDEN_TO_Q8_0.contains(&info.ggml_dtype) {
+            t = QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?;
+        }
+        tensors.push((name.as_str(), t));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+    let mut buf = Cursor::new(Vec::new());
+    gguf_file::write(&mut buf, &metadata, &tensor_refs)?;
+    buf.set_position(0);
+    let widened = gguf_file::Content::read(&mut buf)?;
+    Ok((widened, Box::new(buf)))
+}
+
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
 
 /// Bytes the loaded weights occupy: quantized tensors as stored, plus the token embedding
 /// table, which is dequantized to f32 for lookups (and kept quantized for a tied output).
