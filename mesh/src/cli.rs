@@ -6,9 +6,9 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     api::{self, AppState},
+    cache::{Cache, Registry},
     config::{Config, LogFormat},
     metrics::Metrics,
-    models::Models,
 };
 
 #[derive(Parser, Debug)]
@@ -51,6 +51,12 @@ struct ServeArgs {
     /// Write bound addresses as JSON to this file (server.addr_file).
     #[arg(long, env = "FLATMESH_ADDR_FILE")]
     addr_file: Option<PathBuf>,
+    /// Directory for state that survives restarts (state_dir).
+    #[arg(long, env = "FLATMESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Bearer token of the admin API (server.admin_token).
+    #[arg(long, env = "FLATMESH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -73,6 +79,12 @@ impl ServeArgs {
         }
         if let Some(v) = self.addr_file {
             c.server.addr_file = Some(v);
+        }
+        if let Some(v) = self.state_dir {
+            c.state_dir = v;
+        }
+        if let Some(v) = self.admin_token {
+            c.server.admin_token = Some(v);
         }
         c.finish()
     }
@@ -128,11 +140,19 @@ fn init_logs(config: &Config) {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let models = Models::new(&config.models, metrics.clone());
+    let registry = Registry::open(&config.state_dir)?;
+    let cache = Cache::new(
+        config.cache.clone(),
+        &config.models,
+        Some(registry),
+        metrics.clone(),
+    )?;
     let state = AppState {
-        models: models.clone(),
+        cache: cache.clone(),
         metrics,
         draining: Arc::default(),
+        models_dir: config.models_dir.clone(),
+        admin_token: config.server.admin_token.clone(),
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     tracing::info!(http = %addr, models = config.models.len(), "Listening");
@@ -142,10 +162,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
         })?;
     }
-    tokio::spawn(async move { models.preload().await });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reaper = cache.clone();
+    let mut stop = stop_rx.clone();
+    tokio::spawn(async move {
+        reaper
+            .run_reaper(async move {
+                let _ = stop.changed().await;
+            })
+            .await
+    });
+    let preload = cache.clone();
+    tokio::spawn(async move { preload.preload().await });
     let app = api::router(state.clone(), config.server.max_body_bytes);
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
     api::serve(listener, app, state, shutdown_signal(), grace).await?;
+    let _ = stop_tx.send(true);
     tracing::info!("Stopped");
     Ok(())
 }

@@ -9,6 +9,8 @@ use std::{
 use flatmesh_runtime::Format;
 use serde::{Deserialize, Serialize};
 
+use crate::units::{Bytes, KeepAlive, Secs};
+
 /// The whole configuration. Every field has a default, so an empty file (or none) serves
 /// the demo models from `models_dir`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,6 +18,10 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub cache: CacheConfig,
+    /// Where the agent keeps state that must survive a restart (models and vmodels
+    /// registered through the admin API). Relative to the working directory.
+    pub state_dir: PathBuf,
     /// Where relative model paths are looked up (and where `deploy/fetch-models` puts the
     /// demo models).
     pub models_dir: PathBuf,
@@ -34,6 +40,10 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     /// Write the bound addresses here as JSON once listening (for scripts and tests).
     pub addr_file: Option<PathBuf>,
+    /// Bearer token the admin API requires (`FLATMESH_ADMIN_TOKEN`). Unset: the admin API is
+    /// open to whoever reaches the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,13 +73,112 @@ pub struct ModelConfig {
     /// Detected from the path when absent.
     #[serde(default)]
     pub format: Option<Format>,
-    /// Requests this model runs at once; more wait their turn.
+    /// Requests this model runs at once; more wait their turn. Also the number of KV
+    /// caches reserved in memory for the model.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+    /// How long the copy stays loaded when idle (default `cache.keep_alive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<KeepAlive>,
+    /// Loaded at start and never evicted.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+/// The model cache: the node's devices and how copies come and go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// The node's pool. Default: one host-memory device with half of the machine's memory.
+    pub devices: Vec<DeviceConfig>,
+    /// Loads that run at once (loads of one model are always shared).
+    pub max_parallel_loads: usize,
+    /// How long an idle copy stays loaded: `5m`, `0` (unload after use), `-1` (forever).
+    pub keep_alive: KeepAlive,
+    /// A copy is not evicted sooner than this after its load (stops thrash).
+    pub min_residency: Secs,
+    /// How long a request waits for room when memory is full of leased copies; then 503.
+    pub pressure_wait: Secs,
+    /// Load every model at start (cold models otherwise load on first use).
+    pub preload: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub name: String,
+    /// Only `host` (host memory) runs engines today.
+    #[serde(default = "default_device_kind")]
+    pub kind: String,
+    /// Bytes this device may hold: a number or `512MiB`, `2GiB`.
+    pub capacity: Bytes,
+}
+
+fn default_device_kind() -> String {
+    "host".into()
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            devices: Vec::new(),
+            max_parallel_loads: 2,
+            keep_alive: KeepAlive::For(std::time::Duration::from_secs(300)),
+            min_residency: Secs(std::time::Duration::from_secs(1)),
+            pressure_wait: Secs(std::time::Duration::from_secs(30)),
+            preload: true,
+        }
+    }
+}
+
+/// Half of the machine's memory, from /proc/meminfo (4 GiB where that cannot be read).
+fn default_host_capacity() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024 / 2)
+        })
+        .unwrap_or(4 << 30)
 }
 
 fn default_max_concurrency() -> usize {
     4
+}
+
+impl ModelConfig {
+    /// Resolve the path against `models_dir` and detect the format. Errors start with the
+    /// field name.
+    pub fn finish(&mut self, models_dir: &Path) -> Result<(), String> {
+        if self.id.is_empty()
+            || self
+                .id
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+        {
+            return Err(format!(
+                "id: {:?} must be non-empty, without spaces or '/'",
+                self.id
+            ));
+        }
+        if self.max_concurrency == 0 {
+            return Err("max_concurrency: must be at least 1".into());
+        }
+        if self.path.is_relative() {
+            self.path = models_dir.join(&self.path);
+        }
+        if self.format.is_none() {
+            self.format = Format::detect(&self.path);
+            if self.format.is_none() {
+                return Err(format!(
+                    "format: cannot tell the format of {} (set format = \"gguf\" or \"bert-safetensors\")",
+                    self.path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ServerConfig {
@@ -79,6 +188,7 @@ impl Default for ServerConfig {
             max_body_bytes: 4 << 20,
             shutdown_grace_seconds: 30,
             addr_file: None,
+            admin_token: None,
         }
     }
 }
@@ -97,6 +207,8 @@ impl Default for Config {
         Config {
             server: ServerConfig::default(),
             log: LogConfig::default(),
+            cache: CacheConfig::default(),
+            state_dir: PathBuf::from("state"),
             models_dir: PathBuf::from("models"),
             models: Vec::new(),
         }
@@ -111,12 +223,16 @@ pub fn demo_models() -> Vec<ModelConfig> {
             path: "smollm2-135m-instruct/model.gguf".into(),
             format: Some(Format::Gguf),
             max_concurrency: default_max_concurrency(),
+            keep_alive: None,
+            pinned: false,
         },
         ModelConfig {
             id: "all-minilm-l6-v2".into(),
             path: "all-minilm-l6-v2".into(),
             format: Some(Format::BertSafetensors),
             max_concurrency: default_max_concurrency(),
+            keep_alive: None,
+            pinned: false,
         },
     ]
 }
@@ -142,33 +258,35 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             anyhow::bail!("server.max_body_bytes: must be greater than 0");
         }
-        let mut seen = HashSet::new();
-        for (i, m) in self.models.iter_mut().enumerate() {
-            if m.id.is_empty() || m.id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if self.cache.devices.is_empty() {
+            self.cache.devices.push(DeviceConfig {
+                name: "host0".into(),
+                kind: default_device_kind(),
+                capacity: Bytes(default_host_capacity()),
+            });
+        }
+        let mut names = HashSet::new();
+        for (i, d) in self.cache.devices.iter().enumerate() {
+            if d.kind != "host" {
                 anyhow::bail!(
-                    "models[{i}].id: {:?} must be non-empty without spaces",
-                    m.id
+                    "cache.devices[{i}].kind: {:?} is not supported (only \"host\")",
+                    d.kind
                 );
             }
+            if !names.insert(d.name.clone()) {
+                anyhow::bail!("cache.devices[{i}].name: {:?} is declared twice", d.name);
+            }
+        }
+        if self.cache.max_parallel_loads == 0 {
+            anyhow::bail!("cache.max_parallel_loads: must be at least 1");
+        }
+        let mut seen = HashSet::new();
+        for (i, m) in self.models.iter_mut().enumerate() {
             if !seen.insert(m.id.clone()) {
                 anyhow::bail!("models[{i}].id: {:?} is declared twice", m.id);
             }
-            if m.max_concurrency == 0 {
-                anyhow::bail!("models[{i}].max_concurrency: must be at least 1");
-            }
-            if m.path.is_relative() {
-                m.path = self.models_dir.join(&m.path);
-            }
-            if m.format.is_none() {
-                m.format = Format::detect(&m.path);
-                if m.format.is_none() {
-                    anyhow::bail!(
-                        "models[{i}].format: cannot tell the format of {} (set format = \"gguf\" \
-                         or \"bert-safetensors\")",
-                        m.path.display()
-                    );
-                }
-            }
+            m.finish(&self.models_dir)
+                .map_err(|e| anyhow::anyhow!("models[{i}].{e}"))?;
         }
         Ok(self)
     }

@@ -1,7 +1,8 @@
 //! The flatmesh agent: serves many models to many tenants over OpenAI-compatible HTTP.
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod metrics;
-pub mod models;
+pub mod units;

@@ -1,9 +1,10 @@
 //! Prometheus metrics of the agent, all under the `flatmesh_` prefix in base units.
 
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry,
-    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry, Encoder,
-    HistogramVec, IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+    exponential_buckets, register_histogram_vec_with_registry, register_histogram_with_registry,
+    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, Encoder, Histogram, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric family, registered once in one registry.
@@ -19,6 +20,13 @@ pub struct Metrics {
     pub model_load_failures: IntCounterVec,
     pub model_bytes: IntGaugeVec,
     pub in_flight: IntGaugeVec,
+    pub model_unload_seconds: HistogramVec,
+    pub cache_miss_seconds: HistogramVec,
+    pub evictions: IntCounterVec,
+    pub eviction_age_seconds: Histogram,
+    pub copies_loaded: IntGauge,
+    pub device_used_bytes: IntGaugeVec,
+    pub device_capacity_bytes: IntGaugeVec,
 }
 
 impl Metrics {
@@ -90,6 +98,56 @@ impl Metrics {
                 "flatmesh_requests_in_flight",
                 "Requests being served now.",
                 &["model"],
+                r
+            )
+            .expect("register"),
+            model_unload_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_model_unload_seconds",
+                "Time to unload a copy.",
+                &["model"],
+                exponential_buckets(0.0001, 4.0, 10).expect("valid buckets"),
+                r
+            )
+            .expect("register"),
+            cache_miss_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_cache_miss_seconds",
+                "Time a request waited for its model to load.",
+                &["model"],
+                exponential_buckets(0.01, 2.0, 14).expect("valid buckets"),
+                r
+            )
+            .expect("register"),
+            evictions: register_int_counter_vec_with_registry!(
+                "flatmesh_evictions_total",
+                "Copies unloaded, by reason (lru, keep_alive, admin, unregistered).",
+                &["reason"],
+                r
+            )
+            .expect("register"),
+            eviction_age_seconds: register_histogram_with_registry!(
+                "flatmesh_eviction_age_seconds",
+                "Age of a copy when it was unloaded.",
+                exponential_buckets(0.1, 4.0, 10).expect("valid buckets"),
+                r
+            )
+            .expect("register"),
+            copies_loaded: register_int_gauge_with_registry!(
+                "flatmesh_copies_loaded",
+                "Copies of models loaded on this node.",
+                r
+            )
+            .expect("register"),
+            device_used_bytes: register_int_gauge_vec_with_registry!(
+                "flatmesh_device_used_bytes",
+                "Bytes held on a device by copies and loads in progress.",
+                &["device"],
+                r
+            )
+            .expect("register"),
+            device_capacity_bytes: register_int_gauge_vec_with_registry!(
+                "flatmesh_device_capacity_bytes",
+                "Bytes a device may hold.",
+                &["device"],
                 r
             )
             .expect("register"),

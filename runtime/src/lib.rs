@@ -19,5 +19,5 @@ pub use engine::{
 };
 pub use error::{Result, RuntimeError};
 pub use llama::LlamaEngine;
-pub use load::{load, Format};
+pub use load::{footprint, load, Footprint, Format};
 pub use sampling::SamplingParams;

@@ -23,7 +23,7 @@ use crate::{
     stop::{Step, StopMatcher},
     template::ChatTemplate,
     tokenizer::{GgufTokenizer, StreamDecoder},
-    Result, RuntimeError,
+    Footprint, Result, RuntimeError,
 };
 
 /// Prompts are prefilled in chunks of this many tokens, which bounds the attention scratch.
@@ -273,14 +273,20 @@ fn widen_slow_quantizations<R: Read + Seek + 'static>(
 trait ReadSeek: Read + Seek {}
 impl<T: Read + Seek> ReadSeek for T {}
 
-/// Bytes the loaded weights occupy: quantized tensors as stored, plus the token embedding
-/// table, which is dequantized to f32 for lookups (and kept quantized for a tied output).
+/// Bytes the loaded weights occupy: quantized tensors in their in-memory type (after
+/// widening), plus the token embedding table, which is dequantized to f32 for lookups (and
+/// kept quantized for a tied output).
 fn measured_size(ct: &gguf_file::Content) -> u64 {
     ct.tensor_infos
         .iter()
         .map(|(name, t)| {
+            let dtype = if WIDEN_TO_Q8_0.contains(&t.ggml_dtype) {
+                GgmlDType::Q8_0
+            } else {
+                t.ggml_dtype
+            };
             let elems = t.shape.elem_count();
-            let stored = elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+            let stored = elems / dtype.block_size() * dtype.type_size();
             let dequantized = if name == "token_embd.weight" {
                 elems * 4
             } else {
@@ -289,6 +295,45 @@ fn measured_size(ct: &gguf_file::Content) -> u64 {
             (stored + dequantized) as u64
         })
         .sum()
+}
+
+/// What a GGUF model will need in memory, read from its header only.
+pub(crate) fn footprint(path: &Path) -> Result<Footprint> {
+    let bad = |reason: String| RuntimeError::BadFormat {
+        path: path.to_path_buf(),
+        format: "GGUF",
+        reason,
+    };
+    let file = File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
+        _ => bad(e.to_string()),
+    })?;
+    let ct = gguf_file::Content::read(&mut BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
+    let get = |key: &str| {
+        ct.metadata
+            .get(key)
+            .and_then(|v| v.to_u32().ok())
+            .map(|v| v as u64)
+    };
+    let (layers, embd, heads) = (
+        get("llama.block_count"),
+        get("llama.embedding_length"),
+        get("llama.attention.head_count"),
+    );
+    let kv_bytes_per_token = match (layers, embd, heads) {
+        (Some(l), Some(e), Some(h)) if h > 0 => {
+            let kv_heads = get("llama.attention.head_count_kv").unwrap_or(h);
+            2 * l * kv_heads * (e / h) * 4
+        }
+        _ => 0,
+    };
+    let context =
+        get("llama.context_length").map_or(MAX_SEQ_LEN, |n| (n as usize).min(MAX_SEQ_LEN));
+    Ok(Footprint {
+        weights: measured_size(&ct),
+        kv_bytes_per_token,
+        context,
+    })
 }
 
 #[cfg(test)]

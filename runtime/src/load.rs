@@ -29,6 +29,41 @@ impl Format {
     }
 }
 
+/// What a model will need in memory, predicted from its files' headers before loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// The weights as the engine will hold them.
+    pub weights: u64,
+    /// KV cache per token of one sequence (0 for models without one).
+    pub kv_bytes_per_token: u64,
+    /// Tokens one sequence can hold.
+    pub context: usize,
+}
+
+impl Footprint {
+    /// Weights plus a full KV cache for `sequences` concurrent sequences.
+    pub fn with_sequences(&self, sequences: usize) -> u64 {
+        self.weights + self.kv_bytes_per_token * self.context as u64 * sequences as u64
+    }
+}
+
+/// Predict a model's footprint without loading it (reads headers only).
+pub fn footprint(path: &Path, format: Format) -> Result<Footprint> {
+    match format {
+        Format::Gguf => crate::llama::footprint(path),
+        Format::BertSafetensors => {
+            let weights = path.join("model.safetensors");
+            let meta =
+                std::fs::metadata(&weights).map_err(|_| crate::RuntimeError::NotFound(weights))?;
+            Ok(Footprint {
+                weights: meta.len(),
+                kv_bytes_per_token: 0,
+                context: 512,
+            })
+        }
+    }
+}
+
 /// Load a model. Blocks while it reads the weights.
 pub fn load(path: &Path, format: Format) -> Result<Arc<dyn Engine>> {
     Ok(match format {

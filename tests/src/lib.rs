@@ -43,6 +43,8 @@ impl Agent {
             .arg(&cfg)
             .args(["--http-addr", "127.0.0.1:0", "--addr-file"])
             .arg(&addr_file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

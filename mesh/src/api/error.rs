@@ -10,7 +10,7 @@ use bytes::Bytes;
 use flatmesh_runtime::RuntimeError;
 use serde::de::DeserializeOwned;
 
-use crate::models::ModelError;
+use crate::cache::CacheError;
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -44,7 +44,12 @@ impl ApiError {
         }
     }
 
-    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: String) -> Self {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: String,
+    ) -> Self {
         ApiError {
             status,
             kind,
@@ -86,15 +91,27 @@ impl ApiError {
     }
 }
 
-impl From<ModelError> for ApiError {
-    fn from(e: ModelError) -> Self {
-        match e {
-            ModelError::NotFound(_) => {
-                let mut err = ApiError::not_found(e.to_string());
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> Self {
+        let message = e.to_string();
+        match &e {
+            CacheError::NotFound(_) => {
+                let mut err = ApiError::not_found(message);
                 err.param = Some("model".into());
                 err
             }
-            ModelError::Failed { .. } => ApiError::unavailable(e.to_string(), 30),
+            CacheError::Failed { .. } | CacheError::NoRoom { .. } => {
+                ApiError::unavailable(message, e.retry_after().unwrap_or(1))
+            }
+            CacheError::TooLarge { .. } | CacheError::Invalid(_) => {
+                ApiError::bad_request("", message)
+            }
+            CacheError::Conflict(_) => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "conflict",
+                message,
+            ),
         }
     }
 }

@@ -20,7 +20,7 @@ pub fn routes() -> Router<AppState> {
 
 /// Ready once no model is still loading, and until shutdown begins.
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let models = state.models.status();
+    let models = state.cache.status();
     let loading = models.iter().any(|m| m.state == "loading");
     let ready = !loading && !state.is_draining();
     let status = if ready {

@@ -1,5 +1,6 @@
 //! The agent's HTTP front door: routes, shared state, and serving with graceful shutdown.
 
+mod admin;
 pub mod error;
 mod health;
 mod openai;
@@ -16,21 +17,25 @@ use std::{
 use axum::{extract::DefaultBodyLimit, Router};
 use tokio::net::TcpListener;
 
-use crate::{metrics::Metrics, models::Models};
+use crate::{cache::Cache, metrics::Metrics};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
-    pub models: Models,
+    pub cache: Cache,
     pub metrics: Metrics,
     /// Set once shutdown begins: `/readyz` turns 503 so balancers stop sending work.
     pub draining: Arc<AtomicBool>,
+    /// Base of relative model paths registered through the admin API.
+    pub models_dir: std::path::PathBuf,
+    /// When set, the admin API requires it as a bearer token.
+    pub admin_token: Option<String>,
 }
 
 impl AppState {
     /// The model id as a metric label: configured ids only, so labels stay bounded.
     pub fn model_label(&self, model: &str) -> String {
-        if self.models.contains(model) {
+        if self.cache.contains(model) {
             model.to_string()
         } else {
             "unknown".to_string()
@@ -46,6 +51,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .merge(openai::routes())
         .merge(health::routes())
+        .merge(admin::routes(state.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

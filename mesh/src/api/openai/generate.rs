@@ -5,7 +5,7 @@ use std::{ops::ControlFlow, time::Instant};
 use flatmesh_runtime::{GenerateEvent, GenerateRequest, Generation, ModelKind, RuntimeError};
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::{api::error::ApiError, metrics::Metrics, models::Models};
+use crate::{api::error::ApiError, cache::Cache, metrics::Metrics, units::KeepAlive};
 
 /// A generation that has accepted its prompt and is producing text.
 pub struct Running {
@@ -18,11 +18,12 @@ impl Running {
     /// bad template) come back as errors rather than as a broken stream. Dropping `events`
     /// cancels the generation at its next token.
     pub async fn start(
-        models: &Models,
+        cache: &Cache,
         model: &str,
+        keep_alive: Option<KeepAlive>,
         req: GenerateRequest,
     ) -> Result<Self, ApiError> {
-        let loaded = models.acquire(model).await?;
+        let loaded = cache.acquire(model, keep_alive).await?;
         if loaded.engine.info().kind != ModelKind::Llm {
             return Err(ApiError::bad_request(
                 "model",

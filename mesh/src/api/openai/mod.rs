@@ -41,7 +41,7 @@ pub fn routes() -> Router<AppState> {
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
-        .models
+        .cache
         .status()
         .into_iter()
         .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "flatmesh", "state": m.state, "kind": m.kind}))
@@ -171,7 +171,7 @@ async fn run(
             sampling: common.sampling()?,
             stop: common.stop()?,
         };
-        let running = Running::start(&state.models, &common.model, gen).await?;
+        let running = Running::start(&state.cache, &common.model, common.keep_alive, gen).await?;
         Ok::<_, ApiError>((running, common))
     }
     .instrument(span.clone())
@@ -318,7 +318,7 @@ async fn embed(
             ))
         }
     };
-    let loaded = state.models.acquire(&req.model).await?;
+    let loaded = state.cache.acquire(&req.model, req.keep_alive).await?;
     let info = loaded.engine.info();
     if info.kind != ModelKind::Embedding {
         return Err(ApiError::bad_request(

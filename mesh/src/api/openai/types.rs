@@ -3,7 +3,7 @@
 use flatmesh_runtime::{ChatMessage, SamplingParams};
 use serde::{Deserialize, Serialize};
 
-use crate::api::error::ApiError;
+use crate::{api::error::ApiError, units::KeepAlive};
 
 /// A string or a list of strings (`stop`, `prompt`, embeddings `input`).
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +78,9 @@ pub struct Common {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// How long the model stays loaded after this request (Ollama's field): `5m`, `0`, `-1`.
+    #[serde(default)]
+    pub keep_alive: Option<KeepAlive>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +103,8 @@ pub struct EmbeddingRequest {
     pub encoding_format: Option<String>,
     #[serde(default)]
     pub dimensions: Option<u32>,
+    #[serde(default)]
+    pub keep_alive: Option<KeepAlive>,
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];

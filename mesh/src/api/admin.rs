@@ -1,0 +1,148 @@
+//! The admin API under `/admin`: register, list, load, unload models; point vmodels.
+
+use axum::{
+    extract::{Path, Request, State},
+    http::{header, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Json, Router,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{
+    error::{ApiError, ApiJson},
+    AppState,
+};
+use crate::config::ModelConfig;
+
+pub fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/admin/models", get(list).post(register))
+        .route(
+            "/admin/models/{id}",
+            axum::routing::delete(unregister).get(one),
+        )
+        .route("/admin/models/{id}/load", post(load))
+        .route("/admin/models/{id}/unload", post(unload))
+        .route(
+            "/admin/vmodels/{name}",
+            put(set_vmodel).delete(remove_vmodel),
+        )
+        .layer(middleware::from_fn_with_state(state, authorize))
+}
+
+/// With `server.admin_token` set, every admin call needs `Authorization: Bearer <token>`.
+async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            let mut e = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_admin_token",
+                "the admin API needs Authorization: Bearer <server.admin_token>".into(),
+            );
+            e.param = None;
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn list(State(state): State<AppState>) -> Json<Value> {
+    let devices: Vec<Value> = state
+        .cache
+        .devices()
+        .into_iter()
+        .map(|(name, used, capacity)| json!({"name": name, "used_bytes": used, "capacity_bytes": capacity}))
+        .collect();
+    Json(
+        json!({"models": state.cache.status(), "vmodels": state.cache.vmodels(), "devices": devices}),
+    )
+}
+
+fn status_of(state: &AppState, id: &str) -> Result<Value, ApiError> {
+    let s = state
+        .cache
+        .status()
+        .into_iter()
+        .find(|m| m.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("model {id:?} does not exist")))?;
+    Ok(json!(s))
+}
+
+async fn one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    status_of(&state, &id).map(Json)
+}
+
+async fn register(
+    State(state): State<AppState>,
+    body: Result<ApiJson<ModelConfig>, ApiError>,
+) -> Result<Response, ApiError> {
+    let ApiJson(mut config) = body?;
+    config
+        .finish(&state.models_dir)
+        .map_err(|e| ApiError::bad_request("", e))?;
+    let id = config.id.clone();
+    state.cache.register(config)?;
+    tracing::info!(model = %id, "Registered model");
+    Ok((StatusCode::CREATED, Json(status_of(&state, &id)?)).into_response())
+}
+
+async fn unregister(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.cache.unregister(&id)?;
+    tracing::info!(model = %id, "Unregistered model");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn load(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.cache.load(&id).await?;
+    status_of(&state, &id).map(Json)
+}
+
+async fn unload(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.cache.unload(&id)?;
+    status_of(&state, &id).map(Json)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmodelBody {
+    target: String,
+}
+
+async fn set_vmodel(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<ApiJson<VmodelBody>, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let ApiJson(body) = body?;
+    state.cache.set_vmodel(&name, &body.target).await?;
+    Ok(Json(json!({"name": name, "target": body.target})))
+}
+
+async fn remove_vmodel(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.cache.remove_vmodel(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,207 @@
+//! Placement of a new copy: which device, and which idle copies to evict for room (LRU).
+
+use std::time::Instant;
+
+/// A device as placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRoom {
+    pub capacity: u64,
+    /// Loaded copies plus reservations of loads in progress.
+    pub used: u64,
+}
+
+/// A loaded copy as placement sees it.
+#[derive(Debug, Clone)]
+pub struct Resident<K> {
+    pub key: K,
+    pub device: usize,
+    pub bytes: u64,
+    pub last_used: Instant,
+    /// False while leased, pinned, or younger than the minimum residency.
+    pub evictable: bool,
+}
+
+/// Where a new copy goes and what leaves to make room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan<K> {
+    pub device: usize,
+    /// Least recently used first.
+    pub victims: Vec<K>,
+}
+
+/// Choose a device for `need` bytes. A device that fits without eviction wins (the one with
+/// the most free bytes); otherwise the device whose evictions are least valuable, evicting
+/// least-recently-used idle copies until the new copy fits. `None` when no device can make
+/// room now (everything evictable is leased or pinned).
+pub fn place<K: Clone>(
+    devices: &[DeviceRoom],
+    residents: &[Resident<K>],
+    need: u64,
+) -> Option<Plan<K>> {
+    let free = |d: &DeviceRoom| d.capacity.saturating_sub(d.used);
+    if let Some((i, _)) = devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| free(d) >= need)
+        .max_by_key(|(_, d)| free(d))
+    {
+        return Some(Plan {
+            device: i,
+            victims: Vec::new(),
+        });
+    }
+    let mut best: Option<(Instant, usize, Plan<K>)> = None;
+    for (i, d) in devices.iter().enumerate() {
+        if d.capacity < need {
+            continue;
+        }
+        let mut idle: Vec<&Resident<K>> = residents
+            .iter()
+            .filter(|r| r.device == i && r.evictable)
+            .collect();
+        idle.sort_by_key(|r| r.last_used);
+        let mut room = free(d);
+        let mut victims = Vec::new();
+        let mut newest = None;
+        for r in idle {
+            if room >= need {
+                break;
+            }
+            room += r.bytes;
+            victims.push(r.key.clone());
+            newest = Some(r.last_used);
+        }
+        if room < need {
+            continue;
+        }
+        let newest = newest.expect("evicted at least one copy");
+        let better = match &best {
+            None => true,
+            Some((t, n, _)) => (newest, victims.len()) < (*t, *n),
+        };
+        if better {
+            let n = victims.len();
+            best = Some((newest, n, Plan { device: i, victims }));
+        }
+    }
+    best.map(|(_, _, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(t0: Instant, s: u64) -> Instant {
+        t0 + Duration::from_secs(s)
+    }
+
+    fn res(
+        key: &'static str,
+        device: usize,
+        bytes: u64,
+        last: Instant,
+        evictable: bool,
+    ) -> Resident<&'static str> {
+        Resident {
+            key,
+            device,
+            bytes,
+            last_used: last,
+            evictable,
+        }
+    }
+
+    #[test]
+    fn fits_without_eviction_on_the_freest_device() {
+        let devices = [
+            DeviceRoom {
+                capacity: 100,
+                used: 60,
+            },
+            DeviceRoom {
+                capacity: 100,
+                used: 20,
+            },
+        ];
+        let p = place::<&str>(&devices, &[], 30).unwrap();
+        assert_eq!(
+            p,
+            Plan {
+                device: 1,
+                victims: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn evicts_least_recently_used_idle_copies_first() {
+        let t0 = Instant::now();
+        let devices = [DeviceRoom {
+            capacity: 100,
+            used: 100,
+        }];
+        let residents = [
+            res("new", 0, 40, at(t0, 30), true),
+            res("old", 0, 30, at(t0, 10), true),
+            res("mid", 0, 30, at(t0, 20), true),
+        ];
+        let p = place(&devices, &residents, 50).unwrap();
+        assert_eq!(p.victims, vec!["old", "mid"]);
+    }
+
+    #[test]
+    fn leased_and_pinned_copies_are_never_victims() {
+        let t0 = Instant::now();
+        let devices = [DeviceRoom {
+            capacity: 100,
+            used: 100,
+        }];
+        let residents = [
+            res("busy", 0, 60, at(t0, 1), false),
+            res("idle", 0, 40, at(t0, 5), true),
+        ];
+        assert_eq!(
+            place(&devices, &residents, 40).unwrap().victims,
+            vec!["idle"]
+        );
+        assert!(place(&devices, &residents, 50).is_none());
+    }
+
+    #[test]
+    fn prefers_the_device_whose_victims_are_least_valuable() {
+        let t0 = Instant::now();
+        let devices = [
+            DeviceRoom {
+                capacity: 100,
+                used: 100,
+            },
+            DeviceRoom {
+                capacity: 100,
+                used: 100,
+            },
+        ];
+        let residents = [
+            res("a", 0, 100, at(t0, 50), true),
+            res("b", 1, 100, at(t0, 5), true),
+        ];
+        let p = place(&devices, &residents, 80).unwrap();
+        assert_eq!(
+            p,
+            Plan {
+                device: 1,
+                victims: vec!["b"]
+            }
+        );
+    }
+
+    #[test]
+    fn a_copy_larger_than_every_device_never_fits() {
+        let devices = [DeviceRoom {
+            capacity: 100,
+            used: 0,
+        }];
+        assert!(place::<&str>(&devices, &[], 101).is_none());
+    }
+}
