@@ -31,7 +31,7 @@ def flatmesh(prompt_tokens, new_tokens):
     return r["prefill_tok_s"], r["decode_tok_s"]
 
 
-def llama_cpp(prompt_tokens, new_tokens, llm):
+def run_llama_cpp(prompt_tokens, new_tokens, llm):
     import llama_cpp
     text = "The" + " the" * (prompt_tokens - 1)
     tokens = llm.tokenize(text.encode(), add_bos=False, special=True)[:prompt_tokens]
@@ -68,7 +68,7 @@ def main():
     for _ in range(args.runs):  # interleaved, so both see the same machine state
         rows["flatmesh"].append(flatmesh(args.prompt_tokens, args.new_tokens))
         if llm:
-            rows["llama.cpp"].append(llama_cpp(args.prompt_tokens, args.new_tokens, llm))
+            rows["llama.cpp"].append(run_llama_cpp(args.prompt_tokens, args.new_tokens, llm))
     print(f"SmolLM2-135M Q4_1, {args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, "
           f"{os.cpu_count()} cores, median of {args.runs} runs")
     print(f"  {'engine':10s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")

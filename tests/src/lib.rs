@@ -1,5 +1,7 @@
 //! Shared fixtures for end-to-end tests: start the real `flatmesh` binary on loopback.
 
+pub mod fixtures;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -37,17 +39,23 @@ impl Agent {
         let cfg = dir.path().join("flatmesh.toml");
         std::fs::write(&cfg, config).expect("write config");
         let addr_file = dir.path().join("addr.json");
-        let child = Command::new(agent_bin())
-            .arg("serve")
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("serve")
             .arg("--config")
             .arg(&cfg)
             .args(["--http-addr", "127.0.0.1:0", "--addr-file"])
             .arg(&addr_file)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(args)
+            .args(args);
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        let child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(if std::env::var_os("FLATMESH_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("spawn flatmesh");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -93,5 +101,27 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Agent {
+    /// The value of one Prometheus sample (`name{labels}`), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").text().expect("metrics text");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// The state of a model as the admin API reports it.
+    pub fn model_state(&self, id: &str) -> String {
+        let v: serde_json::Value = self
+            .get(&format!("/admin/models/{id}"))
+            .json()
+            .expect("status");
+        v["state"].as_str().unwrap_or("?").to_string()
     }
 }

@@ -9,6 +9,8 @@ use crate::{api::error::ApiError, cache::Cache, metrics::Metrics, units::KeepAli
 
 /// A generation that has accepted its prompt and is producing text.
 pub struct Running {
+    /// The model that serves the request (a vmodel resolved to its target).
+    pub model: String,
     pub events: mpsc::Receiver<GenerateEvent>,
     task: JoinHandle<Result<Generation, RuntimeError>>,
 }
@@ -24,6 +26,7 @@ impl Running {
         req: GenerateRequest,
     ) -> Result<Self, ApiError> {
         let loaded = cache.acquire(model, keep_alive).await?;
+        let served_by = loaded.model.clone();
         if loaded.engine.info().kind != ModelKind::Llm {
             return Err(ApiError::bad_request(
                 "model",
@@ -40,7 +43,11 @@ impl Running {
                 })
         });
         match events.recv().await {
-            Some(GenerateEvent::Started { .. }) => Ok(Running { events, task }),
+            Some(GenerateEvent::Started { .. }) => Ok(Running {
+                model: served_by,
+                events,
+                task,
+            }),
             _ => Err(match task.await {
                 Ok(Err(e)) => e.into(),
                 Ok(Ok(_)) => ApiError::internal("generation ended before it started".into()),

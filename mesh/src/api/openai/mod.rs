@@ -188,7 +188,7 @@ async fn run(
             Shape::Chat => "chatcmpl",
             Shape::Completion => "cmpl",
         },
-        &common.model,
+        &running.model,
     );
     if common.stream {
         stream(shape, head, running, tracker, common.include_usage(), span)
@@ -319,6 +319,7 @@ async fn embed(
         }
     };
     let loaded = state.cache.acquire(&req.model, req.keep_alive).await?;
+    let model = loaded.model.clone();
     let info = loaded.engine.info();
     if info.kind != ModelKind::Embedding {
         return Err(ApiError::bad_request(
@@ -357,7 +358,7 @@ async fn embed(
         .collect();
     let usage = json!({"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens});
     Ok((
-        json!({"object": "list", "data": data, "model": req.model, "usage": usage}),
+        json!({"object": "list", "data": data, "model": model, "usage": usage}),
         out.prompt_tokens,
     ))
 }

@@ -1,0 +1,251 @@
+//! The model cache end to end: many fixture models, little memory, the real binary.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use flatmesh_runtime::{footprint, Format};
+use flatmesh_tests::{
+    fixtures::{write_llama_gguf, Size},
+    Agent,
+};
+use serde_json::json;
+
+/// `n` fixture models in a temp dir, and the bytes one copy needs (1 sequence).
+fn fixtures(n: usize) -> (tempfile::TempDir, Vec<PathBuf>, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let p = dir.path().join(format!("m{i}.gguf"));
+            write_llama_gguf(&p, Size::SMALL, i as u64).unwrap();
+            p
+        })
+        .collect();
+    let need = footprint(&paths[0], Format::Gguf)
+        .unwrap()
+        .with_sequences(1);
+    (dir, paths, need)
+}
+
+/// A config with one host device of `capacity` bytes and the given models.
+fn config(paths: &[PathBuf], capacity: u64, extra: &str) -> String {
+    let mut c = format!(
+        "[cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\n{extra}\n\
+         [[cache.devices]]\nname = \"host0\"\ncapacity = {capacity}\n"
+    );
+    for (i, p) in paths.iter().enumerate() {
+        c += &format!(
+            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\nmax_concurrency = 1\n",
+            p.display()
+        );
+    }
+    c
+}
+
+fn complete(agent: &Agent, model: &str) -> reqwest::blocking::Response {
+    agent.post(
+        "/v1/completions",
+        json!({"model": model, "prompt": "hi", "max_tokens": 2}),
+    )
+}
+
+#[test]
+fn fifty_models_in_room_for_five_all_answered_within_capacity() {
+    let (_dir, paths, need) = fixtures(50);
+    let capacity = need * 5 + need / 2;
+    let agent = Arc::new(Agent::start(&config(&paths, capacity, ""), &[]));
+    let over = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (agent, over, done) = (agent.clone(), over.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if agent.metric("flatmesh_device_used_bytes{device=\"host0\"}") > capacity as f64 {
+                    over.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let failures = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let (agent, failures) = (agent.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut x = w * 7919 + 1;
+                for _ in 0..25 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let model = format!("m{}", (x >> 33) % 50);
+                    let r = complete(&agent, &model);
+                    if r.status() != 200 {
+                        eprintln!("{model}: {} {}", r.status(), r.text().unwrap_or_default());
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    monitor.join().unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "every request is answered"
+    );
+    assert!(
+        !over.load(Ordering::Relaxed),
+        "used bytes stayed within capacity"
+    );
+    assert!(agent.metric("flatmesh_copies_loaded") <= 5.0);
+    assert!(agent.metric("flatmesh_evictions_total{reason=\"lru\"}") > 0.0);
+}
+
+#[test]
+fn eviction_is_least_recently_used() {
+    let (_dir, paths, need) = fixtures(4);
+    let agent = Agent::start(&config(&paths, need * 3 + need / 2, ""), &[]);
+    for m in ["m0", "m1", "m2", "m0", "m3"] {
+        assert_eq!(complete(&agent, m).status(), 200);
+    }
+    assert_eq!(
+        agent.model_state("m1"),
+        "cold",
+        "m1 was the least recently used"
+    );
+    for m in ["m0", "m2", "m3"] {
+        assert_eq!(agent.model_state(m), "ready", "{m}");
+    }
+}
+
+#[test]
+fn concurrent_requests_for_one_cold_model_share_one_load() {
+    let (_dir, paths, need) = fixtures(2);
+    let agent = Arc::new(Agent::start(&config(&paths, need * 4, ""), &[]));
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let agent = agent.clone();
+            std::thread::spawn(move || complete(&agent, "m1").status())
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    assert_eq!(
+        agent.metric("flatmesh_model_load_seconds_count{model=\"m1\"}"),
+        1.0
+    );
+    assert!(agent.metric("flatmesh_cache_miss_seconds_count{model=\"m1\"}") >= 1.0);
+}
+
+#[test]
+fn a_corrupt_model_fails_with_its_reason_and_others_serve() {
+    let (dir, mut paths, need) = fixtures(2);
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 truncated").unwrap();
+    paths.push(bad);
+    let agent = Agent::start(&config(&paths, need * 4, ""), &[]);
+    let r = complete(&agent, "m2");
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let msg = r.text().unwrap();
+    assert!(msg.contains("bad.gguf"), "{msg}");
+    assert_eq!(complete(&agent, "m0").status(), 200);
+    assert_eq!(agent.model_state("m2"), "failed");
+}
+
+#[test]
+fn vmodel_switch_under_load_fails_no_request() {
+    let (_dir, paths, need) = fixtures(2);
+    let agent = Arc::new(Agent::start(&config(&paths, need * 4, ""), &[]));
+    let put = |target: &str| {
+        reqwest::blocking::Client::new()
+            .put(format!("{}/admin/vmodels/live", agent.url))
+            .json(&json!({"target": target}))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(put("m0"), 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut models = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = complete(&agent, "live");
+                    assert_eq!(r.status(), 200);
+                    let v: serde_json::Value = r.json().unwrap();
+                    models.push(v["model"].as_str().unwrap().to_string());
+                }
+                models
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(put("m1"), 200, "m1 is loaded, then traffic moves");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let all: Vec<String> = served.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(
+        all.iter().any(|m| m == "m0"),
+        "traffic ran before the switch"
+    );
+    let after: serde_json::Value = complete(&agent, "live").json().unwrap();
+    assert_eq!(after["model"], "m1", "traffic moved after the switch");
+}
+
+#[test]
+fn registrations_survive_a_restart_and_too_large_models_are_refused() {
+    let (_dir, paths, need) = fixtures(2);
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let cfg = config(&paths[..1], need * 3, "");
+    let register = |agent: &Agent, id: &str, path: &Path| {
+        agent.post(
+            "/admin/models",
+            json!({"id": id, "path": path, "max_concurrency": 1}),
+        )
+    };
+    {
+        let agent = Agent::start(&cfg, &["--state-dir", state_dir]);
+        assert_eq!(register(&agent, "extra", &paths[1]).status(), 201);
+        assert_eq!(register(&agent, "extra", &paths[1]).status(), 409);
+        let too_big = agent.post(
+            "/admin/models",
+            json!({"id": "big", "path": paths[1], "max_concurrency": 64}),
+        );
+        assert_eq!(too_big.status(), 400);
+        assert!(too_big.text().unwrap().contains("largest device holds"));
+        let v = reqwest::blocking::Client::new()
+            .put(format!("{}/admin/vmodels/alias", agent.url))
+            .json(&json!({"target": "extra"}))
+            .send()
+            .unwrap();
+        assert_eq!(v.status(), 200);
+    }
+    let agent = Agent::start(&cfg, &["--state-dir", state_dir]);
+    assert_eq!(complete(&agent, "extra").status(), 200);
+    let r = complete(&agent, "alias");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<serde_json::Value>().unwrap()["model"], "extra");
+    let del = reqwest::blocking::Client::new()
+        .delete(format!("{}/admin/models/m0", agent.url))
+        .send()
+        .unwrap();
+    assert_eq!(
+        del.status(),
+        409,
+        "models from the config file cannot be unregistered"
+    );
+}
