@@ -8,6 +8,8 @@
 mod plan;
 mod registry;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
