@@ -28,6 +28,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file and overrides merged) as TOML.
     Config(ServeArgs),
+    /// Manage the models of a running agent through its admin API.
+    Models(crate::admin_client::ModelsArgs),
 }
 
 /// Every flag overrides the config file; every flag is also an environment variable.
@@ -95,6 +97,7 @@ pub fn main() -> ExitCode {
     let print_only = matches!(cli.command, Command::Config(_));
     let args = match cli.command {
         Command::Serve(a) | Command::Config(a) => a,
+        Command::Models(m) => return crate::admin_client::run(m),
     };
     let config = match args.config() {
         Ok(c) => c,

@@ -249,3 +249,42 @@ fn registrations_survive_a_restart_and_too_large_models_are_refused() {
         "models from the config file cannot be unregistered"
     );
 }
+
+#[test]
+fn models_cli_drives_the_admin_api() {
+    let (_dir, paths, need) = fixtures(2);
+    let agent = Agent::start(
+        &config(
+            &paths[..1],
+            need * 4,
+            "[server]\nadmin_token = \"s3cret\"\n",
+        ),
+        &[],
+    );
+    let cli = |args: &[&str]| {
+        std::process::Command::new(flatmesh_tests::agent_bin())
+            .arg("models")
+            .args(["--url", &agent.url, "--admin-token", "s3cret"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let path = paths[1].to_str().unwrap();
+    assert!(cli(&["register", "cli-model", path, "--keep-alive", "1m"])
+        .status
+        .success());
+    assert!(cli(&["load", "cli-model"]).status.success());
+    assert_eq!(agent.model_state("cli-model"), "ready");
+    assert!(cli(&["unload", "cli-model"]).status.success());
+    assert_eq!(agent.model_state("cli-model"), "cold");
+    let list = String::from_utf8(cli(&["list"]).stdout).unwrap();
+    assert!(
+        list.contains("\"cli-model\"") && list.contains("\"host0\""),
+        "{list}"
+    );
+    let missing = cli(&["load", "nope"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8(missing.stderr).unwrap().contains("404"));
+    // Without the token the admin API refuses.
+    assert_eq!(agent.get("/admin/models").status(), 401);
+}

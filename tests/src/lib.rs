@@ -25,6 +25,9 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// The admin token tests configure where they need one (sent always; ignored when unset).
+pub const ADMIN_TOKEN: &str = "s3cret";
+
 /// A running agent on a free port; killed on drop.
 pub struct Agent {
     child: Child,
@@ -118,8 +121,11 @@ impl Agent {
 
     /// The state of a model as the admin API reports it.
     pub fn model_state(&self, id: &str) -> String {
-        let v: serde_json::Value = self
-            .get(&format!("/admin/models/{id}"))
+        let v: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("{}/admin/models/{id}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("GET")
             .json()
             .expect("status");
         v["state"].as_str().unwrap_or("?").to_string()
