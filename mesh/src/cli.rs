@@ -156,6 +156,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining: Arc::default(),
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
+        v2_stats: Arc::default(),
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     tracing::info!(http = %addr, models = config.models.len(), "Listening");

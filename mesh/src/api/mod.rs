@@ -4,6 +4,7 @@ mod admin;
 pub mod error;
 mod health;
 mod openai;
+pub mod v2;
 
 use std::{
     net::SocketAddr,
@@ -30,6 +31,7 @@ pub struct AppState {
     pub models_dir: std::path::PathBuf,
     /// When set, the admin API requires it as a bearer token.
     pub admin_token: Option<String>,
+    pub v2_stats: Arc<v2::Stats>,
 }
 
 impl AppState {
@@ -51,6 +53,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .merge(openai::routes())
         .merge(health::routes())
+        .merge(v2::rest::routes())
         .merge(admin::routes(state.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

@@ -139,6 +139,11 @@ impl Cache {
         self.inner.lock().resolve(id).is_some()
     }
 
+    /// The model a name means: itself, or a vmodel's target.
+    pub fn resolve(&self, id: &str) -> Option<String> {
+        self.inner.lock().resolve(id)
+    }
+
     /// A lease on a loaded copy of `id` (a model or vmodel), loading it first if needed.
     /// Waits for a concurrency slot of the model too. `keep_alive` overrides the model's
     /// idle time from this request on.
