@@ -41,6 +41,9 @@ struct ServeArgs {
     /// HTTP listen address (server.http_addr).
     #[arg(long, env = "FLATMESH_HTTP_ADDR")]
     http_addr: Option<String>,
+    /// gRPC listen address (server.grpc_addr).
+    #[arg(long, env = "FLATMESH_GRPC_ADDR")]
+    grpc_addr: Option<String>,
     /// Directory of relative model paths (models_dir).
     #[arg(long, env = "FLATMESH_MODELS_DIR")]
     models_dir: Option<PathBuf>,
@@ -69,6 +72,9 @@ impl ServeArgs {
         };
         if let Some(v) = self.http_addr {
             c.server.http_addr = v;
+        }
+        if let Some(v) = self.grpc_addr {
+            c.server.grpc_addr = v;
         }
         if let Some(v) = self.models_dir {
             c.models_dir = v;
@@ -159,29 +165,46 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         v2_stats: Arc::default(),
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
-    tracing::info!(http = %addr, models = config.models.len(), "Listening");
+    let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;
+    tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");
     if let Some(path) = &config.server.addr_file {
-        let json = serde_json::json!({"http": addr.to_string()});
+        let json = serde_json::json!({"http": addr.to_string(), "grpc": grpc_addr.to_string()});
         std::fs::write(path, json.to_string()).map_err(|e| {
             anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
         })?;
     }
+    // One signal stops everything: the servers, the reaper.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let reaper = cache.clone();
-    let mut stop = stop_rx.clone();
-    tokio::spawn(async move {
-        reaper
-            .run_reaper(async move {
-                let _ = stop.changed().await;
-            })
-            .await
-    });
+    let stop = stopped(stop_rx.clone());
+    tokio::spawn(async move { reaper.run_reaper(stop).await });
     let preload = cache.clone();
     tokio::spawn(async move { preload.preload().await });
+    let grpc = tonic::transport::Server::builder()
+        .add_service(api::v2::grpc::service(
+            state.clone(),
+            config.server.grpc_max_message_bytes,
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let grpc = tokio::spawn(grpc);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
     let app = api::router(state.clone(), config.server.max_body_bytes);
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    api::serve(listener, app, state, shutdown_signal(), grace).await?;
-    let _ = stop_tx.send(true);
+    api::serve(listener, app, state, stopped(stop_rx), grace).await?;
+    match tokio::time::timeout(grace, grpc).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
+        Err(_) => tracing::warn!("gRPC streams still open after the grace period"),
+        _ => {}
+    }
     tracing::info!("Stopped");
     Ok(())
 }

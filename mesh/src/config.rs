@@ -34,6 +34,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address of the HTTP API (OpenAI `/v1`, health, metrics). Port 0 picks a free port.
     pub http_addr: String,
+    /// Address of the gRPC API (KServe v2 `inference.GRPCInferenceService`).
+    pub grpc_addr: String,
+    /// Largest gRPC message in either direction; larger ones get RESOURCE_EXHAUSTED.
+    pub grpc_max_message_bytes: usize,
     /// Largest accepted request body; larger bodies get 413.
     pub max_body_bytes: usize,
     /// After SIGTERM, how long in-flight requests may take to finish.
@@ -185,6 +189,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             http_addr: "127.0.0.1:8000".into(),
+            grpc_addr: "127.0.0.1:8033".into(),
+            grpc_max_message_bytes: 16 << 20,
             max_body_bytes: 4 << 20,
             shutdown_grace_seconds: 30,
             addr_file: None,
@@ -255,6 +261,7 @@ impl Config {
             self.models = demo_models();
         }
         self.http_addr()?;
+        self.grpc_addr()?;
         if self.server.max_body_bytes == 0 {
             anyhow::bail!("server.max_body_bytes: must be greater than 0");
         }
@@ -289,6 +296,13 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("models[{i}].{e}"))?;
         }
         Ok(self)
+    }
+
+    pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server
+            .grpc_addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("server.grpc_addr: {:?}: {e}", self.server.grpc_addr))
     }
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {

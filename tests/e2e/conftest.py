@@ -27,7 +27,7 @@ class Agent:
         self.addr_file = Path(self.dir.name) / "addr.json"
         self.log = open(Path(self.dir.name) / "agent.log", "w+")
         self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--config", str(cfg), "--http-addr", "127.0.0.1:0",
+            [str(BIN), "serve", "--config", str(cfg), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
              "--addr-file", str(self.addr_file), "--models-dir", str(MODELS),
              "--state-dir", str(Path(self.dir.name) / "state"), *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
@@ -37,7 +37,9 @@ class Agent:
             if time.time() > deadline:
                 raise TimeoutError("agent did not start listening")
             time.sleep(0.05)
-        self.url = "http://" + json.loads(self.addr_file.read_text())["http"]
+        addrs = json.loads(self.addr_file.read_text())
+        self.url = "http://" + addrs["http"]
+        self.grpc = addrs["grpc"]
         while True:
             self._check_alive()
             try:

@@ -46,7 +46,13 @@ impl Agent {
         cmd.arg("serve")
             .arg("--config")
             .arg(&cfg)
-            .args(["--http-addr", "127.0.0.1:0", "--addr-file"])
+            .args([
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--addr-file",
+            ])
             .arg(&addr_file)
             .args(args);
         if !args.contains(&"--state-dir") {

@@ -388,7 +388,7 @@ fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, V2Error
     }
 }
 
-fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, V2Error> {
+pub fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, V2Error> {
     match datatype {
         "BYTES" => {
             let mut items = Vec::new();
