@@ -111,8 +111,8 @@ impl std::str::FromStr for Bytes {
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" => 1000,
-            "MB" => 1000_000,
-            "GB" => 1000_000_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,

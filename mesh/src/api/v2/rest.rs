@@ -411,7 +411,7 @@ pub fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, V2E
             Ok(Data::Bytes(items))
         }
         "FP32" => {
-            if raw.len() % 4 != 0 {
+            if !raw.len().is_multiple_of(4) {
                 return Err(V2Error::BadRequest(format!(
                     "input {name:?}: FP32 binary data is not a multiple of 4 bytes"
                 )));
