@@ -163,6 +163,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
         v2_stats: Arc::default(),
+        tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;
@@ -184,14 +185,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let preload = cache.clone();
     tokio::spawn(async move { preload.preload().await });
     let grpc = tonic::transport::Server::builder()
-        .add_service(api::v2::grpc::service(
-            state.clone(),
-            config.server.grpc_max_message_bytes,
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            api::v2::grpc::service(state.clone(), config.server.grpc_max_message_bytes),
+            api::auth::grpc(state.tenancy.clone()),
         ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(nodelay(grpc_listener), stopped(stop_rx.clone()));
     let grpc = tokio::spawn(grpc);
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -19,6 +19,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
     pub cache: CacheConfig,
+    pub tenancy: crate::tenancy::TenancyConfig,
     /// Where the agent keeps state that must survive a restart (models and vmodels
     /// registered through the admin API). Relative to the working directory.
     pub state_dir: PathBuf,
@@ -214,6 +215,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             log: LogConfig::default(),
             cache: CacheConfig::default(),
+            tenancy: Default::default(),
             state_dir: PathBuf::from("state"),
             models_dir: PathBuf::from("models"),
             models: Vec::new(),
@@ -262,6 +264,7 @@ impl Config {
         }
         self.http_addr()?;
         self.grpc_addr()?;
+        self.tenancy.validate()?;
         if self.server.max_body_bytes == 0 {
             anyhow::bail!("server.max_body_bytes: must be greater than 0");
         }

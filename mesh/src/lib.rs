@@ -6,4 +6,5 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod tenancy;
 pub mod units;

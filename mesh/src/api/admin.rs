@@ -30,6 +30,9 @@ pub fn routes(state: AppState) -> Router<AppState> {
             "/admin/vmodels/{name}",
             put(set_vmodel).delete(remove_vmodel),
         )
+        .route("/admin/tenants", get(list_tenants).post(add_tenant))
+        .route("/admin/tenants/{id}/keys", post(create_key))
+        .route("/admin/keys/revoke", post(revoke_key))
         .layer(middleware::from_fn_with_state(state, authorize))
 }
 
@@ -144,5 +147,52 @@ async fn remove_vmodel(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     state.cache.remove_vmodel(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_tenants(State(state): State<AppState>) -> Json<Value> {
+    let tenants: Vec<Value> = state
+        .tenancy
+        .tenants()
+        .into_iter()
+        .map(|(id, tier)| json!({"id": id, "tier": tier}))
+        .collect();
+    Json(
+        json!({"tenants": tenants, "tiers": state.tenancy.tiers().iter().map(|t| json!(**t)).collect::<Vec<_>>()}),
+    )
+}
+
+async fn add_tenant(
+    State(state): State<AppState>,
+    body: Result<ApiJson<crate::tenancy::TenantConfig>, ApiError>,
+) -> Result<Response, ApiError> {
+    let ApiJson(t) = body?;
+    let id = t.id.clone();
+    state.tenancy.add_tenant(t)?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+}
+
+/// A new API key, shown in this response only (stored hashed).
+async fn create_key(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = state.tenancy.create_key(&id)?;
+    tracing::info!(tenant = %id, "Created an API key");
+    Ok((StatusCode::CREATED, Json(json!({"tenant": id, "key": key}))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyBody {
+    key: String,
+}
+
+async fn revoke_key(
+    State(state): State<AppState>,
+    body: Result<ApiJson<KeyBody>, ApiError>,
+) -> Result<StatusCode, ApiError> {
+    let ApiJson(k) = body?;
+    state.tenancy.revoke_key(&k.key)?;
     Ok(StatusCode::NO_CONTENT)
 }

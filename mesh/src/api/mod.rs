@@ -1,6 +1,7 @@
 //! The agent's HTTP front door: routes, shared state, and serving with graceful shutdown.
 
 mod admin;
+pub mod auth;
 pub mod error;
 mod health;
 mod openai;
@@ -32,6 +33,7 @@ pub struct AppState {
     /// When set, the admin API requires it as a bearer token.
     pub admin_token: Option<String>,
     pub v2_stats: Arc<v2::Stats>,
+    pub tenancy: crate::tenancy::Tenancy,
 }
 
 impl AppState {
@@ -51,9 +53,17 @@ impl AppState {
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
-        .merge(openai::routes())
+        .merge(openai::routes().layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::openai,
+        )))
         .merge(health::routes())
-        .merge(v2::rest::routes())
+        .merge(
+            v2::rest::routes().layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::v2,
+            )),
+        )
         .merge(admin::routes(state.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)

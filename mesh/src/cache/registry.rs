@@ -47,12 +47,17 @@ impl Registry {
     }
 
     pub fn write(&self, saved: &Saved) -> anyhow::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
+        Self::write_json(&self.path, saved)
+    }
+
+    /// Replace `path` with `value` as JSON, atomically and durably.
+    pub fn write_json<T: Serialize>(path: &std::path::Path, value: &T) -> anyhow::Result<()> {
+        let tmp = path.with_extension("json.tmp");
         let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(saved)?)?;
+        f.write_all(&serde_json::to_vec_pretty(value)?)?;
         f.sync_all()?;
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
             File::open(dir)?.sync_all()?;
         }
         Ok(())

@@ -9,7 +9,7 @@ use std::{
 };
 
 use axum::{
-    extract::State,
+    extract::{Extension, State},
     response::{sse::Event, IntoResponse, Response, Sse},
     routing::{get, post},
     Json, Router,
@@ -22,11 +22,14 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use crate::tenancy::Caller;
+
 use self::{
     generate::{Running, Tracker},
     types::{ChatRequest, Common, CompletionRequest, EmbeddingRequest, Usage},
 };
 use super::{
+    auth,
     error::{parse, ApiError, ApiJson},
     AppState,
 };
@@ -130,18 +133,23 @@ impl Head {
     }
 }
 
-async fn chat(State(state): State<AppState>, body: Result<ApiJson<Value>, ApiError>) -> Response {
+async fn chat(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<ApiJson<Value>, ApiError>,
+) -> Response {
     let req = body.and_then(|ApiJson(v)| {
         let common: Common = parse(&v)?;
         let r: ChatRequest = parse(&v)?;
         let max_tokens = r.max_completion_tokens.or(common.max_tokens);
         Ok((Prompt::Chat(r.messages()?), max_tokens, common))
     });
-    run(state, Shape::Chat, req).await
+    run(state, caller, Shape::Chat, req).await
 }
 
 async fn completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
     let req = body.and_then(|ApiJson(v)| {
@@ -149,11 +157,12 @@ async fn completions(
         let r: CompletionRequest = parse(&v)?;
         Ok((Prompt::Text(r.prompt()?), common.max_tokens, common))
     });
-    run(state, Shape::Completion, req).await
+    run(state, caller, Shape::Completion, req).await
 }
 
 async fn run(
     state: AppState,
+    caller: Caller,
     shape: Shape,
     req: Result<(Prompt, Option<u32>, Common), ApiError>,
 ) -> Response {
@@ -165,6 +174,7 @@ async fn run(
     let span = tracing::info_span!("generate", otel.kind = "server", gen_ai.request.model = %model, endpoint = shape.endpoint());
     let result = async {
         let (prompt, max_tokens, common) = req?;
+        auth::check(&state, &caller, &common.model)?;
         let gen = GenerateRequest {
             prompt,
             max_tokens: max_tokens.map(|n| n as usize),
@@ -282,6 +292,7 @@ fn completed(tracker: &Tracker, g: &Generation) {
 
 async fn embeddings(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Response {
     let model = match &body {
@@ -289,7 +300,7 @@ async fn embeddings(
         Err(_) => "unknown".to_string(),
     };
     let tracker = Tracker::new(&state.metrics, model, "embeddings");
-    match embed(&state, body).await {
+    match embed(&state, &caller, body).await {
         Ok((v, tokens)) => {
             tracker.tokens(tokens, 0);
             tracker.finish(200);
@@ -304,9 +315,11 @@ async fn embeddings(
 
 async fn embed(
     state: &AppState,
+    caller: &Caller,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<(Value, usize), ApiError> {
     let ApiJson(req) = body?;
+    auth::check(state, caller, &req.model)?;
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,

@@ -55,6 +55,23 @@ impl From<V2Error> for Status {
     }
 }
 
+impl Grpc {
+    /// The model a call addresses, after checking the caller's tier may use it.
+    fn model<T>(&self, req: &Request<T>, name: &str) -> Result<String, Status> {
+        let model = target(req.metadata(), name)?;
+        authorize(&self.state, req.extensions(), &model)?;
+        Ok(model)
+    }
+}
+
+fn authorize(state: &AppState, ext: &tonic::Extensions, model: &str) -> Result<(), Status> {
+    match ext.get::<crate::tenancy::Caller>() {
+        Some(caller) => crate::api::auth::check(state, caller, model)
+            .map_err(|e| Status::permission_denied(e.to_string())),
+        None => Err(Status::unauthenticated("no caller")),
+    }
+}
+
 /// The model a call addresses: `mm-vmodel-id`, then `mm-model-id`, then the request's name.
 fn target(md: &MetadataMap, name: &str) -> Result<String, Status> {
     for key in ["mm-vmodel-id", "mm-model-id"] {
@@ -208,7 +225,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
-        let name = target(req.metadata(), &req.get_ref().name)?;
+        let name = self.model(&req, &req.get_ref().name)?;
         let ready = model_status(&self.state, &name)
             .map(|s| is_ready(&s))
             .unwrap_or(false);
@@ -230,7 +247,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
-        let name = target(req.metadata(), &req.get_ref().name)?;
+        let name = self.model(&req, &req.get_ref().name)?;
         let (name, inputs, outputs) = metadata(&self.state, &name).await?;
         let t = |s: &super::Signature| TensorMetadata {
             name: s.name.into(),
@@ -250,7 +267,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let name = target(req.metadata(), &req.get_ref().model_name)?;
+        let name = self.model(&req, &req.get_ref().model_name)?;
         let started = std::time::Instant::now();
         let result = match decode(req.into_inner()) {
             Ok(r) => infer(&self.state, &name, r).await,
@@ -272,6 +289,7 @@ impl GrpcInferenceService for Grpc {
         req: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let md = req.metadata().clone();
+        let ext = req.extensions().clone();
         let mut incoming = req.into_inner();
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
@@ -281,7 +299,9 @@ impl GrpcInferenceService for Grpc {
                     error_message: m,
                     infer_response: None,
                 };
-                let name = match target(&md, &r.model_name) {
+                let name = match target(&md, &r.model_name)
+                    .and_then(|n| authorize(&state, &ext, &n).map(|_| n))
+                {
                     Ok(n) => n,
                     Err(s) => {
                         let _ = tx.send(Ok(error(s.message().to_string()))).await;
@@ -304,7 +324,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
-        let name = target(req.metadata(), &req.get_ref().name)?;
+        let name = self.model(&req, &req.get_ref().name)?;
         let (name, inputs, outputs) = metadata(&self.state, &name).await?;
         let dt = |d: &str| {
             DataType::from_str_name(triton_type(d)).unwrap_or(DataType::TypeInvalid) as i32
@@ -339,7 +359,7 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        let name = target(req.metadata(), &req.get_ref().name)?;
+        let name = self.model(&req, &req.get_ref().name)?;
         let id = model_status(&self.state, &name)?.id;
         let s = self.state.v2_stats.get(&id);
         let d = |(count, ns): (u64, u64)| Some(StatisticDuration { count, ns });

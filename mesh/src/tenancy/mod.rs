@@ -1,0 +1,419 @@
+//! Tenants, tiers and API keys: who is calling, on which flat-rate plan, with what rights.
+//!
+//! Keys are shown once when created and stored only as SHA-256 hashes. Tenants and keys added
+//! through the admin API live in `state_dir/tenancy.json`, replaced atomically.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A flat-rate plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub name: String,
+    /// Flat price per period (in the pool's currency).
+    #[serde(default)]
+    pub price: f64,
+    /// Guaranteed share of the pool's execution slots, relative to other tiers.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Requests a tenant of this tier may run at once (0 = no limit).
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// Model ids this tier may use; `*` matches any run of characters.
+    #[serde(default = "all_models")]
+    pub models: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn all_models() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub tier: String,
+}
+
+/// The `[tenancy]` config section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenancyConfig {
+    /// With no tiers at all, the agent runs single-tenant: every caller is `anonymous` on an
+    /// unlimited tier `open`. Once tiers exist, callers need a key unless this names a tier.
+    pub anonymous_tier: Option<String>,
+    pub tiers: Vec<Tier>,
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub tier: Arc<Tier>,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum AuthError {
+    #[error("missing API key: send Authorization: Bearer <key>")]
+    Missing,
+    #[error("invalid API key")]
+    Invalid,
+    #[error("tier {tier:?} may not use model {model:?}")]
+    Forbidden { tier: String, model: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    tenants: Vec<TenantConfig>,
+    /// sha256 hex → tenant id
+    keys: BTreeMap<String, String>,
+}
+
+struct Inner {
+    tiers: BTreeMap<String, Arc<Tier>>,
+    tenants: BTreeMap<String, (TenantConfig, bool)>,
+    keys: BTreeMap<String, String>,
+    anonymous: Option<Arc<Tier>>,
+    /// No tiers configured: any key (the OpenAI client always sends one) is anonymous.
+    open: bool,
+}
+
+/// The cloneable handle.
+#[derive(Clone)]
+pub struct Tenancy {
+    inner: Arc<Mutex<Inner>>,
+    path: Option<PathBuf>,
+}
+
+pub fn hash_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `*` matches any run of characters; everything else matches itself.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, rest)) => {
+            let Some(tail) = text.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len())
+                .filter(|&i| tail.is_char_boundary(i))
+                .any(|i| glob(rest, &tail[i..]))
+        }
+    }
+}
+
+impl TenancyConfig {
+    /// Check references; errors name the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.tiers.iter().enumerate() {
+            if !names.insert(t.name.as_str()) {
+                anyhow::bail!("tenancy.tiers[{i}].name: {:?} is declared twice", t.name);
+            }
+            if t.weight == 0 {
+                anyhow::bail!("tenancy.tiers[{i}].weight: must be at least 1");
+            }
+        }
+        for (i, t) in self.tenants.iter().enumerate() {
+            if !names.contains(t.tier.as_str()) {
+                anyhow::bail!("tenancy.tenants[{i}].tier: no tier named {:?}", t.tier);
+            }
+        }
+        if let Some(a) = &self.anonymous_tier {
+            if !self.tiers.is_empty() && !names.contains(a.as_str()) {
+                anyhow::bail!("tenancy.anonymous_tier: no tier named {a:?}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Tenancy {
+    pub fn new(
+        config: &TenancyConfig,
+        state_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut tiers: BTreeMap<String, Arc<Tier>> = config
+            .tiers
+            .iter()
+            .map(|t| (t.name.clone(), Arc::new(t.clone())))
+            .collect();
+        let open = tiers.is_empty();
+        let anonymous = if open {
+            let open = Arc::new(Tier {
+                name: "open".into(),
+                price: 0.0,
+                weight: 1,
+                max_concurrency: 0,
+                models: all_models(),
+            });
+            tiers.insert("open".into(), open.clone());
+            tracing::warn!(
+                "No tiers configured: serving every caller anonymously on tier \"open\""
+            );
+            Some(open)
+        } else {
+            config.anonymous_tier.as_ref().map(|a| tiers[a].clone())
+        };
+        let tenants = config
+            .tenants
+            .iter()
+            .map(|t| (t.id.clone(), (t.clone(), true)))
+            .collect();
+        let mut inner = Inner {
+            tiers,
+            tenants,
+            keys: BTreeMap::new(),
+            anonymous,
+            open,
+        };
+        let path = state_dir.map(|d| d.join("tenancy.json"));
+        if let Some(p) = &path {
+            if let Ok(bytes) = std::fs::read(p) {
+                let saved: Saved = serde_json::from_slice(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{} is corrupt: {e}", p.display()))?;
+                for t in saved.tenants {
+                    if inner.tiers.contains_key(&t.tier) {
+                        inner.tenants.entry(t.id.clone()).or_insert((t, false));
+                    } else {
+                        tracing::warn!(tenant = %t.id, tier = %t.tier, "Skipping a tenant whose tier no longer exists");
+                    }
+                }
+                inner.keys = saved.keys;
+            }
+        }
+        Ok(Tenancy {
+            inner: Arc::new(Mutex::new(inner)),
+            path,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The caller behind an `Authorization` header value (or none).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
+        let inner = self.lock();
+        let Some(value) = authorization else {
+            return inner
+                .anonymous
+                .clone()
+                .map(|tier| Caller {
+                    tenant: "anonymous".into(),
+                    tier,
+                })
+                .ok_or(AuthError::Missing);
+        };
+        let key = value.strip_prefix("Bearer ").unwrap_or(value).trim();
+        let Some(tenant) = inner.keys.get(&hash_key(key)) else {
+            return match (&inner.anonymous, inner.open) {
+                (Some(tier), true) => Ok(Caller {
+                    tenant: "anonymous".into(),
+                    tier: tier.clone(),
+                }),
+                _ => Err(AuthError::Invalid),
+            };
+        };
+        let (t, _) = inner.tenants.get(tenant).ok_or(AuthError::Invalid)?;
+        let tier = inner
+            .tiers
+            .get(&t.tier)
+            .cloned()
+            .ok_or(AuthError::Invalid)?;
+        Ok(Caller {
+            tenant: tenant.clone(),
+            tier,
+        })
+    }
+
+    /// Whether the caller's tier may use `model`.
+    pub fn check_model(caller: &Caller, model: &str) -> Result<(), AuthError> {
+        if caller.tier.models.iter().any(|p| glob(p, model)) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden {
+                tier: caller.tier.name.clone(),
+                model: model.into(),
+            })
+        }
+    }
+
+    pub fn add_tenant(&self, t: TenantConfig) -> Result<(), AuthError> {
+        let mut inner = self.lock();
+        if !inner.tiers.contains_key(&t.tier) {
+            return Err(AuthError::NotFound(format!("no tier named {:?}", t.tier)));
+        }
+        if inner.tenants.contains_key(&t.id) {
+            return Err(AuthError::Conflict(format!(
+                "tenant {:?} already exists",
+                t.id
+            )));
+        }
+        inner.tenants.insert(t.id.clone(), (t, false));
+        self.save(&inner)
+    }
+
+    /// A new key for a tenant, returned once.
+    pub fn create_key(&self, tenant: &str) -> Result<String, AuthError> {
+        use rand::Rng;
+        let mut inner = self.lock();
+        if !inner.tenants.contains_key(tenant) {
+            return Err(AuthError::NotFound(format!(
+                "tenant {tenant:?} does not exist"
+            )));
+        }
+        let bytes: [u8; 24] = rand::rng().random();
+        let key = format!(
+            "fm-{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        inner.keys.insert(hash_key(&key), tenant.to_string());
+        self.save(&inner)?;
+        Ok(key)
+    }
+
+    pub fn revoke_key(&self, key: &str) -> Result<(), AuthError> {
+        let mut inner = self.lock();
+        inner
+            .keys
+            .remove(&hash_key(key))
+            .ok_or_else(|| AuthError::NotFound("no such key".into()))?;
+        self.save(&inner)
+    }
+
+    pub fn tenants(&self) -> Vec<(String, String)> {
+        self.lock()
+            .tenants
+            .values()
+            .map(|(t, _)| (t.id.clone(), t.tier.clone()))
+            .collect()
+    }
+
+    pub fn tiers(&self) -> Vec<Arc<Tier>> {
+        self.lock().tiers.values().cloned().collect()
+    }
+
+    pub fn tier_of(&self, tenant: &str) -> Option<Arc<Tier>> {
+        let inner = self.lock();
+        let (t, _) = inner.tenants.get(tenant)?;
+        inner.tiers.get(&t.tier).cloned()
+    }
+
+    fn save(&self, inner: &Inner) -> Result<(), AuthError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let saved = Saved {
+            tenants: inner
+                .tenants
+                .values()
+                .filter(|(_, cfg)| !cfg)
+                .map(|(t, _)| t.clone())
+                .collect(),
+            keys: inner.keys.clone(),
+        };
+        crate::cache::Registry::write_json(path, &saved)
+            .map_err(|e| AuthError::Conflict(format!("cannot save tenancy: {e:#}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TenancyConfig {
+        TenancyConfig {
+            anonymous_tier: None,
+            tiers: vec![Tier {
+                name: "basic".into(),
+                price: 100.0,
+                weight: 1,
+                max_concurrency: 0,
+                models: vec!["small-*".into()],
+            }],
+            tenants: vec![TenantConfig {
+                id: "city-a".into(),
+                tier: "basic".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn glob_patterns() {
+        assert!(glob("*", "anything"));
+        assert!(glob("small-*", "small-llm"));
+        assert!(!glob("small-*", "large-llm"));
+        assert!(glob("*-v2", "minilm-v2"));
+        assert!(glob("a*b*c", "aXXbYYc"));
+        assert!(!glob("exact", "exactly"));
+    }
+
+    #[test]
+    fn keys_authenticate_and_are_stored_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tenancy::new(&config(), Some(dir.path())).unwrap();
+        assert_eq!(t.authenticate(None).unwrap_err(), AuthError::Missing);
+        assert_eq!(
+            t.authenticate(Some("Bearer nope")).unwrap_err(),
+            AuthError::Invalid
+        );
+        let key = t.create_key("city-a").unwrap();
+        let caller = t.authenticate(Some(&format!("Bearer {key}"))).unwrap();
+        assert_eq!(caller.tenant, "city-a");
+        assert!(Tenancy::check_model(&caller, "small-llm").is_ok());
+        assert!(matches!(
+            Tenancy::check_model(&caller, "large-llm"),
+            Err(AuthError::Forbidden { .. })
+        ));
+        let stored = std::fs::read_to_string(dir.path().join("tenancy.json")).unwrap();
+        assert!(!stored.contains(&key) && stored.contains(&hash_key(&key)));
+        // Keys survive a restart; a revoked key stops working.
+        let again = Tenancy::new(&config(), Some(dir.path())).unwrap();
+        assert!(again.authenticate(Some(&format!("Bearer {key}"))).is_ok());
+        again.revoke_key(&key).unwrap();
+        assert_eq!(
+            again
+                .authenticate(Some(&format!("Bearer {key}")))
+                .unwrap_err(),
+            AuthError::Invalid
+        );
+    }
+
+    #[test]
+    fn without_tiers_everyone_is_anonymous_and_with_tiers_only_if_configured() {
+        let open = Tenancy::new(&TenancyConfig::default(), None).unwrap();
+        assert_eq!(open.authenticate(None).unwrap().tier.name, "open");
+        let mut c = config();
+        c.anonymous_tier = Some("basic".into());
+        assert_eq!(
+            Tenancy::new(&c, None)
+                .unwrap()
+                .authenticate(None)
+                .unwrap()
+                .tenant,
+            "anonymous"
+        );
+    }
+}
