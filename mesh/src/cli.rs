@@ -164,6 +164,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         admin_token: config.server.admin_token.clone(),
         v2_stats: Arc::default(),
         tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
+        ledger: crate::ledger::Ledger::open(&config.state_dir)?,
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;

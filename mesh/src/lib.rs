@@ -5,6 +5,7 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod ledger;
 pub mod metrics;
 pub mod tenancy;
 pub mod units;

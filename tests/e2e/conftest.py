@@ -29,7 +29,8 @@ class Agent:
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--config", str(cfg), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0",
              "--addr-file", str(self.addr_file), "--models-dir", str(MODELS),
-             "--state-dir", str(Path(self.dir.name) / "state"), *extra_args],
+             *([] if "--state-dir" in extra_args else ["--state-dir", str(Path(self.dir.name) / "state")]),
+             *extra_args],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + ready_timeout
         while not self.addr_file.exists():

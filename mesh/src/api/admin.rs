@@ -33,6 +33,8 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/tenants", get(list_tenants).post(add_tenant))
         .route("/admin/tenants/{id}/keys", post(create_key))
         .route("/admin/keys/revoke", post(revoke_key))
+        .route("/admin/usage", get(usage))
+        .route("/admin/invoice", get(invoice))
         .layer(middleware::from_fn_with_state(state, authorize))
 }
 
@@ -195,4 +197,73 @@ async fn revoke_key(
     let ApiJson(k) = body?;
     state.tenancy.revoke_key(&k.key)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A period in Unix seconds, `[from, to)`; defaults to everything.
+#[derive(Deserialize)]
+pub struct Period {
+    #[serde(default)]
+    pub from: Option<u64>,
+    #[serde(default)]
+    pub to: Option<u64>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+impl Period {
+    pub fn millis(&self) -> (u64, u64) {
+        (
+            self.from.map_or(0, |s| s * 1000),
+            self.to.map_or(u64::MAX, |s| s.saturating_mul(1000)),
+        )
+    }
+}
+
+pub fn records(
+    state: &AppState,
+    tenant: Option<&str>,
+    p: &Period,
+) -> Result<Vec<crate::ledger::Record>, ApiError> {
+    let (from, to) = p.millis();
+    state
+        .ledger
+        .records(tenant, from, to)
+        .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e}")))
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    axum::extract::Query(p): axum::extract::Query<Period>,
+) -> Result<Json<Value>, ApiError> {
+    let recs = records(&state, p.tenant.as_deref(), &p)?;
+    Ok(Json(json!({"usage": crate::ledger::usage(&recs)})))
+}
+
+/// The invoice of a period from the ledger (built-in flat rate), as JSON or `format=csv`.
+async fn invoice(
+    State(state): State<AppState>,
+    axum::extract::Query(p): axum::extract::Query<Period>,
+) -> Result<Response, ApiError> {
+    let recs = records(&state, None, &p)?;
+    let lines =
+        crate::ledger::flat_rate_invoice(&state.tenancy.tenants(), &state.tenancy.tiers(), &recs);
+    Ok(match p.format.as_deref() {
+        Some("csv") => (
+            [(header::CONTENT_TYPE, "text/csv")],
+            crate::ledger::invoice_csv(&lines),
+        )
+            .into_response(),
+        None | Some("json") => {
+            let total: f64 = lines.iter().map(|l| l.amount).sum();
+            Json(json!({"lines": lines, "total": total})).into_response()
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "format",
+                format!("{other:?} is not json or csv"),
+            ))
+        }
+    })
 }

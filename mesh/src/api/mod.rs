@@ -1,10 +1,11 @@
 //! The agent's HTTP front door: routes, shared state, and serving with graceful shutdown.
 
-mod admin;
+pub mod admin;
 pub mod auth;
 pub mod error;
 mod health;
 mod openai;
+pub mod usage;
 pub mod v2;
 
 use std::{
@@ -34,6 +35,7 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub v2_stats: Arc<v2::Stats>,
     pub tenancy: crate::tenancy::Tenancy,
+    pub ledger: crate::ledger::Ledger,
 }
 
 impl AppState {

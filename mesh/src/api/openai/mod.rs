@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
+use super::usage::Bill;
 use crate::tenancy::Caller;
 
 use self::{
@@ -40,6 +41,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/usage", get(own_usage))
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
@@ -200,14 +202,31 @@ async fn run(
         },
         &running.model,
     );
+    let bill = Bill::new(&state, &caller, shape.endpoint());
     if common.stream {
-        stream(shape, head, running, tracker, common.include_usage(), span)
+        stream(
+            shape,
+            head,
+            running,
+            tracker,
+            bill,
+            common.include_usage(),
+            span,
+        )
     } else {
-        whole(shape, head, running, tracker).instrument(span).await
+        whole(shape, head, running, tracker, bill)
+            .instrument(span)
+            .await
     }
 }
 
-async fn whole(shape: Shape, head: Head, mut running: Running, mut tracker: Tracker) -> Response {
+async fn whole(
+    shape: Shape,
+    head: Head,
+    mut running: Running,
+    mut tracker: Tracker,
+    bill: Bill,
+) -> Response {
     while let Some(ev) = running.events.recv().await {
         if let GenerateEvent::Text(_) = ev {
             tracker.first_token();
@@ -216,6 +235,13 @@ async fn whole(shape: Shape, head: Head, mut running: Running, mut tracker: Trac
     match running.finish().await {
         Ok(g) => {
             completed(&tracker, &g);
+            if let Err(e) = bill
+                .record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens)
+                .await
+            {
+                tracker.finish(e.status.as_u16());
+                return e.into_response();
+            }
             tracker.finish(200);
             Json(shape.full(&head, &g)).into_response()
         }
@@ -232,6 +258,7 @@ fn stream(
     head: Head,
     mut running: Running,
     mut tracker: Tracker,
+    bill: Bill,
     include_usage: bool,
     span: tracing::Span,
 ) -> Response {
@@ -254,6 +281,10 @@ fn stream(
             let tail = match running.finish().await {
                 Ok(g) => {
                     completed(&tracker, &g);
+                    if let Err(e) = bill.record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens).await {
+                        let _ = tx.send(send(json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}))).await;
+                        return;
+                    }
                     let mut tail = vec![shape.chunk(&head, None, Some(g.finish_reason))];
                     if include_usage {
                         let mut u = shape.chunk(&head, None, None);
@@ -320,6 +351,7 @@ async fn embed(
 ) -> Result<(Value, usize), ApiError> {
     let ApiJson(req) = body?;
     auth::check(state, caller, &req.model)?;
+    let bill = Bill::new(state, caller, "embeddings");
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -369,9 +401,23 @@ async fn embed(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
+    let id = format!("emb-{}", uuid::Uuid::new_v4().simple());
+    bill.record(&id, &model, out.prompt_tokens, 0).await?;
     let usage = json!({"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens});
     Ok((
-        json!({"object": "list", "data": data, "model": model, "usage": usage}),
+        json!({"id": id, "object": "list", "data": data, "model": model, "usage": usage}),
         out.prompt_tokens,
+    ))
+}
+
+/// A tenant's own usage (never anybody else's), `?from=&to=` in Unix seconds.
+async fn own_usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Query(p): axum::extract::Query<super::admin::Period>,
+) -> Result<Json<Value>, ApiError> {
+    let recs = super::admin::records(&state, Some(&caller.tenant), &p)?;
+    Ok(Json(
+        json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": crate::ledger::usage(&recs)}),
     ))
 }
