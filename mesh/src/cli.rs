@@ -156,15 +156,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Some(registry),
         metrics.clone(),
     )?;
+    let ledger = crate::ledger::Ledger::open(&config.state_dir)?;
     let state = AppState {
         cache: cache.clone(),
-        metrics,
+        metrics: metrics.clone(),
         draining: Arc::default(),
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
         v2_stats: Arc::default(),
         tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
-        ledger: crate::ledger::Ledger::open(&config.state_dir)?,
+        ledger: ledger.clone(),
+        limits: crate::tenancy::limits::Limits::new(ledger),
+        scheduler: crate::scheduler::Scheduler::new(
+            config.scheduler.slots,
+            config.scheduler.max_queue,
+            config.scheduler.max_wait.0,
+            metrics.clone(),
+        ),
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;

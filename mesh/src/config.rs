@@ -20,6 +20,7 @@ pub struct Config {
     pub log: LogConfig,
     pub cache: CacheConfig,
     pub tenancy: crate::tenancy::TenancyConfig,
+    pub scheduler: SchedulerConfig,
     /// Where the agent keeps state that must survive a restart (models and vmodels
     /// registered through the admin API). Relative to the working directory.
     pub state_dir: PathBuf,
@@ -88,6 +89,28 @@ pub struct ModelConfig {
     /// Loaded at start and never evicted.
     #[serde(default)]
     pub pinned: bool,
+}
+
+/// Execution slots shared between tiers by weighted fair queuing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Requests running at once on this node, all tiers together (default: CPU cores).
+    pub slots: usize,
+    /// Requests a tier may have waiting; more get 429.
+    pub max_queue: usize,
+    /// How long a request may wait for a slot; then 429.
+    pub max_wait: Secs,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            max_queue: 256,
+            max_wait: Secs(std::time::Duration::from_secs(60)),
+        }
+    }
 }
 
 /// The model cache: the node's devices and how copies come and go.
@@ -216,6 +239,7 @@ impl Default for Config {
             log: LogConfig::default(),
             cache: CacheConfig::default(),
             tenancy: Default::default(),
+            scheduler: SchedulerConfig::default(),
             state_dir: PathBuf::from("state"),
             models_dir: PathBuf::from("models"),
             models: Vec::new(),
@@ -265,6 +289,9 @@ impl Config {
         self.http_addr()?;
         self.grpc_addr()?;
         self.tenancy.validate()?;
+        if self.scheduler.slots == 0 {
+            anyhow::bail!("scheduler.slots: must be at least 1");
+        }
         if self.server.max_body_bytes == 0 {
             anyhow::bail!("server.max_body_bytes: must be greater than 0");
         }

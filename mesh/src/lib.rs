@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod ledger;
 pub mod metrics;
+pub mod scheduler;
 pub mod tenancy;
 pub mod units;

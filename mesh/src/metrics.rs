@@ -27,6 +27,10 @@ pub struct Metrics {
     pub copies_loaded: IntGauge,
     pub device_used_bytes: IntGaugeVec,
     pub device_capacity_bytes: IntGaugeVec,
+    pub queue_wait_seconds: HistogramVec,
+    pub rejections: IntCounterVec,
+    pub tier_requests: IntCounterVec,
+    pub tier_tokens: IntCounterVec,
 }
 
 impl Metrics {
@@ -148,6 +152,35 @@ impl Metrics {
                 "flatmesh_device_capacity_bytes",
                 "Bytes a device may hold.",
                 &["device"],
+                r
+            )
+            .expect("register"),
+            queue_wait_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_queue_wait_seconds",
+                "Time a request waited for an execution slot, by tier.",
+                &["tier"],
+                exponential_buckets(0.001, 4.0, 10).expect("valid buckets"),
+                r
+            )
+            .expect("register"),
+            rejections: register_int_counter_vec_with_registry!(
+                "flatmesh_rejections_total",
+                "Requests refused before running, by tier and reason.",
+                &["tier", "reason"],
+                r
+            )
+            .expect("register"),
+            tier_requests: register_int_counter_vec_with_registry!(
+                "flatmesh_tier_requests_total",
+                "Requests served, by tier.",
+                &["tier"],
+                r
+            )
+            .expect("register"),
+            tier_tokens: register_int_counter_vec_with_registry!(
+                "flatmesh_tier_tokens_total",
+                "Tokens processed, by tier and direction (input, output).",
+                &["tier", "direction"],
                 r
             )
             .expect("register"),

@@ -24,6 +24,8 @@ pub struct ApiError {
     /// The request field at fault, when one is.
     pub param: Option<String>,
     pub retry_after: Option<u64>,
+    /// Extra headers (`x-ratelimit-*`).
+    pub headers: Option<Box<Vec<(&'static str, String)>>>,
 }
 
 impl ApiError {
@@ -41,6 +43,7 @@ impl ApiError {
             },
             param: (!param.is_empty()).then_some(param),
             retry_after: None,
+            headers: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl ApiError {
             message,
             param: None,
             retry_after: None,
+            headers: None,
         }
     }
 
@@ -116,6 +120,35 @@ impl From<CacheError> for ApiError {
     }
 }
 
+impl From<crate::tenancy::limits::LimitError> for ApiError {
+    fn from(e: crate::tenancy::limits::LimitError) -> Self {
+        ApiError {
+            retry_after: Some(e.retry_after),
+            headers: Some(Box::new(e.headers)),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                e.message,
+            )
+        }
+    }
+}
+
+impl From<crate::scheduler::Rejected> for ApiError {
+    fn from(e: crate::scheduler::Rejected) -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                e.to_string(),
+            )
+        }
+    }
+}
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
         let code = e.kind();
@@ -156,6 +189,11 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (self.status, Json(body)).into_response();
+        for (name, value) in self.headers.iter().flat_map(|h| h.iter()) {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                resp.headers_mut().insert(*name, v);
+            }
+        }
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

@@ -36,6 +36,8 @@ pub struct AppState {
     pub v2_stats: Arc<v2::Stats>,
     pub tenancy: crate::tenancy::Tenancy,
     pub ledger: crate::ledger::Ledger,
+    pub limits: crate::tenancy::limits::Limits,
+    pub scheduler: crate::scheduler::Scheduler,
 }
 
 impl AppState {

@@ -11,6 +11,8 @@ use crate::{
 /// Started with a request; records its usage once it has finished.
 pub struct Bill {
     ledger: Ledger,
+    limits: crate::tenancy::limits::Limits,
+    metrics: crate::metrics::Metrics,
     caller: Caller,
     endpoint: &'static str,
     started_ms: u64,
@@ -21,6 +23,8 @@ impl Bill {
     pub fn new(state: &AppState, caller: &Caller, endpoint: &'static str) -> Self {
         Bill {
             ledger: state.ledger.clone(),
+            limits: state.limits.clone(),
+            metrics: state.metrics.clone(),
             caller: caller.clone(),
             endpoint,
             started_ms: now_ms(),
@@ -50,6 +54,18 @@ impl Bill {
             started_ms: self.started_ms,
             finished_ms: now_ms(),
         };
+        let tier = self.caller.tier.name.as_str();
+        self.limits
+            .add_tokens(&self.caller.tenant, (input_tokens + output_tokens) as u64);
+        self.metrics.tier_requests.with_label_values(&[tier]).inc();
+        self.metrics
+            .tier_tokens
+            .with_label_values(&[tier, "input"])
+            .inc_by(input_tokens as u64);
+        self.metrics
+            .tier_tokens
+            .with_label_values(&[tier, "output"])
+            .inc_by(output_tokens as u64);
         self.ledger.append(record).await.map_err(|e| {
             tracing::error!(error = %e, "Could not write the usage record");
             ApiError::internal(format!("could not record usage: {e}"))

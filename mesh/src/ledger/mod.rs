@@ -236,6 +236,9 @@ mod tests {
             weight: 3,
             max_concurrency: 0,
             models: vec!["*".into()],
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            token_budget: 0,
         })];
         let tenants = vec![
             ("city-a".to_string(), "gold".to_string()),

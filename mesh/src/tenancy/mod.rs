@@ -3,6 +3,8 @@
 //! Keys are shown once when created and stored only as SHA-256 hashes. Tenants and keys added
 //! through the admin API live in `state_dir/tenancy.json`, replaced atomically.
 
+pub mod limits;
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -29,6 +31,15 @@ pub struct Tier {
     /// Model ids this tier may use; `*` matches any run of characters.
     #[serde(default = "all_models")]
     pub models: Vec<String>,
+    /// Requests per minute per tenant (0 = no limit).
+    #[serde(default)]
+    pub requests_per_minute: u64,
+    /// Tokens (input + output) per minute per tenant (0 = no limit).
+    #[serde(default)]
+    pub tokens_per_minute: u64,
+    /// Tokens per tenant per calendar month (UTC) (0 = no budget).
+    #[serde(default)]
+    pub token_budget: u64,
 }
 
 fn one() -> u32 {
@@ -167,6 +178,9 @@ impl Tenancy {
                 weight: 1,
                 max_concurrency: 0,
                 models: all_models(),
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+                token_budget: 0,
             });
             tiers.insert("open".into(), open.clone());
             tracing::warn!(
@@ -352,6 +366,9 @@ mod tests {
                 weight: 1,
                 max_concurrency: 0,
                 models: vec!["small-*".into()],
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+                token_budget: 0,
             }],
             tenants: vec![TenantConfig {
                 id: "city-a".into(),

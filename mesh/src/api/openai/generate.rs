@@ -9,6 +9,8 @@ use crate::{api::error::ApiError, cache::Cache, metrics::Metrics, units::KeepAli
 
 /// A generation that has accepted its prompt and is producing text.
 pub struct Running {
+    /// The tenant's admission and the execution slot, held until the generation ends.
+    held: Option<(crate::tenancy::limits::Admission, crate::scheduler::Slot)>,
     /// The model that serves the request (a vmodel resolved to its target).
     pub model: String,
     pub events: mpsc::Receiver<GenerateEvent>,
@@ -44,6 +46,7 @@ impl Running {
         });
         match events.recv().await {
             Some(GenerateEvent::Started { .. }) => Ok(Running {
+                held: None,
                 model: served_by,
                 events,
                 task,
@@ -54,6 +57,15 @@ impl Running {
                 Err(e) => ApiError::internal(format!("generation task failed: {e}")),
             }),
         }
+    }
+
+    /// Keep the admission and slot until the generation ends.
+    pub fn hold(
+        &mut self,
+        admission: crate::tenancy::limits::Admission,
+        slot: crate::scheduler::Slot,
+    ) {
+        self.held = Some((admission, slot));
     }
 
     /// Wait for the end of the generation (after `events` is drained or dropped).

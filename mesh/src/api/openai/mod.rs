@@ -177,13 +177,20 @@ async fn run(
     let result = async {
         let (prompt, max_tokens, common) = req?;
         auth::check(&state, &caller, &common.model)?;
+        let admission = state.limits.admit(&caller)?;
+        let slot = state
+            .scheduler
+            .acquire(&caller.tier.name, caller.tier.weight)
+            .await?;
         let gen = GenerateRequest {
             prompt,
             max_tokens: max_tokens.map(|n| n as usize),
             sampling: common.sampling()?,
             stop: common.stop()?,
         };
-        let running = Running::start(&state.cache, &common.model, common.keep_alive, gen).await?;
+        let mut running =
+            Running::start(&state.cache, &common.model, common.keep_alive, gen).await?;
+        running.hold(admission, slot);
         Ok::<_, ApiError>((running, common))
     }
     .instrument(span.clone())
@@ -351,6 +358,11 @@ async fn embed(
 ) -> Result<(Value, usize), ApiError> {
     let ApiJson(req) = body?;
     auth::check(state, caller, &req.model)?;
+    let _admission = state.limits.admit(caller)?;
+    let _slot = state
+        .scheduler
+        .acquire(&caller.tier.name, caller.tier.weight)
+        .await?;
     let bill = Bill::new(state, caller, "embeddings");
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {

@@ -1,0 +1,261 @@
+//! Per-tenant limits of a tier: requests and tokens per minute (sliding windows), a token
+//! budget per calendar month (UTC, counted from the ledger), and concurrent requests.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use super::Caller;
+use crate::ledger::{now_ms, Ledger};
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+/// A refusal, with what the client needs to back off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitError {
+    pub message: String,
+    pub retry_after: u64,
+    /// `x-ratelimit-*` headers.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+#[derive(Default)]
+struct Window {
+    requests: VecDeque<Instant>,
+    tokens: VecDeque<(Instant, u64)>,
+    running: u32,
+    /// (start of the month in Unix ms, tokens used in it)
+    budget: Option<(u64, u64)>,
+}
+
+#[derive(Clone)]
+pub struct Limits {
+    tenants: Arc<Mutex<HashMap<String, Window>>>,
+    ledger: Ledger,
+}
+
+/// Counts toward the tenant's concurrency while held.
+pub struct Admission {
+    limits: Limits,
+    tenant: String,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(w) = self.limits.lock().get_mut(&self.tenant) {
+            w.running = w.running.saturating_sub(1);
+        }
+    }
+}
+
+/// Unix milliseconds at the start of the UTC month containing `ms`, and of the next one.
+pub fn month_bounds(ms: u64) -> (u64, u64) {
+    let days = (ms / 86_400_000) as i64;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let to_days = |y: i64, m: i64| {
+        let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * m + 2) / 5;
+        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+    };
+    let start = to_days(year, month);
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    (
+        (start * 86_400_000) as u64,
+        (to_days(ny, nm) * 86_400_000) as u64,
+    )
+}
+
+impl Limits {
+    pub fn new(ledger: Ledger) -> Self {
+        Limits {
+            tenants: Arc::default(),
+            ledger,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Window>> {
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admit a request of `caller` now, or say which limit it is over.
+    pub fn admit(&self, caller: &Caller) -> Result<Admission, LimitError> {
+        let tier = &caller.tier;
+        let now = Instant::now();
+        let month = month_bounds(now_ms());
+        let used_this_month = if tier.token_budget > 0 {
+            Some(self.month_usage(&caller.tenant, month))
+        } else {
+            None
+        };
+        let mut all = self.lock();
+        let w = all.entry(caller.tenant.clone()).or_default();
+        while w
+            .requests
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            w.requests.pop_front();
+        }
+        while w
+            .tokens
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= WINDOW)
+        {
+            w.tokens.pop_front();
+        }
+        let reset = |oldest: Option<Instant>| {
+            oldest.map_or(1, |t| (WINDOW - now.duration_since(t)).as_secs().max(1))
+        };
+        let tokens: u64 = w.tokens.iter().map(|(_, n)| n).sum();
+        let headers = |w: &Window| {
+            let mut h = Vec::new();
+            if tier.requests_per_minute > 0 {
+                h.push((
+                    "x-ratelimit-limit-requests",
+                    tier.requests_per_minute.to_string(),
+                ));
+                h.push((
+                    "x-ratelimit-remaining-requests",
+                    (tier.requests_per_minute as usize)
+                        .saturating_sub(w.requests.len())
+                        .to_string(),
+                ));
+                h.push((
+                    "x-ratelimit-reset-requests",
+                    format!("{}s", reset(w.requests.front().copied())),
+                ));
+            }
+            if tier.tokens_per_minute > 0 {
+                h.push((
+                    "x-ratelimit-limit-tokens",
+                    tier.tokens_per_minute.to_string(),
+                ));
+                h.push((
+                    "x-ratelimit-remaining-tokens",
+                    tier.tokens_per_minute.saturating_sub(tokens).to_string(),
+                ));
+                h.push((
+                    "x-ratelimit-reset-tokens",
+                    format!("{}s", reset(w.tokens.front().map(|(t, _)| *t))),
+                ));
+            }
+            h
+        };
+        let refuse = |message: String, retry_after: u64, w: &Window| LimitError {
+            message,
+            retry_after,
+            headers: headers(w),
+        };
+        if tier.requests_per_minute > 0 && w.requests.len() as u64 >= tier.requests_per_minute {
+            return Err(refuse(
+                format!(
+                    "tier {:?} allows {} requests per minute",
+                    tier.name, tier.requests_per_minute
+                ),
+                reset(w.requests.front().copied()),
+                w,
+            ));
+        }
+        if tier.tokens_per_minute > 0 && tokens >= tier.tokens_per_minute {
+            return Err(refuse(
+                format!(
+                    "tier {:?} allows {} tokens per minute",
+                    tier.name, tier.tokens_per_minute
+                ),
+                reset(w.tokens.front().map(|(t, _)| *t)),
+                w,
+            ));
+        }
+        if let Some(used) = used_this_month {
+            let used = match w.budget {
+                Some((start, n)) if start == month.0 => n,
+                _ => used,
+            };
+            w.budget = Some((month.0, used));
+            if used >= tier.token_budget {
+                let secs = (month.1.saturating_sub(now_ms())) / 1000;
+                return Err(refuse(
+                    format!(
+                        "the token budget of tier {:?} for this month ({}) is spent",
+                        tier.name, tier.token_budget
+                    ),
+                    secs.max(1),
+                    w,
+                ));
+            }
+        }
+        if tier.max_concurrency > 0 && w.running >= tier.max_concurrency {
+            return Err(refuse(
+                format!(
+                    "tier {:?} allows {} concurrent requests",
+                    tier.name, tier.max_concurrency
+                ),
+                1,
+                w,
+            ));
+        }
+        w.requests.push_back(now);
+        w.running += 1;
+        Ok(Admission {
+            limits: self.clone(),
+            tenant: caller.tenant.clone(),
+        })
+    }
+
+    /// Count tokens a finished request used.
+    pub fn add_tokens(&self, tenant: &str, tokens: u64) {
+        let mut all = self.lock();
+        let w = all.entry(tenant.to_string()).or_default();
+        w.tokens.push_back((Instant::now(), tokens));
+        if let Some((_, used)) = &mut w.budget {
+            *used += tokens;
+        }
+    }
+
+    fn month_usage(&self, tenant: &str, (start, end): (u64, u64)) -> u64 {
+        if let Some(Window {
+            budget: Some((s, used)),
+            ..
+        }) = self.lock().get(tenant)
+        {
+            if *s == start {
+                return *used;
+            }
+        }
+        self.ledger
+            .records(Some(tenant), start, end)
+            .map(|rs| rs.iter().map(|r| r.input_tokens + r.output_tokens).sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn month_bounds_are_utc_calendar_months() {
+        // 2026-11-21T23:31:56Z
+        let (start, end) = month_bounds(1_795_303_916_000);
+        assert_eq!(start, 1_793_491_200_000); // 2026-11-01
+        assert_eq!(end, 1_796_083_200_000); // 2026-12-01
+        let (s, e) = month_bounds(1_798_761_600_000 - 1); // last ms of 2026
+        assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000));
+    }
+}
