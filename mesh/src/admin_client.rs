@@ -1,20 +1,76 @@
-//! `flatmesh models ...`: the admin API from the command line.
+//! `flatmesh models|tenants|ledger ...`: the admin API from the command line.
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+/// Where the agent is and how to authenticate to its admin API.
 #[derive(clap::Args, Debug)]
-pub struct ModelsArgs {
+pub struct Target {
     /// The agent's HTTP address.
     #[arg(long, env = "FLATMESH_URL", default_value = "http://127.0.0.1:8000")]
     url: String,
     /// Admin token (server.admin_token), if the agent requires one.
     #[arg(long, env = "FLATMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    #[command(flatten)]
+    target: Target,
     #[command(subcommand)]
     command: ModelsCommand,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TenantsArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    command: TenantsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantsCommand {
+    /// List tenants and tiers.
+    List,
+    /// Add a tenant on a tier.
+    Add { id: String, tier: String },
+    /// Create an API key for a tenant (printed once; stored hashed).
+    Key { id: String },
+    /// Revoke an API key.
+    Revoke { key: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LedgerArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Period start, Unix seconds.
+    #[arg(long, global = true)]
+    from: Option<u64>,
+    /// Period end (exclusive), Unix seconds.
+    #[arg(long, global = true)]
+    to: Option<u64>,
+    #[command(subcommand)]
+    command: LedgerCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum LedgerCommand {
+    /// Usage per tenant over the period.
+    Usage {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The invoice of the period.
+    Invoice {
+        /// json or csv
+        #[arg(long, default_value = "json")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,19 +101,11 @@ enum ModelsCommand {
     Alias { name: String, target: String },
 }
 
-pub fn run(args: ModelsArgs) -> ExitCode {
-    let client = reqwest::blocking::Client::new();
-    let base = args.url.trim_end_matches('/');
-    let req = |method: reqwest::Method, path: String| {
-        let mut r = client.request(method, format!("{base}/admin/{path}"));
-        if let Some(t) = &args.admin_token {
-            r = r.bearer_auth(t);
-        }
-        r
-    };
+pub fn models(args: ModelsArgs) -> ExitCode {
     use reqwest::Method;
-    let call = match args.command {
-        ModelsCommand::List => req(Method::GET, "models".into()),
+    let t = &args.target;
+    match args.command {
+        ModelsCommand::List => send(t, Method::GET, "models", None),
         ModelsCommand::Register {
             id,
             path,
@@ -76,16 +124,77 @@ pub fn run(args: ModelsArgs) -> ExitCode {
             if let Some(m) = max_concurrency {
                 body["max_concurrency"] = json!(m);
             }
-            req(Method::POST, "models".into()).json(&body)
+            send(t, Method::POST, "models", Some(body))
         }
-        ModelsCommand::Unregister { id } => req(Method::DELETE, format!("models/{id}")),
-        ModelsCommand::Load { id } => req(Method::POST, format!("models/{id}/load")),
-        ModelsCommand::Unload { id } => req(Method::POST, format!("models/{id}/unload")),
-        ModelsCommand::Alias { name, target } => {
-            req(Method::PUT, format!("vmodels/{name}")).json(&json!({"target": target}))
+        ModelsCommand::Unregister { id } => send(t, Method::DELETE, &format!("models/{id}"), None),
+        ModelsCommand::Load { id } => send(t, Method::POST, &format!("models/{id}/load"), None),
+        ModelsCommand::Unload { id } => send(t, Method::POST, &format!("models/{id}/unload"), None),
+        ModelsCommand::Alias { name, target } => send(
+            t,
+            Method::PUT,
+            &format!("vmodels/{name}"),
+            Some(json!({"target": target})),
+        ),
+    }
+}
+
+pub fn tenants(args: TenantsArgs) -> ExitCode {
+    use reqwest::Method;
+    let t = &args.target;
+    match args.command {
+        TenantsCommand::List => send(t, Method::GET, "tenants", None),
+        TenantsCommand::Add { id, tier } => send(
+            t,
+            Method::POST,
+            "tenants",
+            Some(json!({"id": id, "tier": tier})),
+        ),
+        TenantsCommand::Key { id } => send(t, Method::POST, &format!("tenants/{id}/keys"), None),
+        TenantsCommand::Revoke { key } => {
+            send(t, Method::POST, "keys/revoke", Some(json!({"key": key})))
+        }
+    }
+}
+
+pub fn ledger(args: LedgerArgs) -> ExitCode {
+    let mut query = Vec::new();
+    if let Some(f) = args.from {
+        query.push(format!("from={f}"));
+    }
+    if let Some(t) = args.to {
+        query.push(format!("to={t}"));
+    }
+    let path = match args.command {
+        LedgerCommand::Usage { tenant } => {
+            if let Some(t) = tenant {
+                query.push(format!("tenant={t}"));
+            }
+            "usage"
+        }
+        LedgerCommand::Invoice { format } => {
+            query.push(format!("format={format}"));
+            "invoice"
         }
     };
-    match call.send() {
+    send(
+        &args.target,
+        reqwest::Method::GET,
+        &format!("{path}?{}", query.join("&")),
+        None,
+    )
+}
+
+/// One admin call; prints the answer (pretty JSON where it is JSON).
+fn send(t: &Target, method: reqwest::Method, path: &str, body: Option<Value>) -> ExitCode {
+    let base = t.url.trim_end_matches('/');
+    let mut req = reqwest::blocking::Client::new().request(method, format!("{base}/admin/{path}"));
+    if let Some(token) = &t.admin_token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    match req.send() {
         Ok(resp) => {
             let status = resp.status();
             let text = resp.text().unwrap_or_default();
@@ -94,7 +203,7 @@ pub fn run(args: ModelsArgs) -> ExitCode {
                 .unwrap_or(text);
             if status.is_success() {
                 if !pretty.is_empty() {
-                    println!("{pretty}");
+                    println!("{}", pretty.trim_end());
                 }
                 ExitCode::SUCCESS
             } else {

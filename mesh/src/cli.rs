@@ -30,6 +30,10 @@ enum Command {
     Config(ServeArgs),
     /// Manage the models of a running agent through its admin API.
     Models(crate::admin_client::ModelsArgs),
+    /// Manage tenants and API keys of a running agent.
+    Tenants(crate::admin_client::TenantsArgs),
+    /// Usage and invoices from a running agent's ledger (JSON or CSV).
+    Ledger(crate::admin_client::LedgerArgs),
 }
 
 /// Every flag overrides the config file; every flag is also an environment variable.
@@ -103,7 +107,9 @@ pub fn main() -> ExitCode {
     let print_only = matches!(cli.command, Command::Config(_));
     let args = match cli.command {
         Command::Serve(a) | Command::Config(a) => a,
-        Command::Models(m) => return crate::admin_client::run(m),
+        Command::Models(m) => return crate::admin_client::models(m),
+        Command::Tenants(t) => return crate::admin_client::tenants(t),
+        Command::Ledger(l) => return crate::admin_client::ledger(l),
     };
     let config = match args.config() {
         Ok(c) => c,

@@ -1,6 +1,7 @@
 """The usage ledger: records per request, usage queries, invoices, and durability under kill -9."""
 import json
 import signal
+import subprocess
 import threading
 import time
 
@@ -8,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+import conftest
 from conftest import EMBED, LLM, Agent
 from test_tenancy import ADMIN, CONFIG, client, key_for
 
@@ -31,6 +33,12 @@ def test_usage_is_recorded_per_tenant_and_tenants_see_only_their_own(tmp_path):
         assert csv.headers["content-type"].startswith("text/csv")
         assert csv.text.splitlines()[0] == "tenant,tier,amount,requests,input_tokens,output_tokens"
         assert httpx.get(f"{a.url}/admin/usage").status_code == 401
+        cli = subprocess.run([str(conftest.BIN), "ledger", "--url", a.url, "--admin-token", "admin-secret",
+                              "invoice", "--format", "csv"], capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0 and cli.stdout.splitlines()[1].startswith("city-a,gold,1000.00,3,"), cli
+        key = subprocess.run([str(conftest.BIN), "tenants", "--url", a.url, "--admin-token", "admin-secret",
+                              "key", "city-b"], capture_output=True, text=True, timeout=30)
+        assert json.loads(key.stdout)["key"].startswith("fm-")
     finally:
         a.stop()
 
