@@ -50,6 +50,8 @@ impl From<V2Error> for Status {
                 );
                 Status::with_metadata(tonic::Code::Unavailable, m, md)
             }
+            V2Error::TooMany(m, _) => Status::resource_exhausted(m),
+            V2Error::Forbidden(m) => Status::permission_denied(m),
             V2Error::Internal(m) => Status::internal(m),
         }
     }
@@ -62,6 +64,12 @@ impl Grpc {
         authorize(&self.state, req.extensions(), &model)?;
         Ok(model)
     }
+}
+
+fn caller_of(ext: &tonic::Extensions) -> Result<crate::tenancy::Caller, Status> {
+    ext.get::<crate::tenancy::Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no caller"))
 }
 
 fn authorize(state: &AppState, ext: &tonic::Extensions, model: &str) -> Result<(), Status> {
@@ -268,9 +276,10 @@ impl GrpcInferenceService for Grpc {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let name = self.model(&req, &req.get_ref().model_name)?;
+        let caller = caller_of(req.extensions())?;
         let started = std::time::Instant::now();
         let result = match decode(req.into_inner()) {
-            Ok(r) => infer(&self.state, &name, r).await,
+            Ok(r) => infer(&self.state, &caller, &name, r).await,
             Err(e) => Err(e),
         };
         let model = self.state.cache.resolve(&name).unwrap_or_default();
@@ -308,7 +317,8 @@ impl GrpcInferenceService for Grpc {
                         continue;
                     }
                 };
-                if let Err(e) = stream_one(&state, &name, r, &tx).await {
+                let Ok(caller) = caller_of(&ext) else { return };
+                if let Err(e) = stream_one(&state, &caller, &name, r, &tx).await {
                     if tx.send(Ok(error(e.message().to_string()))).await.is_err() {
                         return;
                     }
@@ -428,6 +438,7 @@ impl GrpcInferenceService for Grpc {
 /// Serve one request of a stream.
 async fn stream_one(
     state: &AppState,
+    caller: &crate::tenancy::Caller,
     name: &str,
     r: ModelInferRequest,
     tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
@@ -437,7 +448,7 @@ async fn stream_one(
     let lease = state.cache.acquire(name, None).await?;
     if require_llm(lease.engine.as_ref(), name).is_err() {
         drop(lease);
-        let resp = infer(state, name, req).await?;
+        let resp = infer(state, caller, name, req).await?;
         let _ = tx
             .send(Ok(ModelStreamInferResponse {
                 error_message: String::new(),

@@ -53,7 +53,34 @@ pub enum V2Error {
     BadRequest(String),
     NotFound(String),
     Unavailable(String, u64),
+    /// Over a tier's limit or queue: 429 / RESOURCE_EXHAUSTED.
+    TooMany(String, u64),
+    Forbidden(String),
     Internal(String),
+}
+
+impl From<crate::tenancy::limits::LimitError> for V2Error {
+    fn from(e: crate::tenancy::limits::LimitError) -> Self {
+        V2Error::TooMany(e.message, e.retry_after)
+    }
+}
+
+impl From<crate::scheduler::Rejected> for V2Error {
+    fn from(e: crate::scheduler::Rejected) -> Self {
+        V2Error::TooMany(e.to_string(), 1)
+    }
+}
+
+impl From<crate::tenancy::AuthError> for V2Error {
+    fn from(e: crate::tenancy::AuthError) -> Self {
+        V2Error::Forbidden(e.to_string())
+    }
+}
+
+impl From<crate::api::error::ApiError> for V2Error {
+    fn from(e: crate::api::error::ApiError) -> Self {
+        V2Error::Internal(e.message)
+    }
 }
 
 impl From<CacheError> for V2Error {
@@ -85,6 +112,8 @@ impl V2Error {
             V2Error::BadRequest(m)
             | V2Error::NotFound(m)
             | V2Error::Unavailable(m, _)
+            | V2Error::TooMany(m, _)
+            | V2Error::Forbidden(m)
             | V2Error::Internal(m) => m,
         }
     }
@@ -195,9 +224,17 @@ pub async fn metadata(
 /// Run one inference request against its model.
 pub async fn infer(
     state: &AppState,
+    caller: &crate::tenancy::Caller,
     name: &str,
     req: InferRequest,
 ) -> Result<InferResponse, V2Error> {
+    crate::api::auth::check(state, caller, name)?;
+    let _admission = state.limits.admit(caller)?;
+    let _slot = state
+        .scheduler
+        .acquire(&caller.tier.name, caller.tier.weight)
+        .await?;
+    let bill = crate::api::usage::Bill::new(state, caller, "v2_infer");
     let lease = state.cache.acquire(name, None).await?;
     let model = lease.model.clone();
     let kind = lease.engine.info().kind;
@@ -219,19 +256,21 @@ pub async fn infer(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let engine = lease.engine.clone();
-    let outputs = match kind {
+    let (outputs, input_tokens, output_tokens) = match kind {
         ModelKind::Embedding => {
             let out = tokio::task::spawn_blocking(move || engine.embed(&texts))
                 .await
                 .map_err(|e| V2Error::Internal(e.to_string()))??;
             let dims = out.vectors.first().map_or(0, Vec::len);
             let n = out.vectors.len();
-            vec![Tensor {
+            let tokens = out.prompt_tokens;
+            let t = Tensor {
                 name: "embedding".into(),
                 datatype: "FP32".into(),
                 shape: vec![n as i64, dims as i64],
                 data: Data::F32(out.vectors.into_iter().flatten().collect()),
-            }]
+            };
+            (vec![t], tokens, 0)
         }
         ModelKind::Llm => {
             if texts.len() != 1 {
@@ -246,15 +285,23 @@ pub async fn infer(
             })
             .await
             .map_err(|e| V2Error::Internal(e.to_string()))??;
-            vec![Tensor {
+            let (pt, ct) = (g.prompt_tokens, g.completion_tokens);
+            let t = Tensor {
                 name: "text_output".into(),
                 datatype: "BYTES".into(),
                 shape: vec![1],
                 data: Data::Bytes(vec![g.text.into_bytes()]),
-            }]
+            };
+            (vec![t], pt, ct)
         }
     };
     drop(lease);
+    let record_id = req
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("v2-{}", uuid::Uuid::new_v4().simple()));
+    bill.record(&record_id, &model, input_tokens, output_tokens)
+        .await?;
     Ok(InferResponse {
         model,
         id: req.id,

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, convert::Infallible};
 
 use axum::{
     body::Bytes,
-    extract::{Path, State},
+    extract::{Extension, Path, State},
     http::{header, HeaderMap, StatusCode},
     response::{sse::Event, IntoResponse, Response, Sse},
     routing::{get, post},
@@ -18,7 +18,7 @@ use super::{
     generate_request, infer, is_ready, metadata, model_status, require_llm, Data, InferRequest,
     Tensor, V2Error,
 };
-use crate::api::AppState;
+use crate::{api::AppState, tenancy::Caller};
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
 pub const EXTENSIONS: &[&str] = &[
@@ -57,10 +57,12 @@ impl IntoResponse for V2Error {
             V2Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             V2Error::NotFound(_) => StatusCode::NOT_FOUND,
             V2Error::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            V2Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
+            V2Error::Forbidden(_) => StatusCode::FORBIDDEN,
             V2Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (status, Json(json!({"error": self.message()}))).into_response();
-        if let V2Error::Unavailable(_, secs) = self {
+        if let V2Error::Unavailable(_, secs) | V2Error::TooMany(_, secs) = self {
             resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
         }
         resp
@@ -161,11 +163,12 @@ async fn model_stats(
 
 async fn model_infer(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(m): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match infer_rest(&state, &m, &headers, &body).await {
+    match infer_rest(&state, &caller, &m, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -173,15 +176,17 @@ async fn model_infer(
 
 async fn model_infer_v(
     state: State<AppState>,
+    caller: Extension<Caller>,
     Path((m, _v)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    model_infer(state, Path(m), headers, body).await
+    model_infer(state, caller, Path(m), headers, body).await
 }
 
 async fn infer_rest(
     state: &AppState,
+    caller: &Caller,
     model: &str,
     headers: &HeaderMap,
     body: &[u8],
@@ -209,7 +214,7 @@ async fn infer_rest(
         .map_err(|e| V2Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
     let (req, binary_out) = decode_request(&json, &body[header_len..])?;
     let started = std::time::Instant::now();
-    let result = infer(state, model, req).await;
+    let result = infer(state, caller, model, req).await;
     state.v2_stats.record(
         &state.cache.resolve(model).unwrap_or_default(),
         result.is_ok(),
