@@ -474,6 +474,12 @@ async fn stream_one(
     let gen = generate_request(prompt, &req.parameters)?;
     let model = lease.model.clone();
     let tx = tx.clone();
+    let _admission = state.limits.admit(caller)?;
+    let _slot = state
+        .scheduler
+        .acquire(&caller.tier.name, caller.tier.weight)
+        .await?;
+    let bill = crate::api::usage::Bill::new(state, caller, "v2_stream");
     let result = tokio::task::spawn_blocking(move || {
         let engine = lease.engine.clone();
         let r = engine.generate(&gen, &mut |ev| {
@@ -487,12 +493,22 @@ async fn stream_one(
             }
             std::ops::ControlFlow::Continue(())
         });
-        if r.is_ok() {
-            let _ = tx.blocking_send(Ok(text_response(&model, &id, String::new(), true)));
-        }
-        r
+        (r, tx, model, id)
     })
     .await
     .map_err(|e| V2Error::Internal(e.to_string()))?;
-    result.map(|_| ()).map_err(V2Error::from)
+    let (r, tx, model, id) = result;
+    let g = r?;
+    // The record is durable before the final response goes out.
+    let record_id = if id.is_empty() {
+        format!("v2-{}", uuid::Uuid::new_v4().simple())
+    } else {
+        id.clone()
+    };
+    bill.record(&record_id, &model, g.prompt_tokens, g.completion_tokens)
+        .await?;
+    let _ = tx
+        .send(Ok(text_response(&model, &id, String::new(), true)))
+        .await;
+    Ok(())
 }

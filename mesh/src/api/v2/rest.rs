@@ -525,13 +525,31 @@ fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), V2Er
     Ok((text.to_string(), params))
 }
 
+/// Admission, an execution slot and a bill for a generate call, as for every request.
+async fn admit(
+    state: &AppState,
+    caller: &Caller,
+) -> Result<(impl Send + 'static, crate::api::usage::Bill), V2Error> {
+    let admission = state.limits.admit(caller)?;
+    let slot = state
+        .scheduler
+        .acquire(&caller.tier.name, caller.tier.weight)
+        .await?;
+    Ok((
+        (admission, slot),
+        crate::api::usage::Bill::new(state, caller, "v2_generate"),
+    ))
+}
+
 async fn generate(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, V2Error> {
     let (text, params) = parse_generate(&body)?;
     let gen = generate_request(text, &params)?;
+    let (_held, bill) = admit(&state, &caller).await?;
     let lease = state.cache.acquire(&m, None).await?;
     require_llm(lease.engine.as_ref(), &m)?;
     let engine = lease.engine.clone();
@@ -540,18 +558,23 @@ async fn generate(
     })
     .await
     .map_err(|e| V2Error::Internal(e.to_string()))??;
+    let id = format!("gen-{}", uuid::Uuid::new_v4().simple());
+    bill.record(&id, &lease.model, g.prompt_tokens, g.completion_tokens)
+        .await?;
     Ok(Json(
-        json!({"model_name": lease.model, "model_version": "1", "text_output": g.text}),
+        json!({"id": id, "model_name": lease.model, "model_version": "1", "text_output": g.text}),
     ))
 }
 
 async fn generate_stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
     let (text, params) = parse_generate(&body)?;
     let gen = generate_request(text, &params)?;
+    let (held, bill) = admit(&state, &caller).await?;
     let lease = state.cache.acquire(&m, None).await?;
     require_llm(lease.engine.as_ref(), &m)?;
     let model = lease.model.clone();
@@ -570,12 +593,17 @@ async fn generate_stream(
             }
             std::ops::ControlFlow::Continue(())
         });
-        if let Err(e) = result {
-            let _ = tx.blocking_send(Ok(
-                Event::default().data(json!({"error": e.to_string()}).to_string())
-            ));
+        let outcome = result.map_err(|e| e.to_string()).and_then(|g| {
+            // The record is durable before the stream ends.
+            let id = format!("gen-{}", uuid::Uuid::new_v4().simple());
+            tokio::runtime::Handle::current()
+                .block_on(bill.record(&id, &model, g.prompt_tokens, g.completion_tokens))
+                .map_err(|e| e.message)
+        });
+        if let Err(e) = outcome {
+            let _ = tx.blocking_send(Ok(Event::default().data(json!({"error": e}).to_string())));
         }
-        drop(lease);
+        drop((lease, held));
     });
     Ok(Sse::new(ReceiverStream::new(rx)).into_response())
 }
