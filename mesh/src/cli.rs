@@ -163,7 +163,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
     )?;
     let ledger = crate::ledger::Ledger::open(&config.state_dir)?;
+    let gpus = tokio::task::spawn_blocking(flatmesh_runtime::device::discover_cuda).await?;
+    let gpus = match gpus {
+        Ok(gpus) if gpus.is_empty() => {
+            tracing::info!("No CUDA GPUs found; the pool is host memory");
+            gpus
+        }
+        Ok(gpus) => {
+            for g in &gpus {
+                tracing::info!(gpu = g.ordinal, name = %g.name, total_bytes = g.total_bytes, free_bytes = g.free_bytes,
+                    "Found a CUDA GPU; engines run on host memory, so copies are placed on host devices");
+            }
+            gpus
+        }
+        Err(reason) => {
+            tracing::info!(%reason, "No CUDA driver; the pool is host memory");
+            Vec::new()
+        }
+    };
     let state = AppState {
+        gpus: Arc::new(gpus),
         cache: cache.clone(),
         metrics: metrics.clone(),
         draining: Arc::default(),

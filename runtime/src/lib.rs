@@ -3,6 +3,7 @@
 //! Nothing here knows about HTTP, tenants or the mesh; the agent in `mesh/` drives it.
 
 mod bert;
+pub mod device;
 mod engine;
 mod error;
 mod llama;
