@@ -52,17 +52,8 @@ pub struct LlamaEngine {
 
 impl LlamaEngine {
     pub fn load(path: &Path) -> Result<Self> {
-        let bad = |reason: String| RuntimeError::BadFormat {
-            path: path.to_path_buf(),
-            format: "GGUF",
-            reason,
-        };
-        let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
-            _ => bad(e.to_string()),
-        })?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let ct = gguf_file::Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
+        let bad = |reason: String| bad_gguf(path, reason);
+        let (ct, reader) = read_header(path)?;
         let arch = ct
             .metadata
             .get("general.architecture")
@@ -297,18 +288,29 @@ fn measured_size(ct: &gguf_file::Content) -> u64 {
         .sum()
 }
 
-/// What a GGUF model will need in memory, read from its header only.
-pub(crate) fn footprint(path: &Path) -> Result<Footprint> {
-    let bad = |reason: String| RuntimeError::BadFormat {
+fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
+    RuntimeError::BadFormat {
         path: path.to_path_buf(),
         format: "GGUF",
         reason,
-    };
+    }
+}
+
+/// Open a GGUF file and read its header (metadata and tensor index), leaving the reader
+/// positioned for the tensor data.
+fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
     let file = File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
-        _ => bad(e.to_string()),
+        _ => bad_gguf(path, e.to_string()),
     })?;
-    let ct = gguf_file::Content::read(&mut BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let ct = gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
+    Ok((ct, reader))
+}
+
+/// What a GGUF model will need in memory, read from its header only.
+pub(crate) fn footprint(path: &Path) -> Result<Footprint> {
+    let (ct, _) = read_header(path)?;
     let get = |key: &str| {
         ct.metadata
             .get(key)

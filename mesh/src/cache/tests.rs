@@ -114,8 +114,8 @@ async fn keep_alive_zero_unloads_after_use_and_pinned_models_never_leave() {
     assert_eq!(state(&c, "pinned"), "ready");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_leased_copy_is_never_evicted_and_pressure_ends_in_no_room() {
+/// Models "a" and "bb" on a device with room for one of them.
+fn two_models_room_for_one() -> (tempfile::TempDir, Cache) {
     let dir = tempfile::tempdir().unwrap();
     let a = model(dir.path(), "a", None, false);
     let b = model(dir.path(), "bb", None, false);
@@ -123,6 +123,12 @@ async fn a_leased_copy_is_never_evicted_and_pressure_ends_in_no_room() {
         .unwrap()
         .with_sequences(1);
     let c = cache(&[a, b], one + one / 2);
+    (dir, c)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leased_copy_is_never_evicted_and_pressure_ends_in_no_room() {
+    let (_dir, c) = two_models_room_for_one();
     let lease = c.acquire("a", None).await.unwrap();
     match c.acquire("bb", None).await {
         Err(CacheError::NoRoom { .. }) => {}
@@ -137,13 +143,7 @@ async fn a_leased_copy_is_never_evicted_and_pressure_ends_in_no_room() {
 
 #[tokio::test(start_paused = true)]
 async fn waiters_for_room_get_it_when_a_lease_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = model(dir.path(), "a", None, false);
-    let b = model(dir.path(), "bb", None, false);
-    let one = flatmesh_runtime::footprint(&a.path, Format::Gguf)
-        .unwrap()
-        .with_sequences(1);
-    let c = cache(&[a, b], one + one / 2);
+    let (_dir, c) = two_models_room_for_one();
     let lease = c.acquire("a", None).await.unwrap();
     let waiter = {
         let c = c.clone();
