@@ -8,8 +8,9 @@ use serde_json::Value;
 use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
 use super::{
+    codec::encode_binary,
     generate_request, infer, is_ready, metadata, model_status, require_llm,
-    rest::{encode_binary, repo_state, triton_type, EXTENSIONS},
+    rest::{repo_state, triton_type, EXTENSIONS},
     Data, InferRequest, Tensor, V2Error,
 };
 use crate::api::AppState;
@@ -121,7 +122,7 @@ fn decode(req: ModelInferRequest) -> Result<InferRequest, V2Error> {
     let mut inputs = Vec::new();
     for (i, t) in req.inputs.into_iter().enumerate() {
         let data = if raw {
-            super::rest::decode_binary(&t.name, &t.datatype, &req.raw_input_contents[i])?
+            super::codec::decode_binary(&t.name, &t.datatype, &req.raw_input_contents[i])?
         } else {
             let c = t.contents.unwrap_or_default();
             match t.datatype.as_str() {

@@ -5,6 +5,7 @@
 //! LLMs: BYTES `text_input` [1] with parameters `max_tokens`, `temperature`, `top_p`, `top_k`,
 //! `seed`, `stop` → BYTES `text_output` [1].
 
+mod codec;
 pub mod grpc;
 pub mod rest;
 
