@@ -70,6 +70,10 @@ def test_missing_and_unknown_keys_are_401_on_http_and_grpc(tenanted):
     with pytest.raises(openai.AuthenticationError):
         client(tenanted, "fm-not-a-key").embeddings.create(model=EMBED, input="x")
     assert httpx.get(f"{tenanted.url}/v2/models/{EMBED}").status_code == 401
+    # Health and server metadata stay open for probes, on HTTP and gRPC.
+    assert httpx.get(f"{tenanted.url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{tenanted.url}/v2").status_code == 200
+    assert grpcclient.InferenceServerClient(url=tenanted.grpc).is_server_live()
     for key in (None, "fm-not-a-key"):
         with pytest.raises(InferenceServerException) as e:
             grpc_embed(tenanted, key)

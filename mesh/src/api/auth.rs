@@ -55,8 +55,13 @@ pub async fn openai(State(state): State<AppState>, mut req: Request, next: Next)
     }
 }
 
-/// For `/v2`: `{"error": ...}` 401/403; the model in the path is checked here.
+/// For `/v2`: `{"error": ...}` 401/403; the model in the path is checked here. Server health
+/// and metadata stay open (liveness and readiness probes carry no key).
 pub async fn v2(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/v2" || path.starts_with("/v2/health/") {
+        return next.run(req).await;
+    }
     let caller = match caller_of(&state, &req) {
         Ok(c) => c,
         Err(e) => return (e.status(), Json(json!({"error": e.to_string()}))).into_response(),
@@ -85,8 +90,9 @@ pub fn check(state: &AppState, caller: &Caller, model: &str) -> Result<(), AuthE
     Tenancy::check_model(caller, &resolved)
 }
 
-/// The gRPC interceptor: UNAUTHENTICATED without a valid key; the caller rides in the
-/// request's extensions.
+/// The gRPC interceptor: UNAUTHENTICATED for a wrong key; the caller rides in the request's
+/// extensions. A call without a key passes without a caller, so server health and metadata
+/// stay open; every call about a model requires the caller.
 pub fn grpc(
     tenancy: Tenancy,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
@@ -100,6 +106,7 @@ pub fn grpc(
                 req.extensions_mut().insert(caller);
                 Ok(req)
             }
+            Err(AuthError::Missing) => Ok(req),
             Err(e) => Err(tonic::Status::unauthenticated(e.to_string())),
         }
     }

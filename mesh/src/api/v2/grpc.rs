@@ -70,14 +70,16 @@ impl Grpc {
 fn caller_of(ext: &tonic::Extensions) -> Result<crate::tenancy::Caller, Status> {
     ext.get::<crate::tenancy::Caller>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated("no caller"))
+        .ok_or_else(|| Status::unauthenticated(crate::tenancy::AuthError::Missing.to_string()))
 }
 
 fn authorize(state: &AppState, ext: &tonic::Extensions, model: &str) -> Result<(), Status> {
     match ext.get::<crate::tenancy::Caller>() {
         Some(caller) => crate::api::auth::check(state, caller, model)
             .map_err(|e| Status::permission_denied(e.to_string())),
-        None => Err(Status::unauthenticated("no caller")),
+        None => Err(Status::unauthenticated(
+            crate::tenancy::AuthError::Missing.to_string(),
+        )),
     }
 }
 
@@ -392,8 +394,9 @@ impl GrpcInferenceService for Grpc {
 
     async fn repository_index(
         &self,
-        _: Request<RepositoryIndexRequest>,
+        req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        caller_of(req.extensions())?;
         let models = self
             .state
             .cache
