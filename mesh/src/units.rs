@@ -75,7 +75,7 @@ impl Serialize for KeepAlive {
 }
 
 /// A duration in config: `30s`, `5m`, or seconds as a number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Secs(pub Duration);
 
 impl<'de> Deserialize<'de> for Secs {

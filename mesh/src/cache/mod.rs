@@ -152,7 +152,18 @@ impl Cache {
         id: &str,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Lease, CacheError> {
-        let mut lease = self.pin(id, keep_alive).await?;
+        self.acquire_for(id, keep_alive, Duration::ZERO).await
+    }
+
+    /// `acquire` for a caller whose tier keeps models resident longer: under memory pressure
+    /// the copy counts as used `residency_bonus` later than it was.
+    pub async fn acquire_for(
+        &self,
+        id: &str,
+        keep_alive: Option<KeepAlive>,
+        residency_bonus: Duration,
+    ) -> Result<Lease, CacheError> {
+        let mut lease = self.pin(id, keep_alive, residency_bonus).await?;
         let gate = self.inner.lock().gate(&lease.model);
         let permit = gate.acquire_owned().await.expect("gates are never closed");
         lease._permit = Some(permit);
@@ -160,7 +171,12 @@ impl Cache {
     }
 
     /// Pin a copy without taking a concurrency slot.
-    async fn pin(&self, id: &str, keep_alive: Option<KeepAlive>) -> Result<Lease, CacheError> {
+    async fn pin(
+        &self,
+        id: &str,
+        keep_alive: Option<KeepAlive>,
+        residency_bonus: Duration,
+    ) -> Result<Lease, CacheError> {
         let inner = &self.inner;
         let started = Instant::now();
         let deadline = started + inner.config.pressure_wait.0;
@@ -175,7 +191,7 @@ impl Cache {
                     .resolve(id)
                     .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
                 let now = Instant::now();
-                match st.try_pin(&model, now, keep_alive) {
+                match st.try_pin(&model, now, keep_alive, residency_bonus) {
                     Slot::Pinned(engine) => {
                         if missed {
                             let waited = started.elapsed().as_secs_f64();
@@ -256,7 +272,7 @@ impl Cache {
 
     /// Load `id` now if it is not loaded, and wait until it is (or fails).
     pub async fn load(&self, id: &str) -> Result<(), CacheError> {
-        self.pin(id, None).await.map(drop)
+        self.pin(id, None, Duration::ZERO).await.map(drop)
     }
 
     /// Unload `id` now if idle, or as soon as its last lease ends.

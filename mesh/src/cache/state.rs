@@ -52,6 +52,8 @@ struct Copy {
     bytes: u64,
     loaded_at: Instant,
     last_used: Instant,
+    /// Under memory pressure the copy ranks as if last used at this time (tier bonus).
+    valued_until: Instant,
     pins: usize,
     used: bool,
     keep_alive: KeepAlive,
@@ -235,13 +237,20 @@ impl State {
         self.models[id].gate.clone()
     }
 
-    pub fn try_pin(&mut self, id: &str, now: Instant, keep_alive: Option<KeepAlive>) -> Slot {
+    pub fn try_pin(
+        &mut self,
+        id: &str,
+        now: Instant,
+        keep_alive: Option<KeepAlive>,
+        residency_bonus: Duration,
+    ) -> Slot {
         let entry = self.models.get_mut(id).expect("resolved");
         match &mut entry.copy {
             CopyState::Loaded(c) => {
                 c.pins += 1;
                 c.used = true;
                 c.last_used = now;
+                c.valued_until = c.valued_until.max(now + residency_bonus);
                 c.unload_when_idle = false;
                 if let Some(k) = keep_alive {
                     c.keep_alive = k;
@@ -305,7 +314,7 @@ impl State {
                     key: k.clone(),
                     device: c.device,
                     bytes: c.bytes,
-                    last_used: c.last_used.into_std(),
+                    last_used: c.last_used.max(c.valued_until).into_std(),
                     evictable: c.pins == 0 && !e.config.pinned,
                 }),
                 _ => None,
@@ -365,6 +374,7 @@ impl State {
                     bytes,
                     loaded_at: now,
                     last_used: now,
+                    valued_until: now,
                     pins: 0,
                     used: false,
                     keep_alive: entry.config.keep_alive.unwrap_or(self.default_keep_alive),

@@ -153,3 +153,28 @@ async fn waiters_for_room_get_it_when_a_lease_ends() {
     drop(lease);
     assert_eq!(waiter.await.unwrap().unwrap(), "bb");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tier_residency_bonus_keeps_its_models_loaded_longer_under_pressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let models: Vec<ModelConfig> = ["a", "bb", "ccc"]
+        .iter()
+        .map(|id| model(dir.path(), id, None, false))
+        .collect();
+    let one = flatmesh_runtime::footprint(&models[0].path, Format::Gguf)
+        .unwrap()
+        .with_sequences(1);
+    let c = cache(&models, 2 * one + one / 2);
+    // "a" is used first, by a tier with a 60 s residency bonus; "bb" later, without one.
+    drop(
+        c.acquire_for("a", None, Duration::from_secs(60))
+            .await
+            .unwrap(),
+    );
+    advance(1).await;
+    drop(c.acquire("bb", None).await.unwrap());
+    advance(1).await;
+    drop(c.acquire("ccc", None).await.unwrap());
+    assert_eq!(state(&c, "a"), "ready", "the bonus outranks plain recency");
+    assert_eq!(state(&c, "bb"), "cold");
+}

@@ -239,6 +239,7 @@ mod tests {
             requests_per_minute: 0,
             tokens_per_minute: 0,
             token_budget: 0,
+            residency_bonus: Default::default(),
         })];
         let tenants = vec![
             ("city-a".to_string(), "gold".to_string()),

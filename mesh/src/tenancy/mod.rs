@@ -40,6 +40,10 @@ pub struct Tier {
     /// Tokens per tenant per calendar month (UTC) (0 = no budget).
     #[serde(default)]
     pub token_budget: u64,
+    /// Residency priority: under memory pressure, a model this tier uses counts as used this
+    /// much later than it was, so it stays loaded longer (`"2m"`; default none).
+    #[serde(default)]
+    pub residency_bonus: crate::units::Secs,
 }
 
 fn one() -> u32 {
@@ -181,6 +185,7 @@ impl Tenancy {
                 requests_per_minute: 0,
                 tokens_per_minute: 0,
                 token_budget: 0,
+                residency_bonus: Default::default(),
             });
             tiers.insert("open".into(), open.clone());
             tracing::warn!(
@@ -369,6 +374,7 @@ mod tests {
                 requests_per_minute: 0,
                 tokens_per_minute: 0,
                 token_budget: 0,
+                residency_bonus: Default::default(),
             }],
             tenants: vec![TenantConfig {
                 id: "city-a".into(),

@@ -25,9 +25,12 @@ impl Running {
         cache: &Cache,
         model: &str,
         keep_alive: Option<KeepAlive>,
+        residency_bonus: std::time::Duration,
         req: GenerateRequest,
     ) -> Result<Self, ApiError> {
-        let loaded = cache.acquire(model, keep_alive).await?;
+        let loaded = cache
+            .acquire_for(model, keep_alive, residency_bonus)
+            .await?;
         let served_by = loaded.model.clone();
         if loaded.engine.info().kind != ModelKind::Llm {
             return Err(ApiError::bad_request(

@@ -188,8 +188,14 @@ async fn run(
             sampling: common.sampling()?,
             stop: common.stop()?,
         };
-        let mut running =
-            Running::start(&state.cache, &common.model, common.keep_alive, gen).await?;
+        let mut running = Running::start(
+            &state.cache,
+            &common.model,
+            common.keep_alive,
+            caller.tier.residency_bonus.0,
+            gen,
+        )
+        .await?;
         running.hold(admission, slot);
         Ok::<_, ApiError>((running, common))
     }
@@ -375,7 +381,10 @@ async fn embed(
             ))
         }
     };
-    let loaded = state.cache.acquire(&req.model, req.keep_alive).await?;
+    let loaded = state
+        .cache
+        .acquire_for(&req.model, req.keep_alive, caller.tier.residency_bonus.0)
+        .await?;
     let model = loaded.model.clone();
     let info = loaded.engine.info();
     if info.kind != ModelKind::Embedding {

@@ -449,7 +449,10 @@ async fn stream_one(
 ) -> Result<(), V2Error> {
     let id = r.id.clone();
     let req = decode(r)?;
-    let lease = state.cache.acquire(name, None).await?;
+    let lease = state
+        .cache
+        .acquire_for(name, None, caller.tier.residency_bonus.0)
+        .await?;
     if require_llm(lease.engine.as_ref(), name).is_err() {
         drop(lease);
         let resp = infer(state, caller, name, req).await?;

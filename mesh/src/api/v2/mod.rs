@@ -236,7 +236,10 @@ pub async fn infer(
         .acquire(&caller.tier.name, caller.tier.weight)
         .await?;
     let bill = crate::api::usage::Bill::new(state, caller, "v2_infer");
-    let lease = state.cache.acquire(name, None).await?;
+    let lease = state
+        .cache
+        .acquire_for(name, None, caller.tier.residency_bonus.0)
+        .await?;
     let model = lease.model.clone();
     let kind = lease.engine.info().kind;
     let (inputs, _) = signature(kind, None);

@@ -352,7 +352,10 @@ async fn generate(
     let (text, params) = parse_generate(&body)?;
     let gen = generate_request(text, &params)?;
     let (_held, bill) = admit(&state, &caller).await?;
-    let lease = state.cache.acquire(&m, None).await?;
+    let lease = state
+        .cache
+        .acquire_for(&m, None, caller.tier.residency_bonus.0)
+        .await?;
     require_llm(lease.engine.as_ref(), &m)?;
     let engine = lease.engine.clone();
     let g = tokio::task::spawn_blocking(move || {
@@ -377,7 +380,10 @@ async fn generate_stream(
     let (text, params) = parse_generate(&body)?;
     let gen = generate_request(text, &params)?;
     let (held, bill) = admit(&state, &caller).await?;
-    let lease = state.cache.acquire(&m, None).await?;
+    let lease = state
+        .cache
+        .acquire_for(&m, None, caller.tier.residency_bonus.0)
+        .await?;
     require_llm(lease.engine.as_ref(), &m)?;
     let model = lease.model.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
