@@ -12,6 +12,7 @@ pub mod sampling;
 mod stop;
 pub mod template;
 pub mod tokenizer;
+mod widen;
 
 pub use bert::BertEngine;
 pub use engine::{

@@ -9,7 +9,7 @@ use std::{
 };
 
 use candle_core::{
-    quantized::{gguf_file, GgmlDType, QTensor},
+    quantized::{ggml_file, gguf_file, GgmlDType, QTensor},
     Device, Tensor,
 };
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
@@ -245,10 +245,21 @@ fn widen_slow_quantizations<R: Read + Seek + 'static>(
     }
     let mut tensors = Vec::with_capacity(ct.tensor_infos.len());
     for (name, info) in &ct.tensor_infos {
-        let mut t = ct.tensor(&mut reader, name, device)?;
-        if WIDEN_TO_Q8_0.contains(&info.ggml_dtype) {
-            t = QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?;
-        }
+        let t = if info.ggml_dtype == GgmlDType::Q4_1 {
+            let n = info.shape.elem_count() / 32 * crate::widen::Q4_1_BLOCK;
+            let mut raw = vec![0u8; n];
+            reader.seek(std::io::SeekFrom::Start(
+                ct.tensor_data_offset + info.offset,
+            ))?;
+            reader.read_exact(&mut raw)?;
+            let q8 = crate::widen::q4_1_to_q8_0(&raw);
+            ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &q8, info.shape.dims().to_vec(), device)?
+        } else if WIDEN_TO_Q8_0.contains(&info.ggml_dtype) {
+            let t = ct.tensor(&mut reader, name, device)?;
+            QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
+        } else {
+            ct.tensor(&mut reader, name, device)?
+        };
         tensors.push((name.as_str(), t));
     }
     let metadata: Vec<(&str, &gguf_file::Value)> =
