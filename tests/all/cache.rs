@@ -236,6 +236,18 @@ fn registrations_survive_a_restart_and_too_large_models_are_refused() {
     }
     let agent = Agent::start(&cfg, &["--state-dir", state_dir]);
     assert_eq!(complete(&agent, "extra").status(), 200);
+    let listed: serde_json::Value = agent.get("/v1/models").json().unwrap();
+    let alias = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "alias")
+        .cloned();
+    assert_eq!(
+        alias.unwrap()["target"],
+        "extra",
+        "vmodels are listed with their target"
+    );
     let r = complete(&agent, "alias");
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<serde_json::Value>().unwrap()["model"], "extra");
@@ -287,4 +299,21 @@ fn models_cli_drives_the_admin_api() {
     assert!(String::from_utf8(missing.stderr).unwrap().contains("404"));
     // Without the token the admin API refuses.
     assert_eq!(agent.get("/admin/models").status(), 401);
+}
+
+#[test]
+fn preload_fills_the_pool_without_evicting() {
+    let (_dir, paths, need) = fixtures(6);
+    let cfg = config(&paths, need * 2 + need / 2, "").replace("preload = false", "preload = true");
+    let agent = Agent::start(&cfg, &[]);
+    agent.wait_for("/readyz", Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while agent.metric("flatmesh_copies_loaded") < 2.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(agent.metric("flatmesh_copies_loaded"), 2.0);
+    assert_eq!(
+        agent.metric("flatmesh_evictions_total{reason=\"lru\"}"),
+        0.0
+    );
 }

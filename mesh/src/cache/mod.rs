@@ -288,14 +288,25 @@ impl Cache {
     }
 
     /// Load the pinned models (and, with `cache.preload`, every model that fits).
+    /// Only as many as fit in the pool together: preloading never evicts.
     pub async fn preload(&self) {
         let ids: Vec<String> = {
             let st = self.inner.lock();
-            st.models
-                .values()
-                .filter(|e| e.config.pinned || self.inner.config.preload)
-                .map(|e| e.config.id.clone())
-                .collect()
+            let mut room: u64 = st.devices.iter().map(|d| d.capacity).sum();
+            let mut ids = Vec::new();
+            let pinned_first = st.models.values().filter(|e| e.config.pinned).chain(
+                st.models
+                    .values()
+                    .filter(|e| !e.config.pinned && self.inner.config.preload),
+            );
+            for e in pinned_first {
+                let need = st.predicted(&e.config.id).unwrap_or(0);
+                if e.config.pinned || need <= room {
+                    room = room.saturating_sub(need);
+                    ids.push(e.config.id.clone());
+                }
+            }
+            ids
         };
         let loads = ids.iter().map(|id| async move {
             if let Err(e) = self.load(id).await {

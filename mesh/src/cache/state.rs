@@ -233,6 +233,11 @@ impl State {
         }
     }
 
+    /// Predicted (or measured) bytes of a model's copy, when known.
+    pub fn predicted(&self, id: &str) -> Option<u64> {
+        self.models.get(id).and_then(|e| e.predicted)
+    }
+
     pub fn gate(&self, id: &str) -> Arc<Semaphore> {
         self.models[id].gate.clone()
     }

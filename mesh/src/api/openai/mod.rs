@@ -45,12 +45,27 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state
+    let model = |id: &str, extra: Value| {
+        let mut m = json!({"id": id, "object": "model", "created": 0, "owned_by": "flatmesh"});
+        m.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        m
+    };
+    let mut data: Vec<Value> = state
         .cache
         .status()
         .into_iter()
-        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": "flatmesh", "state": m.state, "kind": m.kind}))
+        .map(|m| model(&m.id, json!({"state": m.state, "kind": m.kind})))
         .collect();
+    // vmodels are names clients may use too; each says which model serves it.
+    data.extend(
+        state
+            .cache
+            .vmodels()
+            .into_iter()
+            .map(|v| model(&v.name, json!({"target": v.target}))),
+    );
     Json(json!({"object": "list", "data": data}))
 }
 
