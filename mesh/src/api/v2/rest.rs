@@ -327,20 +327,40 @@ fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), V2Er
     Ok((text.to_string(), params))
 }
 
-/// Admission, an execution slot and a bill for a generate call, as for every request.
-async fn admit(
+/// Everything a generate call needs before it runs: the request, the caller's admission and
+/// execution slot (held until the end), its bill, and a lease on an LLM copy.
+struct Prepared {
+    gen: flatmesh_runtime::GenerateRequest,
+    held: (crate::tenancy::limits::Admission, crate::scheduler::Slot),
+    bill: crate::api::usage::Bill,
+    lease: crate::cache::Lease,
+}
+
+async fn prepare(
     state: &AppState,
     caller: &Caller,
-) -> Result<(impl Send + 'static, crate::api::usage::Bill), V2Error> {
+    model: &str,
+    body: &[u8],
+) -> Result<Prepared, V2Error> {
+    let (text, params) = parse_generate(body)?;
+    let gen = generate_request(text, &params)?;
     let admission = state.limits.admit(caller)?;
     let slot = state
         .scheduler
         .acquire(&caller.tier.name, caller.tier.weight)
         .await?;
-    Ok((
-        (admission, slot),
-        crate::api::usage::Bill::new(state, caller, "v2_generate"),
-    ))
+    let bill = crate::api::usage::Bill::new(state, caller, "v2_generate");
+    let lease = state
+        .cache
+        .acquire_for(model, None, caller.tier.residency_bonus.0)
+        .await?;
+    require_llm(lease.engine.as_ref(), model)?;
+    Ok(Prepared {
+        gen,
+        held: (admission, slot),
+        bill,
+        lease,
+    })
 }
 
 async fn generate(
@@ -349,14 +369,12 @@ async fn generate(
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, V2Error> {
-    let (text, params) = parse_generate(&body)?;
-    let gen = generate_request(text, &params)?;
-    let (_held, bill) = admit(&state, &caller).await?;
-    let lease = state
-        .cache
-        .acquire_for(&m, None, caller.tier.residency_bonus.0)
-        .await?;
-    require_llm(lease.engine.as_ref(), &m)?;
+    let Prepared {
+        gen,
+        held: _held,
+        bill,
+        lease,
+    } = prepare(&state, &caller, &m, &body).await?;
     let engine = lease.engine.clone();
     let g = tokio::task::spawn_blocking(move || {
         engine.generate(&gen, &mut |_| std::ops::ControlFlow::Continue(()))
@@ -377,14 +395,12 @@ async fn generate_stream(
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
-    let (text, params) = parse_generate(&body)?;
-    let gen = generate_request(text, &params)?;
-    let (held, bill) = admit(&state, &caller).await?;
-    let lease = state
-        .cache
-        .acquire_for(&m, None, caller.tier.residency_bonus.0)
-        .await?;
-    require_llm(lease.engine.as_ref(), &m)?;
+    let Prepared {
+        gen,
+        held,
+        bill,
+        lease,
+    } = prepare(&state, &caller, &m, &body).await?;
     let model = lease.model.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::task::spawn_blocking(move || {
