@@ -5,8 +5,56 @@ use std::time::Instant;
 use super::{error::ApiError, AppState};
 use crate::{
     ledger::{now_ms, Ledger, Record},
-    tenancy::Caller,
+    scheduler::{Rejected, Slot},
+    tenancy::{
+        limits::{Admission, LimitError},
+        Caller,
+    },
 };
+
+/// What a running request holds: its tenant's admission and its execution slot.
+pub type Held = (Admission, Slot);
+
+/// Why a request was refused before it ran.
+#[derive(Debug)]
+pub enum Refused {
+    Limit(LimitError),
+    Queue(Rejected),
+}
+
+/// Admit a caller's request, as every endpoint does: the tier's limits, then a fair execution
+/// slot; and start its bill.
+pub async fn admit(
+    state: &AppState,
+    caller: &Caller,
+    endpoint: &'static str,
+) -> Result<(Held, Bill), Refused> {
+    let admission = state.limits.admit(caller).map_err(Refused::Limit)?;
+    let slot = state
+        .scheduler
+        .acquire(&caller.tier.name, caller.tier.weight)
+        .await
+        .map_err(Refused::Queue)?;
+    Ok(((admission, slot), Bill::new(state, caller, endpoint)))
+}
+
+impl From<Refused> for ApiError {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Limit(e) => e.into(),
+            Refused::Queue(e) => e.into(),
+        }
+    }
+}
+
+impl From<Refused> for crate::api::v2::V2Error {
+    fn from(r: Refused) -> Self {
+        match r {
+            Refused::Limit(e) => e.into(),
+            Refused::Queue(e) => e.into(),
+        }
+    }
+}
 
 /// Started with a request; records its usage once it has finished.
 pub struct Bill {

@@ -10,7 +10,7 @@ use crate::{api::error::ApiError, cache::Cache, metrics::Metrics, units::KeepAli
 /// A generation that has accepted its prompt and is producing text.
 pub struct Running {
     /// The tenant's admission and the execution slot, held until the generation ends.
-    held: Option<(crate::tenancy::limits::Admission, crate::scheduler::Slot)>,
+    held: Option<crate::api::usage::Held>,
     /// The model that serves the request (a vmodel resolved to its target).
     pub model: String,
     pub events: mpsc::Receiver<GenerateEvent>,
@@ -63,12 +63,8 @@ impl Running {
     }
 
     /// Keep the admission and slot until the generation ends.
-    pub fn hold(
-        &mut self,
-        admission: crate::tenancy::limits::Admission,
-        slot: crate::scheduler::Slot,
-    ) {
-        self.held = Some((admission, slot));
+    pub fn hold(&mut self, held: crate::api::usage::Held) {
+        self.held = Some(held);
     }
 
     /// Wait for the end of the generation (after `events` is drained or dropped).

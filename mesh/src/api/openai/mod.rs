@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::usage::Bill;
+use super::usage::{admit, Bill};
 use crate::tenancy::Caller;
 
 use self::{
@@ -192,11 +192,7 @@ async fn run(
     let result = async {
         let (prompt, max_tokens, common) = req?;
         auth::check(&state, &caller, &common.model)?;
-        let admission = state.limits.admit(&caller)?;
-        let slot = state
-            .scheduler
-            .acquire(&caller.tier.name, caller.tier.weight)
-            .await?;
+        let (held, bill) = admit(&state, &caller, shape.endpoint()).await?;
         let gen = GenerateRequest {
             prompt,
             max_tokens: max_tokens.map(|n| n as usize),
@@ -211,12 +207,12 @@ async fn run(
             gen,
         )
         .await?;
-        running.hold(admission, slot);
-        Ok::<_, ApiError>((running, common))
+        running.hold(held);
+        Ok::<_, ApiError>((running, common, bill))
     }
     .instrument(span.clone())
     .await;
-    let (running, common) = match result {
+    let (running, common, bill) = match result {
         Ok(r) => r,
         Err(e) => {
             tracker.finish(e.status.as_u16());
@@ -230,7 +226,6 @@ async fn run(
         },
         &running.model,
     );
-    let bill = Bill::new(&state, &caller, shape.endpoint());
     if common.stream {
         stream(
             shape,
@@ -379,12 +374,7 @@ async fn embed(
 ) -> Result<(Value, usize), ApiError> {
     let ApiJson(req) = body?;
     auth::check(state, caller, &req.model)?;
-    let _admission = state.limits.admit(caller)?;
-    let _slot = state
-        .scheduler
-        .acquire(&caller.tier.name, caller.tier.weight)
-        .await?;
-    let bill = Bill::new(state, caller, "embeddings");
+    let (_held, bill) = admit(state, caller, "embeddings").await?;
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,

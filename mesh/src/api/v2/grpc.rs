@@ -481,12 +481,7 @@ async fn stream_one(
     let gen = generate_request(prompt, &req.parameters)?;
     let model = lease.model.clone();
     let tx = tx.clone();
-    let _admission = state.limits.admit(caller)?;
-    let _slot = state
-        .scheduler
-        .acquire(&caller.tier.name, caller.tier.weight)
-        .await?;
-    let bill = crate::api::usage::Bill::new(state, caller, "v2_stream");
+    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_stream").await?;
     let result = tokio::task::spawn_blocking(move || {
         let engine = lease.engine.clone();
         let r = engine.generate(&gen, &mut |ev| {

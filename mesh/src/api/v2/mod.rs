@@ -230,12 +230,7 @@ pub async fn infer(
     req: InferRequest,
 ) -> Result<InferResponse, V2Error> {
     crate::api::auth::check(state, caller, name)?;
-    let _admission = state.limits.admit(caller)?;
-    let _slot = state
-        .scheduler
-        .acquire(&caller.tier.name, caller.tier.weight)
-        .await?;
-    let bill = crate::api::usage::Bill::new(state, caller, "v2_infer");
+    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_infer").await?;
     let lease = state
         .cache
         .acquire_for(name, None, caller.tier.residency_bonus.0)

@@ -331,7 +331,7 @@ fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), V2Er
 /// execution slot (held until the end), its bill, and a lease on an LLM copy.
 struct Prepared {
     gen: flatmesh_runtime::GenerateRequest,
-    held: (crate::tenancy::limits::Admission, crate::scheduler::Slot),
+    held: crate::api::usage::Held,
     bill: crate::api::usage::Bill,
     lease: crate::cache::Lease,
 }
@@ -344,12 +344,7 @@ async fn prepare(
 ) -> Result<Prepared, V2Error> {
     let (text, params) = parse_generate(body)?;
     let gen = generate_request(text, &params)?;
-    let admission = state.limits.admit(caller)?;
-    let slot = state
-        .scheduler
-        .acquire(&caller.tier.name, caller.tier.weight)
-        .await?;
-    let bill = crate::api::usage::Bill::new(state, caller, "v2_generate");
+    let (held, bill) = crate::api::usage::admit(state, caller, "v2_generate").await?;
     let lease = state
         .cache
         .acquire_for(model, None, caller.tier.residency_bonus.0)
@@ -357,7 +352,7 @@ async fn prepare(
     require_llm(lease.engine.as_ref(), model)?;
     Ok(Prepared {
         gen,
-        held: (admission, slot),
+        held,
         bill,
         lease,
     })
