@@ -153,6 +153,36 @@ fn init_logs(config: &Config) {
     }
 }
 
+/// The `embed` import of policy plugins, served by the agent's embedding models.
+struct CacheEmbedder(Cache);
+
+impl crate::policy::Embedder for CacheEmbedder {
+    fn embed(
+        &self,
+        model: String,
+        text: String,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, String>> {
+        let cache = self.0.clone();
+        Box::pin(async move {
+            let loaded = cache
+                .acquire(&model, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            if loaded.engine.info().kind != flatmesh_runtime::ModelKind::Embedding {
+                return Err(format!("{model:?} is not an embedding model"));
+            }
+            let out = tokio::task::spawn_blocking(move || loaded.engine.embed(&[text]))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            out.vectors
+                .into_iter()
+                .next()
+                .ok_or_else(|| "the model returned no vector".to_string())
+        })
+    }
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let registry = Registry::open(&config.state_dir)?;
@@ -181,7 +211,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             Vec::new()
         }
     };
+    let policies = crate::policy::Policies::new(
+        &config.policy,
+        Some(Arc::new(CacheEmbedder(cache.clone()))),
+        config.scheduler.max_wait.0,
+        metrics.clone(),
+    )?;
+    policies.load_configured(&config.policy).await?;
+    if config.policy.watch {
+        policies.watch();
+    }
     let state = AppState {
+        policies,
         gpus: Arc::new(gpus),
         cache: cache.clone(),
         metrics: metrics.clone(),

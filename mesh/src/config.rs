@@ -21,6 +21,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub tenancy: crate::tenancy::TenancyConfig,
     pub scheduler: SchedulerConfig,
+    /// Policy plugins (WebAssembly components) for the router, cache and pricing slots.
+    pub policy: crate::policy::PolicyConfig,
     /// Where the agent keeps state that must survive a restart (models and vmodels
     /// registered through the admin API). Relative to the working directory.
     pub state_dir: PathBuf,
@@ -239,6 +241,7 @@ impl Default for Config {
             log: LogConfig::default(),
             cache: CacheConfig::default(),
             tenancy: Default::default(),
+            policy: Default::default(),
             scheduler: SchedulerConfig::default(),
             state_dir: PathBuf::from("state"),
             models_dir: PathBuf::from("models"),
@@ -289,6 +292,7 @@ impl Config {
         self.http_addr()?;
         self.grpc_addr()?;
         self.tenancy.validate()?;
+        self.policy.validate().map_err(anyhow::Error::msg)?;
         if self.scheduler.slots == 0 {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod ledger;
 pub mod metrics;
+pub mod policy;
 pub mod scheduler;
 pub mod tenancy;
 pub mod units;

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     pub tier_requests: IntCounterVec,
     pub tier_tokens: IntCounterVec,
+    pub policy_calls: IntCounterVec,
+    pub policy_call_seconds: HistogramVec,
+    pub policy_reloads: IntCounterVec,
+    pub policy_version: IntGaugeVec,
+    pub response_cache: IntCounterVec,
 }
 
 impl Metrics {
@@ -181,6 +186,42 @@ impl Metrics {
                 "flatmesh_tier_tokens_total",
                 "Tokens processed, by tier and direction (input, output).",
                 &["tier", "direction"],
+                r
+            )
+            .expect("register"),
+            policy_calls: register_int_counter_vec_with_registry!(
+                "flatmesh_policy_calls_total",
+                "Calls of policy plugins, by slot and result (ok, error, trap, timeout, memory, invalid, unavailable).",
+                &["slot", "result"],
+                r
+            )
+            .expect("register"),
+            policy_call_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_policy_call_seconds",
+                "Time of one policy plugin call, by slot.",
+                &["slot"],
+                exponential_buckets(0.000_002, 2.0, 16).expect("valid buckets"), // 2 µs .. 65 ms
+                r
+            )
+            .expect("register"),
+            policy_reloads: register_int_counter_vec_with_registry!(
+                "flatmesh_policy_reloads_total",
+                "Attempts to load a policy plugin, by slot and result (ok, rejected).",
+                &["slot", "result"],
+                r
+            )
+            .expect("register"),
+            policy_version: register_int_gauge_vec_with_registry!(
+                "flatmesh_policy_version",
+                "Version number of the plugin loaded in each slot (counts loads since start).",
+                &["slot"],
+                r
+            )
+            .expect("register"),
+            response_cache: register_int_counter_vec_with_registry!(
+                "flatmesh_response_cache_total",
+                "Generation requests looked up in the response cache, by result (hit, miss).",
+                &["result"],
                 r
             )
             .expect("register"),

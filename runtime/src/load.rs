@@ -17,6 +17,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// What a model of this format does.
+    pub fn kind(self) -> crate::ModelKind {
+        match self {
+            Format::Gguf => crate::ModelKind::Llm,
+            Format::BertSafetensors => crate::ModelKind::Embedding,
+        }
+    }
+
     /// Guess the format from the path: a `.gguf` file, or a directory with safetensors.
     pub fn detect(path: &Path) -> Option<Format> {
         if path.extension().is_some_and(|e| e == "gguf") {

@@ -31,11 +31,11 @@ def test_usage_is_recorded_per_tenant_and_tenants_see_only_their_own(tmp_path):
         assert amounts == {"city-a": 1000, "city-b": 100} and inv["total"] == 1100
         csv = httpx.get(f"{a.url}/admin/invoice?format=csv", headers=ADMIN)
         assert csv.headers["content-type"].startswith("text/csv")
-        assert csv.text.splitlines()[0] == "tenant,tier,amount,requests,input_tokens,output_tokens"
+        assert csv.text.splitlines()[0] == "tenant,tier,description,amount,requests,input_tokens,output_tokens"
         assert httpx.get(f"{a.url}/admin/usage").status_code == 401
         cli = subprocess.run([str(conftest.BIN), "ledger", "--url", a.url, "--admin-token", "admin-secret",
                               "invoice", "--format", "csv"], capture_output=True, text=True, timeout=30)
-        assert cli.returncode == 0 and cli.stdout.splitlines()[1].startswith("city-a,gold,1000.00,3,"), cli
+        assert cli.returncode == 0 and cli.stdout.splitlines()[1].startswith("city-a,gold,\"flat fee, tier gold\",1000.00,3,"), cli
         key = subprocess.run([str(conftest.BIN), "tenants", "--url", a.url, "--admin-token", "admin-secret",
                               "key", "city-b"], capture_output=True, text=True, timeout=30)
         assert json.loads(key.stdout)["key"].startswith("fm-")

@@ -25,6 +25,30 @@ pub fn agent_bin() -> PathBuf {
     bin
 }
 
+/// A policy plugin of `plugins/` as a component file, building the plugins once if needed.
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("plugins");
+    let path = root.join(format!("target/wasm32-wasip2/release/{name}.wasm"));
+    if !path.exists() {
+        BUILT.call_once(|| {
+            let status = Command::new(root.join("build"))
+                .status()
+                .expect("run plugins/build");
+            assert!(status.success(), "plugins/build failed");
+        });
+    }
+    assert!(
+        path.exists(),
+        "{} is missing after plugins/build",
+        path.display()
+    );
+    path
+}
+
 /// The admin token tests configure where they need one (sent always; ignored when unset).
 pub const ADMIN_TOKEN: &str = "s3cret";
 
@@ -86,6 +110,16 @@ impl Agent {
 
     pub fn get(&self, path: &str) -> reqwest::blocking::Response {
         reqwest::blocking::get(format!("{}{path}", self.url)).expect("GET")
+    }
+
+    /// POST to the admin API with the test admin token.
+    pub fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::blocking::Response {
+        reqwest::blocking::Client::new()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .expect("POST")
     }
 
     pub fn post(&self, path: &str, body: serde_json::Value) -> reqwest::blocking::Response {

@@ -35,6 +35,8 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/keys/revoke", post(revoke_key))
         .route("/admin/usage", get(usage))
         .route("/admin/invoice", get(invoice))
+        .route("/admin/policies", get(policies))
+        .route("/admin/policies/{slot}/reload", post(reload_policy))
         .layer(middleware::from_fn_with_state(state, authorize))
 }
 
@@ -199,6 +201,143 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Invoice lines from the pricing plugin, with each tenant's use beside them; `None` when the
+/// built-in flat rate applies.
+async fn settle(
+    state: &AppState,
+    p: &Period,
+    tenants: &[(String, String)],
+    tiers: &[std::sync::Arc<crate::tenancy::Tier>],
+    recs: &[crate::ledger::Record],
+) -> Result<Option<Vec<crate::ledger::InvoiceLine>>, ApiError> {
+    use crate::policy::{TenantUse, TierInfo};
+    let used: std::collections::BTreeMap<String, crate::ledger::Usage> = crate::ledger::usage(recs)
+        .into_iter()
+        .map(|u| (u.tenant.clone(), u))
+        .collect();
+    let zero = crate::ledger::Usage::default();
+    let period = p.from.map_or_else(
+        || "all".to_string(),
+        |s| crate::tenancy::limits::month_label(s * 1000),
+    );
+    let lines = state
+        .policies
+        .settle(
+            &period,
+            tiers
+                .iter()
+                .map(|t| TierInfo {
+                    name: t.name.clone(),
+                    price: t.price,
+                    weight: t.weight,
+                })
+                .collect(),
+            tenants
+                .iter()
+                .map(|(tenant, tier)| {
+                    let u = used.get(tenant).unwrap_or(&zero);
+                    TenantUse {
+                        tenant: tenant.clone(),
+                        tier: tier.clone(),
+                        requests: u.requests,
+                        prompt_tokens: u.input_tokens,
+                        completion_tokens: u.output_tokens,
+                        device_ms: (u.device_seconds * 1000.0) as u64,
+                    }
+                })
+                .collect(),
+        )
+        .await?;
+    Ok(lines.map(|lines| {
+        lines
+            .into_iter()
+            .map(|l| {
+                let u = used.get(&l.tenant).unwrap_or(&zero);
+                crate::ledger::InvoiceLine {
+                    requests: u.requests,
+                    input_tokens: u.input_tokens,
+                    output_tokens: u.output_tokens,
+                    tenant: l.tenant,
+                    tier: l.tier,
+                    description: l.description,
+                    amount: l.amount,
+                }
+            })
+            .collect()
+    }))
+}
+
+/// The policy slots: what is loaded in each, and how it has fared.
+async fn policies(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({"slots": state.policies.status()}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Reload {
+    /// A new component file; absent: the loaded one's file again.
+    #[serde(default)]
+    plugin: Option<std::path::PathBuf>,
+    /// A new config; absent: the loaded one's.
+    #[serde(default)]
+    config: Option<Value>,
+}
+
+/// Load a plugin into a slot (a new file or config, or the same again). The old one keeps
+/// serving until the new one has compiled and accepted its config; if it does not, the old
+/// one stays and the answer says why.
+async fn reload_policy(
+    State(state): State<AppState>,
+    axum::extract::Path(slot): axum::extract::Path<String>,
+    body: Option<Json<Reload>>,
+) -> Result<Json<Value>, ApiError> {
+    let r = body.map(|Json(r)| r).unwrap_or_default();
+    let config = r.config.map(|v| match v {
+        Value::String(s) => s,
+        v => v.to_string(),
+    });
+    let result = match slot.as_str() {
+        "router" => reload_slot(&state.policies.router, r.plugin, config).await,
+        "cache" => reload_slot(&state.policies.cache, r.plugin, config).await,
+        "pricing" => reload_slot(&state.policies.pricing, r.plugin, config).await,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no policy slot {other:?} (router, cache, pricing)"
+            )))
+        }
+    };
+    match result {
+        Ok(version) => Ok(Json(json!({"slot": slot, "version": version}))),
+        Err(message) => Err(ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "plugin_rejected",
+            message,
+        )),
+    }
+}
+
+async fn reload_slot<K: crate::policy::slot::Kind>(
+    slot: &crate::policy::slot::Slot<K>,
+    plugin: Option<std::path::PathBuf>,
+    config: Option<String>,
+) -> Result<u64, String> {
+    match (plugin, config) {
+        (None, None) => slot.reload().await,
+        (plugin, config) => {
+            let current = slot.status();
+            let plugin = plugin.or(current.path).ok_or_else(|| {
+                format!("no plugin is loaded in the {} slot: give `plugin`", K::SLOT)
+            })?;
+            let config = match config {
+                Some(c) => c,
+                None => slot.config().unwrap_or_default(),
+            };
+            slot.load(&plugin, config).await
+        }
+    }
+}
+
 /// A period in Unix seconds, `[from, to)`; defaults to everything.
 #[derive(Deserialize)]
 pub struct Period {
@@ -241,14 +380,22 @@ async fn usage(
     Ok(Json(json!({"usage": crate::ledger::usage(&recs)})))
 }
 
-/// The invoice of a period from the ledger (built-in flat rate), as JSON or `format=csv`.
+/// The invoice of a period from the ledger, as JSON or `format=csv`: through the pricing
+/// plugin when one is loaded, else the built-in flat rate.
 async fn invoice(
     State(state): State<AppState>,
     axum::extract::Query(p): axum::extract::Query<Period>,
 ) -> Result<Response, ApiError> {
     let recs = records(&state, None, &p)?;
-    let lines =
-        crate::ledger::flat_rate_invoice(&state.tenancy.tenants(), &state.tenancy.tiers(), &recs);
+    let tenants = state.tenancy.tenants();
+    let tiers = state.tenancy.tiers();
+    let (lines, pricing) = match settle(&state, &p, &tenants, &tiers, &recs).await? {
+        Some(lines) => (lines, "plugin"),
+        None => (
+            crate::ledger::flat_rate_invoice(&tenants, &tiers, &recs),
+            "built-in",
+        ),
+    };
     Ok(match p.format.as_deref() {
         Some("csv") => (
             [(header::CONTENT_TYPE, "text/csv")],
@@ -257,7 +404,7 @@ async fn invoice(
             .into_response(),
         None | Some("json") => {
             let total: f64 = lines.iter().map(|l| l.amount).sum();
-            Json(json!({"lines": lines, "total": total})).into_response()
+            Json(json!({"pricing": pricing, "lines": lines, "total": total})).into_response()
         }
         Some(other) => {
             return Err(ApiError::bad_request(

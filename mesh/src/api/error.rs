@@ -135,6 +135,21 @@ impl From<crate::tenancy::limits::LimitError> for ApiError {
     }
 }
 
+impl From<crate::policy::Refusal> for ApiError {
+    fn from(r: crate::policy::Refusal) -> Self {
+        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let (kind, code) = match r.status {
+            429 => ("rate_limit_error", "policy_denied"),
+            400..=499 => ("invalid_request_error", "policy_denied"),
+            _ => ("server_error", "policy_failed"),
+        };
+        ApiError {
+            retry_after: r.retry_after,
+            ..ApiError::new(status, kind, code, r.message)
+        }
+    }
+}
+
 impl From<crate::scheduler::Rejected> for ApiError {
     fn from(e: crate::scheduler::Rejected) -> Self {
         ApiError {

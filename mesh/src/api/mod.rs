@@ -38,6 +38,8 @@ pub struct AppState {
     pub ledger: crate::ledger::Ledger,
     pub limits: crate::tenancy::limits::Limits,
     pub scheduler: crate::scheduler::Scheduler,
+    /// The router, cache and pricing policy slots.
+    pub policies: crate::policy::Policies,
     /// CUDA GPUs found at start (reported only: engines run on host memory).
     pub gpus: Arc<Vec<flatmesh_runtime::device::GpuInfo>>,
 }

@@ -525,7 +525,7 @@ impl State {
                 let mut s = CopyStatus {
                     id: e.config.id.clone(),
                     state: "cold",
-                    kind: None,
+                    kind: e.config.format.map(|f| f.kind()),
                     device: None,
                     bytes: e.predicted,
                     leases: 0,

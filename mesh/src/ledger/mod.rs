@@ -55,7 +55,8 @@ pub struct Usage {
 pub struct InvoiceLine {
     pub tenant: String,
     pub tier: String,
-    /// The flat fee of the tier for the period.
+    /// What the amount is for.
+    pub description: String,
     pub amount: f64,
     pub requests: u64,
     pub input_tokens: u64,
@@ -162,6 +163,7 @@ pub fn flat_rate_invoice(
             InvoiceLine {
                 tenant: tenant.clone(),
                 tier: tier.clone(),
+                description: format!("flat fee, tier {tier}"),
                 amount: tiers
                     .iter()
                     .find(|t| &t.name == tier)
@@ -176,11 +178,19 @@ pub fn flat_rate_invoice(
 
 /// An invoice as CSV.
 pub fn invoice_csv(lines: &[InvoiceLine]) -> String {
-    let mut out = String::from("tenant,tier,amount,requests,input_tokens,output_tokens\n");
+    let mut out =
+        String::from("tenant,tier,description,amount,requests,input_tokens,output_tokens\n");
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     for l in lines {
         out += &format!(
-            "{},{},{:.2},{},{},{}\n",
-            l.tenant, l.tier, l.amount, l.requests, l.input_tokens, l.output_tokens
+            "{},{},{},{:.2},{},{},{}\n",
+            l.tenant,
+            l.tier,
+            quote(&l.description),
+            l.amount,
+            l.requests,
+            l.input_tokens,
+            l.output_tokens
         );
     }
     out
@@ -254,6 +264,6 @@ mod tests {
         assert_eq!(lines[0].output_tokens, 12);
         assert_eq!(lines[1].amount, 1000.0);
         assert_eq!(lines[1].requests, 0);
-        assert!(invoice_csv(&lines).starts_with("tenant,tier,amount"));
+        assert!(invoice_csv(&lines).starts_with("tenant,tier,description,amount"));
     }
 }

@@ -30,9 +30,15 @@ struct Window {
     budget: Option<(u64, u64)>,
 }
 
+/// (start of the month in Unix ms, requests, tokens)
+type TierMonth = (u64, u64, u64);
+
 #[derive(Clone)]
 pub struct Limits {
     tenants: Arc<Mutex<HashMap<String, Window>>>,
+    /// Per tier: what it used this month — read from the ledger once a month, then counted
+    /// as requests finish.
+    tiers: Arc<Mutex<HashMap<String, TierMonth>>>,
     ledger: Ledger,
 }
 
@@ -50,18 +56,21 @@ impl Drop for Admission {
     }
 }
 
-/// Unix milliseconds at the start of the UTC month containing `ms`, and of the next one.
-pub fn month_bounds(ms: u64) -> (u64, u64) {
-    let days = (ms / 86_400_000) as i64;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
+/// The UTC (year, month) containing Unix milliseconds `ms` (H. Hinnant's civil date).
+fn year_month(ms: u64) -> (i64, i64) {
+    let z = (ms / 86_400_000) as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month)
+}
+
+/// Unix milliseconds at the start of the UTC month containing `ms`, and of the next one.
+pub fn month_bounds(ms: u64) -> (u64, u64) {
+    let (year, month) = year_month(ms);
     let to_days = |y: i64, m: i64| {
         let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
         let era = y.div_euclid(400);
@@ -81,10 +90,17 @@ pub fn month_bounds(ms: u64) -> (u64, u64) {
     )
 }
 
+/// `YYYY-MM` of the UTC month containing `ms`.
+pub fn month_label(ms: u64) -> String {
+    let (year, month) = year_month(ms);
+    format!("{year:04}-{month:02}")
+}
+
 impl Limits {
     pub fn new(ledger: Ledger) -> Self {
         Limits {
             tenants: Arc::default(),
+            tiers: Arc::default(),
             ledger,
         }
     }
@@ -218,8 +234,57 @@ impl Limits {
         })
     }
 
+    /// What a tier used in the current month: for the pricing policy.
+    pub fn period_use(&self, tier: &str) -> crate::policy::PeriodUse {
+        let month = month_bounds(now_ms());
+        let (requests, tokens) = self.tier_month(tier, month);
+        crate::policy::PeriodUse {
+            period: month_label(month.0),
+            requests,
+            tokens,
+        }
+    }
+
+    fn tier_month(&self, tier: &str, (start, end): (u64, u64)) -> (u64, u64) {
+        if let Some(&(s, r, t)) = self
+            .tiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tier)
+        {
+            if s == start {
+                return (r, t);
+            }
+        }
+        let (r, t) = self
+            .ledger
+            .records(None, start, end)
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| r.tier == tier)
+                    .fold((0, 0), |(n, t), r| {
+                        (n + 1, t + r.input_tokens + r.output_tokens)
+                    })
+            })
+            .unwrap_or((0, 0));
+        self.tiers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tier.to_string(), (start, r, t));
+        (r, t)
+    }
+
     /// Count tokens a finished request used.
-    pub fn add_tokens(&self, tenant: &str, tokens: u64) {
+    pub fn add_tokens(&self, tenant: &str, tier: &str, tokens: u64) {
+        {
+            let mut tiers = self.tiers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((start, r, t)) = tiers.get_mut(tier) {
+                if *start == month_bounds(now_ms()).0 {
+                    *r += 1;
+                    *t += tokens;
+                }
+            }
+        }
         let mut all = self.lock();
         let w = all.entry(tenant.to_string()).or_default();
         w.tokens.push_back((Instant::now(), tokens));
@@ -255,6 +320,7 @@ mod tests {
         let (start, end) = month_bounds(1_795_303_916_000);
         assert_eq!(start, 1_793_491_200_000); // 2026-11-01
         assert_eq!(end, 1_796_083_200_000); // 2026-12-01
+        assert_eq!(month_label(start), "2026-11");
         let (s, e) = month_bounds(1_798_761_600_000 - 1); // last ms of 2026
         assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000));
     }

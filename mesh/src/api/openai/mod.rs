@@ -10,6 +10,7 @@ use std::{
 
 use axum::{
     extract::{Extension, State},
+    http::{HeaderValue, StatusCode},
     response::{sse::Event, IntoResponse, Response, Sse},
     routing::{get, post},
     Json, Router,
@@ -22,8 +23,11 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
-use super::usage::{admit, Bill};
-use crate::tenancy::Caller;
+use super::usage::{admit, request_info, Bill};
+use crate::{
+    policy::{self, CachePrompt, Policies},
+    tenancy::Caller,
+};
 
 use self::{
     generate::{Running, Tracker},
@@ -77,6 +81,13 @@ enum Shape {
 }
 
 impl Shape {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Shape::Chat => "chatcmpl",
+            Shape::Completion => "cmpl",
+        }
+    }
+
     fn endpoint(self) -> &'static str {
         match self {
             Shape::Chat => "chat_completions",
@@ -138,18 +149,6 @@ struct Head {
     model: String,
 }
 
-impl Head {
-    fn new(prefix: &str, model: &str) -> Self {
-        Head {
-            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            model: model.to_string(),
-        }
-    }
-}
-
 async fn chat(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -177,6 +176,37 @@ async fn completions(
     run(state, caller, Shape::Completion, req).await
 }
 
+/// How a generation request goes on once it is admitted (one per request, briefly).
+#[allow(clippy::large_enum_variant)]
+enum Started {
+    /// The response cache had an answer.
+    Hit(Generation, Bill),
+    /// The model runs; `remember` offers the answer to the cache once it is made.
+    Running(Running, Bill, Option<CachePrompt>),
+}
+
+/// The models a tier may use, as candidates for the router.
+fn candidates(state: &AppState, caller: &Caller) -> Vec<policy::Candidate> {
+    state
+        .cache
+        .status()
+        .into_iter()
+        .filter(|m| crate::tenancy::Tenancy::check_model(caller, &m.id).is_ok())
+        .map(|m| policy::Candidate {
+            kind: match m.kind {
+                Some(ModelKind::Llm) => "llm".into(),
+                Some(ModelKind::Embedding) => "embedding".into(),
+                None => String::new(),
+            },
+            loaded: m.state == "ready",
+            queue_depth: u32::try_from(m.leases).unwrap_or(u32::MAX),
+            size_bytes: m.bytes.unwrap_or(0),
+            context_length: 0,
+            name: m.id,
+        })
+        .collect()
+}
+
 async fn run(
     state: AppState,
     caller: Caller,
@@ -189,58 +219,202 @@ async fn run(
     };
     let tracker = Tracker::new(&state.metrics, model.clone(), shape.endpoint());
     let span = tracing::info_span!("generate", otel.kind = "server", gen_ai.request.model = %model, endpoint = shape.endpoint());
+    let id = format!("{}-{}", shape.id_prefix(), uuid::Uuid::new_v4().simple());
+    let mut route_header = None;
     let result = async {
         let (prompt, max_tokens, common) = req?;
-        auth::check(&state, &caller, &common.model)?;
-        let (held, bill) = admit(&state, &caller, shape.endpoint()).await?;
+        let info = request_info(
+            &id,
+            &caller,
+            &common.model,
+            shape.endpoint(),
+            Some(&prompt),
+            max_tokens,
+            common.stream,
+        );
+        let mut targets = vec![common.model.clone()];
+        if let Some(route) = state
+            .policies
+            .route(&info, candidates(&state, &caller))
+            .await?
+        {
+            tracing::info!(target = %route.target, reason = %route.reason, "Routed");
+            targets = std::iter::once(route.target).chain(route.fallbacks).collect();
+            route_header = Some(route.reason);
+        }
+        auth::check(&state, &caller, &targets[0])?;
+        let sampling = common.sampling()?;
+        let (held, mut bill) = admit(&state, &caller, shape.endpoint(), info).await?;
+        let mut remember = None;
+        if state.policies.caches() {
+            let cp = CachePrompt {
+                request: bill.info.clone(),
+                target: targets[0].clone(),
+                text: policy::prompt_text(&prompt),
+                temperature: sampling.temperature,
+                seed: sampling.seed,
+            };
+            let hit = state.policies.lookup(&cp).await?;
+            let result = if hit.is_some() { "hit" } else { "miss" };
+            state.metrics.response_cache.with_label_values(&[result]).inc();
+            if let Some(answer) = hit {
+                bill.cache_hit();
+                let g = Generation {
+                    prompt_tokens: cp.request.prompt_tokens as usize,
+                    completion_tokens: answer.completion_tokens as usize,
+                    finish_reason: match answer.finish_reason.as_str() {
+                        "length" => FinishReason::Length,
+                        _ => FinishReason::Stop,
+                    },
+                    text: answer.text,
+                };
+                return Ok((Started::Hit(g, bill), common, targets.swap_remove(0)));
+            }
+            remember = Some(cp);
+        }
         let gen = GenerateRequest {
             prompt,
             max_tokens: max_tokens.map(|n| n as usize),
-            sampling: common.sampling()?,
+            sampling,
             stop: common.stop()?,
         };
-        let mut running = Running::start(
-            &state.cache,
-            &common.model,
-            common.keep_alive,
-            caller.tier.residency_bonus.0,
-            gen,
-        )
-        .await?;
+        // The router's fallbacks are tried in turn while a model cannot be loaded.
+        let mut targets = targets.into_iter().peekable();
+        let mut running = loop {
+            let target = targets.next().expect("at least one target");
+            let started = Running::start(
+                &state.cache,
+                &target,
+                common.keep_alive,
+                caller.tier.residency_bonus.0,
+                gen.clone(),
+            )
+            .await;
+            match started {
+                Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE && targets.peek().is_some() => {
+                    tracing::warn!(%target, error = %e.message, "Trying the router's next fallback");
+                }
+                other => break other?,
+            }
+        };
         running.hold(held);
-        Ok::<_, ApiError>((running, common, bill))
+        let served = running.model.clone();
+        Ok::<_, ApiError>((Started::Running(running, bill, remember), common, served))
     }
     .instrument(span.clone())
     .await;
-    let (running, common, bill) = match result {
+    let (started, common, served) = match result {
         Ok(r) => r,
         Err(e) => {
             tracker.finish(e.status.as_u16());
             return e.into_response();
         }
     };
-    let head = Head::new(
-        match shape {
-            Shape::Chat => "chatcmpl",
-            Shape::Completion => "cmpl",
-        },
-        &running.model,
-    );
-    if common.stream {
-        stream(
-            shape,
-            head,
-            running,
-            tracker,
-            bill,
-            common.include_usage(),
-            span,
-        )
-    } else {
-        whole(shape, head, running, tracker, bill)
+    let head = Head {
+        id,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: served,
+    };
+    let cache_header = match &started {
+        Started::Hit(..) => Some("hit"),
+        Started::Running(_, _, Some(_)) => Some("miss"),
+        Started::Running(_, _, None) => None,
+    };
+    let mut response = match (started, common.stream) {
+        (Started::Hit(g, bill), stream) => {
+            replay(
+                shape,
+                head,
+                g,
+                tracker,
+                bill,
+                stream,
+                common.include_usage(),
+            )
             .instrument(span)
             .await
+        }
+        (Started::Running(running, bill, remember), true) => {
+            let remember = remember.map(|cp| (state.policies.clone(), cp));
+            let usage = common.include_usage();
+            self::stream(shape, head, running, tracker, bill, remember, usage, span)
+        }
+        (Started::Running(running, bill, remember), false) => {
+            let remember = remember.map(|cp| (state.policies.clone(), cp));
+            whole(shape, head, running, tracker, bill, remember)
+                .instrument(span)
+                .await
+        }
+    };
+    let headers = response.headers_mut();
+    if let Some(c) = cache_header {
+        headers.insert("x-flatmesh-cache", HeaderValue::from_static(c));
     }
+    if let Some(v) = route_header.and_then(|r| HeaderValue::from_str(&r).ok()) {
+        headers.insert("x-flatmesh-route", v);
+    }
+    response
+}
+
+/// Where a fresh answer goes to be cached.
+type Remember = Option<(Policies, CachePrompt)>;
+
+async fn remember(remember: Remember, g: &Generation) {
+    if let Some((policies, cp)) = remember {
+        let answer = policy::Answer {
+            text: g.text.clone(),
+            finish_reason: finish_reason(g.finish_reason).to_string(),
+            completion_tokens: u32::try_from(g.completion_tokens).unwrap_or(u32::MAX),
+        };
+        policies.store(&cp, &answer).await;
+    }
+}
+
+/// An answer from the cache, as a whole response or as a stream of one chunk.
+async fn replay(
+    shape: Shape,
+    head: Head,
+    g: Generation,
+    mut tracker: Tracker,
+    bill: Bill,
+    stream: bool,
+    include_usage: bool,
+) -> Response {
+    tracker.first_token();
+    if let Err(e) = bill
+        .record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens)
+        .await
+    {
+        tracker.finish(e.status.as_u16());
+        return e.into_response();
+    }
+    completed(&tracker, &g);
+    tracker.finish(200);
+    if !stream {
+        return Json(shape.full(&head, &g)).into_response();
+    }
+    let mut events = vec![
+        shape.chunk(&head, Some(&g.text), None),
+        shape.chunk(&head, None, Some(g.finish_reason)),
+    ];
+    if include_usage {
+        events.push(usage_chunk(shape, &head, &g));
+    }
+    let events: Vec<Result<Event, Infallible>> = events
+        .into_iter()
+        .map(|v| Ok(Event::default().data(v.to_string())))
+        .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
+        .collect();
+    Sse::new(futures::stream::iter(events)).into_response()
+}
+
+fn usage_chunk(shape: Shape, head: &Head, g: &Generation) -> Value {
+    let mut u = shape.chunk(head, None, None);
+    u["choices"] = json!([]);
+    u["usage"] = json!(Usage::new(g.prompt_tokens, g.completion_tokens));
+    u
 }
 
 async fn whole(
@@ -249,6 +423,7 @@ async fn whole(
     mut running: Running,
     mut tracker: Tracker,
     bill: Bill,
+    cache: Remember,
 ) -> Response {
     while let Some(ev) = running.events.recv().await {
         if let GenerateEvent::Text(_) = ev {
@@ -265,6 +440,7 @@ async fn whole(
                 tracker.finish(e.status.as_u16());
                 return e.into_response();
             }
+            remember(cache, &g).await;
             tracker.finish(200);
             Json(shape.full(&head, &g)).into_response()
         }
@@ -276,12 +452,14 @@ async fn whole(
 }
 
 /// Server-sent events, one chunk per text delta, ending with `data: [DONE]`.
+#[allow(clippy::too_many_arguments)]
 fn stream(
     shape: Shape,
     head: Head,
     mut running: Running,
     mut tracker: Tracker,
     bill: Bill,
+    cache: Remember,
     include_usage: bool,
     span: tracing::Span,
 ) -> Response {
@@ -310,11 +488,9 @@ fn stream(
                     }
                     let mut tail = vec![shape.chunk(&head, None, Some(g.finish_reason))];
                     if include_usage {
-                        let mut u = shape.chunk(&head, None, None);
-                        u["choices"] = json!([]);
-                        u["usage"] = json!(Usage::new(g.prompt_tokens, g.completion_tokens));
-                        tail.push(u);
+                        tail.push(usage_chunk(shape, &head, &g));
                     }
+                    remember(cache, &g).await;
                     tail
                 }
                 Err(e) => {
@@ -374,7 +550,9 @@ async fn embed(
 ) -> Result<(Value, usize), ApiError> {
     let ApiJson(req) = body?;
     auth::check(state, caller, &req.model)?;
-    let (_held, bill) = admit(state, caller, "embeddings").await?;
+    let id = format!("emb-{}", uuid::Uuid::new_v4().simple());
+    let info = request_info(&id, caller, &req.model, "embeddings", None, None, false);
+    let (_held, bill) = admit(state, caller, "embeddings", info).await?;
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -427,7 +605,6 @@ async fn embed(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    let id = format!("emb-{}", uuid::Uuid::new_v4().simple());
     bill.record(&id, &model, out.prompt_tokens, 0).await?;
     let usage = json!({"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens});
     Ok((

@@ -481,7 +481,16 @@ async fn stream_one(
     let gen = generate_request(prompt, &req.parameters)?;
     let model = lease.model.clone();
     let tx = tx.clone();
-    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_stream").await?;
+    let info = crate::api::usage::request_info(
+        &id,
+        caller,
+        &model,
+        "v2_stream",
+        Some(&gen.prompt),
+        gen.max_tokens.map(|n| n as u32),
+        true,
+    );
+    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_stream", info).await?;
     let result = tokio::task::spawn_blocking(move || {
         let engine = lease.engine.clone();
         let r = engine.generate(&gen, &mut |ev| {

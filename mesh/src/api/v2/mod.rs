@@ -66,6 +66,18 @@ impl From<crate::tenancy::limits::LimitError> for V2Error {
     }
 }
 
+impl From<crate::policy::Refusal> for V2Error {
+    fn from(r: crate::policy::Refusal) -> Self {
+        let retry = r.retry_after.unwrap_or(1);
+        match r.status {
+            429 => V2Error::TooMany(r.message, retry),
+            401 | 403 => V2Error::Forbidden(r.message),
+            400..=499 => V2Error::BadRequest(r.message),
+            _ => V2Error::Unavailable(r.message, retry),
+        }
+    }
+}
+
 impl From<crate::scheduler::Rejected> for V2Error {
     fn from(e: crate::scheduler::Rejected) -> Self {
         V2Error::TooMany(e.to_string(), 1)
@@ -230,7 +242,16 @@ pub async fn infer(
     req: InferRequest,
 ) -> Result<InferResponse, V2Error> {
     crate::api::auth::check(state, caller, name)?;
-    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_infer").await?;
+    let info = crate::api::usage::request_info(
+        req.id.as_deref().unwrap_or(""),
+        caller,
+        name,
+        "v2_infer",
+        None,
+        None,
+        false,
+    );
+    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_infer", info).await?;
     let lease = state
         .cache
         .acquire_for(name, None, caller.tier.residency_bonus.0)

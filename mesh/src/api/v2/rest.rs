@@ -344,7 +344,16 @@ async fn prepare(
 ) -> Result<Prepared, V2Error> {
     let (text, params) = parse_generate(body)?;
     let gen = generate_request(text, &params)?;
-    let (held, bill) = crate::api::usage::admit(state, caller, "v2_generate").await?;
+    let info = crate::api::usage::request_info(
+        &format!("gen-{}", uuid::Uuid::new_v4().simple()),
+        caller,
+        model,
+        "v2_generate",
+        Some(&gen.prompt),
+        gen.max_tokens.map(|n| n as u32),
+        false,
+    );
+    let (held, bill) = crate::api::usage::admit(state, caller, "v2_generate", info).await?;
     let lease = state
         .cache
         .acquire_for(model, None, caller.tier.residency_bonus.0)

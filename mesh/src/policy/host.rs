@@ -1,0 +1,367 @@
+//! The wasmtime side of policies: the engine, the bindings of `wit/`, and the host imports.
+//!
+//! This is the one module that configures wasmtime: pooling allocator, copy-on-write memory
+//! images, epoch interruption (one ticker thread, 1 ms per tick), async calls so the `embed`
+//! import can wait for a model without blocking a thread. Plugins get WASI with nothing in it:
+//! no preopened directories, no environment, no arguments, no network.
+
+use std::{
+    sync::{atomic::AtomicBool, Arc},
+    time::{Duration, Instant},
+};
+
+use wasmtime::{
+    component::{Linker, ResourceTable},
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    UpdateDeadline,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::state::{Answers, PluginState};
+
+/// Import interfaces, generated once and shared by the three worlds below.
+pub mod imports {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "host",
+        imports: { "flatmesh:policy/embedder.embed": async, default: trappable },
+    });
+}
+
+/// Bindings of one plugin world, reusing the import interfaces it names.
+macro_rules! world {
+    ($module:ident, $world:literal, [$($name:literal => $interface:ident),*]) => {
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                path: "../wit",
+                world: $world,
+                exports: { default: async },
+                with: {
+                    $($name: super::imports::flatmesh::policy::$interface,)*
+                },
+            });
+        }
+    };
+}
+
+world!(router, "router", [
+    "flatmesh:policy/types" => types,
+    "flatmesh:policy/log" => log,
+    "flatmesh:policy/clock" => clock,
+    "flatmesh:policy/kv" => kv,
+    "flatmesh:policy/counters" => counters,
+    "flatmesh:policy/embedder" => embedder
+]);
+world!(cache, "cache", [
+    "flatmesh:policy/types" => types,
+    "flatmesh:policy/log" => log,
+    "flatmesh:policy/clock" => clock,
+    "flatmesh:policy/kv" => kv,
+    "flatmesh:policy/counters" => counters,
+    "flatmesh:policy/embedder" => embedder,
+    "flatmesh:policy/answers" => answers
+]);
+world!(pricing, "pricing", [
+    "flatmesh:policy/types" => types,
+    "flatmesh:policy/log" => log,
+    "flatmesh:policy/clock" => clock,
+    "flatmesh:policy/kv" => kv,
+    "flatmesh:policy/counters" => counters
+]);
+
+pub use imports::flatmesh::policy::{answers::Answer, types};
+
+/// How long one tick of the epoch clock is.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Plugin instances alive at once, all slots and versions together (the pooling allocator
+/// reserves this many slots up front, as virtual memory).
+const MAX_INSTANCES: u32 = 256;
+
+/// Computes embeddings for the `embed` import (the agent's model cache, or a test double).
+pub trait Embedder: Send + Sync {
+    fn embed(
+        &self,
+        model: String,
+        text: String,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, String>>;
+}
+
+/// The wasmtime engine shared by every plugin, and its epoch ticker.
+#[derive(Clone)]
+pub struct Runtime {
+    pub engine: Engine,
+    /// Shared host services: the answer store and the embedder.
+    pub answers: Answers,
+    pub embedder: Option<Arc<dyn Embedder>>,
+    _ticker: Arc<Ticker>,
+}
+
+struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Runtime {
+    /// `memory_cap` bounds each instance's linear memory.
+    pub fn new(memory_cap: usize, embedder: Option<Arc<dyn Embedder>>) -> anyhow::Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 8)
+            .total_memories(MAX_INSTANCES * 2)
+            .total_tables(MAX_INSTANCES * 4)
+            .total_stacks(MAX_INSTANCES)
+            .max_memory_size(memory_cap);
+        let mut config = Config::new();
+        config
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            .memory_init_cow(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(512 << 10)
+            .async_stack_size(1 << 20);
+        let engine = Engine::new(&config)
+            .map_err(|e| anyhow::anyhow!("configuring the WebAssembly engine: {e:#}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("policy-epoch".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| anyhow::anyhow!("starting the epoch ticker: {e}"))?;
+        }
+        Ok(Runtime {
+            engine,
+            answers: Answers::default(),
+            embedder,
+            _ticker: Arc::new(Ticker(stop)),
+        })
+    }
+
+    /// A linker with WASI (empty) and the host imports; each world adds only what it imports.
+    pub fn linker(&self) -> wasmtime::Result<Linker<Ctx>> {
+        let mut linker = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        Ok(linker)
+    }
+
+    /// A fresh store for one instance of a plugin.
+    pub fn store(&self, plugin: Arc<PluginState>, memory_cap: usize) -> Store<Ctx> {
+        let ctx = Ctx {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_cap,
+                exceeded: false,
+            },
+            plugin,
+            answers: self.answers.clone(),
+            embedder: self.embedder.clone(),
+            call: Call::default(),
+        };
+        let mut store = Store::new(&self.engine, ctx);
+        store.limiter(|c| &mut c.limiter);
+        store.epoch_deadline_callback(|mut cx| {
+            let call = &mut cx.data_mut().call;
+            let guest = call.started.elapsed().saturating_sub(call.host_time);
+            if guest >= call.budget {
+                call.timed_out = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            Ok(UpdateDeadline::Continue(1))
+        });
+        store
+    }
+}
+
+/// What a store holds: WASI, limits, the plugin's state and the current call.
+pub struct Ctx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limiter: Limiter,
+    pub plugin: Arc<PluginState>,
+    answers: Answers,
+    embedder: Option<Arc<dyn Embedder>>,
+    pub call: Call,
+}
+
+/// The call running in a store.
+pub struct Call {
+    /// The tenant the call acts for: `answers` is scoped to it.
+    pub tenant: String,
+    pub started: Instant,
+    /// Time spent in host imports that wait (embeddings): not counted against the deadline.
+    pub host_time: Duration,
+    pub budget: Duration,
+    pub timed_out: bool,
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Call {
+            tenant: String::new(),
+            started: Instant::now(),
+            host_time: Duration::ZERO,
+            budget: Duration::from_millis(5),
+            timed_out: false,
+        }
+    }
+}
+
+impl Ctx {
+    /// Start a call with `budget` of guest time.
+    pub fn begin(&mut self, tenant: &str, budget: Duration) {
+        self.call = Call {
+            tenant: tenant.to_string(),
+            started: Instant::now(),
+            host_time: Duration::ZERO,
+            budget,
+            timed_out: false,
+        };
+        self.limiter.exceeded = false;
+    }
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory per instance; remembers that a plugin hit the cap.
+pub struct Limiter {
+    memory_cap: usize,
+    pub exceeded: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+use imports::flatmesh::policy as wit;
+
+impl wit::types::Host for Ctx {}
+
+impl wit::log::Host for Ctx {
+    fn log(&mut self, level: wit::log::Level, message: String) -> wasmtime::Result<()> {
+        use wit::log::Level;
+        let message: String = message.chars().take(2048).collect();
+        let plugin = self.plugin.name.as_str();
+        match level {
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+}
+
+impl wit::clock::Host for Ctx {
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(crate::ledger::now_ms())
+    }
+}
+
+impl wit::kv::Host for Ctx {
+    fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(self.plugin.kv.get(&key))
+    }
+
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(self.plugin.kv.set(key, value, ttl_ms))
+    }
+
+    fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.plugin.kv.delete(&key);
+        Ok(())
+    }
+}
+
+impl wit::counters::Host for Ctx {
+    fn add(&mut self, name: String, amount: u64, window_ms: u64) -> wasmtime::Result<u64> {
+        Ok(self.plugin.counters.add(&name, amount, window_ms))
+    }
+
+    fn sum(&mut self, name: String, window_ms: u64) -> wasmtime::Result<u64> {
+        Ok(self.plugin.counters.sum(&name, window_ms))
+    }
+}
+
+impl wit::embedder::Host for Ctx {
+    async fn embed(&mut self, model: String, text: String) -> Result<Vec<f32>, String> {
+        let Some(embedder) = self.embedder.clone() else {
+            return Err("this agent has no embedder".into());
+        };
+        let started = Instant::now();
+        let result = embedder.embed(model, text).await;
+        self.call.host_time += started.elapsed();
+        result
+    }
+}
+
+impl wit::answers::Host for Ctx {
+    fn get(&mut self, namespace: String, key: String) -> wasmtime::Result<Option<Answer>> {
+        Ok(self.answers.get(&self.call.tenant, &namespace, &key))
+    }
+
+    fn put(
+        &mut self,
+        namespace: String,
+        key: String,
+        answer: Answer,
+        vector: Option<Vec<f32>>,
+        ttl_ms: u64,
+    ) -> wasmtime::Result<Result<(), String>> {
+        Ok(self
+            .answers
+            .put(&self.call.tenant, namespace, key, answer, vector, ttl_ms))
+    }
+
+    fn nearest(
+        &mut self,
+        namespace: String,
+        vector: Vec<f32>,
+        threshold: f32,
+    ) -> wasmtime::Result<Option<wit::answers::Neighbour>> {
+        Ok(self
+            .answers
+            .nearest(&self.call.tenant, &namespace, &vector, threshold))
+    }
+}

@@ -1,0 +1,559 @@
+//! Policies as sandboxed WebAssembly components: the router, cache and pricing slots.
+//!
+//! Each slot holds at most one plugin (a component of its world in `wit/`). An empty slot
+//! means the built-in behaviour: no routing, no response cache, flat-rate pricing. When a
+//! plugin fails, its slot's `on_failure` decides: `open` skips the policy, `closed` refuses the
+//! request with 503, `default` runs the built-in policy (for the router: `default_target`).
+
+pub mod host;
+pub mod slot;
+pub mod state;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use flatmesh_runtime::Prompt;
+use serde::{Deserialize, Serialize};
+
+pub use self::host::{
+    types::{PromptFeatures, RequestInfo, Usage},
+    Answer, Embedder,
+};
+pub use self::slot::SlotStatus;
+use self::{
+    host::{cache as cache_world, pricing as pricing_world, router as router_world, Runtime},
+    slot::{CacheKind, Failure, Outcome, PricingKind, RouterKind, Settings, Slot},
+};
+use crate::metrics::Metrics;
+
+/// `[policy]`: limits shared by the slots and one table per slot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Guest time one plugin call may take, in milliseconds (time the host spends computing
+    /// an embedding for the plugin is not counted).
+    pub deadline_ms: f64,
+    /// Linear memory of one plugin instance, in MiB.
+    pub memory_mib: u64,
+    /// Initialised instances kept ready per slot.
+    pub instances: usize,
+    /// Bytes each plugin may keep in its key-value store.
+    pub kv_bytes: usize,
+    /// Reload a plugin when its file changes (checked every second).
+    pub watch: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router: Option<SlotConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<SlotConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<SlotConfig>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            deadline_ms: 5.0,
+            memory_mib: 32,
+            instances: 4,
+            kv_bytes: 1 << 20,
+            watch: true,
+            router: None,
+            cache: None,
+            pricing: None,
+        }
+    }
+}
+
+/// One slot's plugin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotConfig {
+    /// The component (`.wasm`), relative to the working directory.
+    pub plugin: PathBuf,
+    /// Given to the plugin's `init`: a string as it is, anything else as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// What a failing plugin means for the request.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Overrides `policy.deadline_ms` for this slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<f64>,
+    /// Router only: where the built-in policy sends a request for a model that is not
+    /// registered (an alias only the plugin knows) when the plugin fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_target: Option<String>,
+}
+
+impl SlotConfig {
+    pub fn config_string(&self) -> String {
+        match &self.config {
+            None => String::new(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Skip the policy: the request goes on as if the slot were empty.
+    Open,
+    /// Refuse the request: 503 with the reason.
+    Closed,
+    /// Run the built-in policy.
+    #[default]
+    Default,
+}
+
+impl OnFailure {
+    fn label(self) -> &'static str {
+        match self {
+            OnFailure::Open => "open",
+            OnFailure::Closed => "closed",
+            OnFailure::Default => "default",
+        }
+    }
+}
+
+impl PolicyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let ok = |ms: f64| ms.is_finite() && ms > 0.0 && ms <= 10_000.0;
+        if !ok(self.deadline_ms) {
+            return Err(format!(
+                "policy.deadline_ms: {} is not in (0, 10000]",
+                self.deadline_ms
+            ));
+        }
+        if !(1..=4096).contains(&self.memory_mib) {
+            return Err(format!(
+                "policy.memory_mib: {} is not in [1, 4096]",
+                self.memory_mib
+            ));
+        }
+        for (name, slot) in self.slots() {
+            if let Some(ms) = slot.deadline_ms.filter(|ms| !ok(*ms)) {
+                return Err(format!(
+                    "policy.{name}.deadline_ms: {ms} is not in (0, 10000]"
+                ));
+            }
+            if slot.default_target.is_some() && name != "router" {
+                return Err(format!(
+                    "policy.{name}.default_target: only the router slot has one"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn slots(&self) -> impl Iterator<Item = (&'static str, &SlotConfig)> {
+        [
+            ("router", &self.router),
+            ("cache", &self.cache),
+            ("pricing", &self.pricing),
+        ]
+        .into_iter()
+        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
+    }
+}
+
+/// A request refused by a policy (a pricing denial, or a failing plugin in a closed slot).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    fn closed(slot: &str, f: &Failure) -> Self {
+        Refusal {
+            status: 503,
+            message: format!("the {slot} policy failed: {f}"),
+            retry_after: Some(1),
+        }
+    }
+}
+
+/// Where the router sent a request.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub target: String,
+    pub fallbacks: Vec<String>,
+    pub reason: String,
+}
+
+pub use router_world::Candidate;
+
+/// What the cache slot sees of a generation request.
+pub type CachePrompt = cache_world::Prompt;
+
+/// A tier as the pricing plugin sees it.
+pub use pricing_world::{InvoiceLine, PeriodUse, TenantUse, TierInfo};
+
+/// Longest string a plugin may hand back in a decision (reasons, messages).
+const MAX_TEXT: usize = 4096;
+/// Longest cached answer.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// The three slots. Cheap to clone.
+#[derive(Clone)]
+pub struct Policies {
+    pub router: Arc<Slot<RouterKind>>,
+    pub cache: Arc<Slot<CacheKind>>,
+    pub pricing: Arc<Slot<PricingKind>>,
+    on_failure: [OnFailure; 3],
+    default_target: Option<String>,
+    /// Longest a pricing `wait` may hold a request in all.
+    max_wait: Duration,
+    pub runtime: Runtime,
+}
+
+impl Policies {
+    /// Empty slots; `load_configured` fills them.
+    pub fn new(
+        config: &PolicyConfig,
+        embedder: Option<Arc<dyn Embedder>>,
+        max_wait: Duration,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let memory_cap = (config.memory_mib << 20) as usize;
+        let runtime = Runtime::new(memory_cap, embedder)?;
+        let settings = |slot: &Option<SlotConfig>| Settings {
+            deadline: Duration::from_secs_f64(
+                slot.as_ref()
+                    .and_then(|s| s.deadline_ms)
+                    .unwrap_or(config.deadline_ms)
+                    / 1000.0,
+            ),
+            memory_cap,
+            max_idle: config.instances,
+        };
+        let on =
+            |slot: &Option<SlotConfig>| slot.as_ref().map_or(OnFailure::Default, |s| s.on_failure);
+        let on_failure = [on(&config.router), on(&config.cache), on(&config.pricing)];
+        Ok(Policies {
+            router: Arc::new(Slot::new(
+                runtime.clone(),
+                settings(&config.router),
+                on_failure[0].label(),
+                config.kv_bytes,
+                metrics.clone(),
+            )?),
+            cache: Arc::new(Slot::new(
+                runtime.clone(),
+                settings(&config.cache),
+                on_failure[1].label(),
+                config.kv_bytes,
+                metrics.clone(),
+            )?),
+            pricing: Arc::new(Slot::new(
+                runtime.clone(),
+                settings(&config.pricing),
+                on_failure[2].label(),
+                config.kv_bytes,
+                metrics,
+            )?),
+            on_failure,
+            default_target: config
+                .router
+                .as_ref()
+                .and_then(|r| r.default_target.clone()),
+            max_wait,
+            runtime,
+        })
+    }
+
+    /// Load the configured plugins; one that does not load stops the agent from starting.
+    pub async fn load_configured(&self, config: &PolicyConfig) -> anyhow::Result<()> {
+        if let Some(s) = &config.router {
+            self.router
+                .load(&s.plugin, s.config_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("policy.router: {e}"))?;
+        }
+        if let Some(s) = &config.cache {
+            self.cache
+                .load(&s.plugin, s.config_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("policy.cache: {e}"))?;
+        }
+        if let Some(s) = &config.pricing {
+            self.pricing
+                .load(&s.plugin, s.config_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("policy.pricing: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reload plugins whose files change, until the process ends.
+    pub fn watch(&self) {
+        let every = Duration::from_secs(1);
+        tokio::spawn(self.router.clone().watch(every));
+        tokio::spawn(self.cache.clone().watch(every));
+        tokio::spawn(self.pricing.clone().watch(every));
+    }
+
+    pub fn status(&self) -> Vec<SlotStatus> {
+        vec![
+            self.router.status(),
+            self.cache.status(),
+            self.pricing.status(),
+        ]
+    }
+
+    /// Which model serves the request: `None` keeps the one asked for.
+    pub async fn route(
+        &self,
+        request: &RequestInfo,
+        candidates: Vec<Candidate>,
+    ) -> Result<Option<Route>, Refusal> {
+        let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
+        let outcome = self
+            .router
+            .call(&request.tenant, |mut i| async move {
+                let r = i
+                    .bindings
+                    .call_route(&mut i.store, request, &candidates)
+                    .await;
+                (i, r)
+            })
+            .await;
+        let failure = match outcome {
+            Outcome::Absent => return Ok(None),
+            Outcome::Done(None) => return Ok(None),
+            Outcome::Done(Some(d)) => {
+                let unknown = std::iter::once(&d.target)
+                    .chain(&d.fallbacks)
+                    .find(|m| !names.contains(m));
+                match unknown {
+                    Some(m) => self.router.invalid(format!(
+                        "routed to {m:?}, which is not a candidate for tier {:?}",
+                        request.tier
+                    )),
+                    None if d.reason.len() > MAX_TEXT || d.fallbacks.len() > 64 => {
+                        self.router.invalid(format!(
+                            "a decision of {} bytes of reason and {} fallbacks is too large",
+                            d.reason.len(),
+                            d.fallbacks.len()
+                        ))
+                    }
+                    None => {
+                        return Ok(Some(Route {
+                            target: d.target,
+                            fallbacks: d.fallbacks,
+                            reason: d.reason,
+                        }))
+                    }
+                }
+            }
+            Outcome::Failed(f) => f,
+        };
+        match self.on_failure[0] {
+            OnFailure::Open => Ok(None),
+            OnFailure::Closed => Err(Refusal::closed("router", &failure)),
+            OnFailure::Default => Ok(self
+                .default_target
+                .as_ref()
+                .filter(|_| !names.contains(&request.model))
+                .map(|t| Route {
+                    target: t.clone(),
+                    fallbacks: Vec::new(),
+                    reason: format!(
+                        "built-in default (the router failed: {})",
+                        failure.kind.label()
+                    ),
+                })),
+        }
+    }
+
+    pub fn caches(&self) -> bool {
+        self.cache.is_loaded()
+    }
+
+    /// An answer from the cache, if the plugin has one for this prompt.
+    pub async fn lookup(&self, prompt: &CachePrompt) -> Result<Option<Answer>, Refusal> {
+        let outcome = self
+            .cache
+            .call(&prompt.request.tenant, |mut i| async move {
+                let r = i.bindings.call_lookup(&mut i.store, prompt).await;
+                (i, r)
+            })
+            .await;
+        let failure = match outcome {
+            Outcome::Absent | Outcome::Done(None) => return Ok(None),
+            Outcome::Done(Some(a)) if a.text.len() <= MAX_ANSWER => return Ok(Some(a)),
+            Outcome::Done(Some(a)) => self
+                .cache
+                .invalid(format!("an answer of {} bytes is too large", a.text.len())),
+            Outcome::Failed(f) => f,
+        };
+        match self.on_failure[1] {
+            OnFailure::Closed => Err(Refusal::closed("cache", &failure)),
+            OnFailure::Open | OnFailure::Default => Ok(None),
+        }
+    }
+
+    /// Offer a fresh answer to the cache. Failures are counted and logged, never the
+    /// request's problem: its answer is already made.
+    pub async fn store(&self, prompt: &CachePrompt, answer: &Answer) {
+        let _ = self
+            .cache
+            .call(&prompt.request.tenant, |mut i| async move {
+                let r = i.bindings.call_store(&mut i.store, prompt, answer).await;
+                (i, r)
+            })
+            .await;
+    }
+
+    /// Ask the pricing plugin to admit a request; `used` says what the tier used this period.
+    pub async fn admit(
+        &self,
+        request: &RequestInfo,
+        used: impl Fn() -> PeriodUse,
+    ) -> Result<(), Refusal> {
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        loop {
+            let used = used();
+            let outcome = self
+                .pricing
+                .call(&request.tenant, |mut i| async move {
+                    let r = i.bindings.call_admit(&mut i.store, request, &used).await;
+                    (i, r)
+                })
+                .await;
+            let failure = match outcome {
+                Outcome::Absent | Outcome::Done(pricing_world::Admission::Admit) => return Ok(()),
+                Outcome::Done(pricing_world::Admission::Deny(d)) => {
+                    if (400..=599).contains(&d.status) && d.message.len() <= MAX_TEXT {
+                        return Err(Refusal {
+                            status: d.status,
+                            message: d.message,
+                            retry_after: d.retry_after_s.map(u64::from),
+                        });
+                    }
+                    self.pricing.invalid(format!(
+                        "a denial with status {} and a message of {} bytes",
+                        d.status,
+                        d.message.len()
+                    ))
+                }
+                Outcome::Done(pricing_world::Admission::Wait(ms)) => {
+                    let until = tokio::time::Instant::now() + Duration::from_millis(ms.into());
+                    if until > deadline {
+                        return Err(Refusal {
+                            status: 429,
+                            message: format!(
+                                "the pricing policy holds requests of tier {:?} longer than the queue may wait ({:?})",
+                                request.tier, self.max_wait
+                            ),
+                            retry_after: Some(u64::from(ms.div_ceil(1000)).max(1)),
+                        });
+                    }
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+                Outcome::Failed(f) => f,
+            };
+            return match self.on_failure[2] {
+                OnFailure::Closed => Err(Refusal::closed("pricing", &failure)),
+                OnFailure::Open | OnFailure::Default => Ok(()),
+            };
+        }
+    }
+
+    /// Tell the pricing plugin what a finished request used.
+    pub async fn charge(&self, request: &RequestInfo, usage: Usage) {
+        let _ = self
+            .pricing
+            .call(&request.tenant, |mut i| async move {
+                let r = i.bindings.call_charge(&mut i.store, request, usage).await;
+                (i, r)
+            })
+            .await;
+    }
+
+    /// Invoice lines from the pricing plugin: `None` when the built-in flat rate applies
+    /// (no plugin, or a failing one in an open or default slot).
+    pub async fn settle(
+        &self,
+        period: &str,
+        tiers: Vec<TierInfo>,
+        tenants: Vec<TenantUse>,
+    ) -> Result<Option<Vec<InvoiceLine>>, Refusal> {
+        let outcome = self
+            .pricing
+            .call("", |mut i| async move {
+                let r = i
+                    .bindings
+                    .call_settle(&mut i.store, period, &tiers, &tenants)
+                    .await;
+                (i, r)
+            })
+            .await;
+        let failure = match outcome {
+            Outcome::Absent => return Ok(None),
+            Outcome::Done(lines) => match lines
+                .iter()
+                .find(|l| !l.amount.is_finite() || l.description.len() > MAX_TEXT)
+            {
+                None => return Ok(Some(lines)),
+                Some(l) => self.pricing.invalid(format!(
+                    "an invoice line for {:?} with amount {} is not valid",
+                    l.tenant, l.amount
+                )),
+            },
+            Outcome::Failed(f) => f,
+        };
+        match self.on_failure[2] {
+            OnFailure::Closed => Err(Refusal::closed("pricing", &failure)),
+            OnFailure::Open | OnFailure::Default => Ok(None),
+        }
+    }
+}
+
+/// Cheap facts about a prompt for policies.
+pub fn features(prompt: &Prompt) -> PromptFeatures {
+    let (texts, last_user): (Vec<&str>, &str) = match prompt {
+        Prompt::Text(t) => (vec![t.as_str()], t.as_str()),
+        Prompt::Chat(messages) => (
+            messages.iter().map(|m| m.content.as_str()).collect(),
+            messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map_or("", |m| m.content.as_str()),
+        ),
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    PromptFeatures {
+        chars: count(texts.iter().map(|t| t.chars().count()).sum()),
+        messages: count(texts.len()),
+        code_blocks: count(
+            texts
+                .iter()
+                .map(|t| t.matches("```").count())
+                .sum::<usize>()
+                / 2,
+        ),
+        questions: count(last_user.matches('?').count()),
+    }
+}
+
+/// The prompt as one text: chat messages as `role: content` lines.
+pub fn prompt_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// Prompt tokens before the model's tokenizer is at hand: about four characters a token.
+pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
+    features.chars.div_ceil(4)
+}

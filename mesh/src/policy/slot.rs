@@ -1,0 +1,560 @@
+//! One policy slot: the plugin loaded in it, a pool of ready instances, hot reload, and what
+//! happens when the plugin fails (counted, logged once per burst, backed off).
+
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{
+    component::{Component, HasSelf, InstancePre, Linker},
+    Store,
+};
+
+use super::{
+    host::{self, Ctx, Runtime, TICK},
+    state::PluginState,
+};
+use crate::metrics::Metrics;
+
+/// One plugin kind: its world's bindings.
+pub trait Kind: Send + Sync + 'static {
+    /// The slot's name (`router`, `cache`, `pricing`), also a metric label.
+    const SLOT: &'static str;
+    type Pre: Clone + Send + Sync + 'static;
+    type Bindings: Send + 'static;
+
+    fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()>;
+    fn pre(pre: InstancePre<Ctx>) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(
+        pre: &Self::Pre,
+        store: &mut Store<Ctx>,
+    ) -> impl Future<Output = wasmtime::Result<Self::Bindings>> + Send;
+    fn init(
+        bindings: &Self::Bindings,
+        store: &mut Store<Ctx>,
+        config: &str,
+    ) -> impl Future<Output = wasmtime::Result<Result<(), String>>> + Send;
+}
+
+macro_rules! kind {
+    ($kind:ident, $slot:literal, $module:ident, $world:ident, $pre:ident) => {
+        /// The plugin kind of the
+        #[doc = $slot]
+        /// slot.
+        pub struct $kind;
+
+        impl Kind for $kind {
+            const SLOT: &'static str = $slot;
+            type Pre = host::$module::$pre<Ctx>;
+            type Bindings = host::$module::$world;
+
+            fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
+                host::$module::$world::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, |c| c)
+            }
+
+            fn pre(pre: InstancePre<Ctx>) -> wasmtime::Result<Self::Pre> {
+                host::$module::$pre::new(pre)
+            }
+
+            async fn instantiate(
+                pre: &Self::Pre,
+                store: &mut Store<Ctx>,
+            ) -> wasmtime::Result<Self::Bindings> {
+                pre.instantiate_async(store).await
+            }
+
+            async fn init(
+                bindings: &Self::Bindings,
+                store: &mut Store<Ctx>,
+                config: &str,
+            ) -> wasmtime::Result<Result<(), String>> {
+                bindings.call_init(store, config).await
+            }
+        }
+    };
+}
+
+kind!(RouterKind, "router", router, Router, RouterPre);
+kind!(CacheKind, "cache", cache, Cache, CachePre);
+kind!(PricingKind, "pricing", pricing, Pricing, PricingPre);
+
+/// An instance of a plugin, initialised with its config, ready for calls.
+pub struct Instance<K: Kind> {
+    pub store: Store<Ctx>,
+    pub bindings: K::Bindings,
+}
+
+/// The limits and failure policy of a slot.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Guest time one call may take.
+    pub deadline: Duration,
+    /// Linear memory of one instance.
+    pub memory_cap: usize,
+    /// Instances kept ready between calls.
+    pub max_idle: usize,
+}
+
+/// How a call to a plugin failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The plugin returned an error.
+    Error,
+    /// It trapped (a panic, `unreachable`, a bad memory access...).
+    Trap,
+    /// It ran past its deadline.
+    Timeout,
+    /// It wanted more memory than its cap.
+    Memory,
+    /// Its result broke the contract (an unknown model, an oversized string...).
+    Invalid,
+    /// It was not called: backing off after traps, or no instance could be made.
+    Unavailable,
+}
+
+impl FailureKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Error => "error",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::Invalid => "invalid",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+
+    /// Failures after which the plugin is given a rest before it is called again.
+    fn backs_off(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Trap | FailureKind::Timeout | FailureKind::Memory
+        )
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.kind.label())
+    }
+}
+
+/// The result of asking a slot.
+pub enum Outcome<R> {
+    /// No plugin is loaded in the slot.
+    Absent,
+    Done(R),
+    Failed(Failure),
+}
+
+/// A loaded version of the plugin.
+struct Loaded<K: Kind> {
+    version: u64,
+    path: PathBuf,
+    sha256: String,
+    config: String,
+    loaded_ms: u64,
+    /// The file's modification time and length when it was loaded (for `watch`).
+    stamp: Option<(SystemTime, u64)>,
+    pre: K::Pre,
+    idle: Mutex<Vec<Instance<K>>>,
+}
+
+#[derive(Default)]
+struct Health {
+    consecutive: u32,
+    backoff_until: Option<Instant>,
+    /// The failures since the last success: logged when they start, then every 30 s.
+    burst: Option<(u64, Instant)>,
+    failures: u64,
+}
+
+/// What the admin API shows of a slot.
+#[derive(Debug, serde::Serialize)]
+pub struct SlotStatus {
+    pub slot: &'static str,
+    pub loaded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_ms: Option<u64>,
+    pub deadline_ms: f64,
+    pub memory_cap_bytes: usize,
+    pub on_failure: &'static str,
+    pub failures: u64,
+    pub failing_now: bool,
+    pub idle_instances: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros().div_ceil(TICK.as_micros())).max(1) as u64
+}
+
+pub struct Slot<K: Kind> {
+    runtime: Runtime,
+    linker: Linker<Ctx>,
+    pub settings: Settings,
+    pub on_failure: &'static str,
+    state: Arc<PluginState>,
+    current: RwLock<Option<Arc<Loaded<K>>>>,
+    health: Mutex<Health>,
+    versions: AtomicU64,
+    metrics: Metrics,
+    /// The last file stamp a reload was attempted for (so a broken file is tried once).
+    attempted: Mutex<Option<(SystemTime, u64)>>,
+}
+
+impl<K: Kind> Slot<K> {
+    pub fn new(
+        runtime: Runtime,
+        settings: Settings,
+        on_failure: &'static str,
+        kv_cap_bytes: usize,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let mut linker = runtime
+            .linker()
+            .map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
+        K::add_to_linker(&mut linker)
+            .map_err(|e| anyhow::anyhow!("linking the {} world: {e:#}", K::SLOT))?;
+        Ok(Slot {
+            runtime,
+            linker,
+            settings,
+            on_failure,
+            state: PluginState::new(K::SLOT.to_string(), kv_cap_bytes),
+            current: RwLock::new(None),
+            health: Mutex::default(),
+            versions: AtomicU64::new(0),
+            metrics,
+            attempted: Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Loaded<K>>> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The config string of the loaded plugin.
+    pub fn config(&self) -> Option<String> {
+        self.current().map(|c| c.config.clone())
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.current().is_some()
+    }
+
+    /// Compile, link and initialise a plugin; on success it replaces the one loaded (calls in
+    /// flight finish on the old one). On failure the old one stays and the reason comes back.
+    pub async fn load(&self, path: &Path, config: String) -> Result<u64, String> {
+        let result = self.try_load(path, config).await;
+        let outcome = if result.is_ok() { "ok" } else { "rejected" };
+        self.metrics
+            .policy_reloads
+            .with_label_values(&[K::SLOT, outcome])
+            .inc();
+        match &result {
+            Ok(v) => {
+                tracing::info!(slot = K::SLOT, path = %path.display(), version = v, "Policy plugin loaded")
+            }
+            Err(e) => {
+                tracing::warn!(slot = K::SLOT, path = %path.display(), error = %e, "Policy plugin rejected; the previous one stays")
+            }
+        }
+        result
+    }
+
+    async fn try_load(&self, path: &Path, config: String) -> Result<u64, String> {
+        let file_stamp = stamp(path);
+        *lock(&self.attempted) = file_stamp;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        let engine = self.runtime.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .map_err(|e| format!("compilation task failed: {e}"))?
+            .map_err(|e| format!("not a WebAssembly component that compiles: {e:#}"))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(K::pre)
+            .map_err(|e| format!("does not fit the `{}` world: {e:#}", K::SLOT))?;
+        let mut loaded = Loaded {
+            version: 0,
+            path: path.to_path_buf(),
+            sha256,
+            config,
+            loaded_ms: crate::ledger::now_ms(),
+            stamp: file_stamp,
+            pre,
+            idle: Mutex::default(),
+        };
+        // Init time is bounded too: generously, a config may take some parsing.
+        let first = self
+            .instantiate(
+                &loaded,
+                (self.settings.deadline * 20).max(Duration::from_millis(200)),
+            )
+            .await
+            .map_err(|f| format!("init failed: {f}"))?;
+        loaded.version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&loaded.idle).push(first);
+        let version = loaded.version;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
+        *lock(&self.health) = Health::default();
+        self.metrics
+            .policy_version
+            .with_label_values(&[K::SLOT])
+            .set(version as i64);
+        Ok(version)
+    }
+
+    /// Load the current plugin again from its file, with its config.
+    pub async fn reload(&self) -> Result<u64, String> {
+        let Some(cur) = self.current() else {
+            return Err(format!("no plugin is loaded in the {} slot", K::SLOT));
+        };
+        self.load(&cur.path, cur.config.clone()).await
+    }
+
+    /// Reload whenever the plugin's file changes (polled every `every`), until shutdown.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(cur) = self.current() else { continue };
+            let now = stamp(&cur.path);
+            if now.is_none() || now == cur.stamp || now == *lock(&self.attempted) {
+                continue;
+            }
+            // Let a writer finish: the stamp must hold still for one more period.
+            tokio::time::sleep(every.min(Duration::from_millis(200))).await;
+            if stamp(&cur.path) != now {
+                continue;
+            }
+            let _ = self.load(&cur.path, cur.config.clone()).await;
+        }
+    }
+
+    /// A fresh instance with its config applied.
+    async fn instantiate(
+        &self,
+        loaded: &Loaded<K>,
+        budget: Duration,
+    ) -> Result<Instance<K>, Failure> {
+        let mut store = self
+            .runtime
+            .store(self.state.clone(), self.settings.memory_cap);
+        store.data_mut().begin("", budget);
+        store.set_epoch_deadline(ticks(budget));
+        let bindings = match K::instantiate(&loaded.pre, &mut store).await {
+            Ok(b) => b,
+            Err(e) => return Err(classify(&store, e, FailureKind::Unavailable)),
+        };
+        match K::init(&bindings, &mut store, &loaded.config).await {
+            Ok(Ok(())) => Ok(Instance { store, bindings }),
+            Ok(Err(message)) => Err(Failure {
+                kind: FailureKind::Error,
+                message: format!("the plugin rejected its config: {}", clip(&message)),
+            }),
+            Err(e) => Err(classify(&store, e, FailureKind::Trap)),
+        }
+    }
+
+    /// Call the plugin for `tenant`. `f` gets an instance and gives it back with the result.
+    pub async fn call<R, F, Fut>(&self, tenant: &str, f: F) -> Outcome<R>
+    where
+        F: FnOnce(Instance<K>) -> Fut,
+        Fut: Future<Output = (Instance<K>, wasmtime::Result<Result<R, String>>)>,
+    {
+        let Some(loaded) = self.current() else {
+            return Outcome::Absent;
+        };
+        let started = Instant::now();
+        let backoff_until = lock(&self.health).backoff_until;
+        if let Some(until) = backoff_until {
+            if until > started {
+                return Outcome::Failed(self.failed(Failure {
+                    kind: FailureKind::Unavailable,
+                    message: "backing off after the plugin failed".into(),
+                }));
+            }
+        }
+        let idle = lock(&loaded.idle).pop();
+        let mut instance = match idle {
+            Some(i) => i,
+            None => match self.instantiate(&loaded, self.settings.deadline * 20).await {
+                Ok(i) => i,
+                Err(f) => return Outcome::Failed(self.failed(f)),
+            },
+        };
+        instance
+            .store
+            .data_mut()
+            .begin(tenant, self.settings.deadline);
+        instance
+            .store
+            .set_epoch_deadline(ticks(self.settings.deadline));
+        let (instance, result) = f(instance).await;
+        self.metrics
+            .policy_call_seconds
+            .with_label_values(&[K::SLOT])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(r)) => {
+                self.succeeded();
+                let mut idle = lock(&loaded.idle);
+                if idle.len() < self.settings.max_idle {
+                    idle.push(instance);
+                }
+                Outcome::Done(r)
+            }
+            Ok(Err(message)) => {
+                let mut idle = lock(&loaded.idle);
+                if idle.len() < self.settings.max_idle {
+                    idle.push(instance);
+                }
+                drop(idle);
+                Outcome::Failed(self.failed(Failure {
+                    kind: FailureKind::Error,
+                    message: clip(&message),
+                }))
+            }
+            // The instance is dropped: its state may be broken.
+            Err(e) => Outcome::Failed(self.failed(classify(&instance.store, e, FailureKind::Trap))),
+        }
+    }
+
+    /// A result that broke the contract: counted like any failure.
+    pub fn invalid(&self, message: String) -> Failure {
+        self.failed(Failure {
+            kind: FailureKind::Invalid,
+            message,
+        })
+    }
+
+    fn succeeded(&self) {
+        self.metrics
+            .policy_calls
+            .with_label_values(&[K::SLOT, "ok"])
+            .inc();
+        let mut h = lock(&self.health);
+        if let Some((count, _)) = h.burst.take() {
+            tracing::info!(slot = K::SLOT, failures = count, "Policy plugin recovered");
+        }
+        h.consecutive = 0;
+        h.backoff_until = None;
+    }
+
+    fn failed(&self, failure: Failure) -> Failure {
+        self.metrics
+            .policy_calls
+            .with_label_values(&[K::SLOT, failure.kind.label()])
+            .inc();
+        let now = Instant::now();
+        let mut h = lock(&self.health);
+        h.failures += 1;
+        if failure.kind.backs_off() {
+            h.consecutive += 1;
+            let rest = Duration::from_millis(250) * 2u32.pow(h.consecutive.min(8) - 1);
+            h.backoff_until = Some(now + rest.min(Duration::from_secs(30)));
+        }
+        match &mut h.burst {
+            None => {
+                h.burst = Some((1, now));
+                tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, on_failure = self.on_failure, "Policy plugin failed");
+            }
+            Some((count, last)) => {
+                *count += 1;
+                if now.duration_since(*last) >= Duration::from_secs(30) {
+                    *last = now;
+                    tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, failures = *count, "Policy plugin still failing");
+                }
+            }
+        }
+        failure
+    }
+
+    pub fn status(&self) -> SlotStatus {
+        let cur = self.current();
+        let h = lock(&self.health);
+        SlotStatus {
+            slot: K::SLOT,
+            loaded: cur.is_some(),
+            path: cur.as_ref().map(|c| c.path.clone()),
+            sha256: cur.as_ref().map(|c| c.sha256.clone()),
+            version: cur.as_ref().map(|c| c.version),
+            loaded_ms: cur.as_ref().map(|c| c.loaded_ms),
+            deadline_ms: self.settings.deadline.as_secs_f64() * 1000.0,
+            memory_cap_bytes: self.settings.memory_cap,
+            on_failure: self.on_failure,
+            failures: h.failures,
+            failing_now: h.burst.is_some(),
+            idle_instances: cur.as_ref().map_or(0, |c| lock(&c.idle).len()),
+        }
+    }
+}
+
+/// Keep plugin-made strings short in logs and responses.
+fn clip(s: &str) -> String {
+    const MAX: usize = 512;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
+fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: FailureKind) -> Failure {
+    let ctx = store.data();
+    let (kind, message) = if ctx.call.timed_out {
+        (
+            FailureKind::Timeout,
+            format!("ran past its deadline of {:?}", ctx.call.budget),
+        )
+    } else if ctx.limiter.exceeded {
+        (
+            FailureKind::Memory,
+            "wanted more memory than its cap".to_string(),
+        )
+    } else {
+        (otherwise, format!("{e:#}"))
+    };
+    Failure {
+        kind,
+        message: clip(&message),
+    }
+}

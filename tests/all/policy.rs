@@ -1,0 +1,224 @@
+//! Policy plugins end to end: hostile plugins are contained by the real agent, and a bad
+//! reload leaves the working plugin in place.
+
+use std::time::Duration;
+
+use flatmesh_tests::{
+    fixtures::{write_llama_gguf, Size},
+    plugin, Agent, ADMIN_TOKEN,
+};
+use serde_json::{json, Value};
+
+/// An agent with one tiny model `tiny` and the hostile router in `mode`.
+fn agent(mode: &str, on_failure: &str) -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_llama_gguf(&model, Size::TINY, 7).unwrap();
+    let config = format!(
+        "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+         [cache]\npreload = true\nkeep_alive = -1\n\
+         [[models]]\nid = \"tiny\"\npath = \"{}\"\n\
+         [policy]\ndeadline_ms = 5\nmemory_mib = 32\nwatch = false\n\
+         [policy.router]\nplugin = \"{}\"\nconfig = \"{mode}\"\non_failure = \"{on_failure}\"\n\
+         default_target = \"tiny\"\n",
+        model.display(),
+        plugin("hostile").display()
+    );
+    let agent = Agent::start(&config, &[]);
+    agent.wait_for("/readyz", Duration::from_secs(60));
+    (agent, dir)
+}
+
+fn complete(agent: &Agent, model: &str) -> (u16, Value) {
+    let r = agent.post(
+        "/v1/completions",
+        json!({"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0}),
+    );
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn calls(agent: &Agent, result: &str) -> f64 {
+    agent.metric(&format!(
+        "flatmesh_policy_calls_total{{result=\"{result}\",slot=\"router\"}}"
+    ))
+}
+
+fn set_mode(agent: &Agent, mode: &str) {
+    let r = agent.admin_post("/admin/policies/router/reload", json!({"config": mode}));
+    assert_eq!(r.status(), 200, "reload to {mode}: {:?}", r.text());
+}
+
+/// Each misbehaviour and the failure kind the agent must see.
+const HOSTILE: [(&str, &str); 6] = [
+    ("loop", "timeout"),
+    ("bomb", "memory"),
+    ("trap", "trap"),
+    ("panic", "trap"),
+    ("huge", "invalid"),
+    ("invalid", "invalid"),
+];
+
+#[test]
+fn hostile_router_fails_open_and_the_request_is_served() {
+    let (agent, _dir) = agent("route:tiny", "open");
+    let (status, body) = complete(&agent, "tiny");
+    assert_eq!(status, 200, "{body}");
+    for (mode, kind) in HOSTILE {
+        set_mode(&agent, mode);
+        let before = calls(&agent, kind);
+        let (status, body) = complete(&agent, "tiny");
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert_eq!(body["model"], "tiny", "{mode}");
+        assert_eq!(
+            calls(&agent, kind),
+            before + 1.0,
+            "{mode} counted as {kind}"
+        );
+        assert_eq!(agent.get("/healthz").status(), 200, "{mode}");
+    }
+}
+
+#[test]
+fn hostile_router_fails_closed_with_503_and_a_reason() {
+    let (agent, _dir) = agent("route:tiny", "closed");
+    for (mode, kind) in HOSTILE {
+        set_mode(&agent, mode);
+        let before = calls(&agent, kind);
+        let (status, body) = complete(&agent, "tiny");
+        assert_eq!(status, 503, "{mode}: {body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("router policy failed"),
+            "{mode}: {message}"
+        );
+        assert!(message.contains(kind), "{mode}: {message}");
+        assert_eq!(
+            calls(&agent, kind),
+            before + 1.0,
+            "{mode} counted as {kind}"
+        );
+        assert_eq!(agent.get("/healthz").status(), 200, "{mode}");
+    }
+}
+
+#[test]
+fn hostile_router_falls_back_to_the_built_in_default() {
+    let (agent, _dir) = agent("route:tiny", "default");
+    for (mode, kind) in HOSTILE {
+        set_mode(&agent, mode);
+        let before = calls(&agent, kind);
+        // `auto` is no model: only a router (or its built-in default) can serve it.
+        let (status, body) = complete(&agent, "auto");
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert_eq!(body["model"], "tiny", "{mode}");
+        assert_eq!(
+            calls(&agent, kind),
+            before + 1.0,
+            "{mode} counted as {kind}"
+        );
+    }
+    // While a trapping plugin backs off it is not called, and requests are still served.
+    set_mode(&agent, "trap");
+    let statuses: Vec<u16> = (0..5).map(|_| complete(&agent, "auto").0).collect();
+    assert_eq!(statuses, [200; 5]);
+    assert!(calls(&agent, "unavailable") >= 1.0);
+    assert_eq!(agent.get("/healthz").status(), 200);
+}
+
+#[test]
+fn a_bad_reload_keeps_the_working_plugin() {
+    let (agent, dir) = agent("route:tiny", "closed");
+    let status = |agent: &Agent| -> Value {
+        reqwest::blocking::Client::new()
+            .get(format!("{}/admin/policies", agent.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let version = status(&agent)["slots"][0]["version"].clone();
+    assert_eq!(version, 1);
+
+    // A config the plugin rejects at init.
+    let r = agent.admin_post("/admin/policies/router/reload", json!({"config": "reject"}));
+    assert_eq!(r.status(), 422);
+    assert!(r.text().unwrap().contains("rejected on purpose"));
+    // A file that is not a component.
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm but not really").unwrap();
+    let r = agent.admin_post("/admin/policies/router/reload", json!({"plugin": junk}));
+    assert_eq!(r.status(), 422);
+    assert!(r.text().unwrap().contains("not a WebAssembly component"));
+    // A component of another world.
+    let r = agent.admin_post(
+        "/admin/policies/router/reload",
+        json!({"plugin": plugin("solidarity_pricing"), "config": "{}"}),
+    );
+    assert_eq!(r.status(), 422);
+    assert!(r
+        .text()
+        .unwrap()
+        .contains("does not fit the `router` world"));
+    // An unknown slot.
+    assert_eq!(
+        agent
+            .admin_post("/admin/policies/nope/reload", json!({}))
+            .status(),
+        404
+    );
+
+    assert_eq!(status(&agent)["slots"][0]["version"], version);
+    let (code, body) = complete(&agent, "auto");
+    assert_eq!(
+        (code, body["model"].clone()),
+        (200, json!("tiny")),
+        "{body}"
+    );
+    assert_eq!(
+        agent.metric("flatmesh_policy_reloads_total{result=\"rejected\",slot=\"router\"}"),
+        3.0
+    );
+}
+
+#[test]
+fn a_plugin_file_that_changes_is_reloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    write_llama_gguf(&model, Size::TINY, 7).unwrap();
+    let wasm = dir.path().join("router.wasm");
+    std::fs::copy(plugin("hostile"), &wasm).unwrap();
+    let config = format!(
+        "[cache]\npreload = true\n[[models]]\nid = \"tiny\"\npath = \"{}\"\n\
+         [policy.router]\nplugin = \"{}\"\nconfig = \"trap\"\non_failure = \"closed\"\n",
+        model.display(),
+        wasm.display()
+    );
+    let agent = Agent::start(&config, &[]);
+    agent.wait_for("/readyz", Duration::from_secs(60));
+    // Replace the file with a different plugin of the same world: the agent picks it up.
+    std::fs::copy(plugin("cost_router"), &wasm).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // cost-router rejects the config "trap" (not JSON): the reload is refused, version 1 stays.
+    while agent.metric("flatmesh_policy_reloads_total{result=\"rejected\",slot=\"router\"}") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file change not noticed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        agent.metric("flatmesh_policy_version{slot=\"router\"}"),
+        1.0
+    );
+    // The same plugin again, touched: loaded as version 2.
+    std::fs::copy(plugin("hostile"), &wasm).unwrap();
+    while agent.metric("flatmesh_policy_version{slot=\"router\"}") < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "file change not reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
