@@ -131,6 +131,10 @@ pub struct CacheConfig {
     pub pressure_wait: Secs,
     /// Load every model at start (cold models otherwise load on first use).
     pub preload: bool,
+    /// Host RAM for the warm tier: prepared weights of recently loaded GGUF models, so a page-in
+    /// after an eviction copies from memory instead of reading and converting the file again
+    /// (`0` turns it off). Counted apart from the devices.
+    pub warm_capacity: Bytes,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,6 +161,7 @@ impl Default for CacheConfig {
             min_residency: Secs(std::time::Duration::from_secs(1)),
             pressure_wait: Secs(std::time::Duration::from_secs(30)),
             preload: true,
+            warm_capacity: Bytes(1 << 30),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub policy_version: IntGaugeVec,
     pub response_cache: IntCounterVec,
+    pub page_ins: IntCounterVec,
+    pub warm_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -222,6 +224,19 @@ impl Metrics {
                 "flatmesh_response_cache_total",
                 "Generation requests looked up in the response cache, by result (hit, miss).",
                 &["result"],
+                r
+            )
+            .expect("register"),
+            page_ins: register_int_counter_vec_with_registry!(
+                "flatmesh_page_ins_total",
+                "Model loads by source (disk, warm: the warm tier in host RAM) and result.",
+                &["source", "result"],
+                r
+            )
+            .expect("register"),
+            warm_bytes: register_int_gauge_with_registry!(
+                "flatmesh_warm_bytes",
+                "Bytes of prepared weights held in the warm tier.",
                 r
             )
             .expect("register"),

@@ -21,5 +21,5 @@ pub use engine::{
 };
 pub use error::{Result, RuntimeError};
 pub use llama::LlamaEngine;
-pub use load::{footprint, load, Footprint, Format};
+pub use load::{footprint, load, load_image, load_keeping_image, Footprint, Format, Image};
 pub use sampling::SamplingParams;

@@ -51,9 +51,41 @@ pub struct LlamaEngine {
 }
 
 impl LlamaEngine {
+    /// Load a GGUF file.
     pub fn load(path: &Path) -> Result<Self> {
-        let bad = |reason: String| bad_gguf(path, reason);
         let (ct, reader) = read_header(path)?;
+        Ok(Self::build(path, ct, reader, false)?.0)
+    }
+
+    /// Load a GGUF file and also return its prepared weights (widened where needed) as GGUF
+    /// bytes: a later load from them skips the disk and the widening.
+    pub fn load_keeping_image(path: &Path) -> Result<(Self, Vec<u8>)> {
+        let bytes = std::fs::read(path).map_err(|e| open_error(path, e))?;
+        let mut reader = Cursor::new(bytes);
+        let ct =
+            gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
+        let (engine, widened) = Self::build(path, ct, &mut reader, true)?;
+        Ok((engine, widened.unwrap_or_else(|| reader.into_inner())))
+    }
+
+    /// Load from prepared GGUF bytes in memory (see `load_keeping_image`).
+    pub fn load_image(image: &[u8]) -> Result<Self> {
+        let path = Path::new("<warm image>");
+        let mut reader = Cursor::new(image);
+        let ct =
+            gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
+        Ok(Self::build(path, ct, reader, false)?.0)
+    }
+
+    /// The engine from a parsed header and a reader of the tensor data; with `keep`, also the
+    /// widened GGUF bytes when widening happened.
+    fn build<R: Read + Seek>(
+        path: &Path,
+        ct: gguf_file::Content,
+        mut reader: R,
+        keep: bool,
+    ) -> Result<(Self, Option<Vec<u8>>)> {
+        let bad = |reason: String| bad_gguf(path, reason);
         let arch = ct
             .metadata
             .get("general.architecture")
@@ -83,12 +115,23 @@ impl LlamaEngine {
             None => None,
         };
         let device = Device::Cpu;
-        let (ct, mut reader) =
-            widen_slow_quantizations(ct, reader, &device).map_err(|e| bad(e.to_string()))?;
-        let size_bytes = measured_size(&ct);
-        let model =
-            ModelWeights::from_gguf(ct, &mut reader, &device).map_err(|e| bad(e.to_string()))?;
-        Ok(LlamaEngine {
+        let (model, size_bytes, widened) = match widen_slow_quantizations(&ct, &mut reader, &device)
+            .map_err(|e| bad(e.to_string()))?
+        {
+            Some((ct, mut buf)) => {
+                let size = measured_size(&ct);
+                let model = ModelWeights::from_gguf(ct, &mut buf, &device)
+                    .map_err(|e| bad(e.to_string()))?;
+                (model, size, keep.then(|| buf.into_inner()))
+            }
+            None => {
+                let size = measured_size(&ct);
+                let model = ModelWeights::from_gguf(ct, &mut reader, &device)
+                    .map_err(|e| bad(e.to_string()))?;
+                (model, size, None)
+            }
+        };
+        let engine = LlamaEngine {
             model,
             tokenizer,
             template,
@@ -100,7 +143,8 @@ impl LlamaEngine {
             },
             size_bytes,
             device,
-        })
+        };
+        Ok((engine, widened))
     }
 
     pub fn tokenizer(&self) -> &GgufTokenizer {
@@ -229,19 +273,19 @@ impl Engine for LlamaEngine {
     }
 }
 
-/// Rewrite the tensors listed in `WIDEN_TO_Q8_0` as Q8_0, returning GGUF content (in memory)
-/// that reads like the original file. Files without such tensors pass through untouched.
-fn widen_slow_quantizations<R: Read + Seek + 'static>(
-    ct: gguf_file::Content,
-    mut reader: R,
+/// Rewrite the tensors listed in `WIDEN_TO_Q8_0` as Q8_0, returning GGUF content and bytes (in
+/// memory) that read like the original file; `None` when no tensor needs it.
+fn widen_slow_quantizations<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
     device: &Device,
-) -> candle_core::Result<(gguf_file::Content, Box<dyn ReadSeek>)> {
+) -> candle_core::Result<Option<(gguf_file::Content, Cursor<Vec<u8>>)>> {
     if !ct
         .tensor_infos
         .values()
         .any(|t| WIDEN_TO_Q8_0.contains(&t.ggml_dtype))
     {
-        return Ok((ct, Box::new(reader)));
+        return Ok(None);
     }
     let mut tensors = Vec::with_capacity(ct.tensor_infos.len());
     for (name, info) in &ct.tensor_infos {
@@ -255,10 +299,10 @@ fn widen_slow_quantizations<R: Read + Seek + 'static>(
             let q8 = crate::widen::q4_1_to_q8_0(&raw);
             ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &q8, info.shape.dims().to_vec(), device)?
         } else if WIDEN_TO_Q8_0.contains(&info.ggml_dtype) {
-            let t = ct.tensor(&mut reader, name, device)?;
+            let t = ct.tensor(reader, name, device)?;
             QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
         } else {
-            ct.tensor(&mut reader, name, device)?
+            ct.tensor(reader, name, device)?
         };
         tensors.push((name.as_str(), t));
     }
@@ -269,11 +313,8 @@ fn widen_slow_quantizations<R: Read + Seek + 'static>(
     gguf_file::write(&mut buf, &metadata, &tensor_refs)?;
     buf.set_position(0);
     let widened = gguf_file::Content::read(&mut buf)?;
-    Ok((widened, Box::new(buf)))
+    Ok(Some((widened, buf)))
 }
-
-trait ReadSeek: Read + Seek {}
-impl<T: Read + Seek> ReadSeek for T {}
 
 /// Bytes the loaded weights occupy: quantized tensors in their in-memory type (after
 /// widening), plus the token embedding table, which is dequantized to f32 for lookups (and
@@ -299,6 +340,13 @@ fn measured_size(ct: &gguf_file::Content) -> u64 {
         .sum()
 }
 
+fn open_error(path: &Path, e: std::io::Error) -> RuntimeError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
+        _ => bad_gguf(path, e.to_string()),
+    }
+}
+
 fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
     RuntimeError::BadFormat {
         path: path.to_path_buf(),
@@ -310,10 +358,7 @@ fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
 /// Open a GGUF file and read its header (metadata and tensor index), leaving the reader
 /// positioned for the tensor data.
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
-        _ => bad_gguf(path, e.to_string()),
-    })?;
+    let file = File::open(path).map_err(|e| open_error(path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let ct = gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
     Ok((ct, reader))
@@ -354,8 +399,7 @@ mod tests {
     use super::*;
     use crate::SamplingParams;
 
-    /// The demo model, where `deploy/fetch-models` put it.
-    fn demo() -> LlamaEngine {
+    fn demo_path() -> std::path::PathBuf {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../models/smollm2-135m-instruct/model.gguf");
         assert!(
@@ -363,7 +407,45 @@ mod tests {
             "{} is missing: run deploy/fetch-models",
             path.display()
         );
-        LlamaEngine::load(&path).unwrap()
+        path
+    }
+
+    /// The demo model, where `deploy/fetch-models` put it.
+    fn demo() -> LlamaEngine {
+        LlamaEngine::load(&demo_path()).unwrap()
+    }
+
+    fn greedy(e: &LlamaEngine, prompt: &str, n: usize) -> Generation {
+        let req = GenerateRequest {
+            prompt: Prompt::Text(prompt.into()),
+            max_tokens: Some(n),
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            stop: vec![],
+        };
+        e.generate(&req, &mut |_| ControlFlow::Continue(()))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_image_loads_the_same_model_again() {
+        let (from_file, image) = LlamaEngine::load_keeping_image(&demo_path()).unwrap();
+        // The demo file is Q4_1: the image holds the widened (Q8_0) weights.
+        let file_len = std::fs::metadata(demo_path()).unwrap().len() as usize;
+        assert!(image.len() > file_len, "{} vs {file_len}", image.len());
+        let from_image = LlamaEngine::load_image(&image).unwrap();
+        assert_eq!(from_image.size_bytes, from_file.size_bytes);
+        let prompt = "The capital of France is";
+        assert_eq!(
+            greedy(&from_image, prompt, 6).text,
+            greedy(&from_file, prompt, 6).text
+        );
+        assert!(matches!(
+            LlamaEngine::load_image(&image[..1000]),
+            Err(RuntimeError::BadFormat { .. })
+        ));
     }
 
     #[test]

@@ -72,6 +72,48 @@ pub fn footprint(path: &Path, format: Format) -> Result<Footprint> {
     }
 }
 
+/// A model's prepared weights in host memory: a page-in from it skips the disk and any
+/// conversion (the warm tier keeps these). Only GGUF models have one.
+#[derive(Clone)]
+pub struct Image {
+    bytes: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({} bytes)", self.bytes.len())
+    }
+}
+
+impl Image {
+    pub fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Load a model and, for GGUF, its image as well.
+pub fn load_keeping_image(path: &Path, format: Format) -> Result<(Arc<dyn Engine>, Option<Image>)> {
+    Ok(match format {
+        Format::Gguf => {
+            let (engine, bytes) = LlamaEngine::load_keeping_image(path)?;
+            let image = Image {
+                bytes: Arc::new(bytes),
+            };
+            (Arc::new(engine), Some(image))
+        }
+        Format::BertSafetensors => (Arc::new(BertEngine::load(path)?), None),
+    })
+}
+
+/// Load a model from its image (a memory copy and parse, no disk).
+pub fn load_image(image: &Image) -> Result<Arc<dyn Engine>> {
+    Ok(Arc::new(LlamaEngine::load_image(&image.bytes)?))
+}
+
 /// Load a model. Blocks while it reads the weights.
 pub fn load(path: &Path, format: Format) -> Result<Arc<dyn Engine>> {
     Ok(match format {

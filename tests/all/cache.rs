@@ -317,3 +317,40 @@ fn preload_fills_the_pool_without_evicting() {
         0.0
     );
 }
+
+#[test]
+fn an_evicted_model_pages_in_from_the_warm_tier_until_its_file_changes() {
+    let (_dir, paths, need) = fixtures(1);
+    let agent = Agent::start(&config(&paths, need * 2, "warm_capacity = \"64MiB\""), &[]);
+    let page_ins = |source: &str| {
+        agent.metric(&format!(
+            "flatmesh_page_ins_total{{result=\"ok\",source=\"{source}\"}}"
+        ))
+    };
+    let text = |agent: &Agent| -> String {
+        let r = agent.post(
+            "/v1/completions",
+            json!({"model": "m0", "prompt": "hi", "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(r.status(), 200);
+        r.json::<serde_json::Value>().unwrap()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = text(&agent);
+    assert_eq!((page_ins("disk"), page_ins("warm")), (1.0, 0.0));
+    assert!(agent.metric("flatmesh_warm_bytes") > 0.0);
+    let unload = |agent: &Agent| {
+        let r = agent.admin_post("/admin/models/m0/unload", json!({}));
+        assert_eq!(r.status(), 200, "{:?}", r.text());
+    };
+    unload(&agent);
+    assert_eq!(text(&agent), first, "same weights from the warm tier");
+    assert_eq!((page_ins("disk"), page_ins("warm")), (1.0, 1.0));
+    // A new file under the same path: the image is stale and the file is read again.
+    unload(&agent);
+    write_llama_gguf(&paths[0], Size::SMALL, 99).unwrap();
+    text(&agent);
+    assert_eq!((page_ins("disk"), page_ins("warm")), (2.0, 1.0));
+}

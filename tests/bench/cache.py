@@ -4,8 +4,9 @@
 1. Zipf (s=1.0) traffic over 120 generated GGUF models with memory for 12 of them: hit
    ratio beside the Belady-optimal hit ratio of the same trace (and an LRU simulation),
    p50/p99 latency, number of loads.
-2. Page-in bandwidth of the demo LLM, cold (file dropped from the page cache) and warm
-   (file in the page cache), beside a plain read of the same bytes.
+2. Page-in bandwidth of the demo LLM, cold (file dropped from the page cache), with the file
+   in the page cache, and from the warm tier (prepared weights in host RAM), beside a plain
+   read of the same bytes and a memory copy of the image.
 
     python3 tests/bench/cache.py [--requests 2000] [--models 120] [--slots 12]
 """
@@ -136,23 +137,43 @@ def plain_read(path):
     return n / (time.perf_counter() - t)
 
 
+def timed_load(agent):
+    t = time.perf_counter()
+    httpx.post(agent.url + f"/admin/models/{LLM}/load", timeout=120).raise_for_status()
+    return time.perf_counter() - t
+
+
 def page_in_bench():
     path = MODELS / "smollm2-135m-instruct" / "model.gguf"
     size = path.stat().st_size
-    agent = Agent(config="[cache]\npreload = false\n", extra_args=["--log-level", "warn"])
+    print(f"Page-in of {LLM} ({size / 1e6:.1f} MB file; MB/s below are file bytes per second)")
+    agent = Agent(config="[cache]\npreload = false\nwarm_capacity = 0\n", extra_args=["--log-level", "warn"])
     try:
-        print(f"Page-in of {LLM} ({size / 1e6:.1f} MB file)")
-        for label, cold in (("cold", True), ("warm", False)):
+        for label, cold in (("cold (disk)    ", True), ("page cache     ", False)):
             httpx.post(agent.url + f"/admin/models/{LLM}/unload")
             if cold:
                 drop_from_page_cache(path)
-            t = time.perf_counter()
-            httpx.post(agent.url + f"/admin/models/{LLM}/load", timeout=120).raise_for_status()
-            load = time.perf_counter() - t
+            load = timed_load(agent)
             if cold:
                 drop_from_page_cache(path)
             read = plain_read(path)
             print(f"  {label}: load {size / load / 1e6:8.1f} MB/s ({load:.2f} s)   plain read {read / 1e6:8.1f} MB/s")
+    finally:
+        agent.stop()
+    agent = Agent(config="[cache]\npreload = false\nwarm_capacity = \"2GiB\"\n", extra_args=["--log-level", "warn"])
+    try:
+        timed_load(agent)  # from the file: leaves the prepared image in the warm tier
+        httpx.post(agent.url + f"/admin/models/{LLM}/unload")
+        load = timed_load(agent)
+        image = sum_metric(agent.url, "flatmesh_warm_bytes")
+        warm = sum_metric(agent.url, 'flatmesh_page_ins_total{result="ok",source="warm"}')
+        assert warm == 1, "the second load did not come from the warm tier"
+        buf = bytearray(int(image))
+        t = time.perf_counter()
+        bytes(buf)
+        copy = image / (time.perf_counter() - t)
+        print(f"  warm tier      : load {size / load / 1e6:8.1f} MB/s ({load:.2f} s)   "
+              f"memory copy of the {image / 1e6:.0f} MB image {copy / 1e6:8.1f} MB/s")
     finally:
         agent.stop()
 

@@ -10,6 +10,7 @@ mod registry;
 mod state;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::{
     sync::{Arc, Mutex, MutexGuard},
@@ -71,6 +72,8 @@ pub struct Cache {
 
 struct Inner {
     state: Mutex<State>,
+    /// Prepared weights of recent loads (its own lock: images are big, the state lock short).
+    warm: Mutex<warm::WarmTier>,
     changed: Notify,
     loads: Arc<Semaphore>,
     metrics: Metrics,
@@ -125,6 +128,7 @@ impl Cache {
         Ok(Cache {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                warm: Mutex::new(warm::WarmTier::new(config.warm_capacity.0)),
                 changed: Notify::new(),
                 loads: Arc::new(Semaphore::new(config.max_parallel_loads)),
                 metrics,
@@ -254,14 +258,37 @@ impl Cache {
                 .expect("never closed");
             let started = Instant::now();
             let (path, format) = (load.config.path.clone(), load.format);
-            tracing::info!(model = %load.config.id, device = load.device, predicted_bytes = load.reserved, "Loading model");
-            let result = tokio::task::spawn_blocking(move || flatmesh_runtime::load(&path, format))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(flatmesh_runtime::RuntimeError::Inference(format!(
-                        "load task failed: {e}"
-                    )))
-                });
+            let (image, keep) = {
+                let mut warm = inner.warm();
+                (warm.get(&load.config.id, &path), warm.enabled())
+            };
+            let source = if image.is_some() { "warm" } else { "disk" };
+            tracing::info!(model = %load.config.id, device = load.device, predicted_bytes = load.reserved, source, "Loading model");
+            let from = path.clone();
+            let result = tokio::task::spawn_blocking(move || match image {
+                Some(image) => flatmesh_runtime::load_image(&image).map(|e| (e, None)),
+                None if keep => flatmesh_runtime::load_keeping_image(&from, format),
+                None => flatmesh_runtime::load(&from, format).map(|e| (e, None)),
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(flatmesh_runtime::RuntimeError::Inference(format!(
+                    "load task failed: {e}"
+                )))
+            });
+            let result = result.map(|(engine, image)| {
+                if let Some(image) = image {
+                    let mut warm = inner.warm();
+                    warm.put(&load.config.id, &path, image);
+                    inner.metrics.warm_bytes.set(warm.used() as i64);
+                }
+                engine
+            });
+            inner
+                .metrics
+                .page_ins
+                .with_label_values(&[source, if result.is_ok() { "ok" } else { "failed" }])
+                .inc();
             let seconds = started.elapsed().as_secs_f64();
             let mut st = inner.lock();
             st.finish_load(load, result, Instant::now(), seconds, &inner.metrics);
@@ -353,6 +380,7 @@ impl Cache {
     pub fn unregister(&self, id: &str) -> Result<(), CacheError> {
         let mut st = self.inner.lock();
         st.remove(id, Instant::now(), &self.inner.metrics)?;
+        self.inner.warm().remove(id);
         self.persist(&st)?;
         drop(st);
         self.inner.changed.notify_waiters();
@@ -426,5 +454,9 @@ impl Cache {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn warm(&self) -> MutexGuard<'_, warm::WarmTier> {
+        self.warm.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -111,7 +111,7 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(MAX_INSTANCES)
             .total_core_instances(MAX_INSTANCES * 8)
-            .total_memories(MAX_INSTANCES * 2)
+            .total_memories(MAX_INSTANCES)
             .total_tables(MAX_INSTANCES * 4)
             .total_stacks(MAX_INSTANCES)
             .max_memory_size(memory_cap);
@@ -119,6 +119,10 @@ impl Runtime {
         config
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_init_cow(true)
+            // Reserve only the cap per memory (not 4 GiB): the pool's address space stays
+            // small, at the price of explicit bounds checks.
+            .memory_reservation(memory_cap as u64)
+            .memory_guard_size(64 << 10)
             .epoch_interruption(true)
             .max_wasm_stack(512 << 10)
             .async_stack_size(1 << 20);

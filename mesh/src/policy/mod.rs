@@ -557,3 +557,64 @@ pub fn prompt_text(prompt: &Prompt) -> String {
 pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
     features.chars.div_ceil(4)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml: &str) -> PolicyConfig {
+        toml::from_str(toml).expect("valid policy TOML")
+    }
+
+    #[test]
+    fn slot_config_reaches_the_plugin_as_json_or_as_written() {
+        let c = parse(
+            "[router]\nplugin = \"r.wasm\"\nconfig = { alias = \"auto\", models = [\"a\"] }\n\
+             [cache]\nplugin = \"c.wasm\"\nconfig = \"raw text\"\n[pricing]\nplugin = \"p.wasm\"\n",
+        );
+        let router = c.router.as_ref().unwrap();
+        assert_eq!(router.config_string(), r#"{"alias":"auto","models":["a"]}"#);
+        assert_eq!(router.on_failure, OnFailure::Default);
+        assert!(c.validate().is_ok());
+        assert_eq!(c.cache.unwrap().config_string(), "raw text");
+        assert_eq!(c.pricing.unwrap().config_string(), "");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = parse("deadline_ms = 0").validate().unwrap_err();
+        assert!(e.starts_with("policy.deadline_ms"), "{e}");
+        let e = parse("memory_mib = 0").validate().unwrap_err();
+        assert!(e.starts_with("policy.memory_mib"), "{e}");
+        let e = parse("[cache]\nplugin = \"c.wasm\"\ndefault_target = \"m\"")
+            .validate()
+            .unwrap_err();
+        assert!(e.starts_with("policy.cache.default_target"), "{e}");
+        assert!(
+            toml::from_str::<PolicyConfig>("[router]\nplugin = \"r\"\non_failure = \"maybe\"")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn prompt_features_count_what_routers_use() {
+        let chat = Prompt::Chat(vec![
+            flatmesh_runtime::ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            flatmesh_runtime::ChatMessage {
+                role: "user".into(),
+                content: "Why? And how?\n```rust\nfn main() {}\n```".into(),
+            },
+        ]);
+        let f = features(&chat);
+        assert_eq!((f.messages, f.code_blocks, f.questions), (2, 1, 2));
+        assert_eq!(f.chars, 9 + 38);
+        assert_eq!(estimate_tokens(&f), 12);
+        assert_eq!(
+            prompt_text(&chat),
+            "system: Be brief.\nuser: Why? And how?\n```rust\nfn main() {}\n```"
+        );
+    }
+}

@@ -1,0 +1,101 @@
+//! The warm tier: prepared weights of recently loaded models kept in host RAM within a budget,
+//! so that the next page-in of an evicted model is a copy from memory, not a disk read (and,
+//! for Q4_1 GGUF files, not a widening to Q8_0 again).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime},
+};
+
+use flatmesh_runtime::Image;
+
+/// What identifies the file an image was made from: if it changes, the image is stale.
+type Stamp = Option<(SystemTime, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+struct Warm {
+    image: Image,
+    path: PathBuf,
+    stamp: Stamp,
+    last_used: Instant,
+}
+
+pub struct WarmTier {
+    capacity: u64,
+    used: u64,
+    images: HashMap<String, Warm>,
+}
+
+impl WarmTier {
+    pub fn new(capacity: u64) -> Self {
+        WarmTier {
+            capacity,
+            used: 0,
+            images: HashMap::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.capacity > 0
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// The image of `id` if it was made from `path` as it is now.
+    pub fn get(&mut self, id: &str, path: &Path) -> Option<Image> {
+        let fresh = self
+            .images
+            .get(id)
+            .is_some_and(|w| w.path == path && w.stamp.is_some() && w.stamp == stamp(path));
+        if !fresh {
+            self.remove(id);
+            return None;
+        }
+        let w = self.images.get_mut(id)?;
+        w.last_used = Instant::now();
+        Some(w.image.clone())
+    }
+
+    /// Keep `image` of `id`, dropping the least recently used images to make room; an image
+    /// larger than the whole tier is not kept.
+    pub fn put(&mut self, id: &str, path: &Path, image: Image) {
+        self.remove(id);
+        if image.len() > self.capacity {
+            return;
+        }
+        while self.used + image.len() > self.capacity {
+            let Some(oldest) = self
+                .images
+                .iter()
+                .min_by_key(|(_, w)| w.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+        self.used += image.len();
+        self.images.insert(
+            id.to_string(),
+            Warm {
+                image,
+                path: path.to_path_buf(),
+                stamp: stamp(path),
+                last_used: Instant::now(),
+            },
+        );
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if let Some(w) = self.images.remove(id) {
+            self.used -= w.image.len();
+        }
+    }
+}
