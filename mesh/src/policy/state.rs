@@ -2,7 +2,7 @@
 //! answer store of the cache slot, scoped by tenant.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -186,7 +186,8 @@ struct AnswersInner {
     seq: u64,
     /// (tenant, namespace) → key → entry
     spaces: HashMap<(String, String), HashMap<String, Stored>>,
-    len: usize,
+    /// Insertion order, oldest first: seq → (tenant, namespace, key).
+    order: BTreeMap<u64, (String, String, String)>,
 }
 
 struct Stored {
@@ -198,18 +199,9 @@ struct Stored {
 
 impl AnswersInner {
     fn evict_oldest(&mut self) {
-        let oldest = self
-            .spaces
-            .iter()
-            .flat_map(|(space, m)| {
-                m.iter()
-                    .map(move |(k, s)| (s.seq, space.clone(), k.clone()))
-            })
-            .min_by_key(|(seq, _, _)| *seq);
-        if let Some((_, space, key)) = oldest {
-            if let Some(m) = self.spaces.get_mut(&space) {
+        if let Some((_, (tenant, namespace, key))) = self.order.pop_first() {
+            if let Some(m) = self.spaces.get_mut(&(tenant, namespace)) {
                 m.remove(&key);
-                self.len -= 1;
             }
         }
     }
@@ -262,25 +254,23 @@ impl Answers {
         let mut inner = lock(&self.inner);
         inner.seq += 1;
         let seq = inner.seq;
-        let space = inner
+        let space = (tenant.to_string(), namespace);
+        let stored = Stored {
+            answer,
+            vector,
+            expires: Instant::now() + Duration::from_millis(ttl),
+            seq,
+        };
+        let old = inner
             .spaces
-            .entry((tenant.to_string(), namespace))
-            .or_default();
-        let added = space
-            .insert(
-                key,
-                Stored {
-                    answer,
-                    vector,
-                    expires: Instant::now() + Duration::from_millis(ttl),
-                    seq,
-                },
-            )
-            .is_none();
-        if added {
-            inner.len += 1;
+            .entry(space.clone())
+            .or_default()
+            .insert(key.clone(), stored);
+        if let Some(old) = old {
+            inner.order.remove(&old.seq);
         }
-        while inner.len > MAX_ANSWERS {
+        inner.order.insert(seq, (space.0, space.1, key));
+        while inner.order.len() > MAX_ANSWERS {
             inner.evict_oldest();
         }
         Ok(())
@@ -346,6 +336,23 @@ mod tests {
         assert_eq!(near.answer.text, "one");
         assert!(near.similarity > 0.99);
         assert!(a.nearest("t1", "m", &[0.0, 1.0], 0.5).is_none());
+    }
+
+    #[test]
+    fn the_oldest_answers_leave_first() {
+        let a = Answers::default();
+        for i in 0..MAX_ANSWERS + 5 {
+            a.put("t", "m".into(), format!("k{i}"), answer("x"), None, 0)
+                .unwrap();
+        }
+        a.put("t", "m".into(), "k5".into(), answer("again"), None, 0)
+            .unwrap(); // replacing refreshes k5
+        a.put("t", "m".into(), "new".into(), answer("y"), None, 0)
+            .unwrap();
+        assert!(a.get("t", "m", "k4").is_none());
+        assert!(a.get("t", "m", "k6").is_none());
+        assert_eq!(a.get("t", "m", "k5").unwrap().text, "again");
+        assert!(a.get("t", "m", "k7").is_some());
     }
 
     #[test]
