@@ -47,7 +47,7 @@ impl Guest for Hostile {
                     hoard.push(std::hint::black_box(chunk));
                 }
             }
-            "trap" => core::arch::wasm32::unreachable(),
+            "trap" => trap(),
             "panic" => panic!("hostile plugin panics on request {}", request.id),
             "huge" => Ok(Some(Decision {
                 target: request.model,
@@ -69,6 +69,14 @@ impl Guest for Hostile {
             },
         }
     }
+}
+
+/// Executes WebAssembly's `unreachable` (a plain abort where the crate is built for tests).
+fn trap() -> ! {
+    #[cfg(target_arch = "wasm32")]
+    core::arch::wasm32::unreachable();
+    #[cfg(not(target_arch = "wasm32"))]
+    std::process::abort();
 }
 
 export!(Hostile);
