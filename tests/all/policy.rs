@@ -60,33 +60,35 @@ const HOSTILE: [(&str, &str); 6] = [
     ("invalid", "invalid"),
 ];
 
-#[test]
-fn hostile_router_fails_open_and_the_request_is_served() {
-    let (agent, _dir) = agent("route:tiny", "open");
-    let (status, body) = complete(&agent, "tiny");
-    assert_eq!(status, 200, "{body}");
+/// Switch the agent's router through every misbehaviour, ask for `model` each time, and let
+/// `check` judge the answer; every failure must be counted under its kind and leave the agent
+/// healthy.
+fn each_hostile_mode(agent: &Agent, model: &str, check: impl Fn(&str, &str, u16, &Value)) {
     for (mode, kind) in HOSTILE {
-        set_mode(&agent, mode);
-        let before = calls(&agent, kind);
-        let (status, body) = complete(&agent, "tiny");
-        assert_eq!(status, 200, "{mode}: {body}");
-        assert_eq!(body["model"], "tiny", "{mode}");
-        assert_eq!(
-            calls(&agent, kind),
-            before + 1.0,
-            "{mode} counted as {kind}"
-        );
+        set_mode(agent, mode);
+        let before = calls(agent, kind);
+        let (status, body) = complete(agent, model);
+        check(mode, kind, status, &body);
+        assert_eq!(calls(agent, kind), before + 1.0, "{mode} counted as {kind}");
         assert_eq!(agent.get("/healthz").status(), 200, "{mode}");
     }
 }
 
 #[test]
+fn hostile_router_fails_open_and_the_request_is_served() {
+    let (agent, _dir) = agent("route:tiny", "open");
+    let (status, body) = complete(&agent, "tiny");
+    assert_eq!(status, 200, "{body}");
+    each_hostile_mode(&agent, "tiny", |mode, _, status, body| {
+        assert_eq!(status, 200, "{mode}: {body}");
+        assert_eq!(body["model"], "tiny", "{mode}");
+    });
+}
+
+#[test]
 fn hostile_router_fails_closed_with_503_and_a_reason() {
     let (agent, _dir) = agent("route:tiny", "closed");
-    for (mode, kind) in HOSTILE {
-        set_mode(&agent, mode);
-        let before = calls(&agent, kind);
-        let (status, body) = complete(&agent, "tiny");
+    each_hostile_mode(&agent, "tiny", |mode, kind, status, body| {
         assert_eq!(status, 503, "{mode}: {body}");
         let message = body["error"]["message"].as_str().unwrap();
         assert!(
@@ -94,31 +96,17 @@ fn hostile_router_fails_closed_with_503_and_a_reason() {
             "{mode}: {message}"
         );
         assert!(message.contains(kind), "{mode}: {message}");
-        assert_eq!(
-            calls(&agent, kind),
-            before + 1.0,
-            "{mode} counted as {kind}"
-        );
-        assert_eq!(agent.get("/healthz").status(), 200, "{mode}");
-    }
+    });
 }
 
 #[test]
 fn hostile_router_falls_back_to_the_built_in_default() {
     let (agent, _dir) = agent("route:tiny", "default");
-    for (mode, kind) in HOSTILE {
-        set_mode(&agent, mode);
-        let before = calls(&agent, kind);
-        // `auto` is no model: only a router (or its built-in default) can serve it.
-        let (status, body) = complete(&agent, "auto");
+    // `auto` is no model: only a router (or its built-in default) can serve it.
+    each_hostile_mode(&agent, "auto", |mode, _, status, body| {
         assert_eq!(status, 200, "{mode}: {body}");
         assert_eq!(body["model"], "tiny", "{mode}");
-        assert_eq!(
-            calls(&agent, kind),
-            before + 1.0,
-            "{mode} counted as {kind}"
-        );
-    }
+    });
     // While a trapping plugin backs off it is not called, and requests are still served.
     set_mode(&agent, "trap");
     let statuses: Vec<u16> = (0..5).map(|_| complete(&agent, "auto").0).collect();

@@ -232,28 +232,17 @@ impl Policies {
         let on =
             |slot: &Option<SlotConfig>| slot.as_ref().map_or(OnFailure::Default, |s| s.on_failure);
         let on_failure = [on(&config.router), on(&config.cache), on(&config.pricing)];
+        let setup = |c: &Option<SlotConfig>, on: OnFailure| slot::Setup {
+            runtime: &runtime,
+            settings: settings(c),
+            on_failure: on.label(),
+            kv_bytes: config.kv_bytes,
+            metrics: &metrics,
+        };
         Ok(Policies {
-            router: Arc::new(Slot::new(
-                runtime.clone(),
-                settings(&config.router),
-                on_failure[0].label(),
-                config.kv_bytes,
-                metrics.clone(),
-            )?),
-            cache: Arc::new(Slot::new(
-                runtime.clone(),
-                settings(&config.cache),
-                on_failure[1].label(),
-                config.kv_bytes,
-                metrics.clone(),
-            )?),
-            pricing: Arc::new(Slot::new(
-                runtime.clone(),
-                settings(&config.pricing),
-                on_failure[2].label(),
-                config.kv_bytes,
-                metrics,
-            )?),
+            router: Slot::new(setup(&config.router, on_failure[0]))?,
+            cache: Slot::new(setup(&config.cache, on_failure[1]))?,
+            pricing: Slot::new(setup(&config.pricing, on_failure[2]))?,
             on_failure,
             default_target: config
                 .router

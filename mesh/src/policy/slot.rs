@@ -216,6 +216,17 @@ fn ticks(d: Duration) -> u64 {
     (d.as_micros().div_ceil(TICK.as_micros())).max(1) as u64
 }
 
+/// What a new slot is made of.
+pub struct Setup<'a> {
+    pub runtime: &'a Runtime,
+    pub settings: Settings,
+    /// The failure policy's name, for logs and the admin API.
+    pub on_failure: &'static str,
+    /// Bytes the plugin may keep in its key-value store.
+    pub kv_bytes: usize,
+    pub metrics: &'a Metrics,
+}
+
 pub struct Slot<K: Kind> {
     runtime: Runtime,
     linker: Linker<Ctx>,
@@ -231,30 +242,25 @@ pub struct Slot<K: Kind> {
 }
 
 impl<K: Kind> Slot<K> {
-    pub fn new(
-        runtime: Runtime,
-        settings: Settings,
-        on_failure: &'static str,
-        kv_cap_bytes: usize,
-        metrics: Metrics,
-    ) -> anyhow::Result<Self> {
+    pub fn new(setup: Setup<'_>) -> anyhow::Result<Arc<Self>> {
+        let runtime = setup.runtime.clone();
         let mut linker = runtime
             .linker()
             .map_err(|e| anyhow::anyhow!("linking WASI: {e:#}"))?;
         K::add_to_linker(&mut linker)
             .map_err(|e| anyhow::anyhow!("linking the {} world: {e:#}", K::SLOT))?;
-        Ok(Slot {
+        Ok(Arc::new(Slot {
             runtime,
             linker,
-            settings,
-            on_failure,
-            state: PluginState::new(K::SLOT.to_string(), kv_cap_bytes),
+            settings: setup.settings,
+            on_failure: setup.on_failure,
+            state: PluginState::new(K::SLOT.to_string(), setup.kv_bytes),
             current: RwLock::new(None),
             health: Mutex::default(),
             versions: AtomicU64::new(0),
-            metrics,
+            metrics: setup.metrics.clone(),
             attempted: Mutex::new(None),
-        })
+        }))
     }
 
     fn current(&self) -> Option<Arc<Loaded<K>>> {
