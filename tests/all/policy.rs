@@ -9,8 +9,8 @@ use flatmesh_tests::{
 };
 use serde_json::{json, Value};
 
-/// An agent with one tiny model `tiny` and the hostile router in `mode`. The deadline is
-/// generous so that only the endless loop meets it, even on a machine busy with other tests.
+/// An agent with one tiny model `tiny` and the hostile router in `mode`. The deadline counts
+/// the plugin's CPU time, so a machine busy with other tests does not trip it.
 fn agent(mode: &str, on_failure: &str) -> (Agent, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
@@ -19,7 +19,7 @@ fn agent(mode: &str, on_failure: &str) -> (Agent, tempfile::TempDir) {
         "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
          [cache]\npreload = true\nkeep_alive = -1\n\
          [[models]]\nid = \"tiny\"\npath = \"{}\"\n\
-         [policy]\ndeadline_ms = 100\nmemory_mib = 32\nwatch = false\n\
+         [policy]\ndeadline_ms = 20\nmemory_mib = 32\nwatch = false\n\
          [policy.router]\nplugin = \"{}\"\nconfig = \"{mode}\"\non_failure = \"{on_failure}\"\n\
          default_target = \"tiny\"\n",
         model.display(),

@@ -175,8 +175,7 @@ impl Runtime {
         store.limiter(|c| &mut c.limiter);
         store.epoch_deadline_callback(|mut cx| {
             let call = &mut cx.data_mut().call;
-            let guest = call.started.elapsed().saturating_sub(call.host_time);
-            if guest >= call.budget {
+            if call.over() {
                 call.timed_out = true;
                 return Ok(UpdateDeadline::Interrupt);
             }
@@ -198,6 +197,11 @@ pub struct Ctx {
 }
 
 /// The call running in a store.
+///
+/// Its deadline counts the CPU time of the guest, not the wall clock: on a busy node a call may
+/// wait for a core, and that is not the plugin's fault. CPU time is read from the calling
+/// thread's clock each epoch tick past the deadline; a wall-clock ceiling (50x the budget,
+/// at least 1 s) still ends a call that never gets to run.
 pub struct Call {
     /// The tenant the call acts for: `answers` is scoped to it.
     pub tenant: String,
@@ -205,31 +209,67 @@ pub struct Call {
     /// Time spent in host imports that wait (embeddings): not counted against the deadline.
     pub host_time: Duration,
     pub budget: Duration,
+    /// Guest CPU time so far, and where the thread clock stood when last read.
+    pub cpu: Duration,
+    mark: Option<(std::thread::ThreadId, Duration)>,
     pub timed_out: bool,
 }
 
-impl Default for Call {
-    fn default() -> Self {
-        Call {
-            tenant: String::new(),
-            started: Instant::now(),
-            host_time: Duration::ZERO,
-            budget: Duration::from_millis(5),
-            timed_out: false,
-        }
-    }
+/// The calling thread's CPU time.
+fn thread_cpu() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
-impl Ctx {
-    /// Start a call with `budget` of guest time.
-    pub fn begin(&mut self, tenant: &str, budget: Duration) {
-        self.call = Call {
+impl Call {
+    fn new(tenant: &str, budget: Duration) -> Self {
+        Call {
             tenant: tenant.to_string(),
             started: Instant::now(),
             host_time: Duration::ZERO,
             budget,
+            cpu: Duration::ZERO,
+            mark: Some((std::thread::current().id(), thread_cpu())),
             timed_out: false,
-        };
+        }
+    }
+
+    /// Add the guest CPU time since the last mark (if the call is still on that thread).
+    fn account(&mut self) {
+        let (thread, now) = (std::thread::current().id(), thread_cpu());
+        if let Some((t, then)) = self.mark {
+            if t == thread {
+                self.cpu += now.saturating_sub(then);
+            }
+        }
+        self.mark = Some((thread, now));
+    }
+
+    /// After a wait in the host: what the thread did meanwhile is not the guest's.
+    fn resume(&mut self) {
+        self.mark = Some((std::thread::current().id(), thread_cpu()));
+    }
+
+    /// Whether the call has used up its budget.
+    fn over(&mut self) -> bool {
+        self.account();
+        let wall = self.started.elapsed().saturating_sub(self.host_time);
+        let ceiling = (self.budget * 50).max(Duration::from_secs(1));
+        self.cpu >= self.budget || wall >= ceiling
+    }
+}
+
+impl Default for Call {
+    fn default() -> Self {
+        Call::new("", Duration::from_millis(5))
+    }
+}
+
+impl Ctx {
+    /// Start a call with `budget` of guest CPU time.
+    pub fn begin(&mut self, tenant: &str, budget: Duration) {
+        self.call = Call::new(tenant, budget);
         self.limiter.exceeded = false;
     }
 }
@@ -334,8 +374,10 @@ impl wit::embedder::Host for Ctx {
             return Err("this agent has no embedder".into());
         };
         let started = Instant::now();
+        self.call.account();
         let result = embedder.embed(model, text).await;
         self.call.host_time += started.elapsed();
+        self.call.resume();
         result
     }
 }

@@ -29,8 +29,8 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
-    /// Guest time one plugin call may take, in milliseconds (time the host spends computing
-    /// an embedding for the plugin is not counted).
+    /// Guest CPU time one plugin call may take, in milliseconds (time the host spends
+    /// computing an embedding for the plugin is not counted).
     pub deadline_ms: f64,
     /// Linear memory of one plugin instance, in MiB.
     pub memory_mib: u64,

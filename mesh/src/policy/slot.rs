@@ -549,7 +549,10 @@ fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: FailureKind) -> F
     let (kind, message) = if ctx.call.timed_out {
         (
             FailureKind::Timeout,
-            format!("ran past its deadline of {:?}", ctx.call.budget),
+            format!(
+                "ran past its deadline ({:?} of CPU time, {:?} allowed)",
+                ctx.call.cpu, ctx.call.budget
+            ),
         )
     } else if ctx.limiter.exceeded {
         (
