@@ -199,9 +199,11 @@ pub struct Ctx {
 /// The call running in a store.
 ///
 /// Its deadline counts the CPU time of the guest, not the wall clock: on a busy node a call may
-/// wait for a core, and that is not the plugin's fault. CPU time is read from the calling
-/// thread's clock each epoch tick past the deadline; a wall-clock ceiling (50x the budget,
-/// at least 1 s) still ends a call that never gets to run.
+/// wait for a core, and that is not the plugin's fault. The epoch callback runs once the call
+/// is a tick old (most calls end long before, and pay nothing for this); from then on it adds
+/// the thread's CPU time at every tick. The first tick is counted as run (a running guest
+/// meets an epoch check within microseconds of a tick, so it cannot have run much more). A
+/// wall-clock ceiling (50x the budget, at least 1 s) still ends a call that never gets to run.
 pub struct Call {
     /// The tenant the call acts for: `answers` is scoped to it.
     pub tenant: String,
@@ -230,7 +232,7 @@ impl Call {
             host_time: Duration::ZERO,
             budget,
             cpu: Duration::ZERO,
-            mark: Some((std::thread::current().id(), thread_cpu())),
+            mark: None,
             timed_out: false,
         }
     }
@@ -238,10 +240,10 @@ impl Call {
     /// Add the guest CPU time since the last mark (if the call is still on that thread).
     fn account(&mut self) {
         let (thread, now) = (std::thread::current().id(), thread_cpu());
-        if let Some((t, then)) = self.mark {
-            if t == thread {
-                self.cpu += now.saturating_sub(then);
-            }
+        match self.mark {
+            Some((t, then)) if t == thread => self.cpu += now.saturating_sub(then),
+            Some(_) => {}
+            None => self.cpu += self.started.elapsed().min(TICK * 2),
         }
         self.mark = Some((thread, now));
     }
@@ -409,5 +411,38 @@ impl wit::answers::Host for Ctx {
         Ok(self
             .answers
             .nearest(&self.call.tenant, &namespace, &vector, threshold))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_counts_cpu_time_not_waiting() {
+        let mut call = Call::new("t", Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!call.over(), "30 ms asleep is not 5 ms of CPU");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!call.over(), "{:?} counted", call.cpu);
+        let spinning = Instant::now();
+        while !call.over() {
+            assert!(spinning.elapsed() < Duration::from_secs(5), "never over");
+            std::hint::spin_loop();
+        }
+        assert!(call.cpu >= Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_call_that_never_runs_still_ends_at_the_wall_clock_ceiling() {
+        let mut call = Call::new("t", Duration::from_millis(100));
+        call.started -= Duration::from_secs(4);
+        assert!(!call.over(), "4 s is under the ceiling of 50 x 100 ms");
+        call.started -= Duration::from_secs(2);
+        assert!(call.over());
+        assert!(
+            call.cpu < call.budget,
+            "ended by the ceiling, not by CPU time"
+        );
     }
 }

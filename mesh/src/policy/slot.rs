@@ -18,7 +18,7 @@ use wasmtime::{
 };
 
 use super::{
-    host::{self, Ctx, Runtime, TICK},
+    host::{self, Ctx, Runtime},
     state::PluginState,
 };
 use crate::metrics::Metrics;
@@ -212,10 +212,6 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn ticks(d: Duration) -> u64 {
-    (d.as_micros().div_ceil(TICK.as_micros())).max(1) as u64
-}
-
 /// What a new slot is made of.
 pub struct Setup<'a> {
     pub runtime: &'a Runtime,
@@ -382,7 +378,7 @@ impl<K: Kind> Slot<K> {
             .runtime
             .store(self.state.clone(), self.settings.memory_cap);
         store.data_mut().begin("", budget);
-        store.set_epoch_deadline(ticks(budget));
+        store.set_epoch_deadline(1);
         let bindings = match K::instantiate(&loaded.pre, &mut store).await {
             Ok(b) => b,
             Err(e) => return Err(classify(&store, e, FailureKind::Unavailable)),
@@ -428,9 +424,8 @@ impl<K: Kind> Slot<K> {
             .store
             .data_mut()
             .begin(tenant, self.settings.deadline);
-        instance
-            .store
-            .set_epoch_deadline(ticks(self.settings.deadline));
+        // The first check comes after one tick; from there the callback counts CPU time.
+        instance.store.set_epoch_deadline(1);
         let (instance, result) = f(instance).await;
         self.metrics
             .policy_call_seconds
