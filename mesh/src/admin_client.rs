@@ -1,4 +1,4 @@
-//! `flatmesh models|tenants|ledger ...`: the admin API from the command line.
+//! `flatmesh models|tenants|ledger|policies ...`: the admin API from the command line.
 
 use std::process::ExitCode;
 
@@ -56,6 +56,59 @@ pub struct LedgerArgs {
     to: Option<u64>,
     #[command(subcommand)]
     command: LedgerCommand,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PoliciesArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    command: PoliciesCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum PoliciesCommand {
+    /// The policy slots: what is loaded in each and how it fares.
+    List,
+    /// Load a plugin into a slot again, or a new file or config (the old one stays if the new
+    /// one is rejected).
+    Reload {
+        /// router, cache or pricing
+        slot: String,
+        /// A new component file (a path on the agent's machine).
+        #[arg(long)]
+        plugin: Option<String>,
+        /// A new config: JSON, or any string given to the plugin as it is.
+        #[arg(long)]
+        config: Option<String>,
+    },
+}
+
+pub fn policies(args: PoliciesArgs) -> ExitCode {
+    use reqwest::Method;
+    let t = &args.target;
+    match args.command {
+        PoliciesCommand::List => send(t, Method::GET, "policies", None),
+        PoliciesCommand::Reload {
+            slot,
+            plugin,
+            config,
+        } => {
+            let mut body = json!({});
+            if let Some(p) = plugin {
+                body["plugin"] = json!(p);
+            }
+            if let Some(c) = config {
+                body["config"] = serde_json::from_str(&c).unwrap_or(Value::String(c));
+            }
+            send(
+                t,
+                Method::POST,
+                &format!("policies/{slot}/reload"),
+                Some(body),
+            )
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -34,6 +34,8 @@ enum Command {
     Tenants(crate::admin_client::TenantsArgs),
     /// Usage and invoices from a running agent's ledger (JSON or CSV).
     Ledger(crate::admin_client::LedgerArgs),
+    /// List and reload the policy plugins of a running agent.
+    Policies(crate::admin_client::PoliciesArgs),
 }
 
 /// Every flag overrides the config file; every flag is also an environment variable.
@@ -110,6 +112,7 @@ pub fn main() -> ExitCode {
         Command::Models(m) => return crate::admin_client::models(m),
         Command::Tenants(t) => return crate::admin_client::tenants(t),
         Command::Ledger(l) => return crate::admin_client::ledger(l),
+        Command::Policies(p) => return crate::admin_client::policies(p),
     };
     let config = match args.config() {
         Ok(c) => c,

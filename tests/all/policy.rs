@@ -169,6 +169,29 @@ fn a_bad_reload_keeps_the_working_plugin() {
         agent.metric("flatmesh_policy_reloads_total{result=\"rejected\",slot=\"router\"}"),
         3.0
     );
+
+    // The same through the CLI.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(flatmesh_tests::agent_bin())
+            .args([
+                "policies",
+                "--url",
+                &agent.url,
+                "--admin-token",
+                ADMIN_TOKEN,
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["reload", "router", "--config", "route:tiny"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"version\": 2"));
+    let out = cli(&["reload", "router", "--config", "reject"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("422"));
+    let out = cli(&["list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"version\": 2"));
 }
 
 #[test]
