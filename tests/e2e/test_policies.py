@@ -3,8 +3,11 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from conftest import EMBED, LLM, ROOT, Agent
 
@@ -38,9 +41,21 @@ tier = "gold"
 id = "city-b"
 tier = "basic"
 
+[[tenancy.tiers]]
+name = "metered"
+price = 10
+weight = 1
+
 [[tenancy.tenants]]
 id = "village"
 tier = "trial"
+
+[[tenancy.tenants]]
+id = "hamlet"
+tier = "metered"
+
+[scheduler]
+max_wait = "3s"
 
 [[models]]
 id = "small"
@@ -65,7 +80,7 @@ config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
 
 [policy.pricing]
 plugin = "{PLUGINS / 'solidarity_pricing.wasm'}"
-config = {{ budgets = {{ trial = 60 }}, pool_cost = 1500.0 }}
+config = {{ budgets = {{ trial = 60 }}, tokens_per_minute = {{ metered = 1 }}, pool_cost = 1500.0 }}
 """
 
 
@@ -75,7 +90,7 @@ def mesh():
         assert (PLUGINS / f"{name}.wasm").exists(), "run plugins/build first"
     a = Agent(config=CONFIG)
     keys = {}
-    for tenant in ("city-a", "city-b", "village"):
+    for tenant in ("city-a", "city-b", "village", "hamlet"):
         r = httpx.post(f"{a.url}/admin/tenants/{tenant}/keys", headers=ADMIN)
         assert r.status_code == 201, r.text
         keys[tenant] = r.json()["key"]
@@ -157,18 +172,42 @@ def test_a_spent_budget_is_denied(mesh):
     assert denied is not None, "the trial budget was never spent"
     assert "budget of 60 tokens" in denied.message
     assert int(denied.response.headers["retry-after"]) > 0
+    # The pricing slot guards every endpoint: embeddings, and KServe v2 over REST and gRPC.
+    with pytest.raises(openai.RateLimitError):
+        c.embeddings.create(model=EMBED, input="hello")
+    headers = {"authorization": f"Bearer {mesh.keys['village']}"}
+    rest = httpx.post(f"{mesh.url}/v2/models/{EMBED}/infer", headers=headers, json={
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]})
+    assert rest.status_code == 429 and "budget" in rest.json()["error"]
+    inp = grpcclient.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        grpcclient.InferenceServerClient(url=mesh.grpc).infer(EMBED, [inp], headers=headers)
+    assert "RESOURCE_EXHAUSTED" in e.value.status() and "budget" in e.value.message()
     # Other tiers are not affected.
     assert chat(mesh, "city-b", "Hello", model="small").parse().choices
+
+
+def test_a_tier_over_its_token_rate_is_held_then_refused(mesh):
+    c = client(mesh, "hamlet")
+    c.chat.completions.create(model="small", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    started = time.time()
+    with pytest.raises(openai.RateLimitError) as e:
+        c.chat.completions.create(model="small", messages=[{"role": "user", "content": "Hi again"}], max_tokens=2)
+    # The plugin said `wait` (1 s at a time) until the scheduler's 3 s bound ran out.
+    assert time.time() - started >= 2.0
+    assert "holds requests" in e.value.message
 
 
 def test_invoices_share_the_pool_cost_by_weight(mesh):
     inv = httpx.get(f"{mesh.url}/admin/invoice", headers=ADMIN).json()
     assert inv["pricing"] == "plugin"
     fees = {l["tenant"]: l["amount"] for l in inv["lines"] if l["description"].startswith("flat fee")}
-    assert fees == {"city-a": 1000, "city-b": 100, "village": 0}
+    assert fees == {"city-a": 1000, "city-b": 100, "village": 0, "hamlet": 10}
     shares = {l["tenant"]: l["amount"] for l in inv["lines"] if l["description"].startswith("solidarity")}
-    rest = 1500.0 - 1100.0
-    assert shares == pytest.approx({"city-a": rest * 3 / 5, "city-b": rest / 5, "village": rest / 5})
+    rest = 1500.0 - 1110.0
+    assert shares == pytest.approx({"city-a": rest * 3 / 6, "city-b": rest / 6, "village": rest / 6,
+                                    "hamlet": rest / 6})
     assert inv["total"] == pytest.approx(1500.0)
     csv = httpx.get(f"{mesh.url}/admin/invoice", headers=ADMIN, params={"format": "csv"}).text
     assert "solidarity share" in csv
