@@ -87,21 +87,27 @@ pub trait Embedder: Send + Sync {
     ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, String>>;
 }
 
-/// The wasmtime engine shared by every plugin, and its epoch ticker.
+/// The wasmtime engine shared by every plugin, and its epoch clock.
 #[derive(Clone)]
 pub struct Runtime {
     pub engine: Engine,
     /// Shared host services: the answer store and the embedder.
     pub answers: Answers,
     pub embedder: Option<Arc<dyn Embedder>>,
-    _ticker: Arc<Ticker>,
+    ticker: Arc<Ticker>,
 }
 
-struct Ticker(Arc<AtomicBool>);
+/// The epoch clock: a thread that ticks the engine's epoch, started with the first plugin and
+/// stopped when the last handle to the runtime goes.
+#[derive(Default)]
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    started: std::sync::OnceLock<Result<(), String>>,
+}
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -128,26 +134,34 @@ impl Runtime {
             .async_stack_size(1 << 20);
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("configuring the WebAssembly engine: {e:#}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let engine = engine.clone();
-            let stop = stop.clone();
-            std::thread::Builder::new()
-                .name("policy-epoch".into())
-                .spawn(move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(TICK);
-                        engine.increment_epoch();
-                    }
-                })
-                .map_err(|e| anyhow::anyhow!("starting the epoch ticker: {e}"))?;
-        }
         Ok(Runtime {
             engine,
             answers: Answers::default(),
             embedder,
-            _ticker: Arc::new(Ticker(stop)),
+            ticker: Arc::default(),
         })
+    }
+
+    /// Start the epoch clock if it is not running (an agent without plugins has no ticking
+    /// thread). Without it no deadline could fire, so a plugin must not load without it.
+    pub fn start_clock(&self) -> Result<(), String> {
+        self.ticker
+            .started
+            .get_or_init(|| {
+                let engine = self.engine.clone();
+                let stop = self.ticker.stop.clone();
+                std::thread::Builder::new()
+                    .name("policy-epoch".into())
+                    .spawn(move || {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::thread::sleep(TICK);
+                            engine.increment_epoch();
+                        }
+                    })
+                    .map(drop)
+                    .map_err(|e| format!("cannot start the epoch clock: {e}"))
+            })
+            .clone()
     }
 
     /// A linker with WASI (empty) and the host imports; each world adds only what it imports.

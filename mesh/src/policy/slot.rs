@@ -296,6 +296,7 @@ impl<K: Kind> Slot<K> {
     }
 
     async fn try_load(&self, path: &Path, config: String) -> Result<u64, String> {
+        self.runtime.start_clock()?;
         let file_stamp = stamp(path);
         *lock(&self.attempted) = file_stamp;
         let bytes = tokio::fs::read(path)
