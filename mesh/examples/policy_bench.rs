@@ -137,7 +137,7 @@ async fn run(label: &str, instances: usize, n: usize) {
     report(
         "router.route",
         measure(n, |i| async move {
-            let r = p.route(&request(i), candidates()).await.unwrap();
+            let r = p.route(&request(i), candidates(), false).await.unwrap();
             assert_eq!(r.unwrap().target, "small");
         })
         .await,
@@ -181,7 +181,7 @@ async fn run(label: &str, instances: usize, n: usize) {
         "all slots of one request",
         measure(n, |i| async move {
             let req = request(i);
-            p.route(&req, candidates()).await.unwrap();
+            p.route(&req, candidates(), false).await.unwrap();
             p.admit(&req, used).await.unwrap();
             let cp = prompt(i + 2_000_000);
             p.lookup(&cp).await.unwrap();

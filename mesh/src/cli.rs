@@ -167,6 +167,18 @@ impl crate::policy::Embedder for CacheEmbedder {
     ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, String>> {
         let cache = self.0.clone();
         Box::pin(async move {
+            // Never page in a model that cannot embed: check its kind before acquiring it.
+            let id = cache
+                .resolve(&model)
+                .ok_or_else(|| format!("no model {model:?}"))?;
+            let kind = cache
+                .status()
+                .into_iter()
+                .find(|m| m.id == id)
+                .and_then(|m| m.kind);
+            if kind != Some(flatmesh_runtime::ModelKind::Embedding) {
+                return Err(format!("{model:?} is not an embedding model"));
+            }
             let loaded = cache
                 .acquire(&model, None)
                 .await

@@ -218,7 +218,7 @@ async fn settle(
     let zero = crate::ledger::Usage::default();
     let period = p.from.map_or_else(
         || "all".to_string(),
-        |s| crate::tenancy::limits::month_label(s * 1000),
+        |s| crate::tenancy::limits::month_label(s.saturating_mul(1000)),
     );
     let lines = state
         .policies
@@ -354,7 +354,7 @@ pub struct Period {
 impl Period {
     pub fn millis(&self) -> (u64, u64) {
         (
-            self.from.map_or(0, |s| s * 1000),
+            self.from.map_or(0, |s| s.saturating_mul(1000)),
             self.to.map_or(u64::MAX, |s| s.saturating_mul(1000)),
         )
     }

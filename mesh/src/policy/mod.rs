@@ -78,8 +78,8 @@ pub struct SlotConfig {
     /// Overrides `policy.deadline_ms` for this slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<f64>,
-    /// Router only: where the built-in policy sends a request for a model that is not
-    /// registered (an alias only the plugin knows) when the plugin fails.
+    /// Router only: where the built-in policy sends a request for a name that is neither a
+    /// registered model nor a vmodel (an alias only the plugin knows) when the plugin fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_target: Option<String>,
 }
@@ -191,6 +191,10 @@ pub type CachePrompt = cache_world::Prompt;
 /// A tier as the pricing plugin sees it.
 pub use pricing_world::{InvoiceLine, PeriodUse, TenantUse, TierInfo};
 
+/// The shortest `wait` the host honours: a plugin asking again and again within microseconds
+/// would spin the host.
+const MIN_WAIT_MS: u32 = 25;
+
 /// Longest string a plugin may hand back in a decision (reasons, messages).
 const MAX_TEXT: usize = 4096;
 /// Longest cached answer.
@@ -293,10 +297,13 @@ impl Policies {
     }
 
     /// Which model serves the request: `None` keeps the one asked for.
+    /// `known` says whether the requested name is a registered model or vmodel: the built-in
+    /// default only takes requests for names nobody else serves.
     pub async fn route(
         &self,
         request: &RequestInfo,
         candidates: Vec<Candidate>,
+        known: bool,
     ) -> Result<Option<Route>, Refusal> {
         let names: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
         let outcome = self
@@ -342,18 +349,20 @@ impl Policies {
         match self.on_failure[0] {
             OnFailure::Open => Ok(None),
             OnFailure::Closed => Err(Refusal::closed("router", &failure)),
-            OnFailure::Default => Ok(self
-                .default_target
-                .as_ref()
-                .filter(|_| !names.contains(&request.model))
-                .map(|t| Route {
-                    target: t.clone(),
-                    fallbacks: Vec::new(),
-                    reason: format!(
-                        "built-in default (the router failed: {})",
-                        failure.kind.label()
-                    ),
-                })),
+            OnFailure::Default => {
+                Ok(self
+                    .default_target
+                    .as_ref()
+                    .filter(|_| !known)
+                    .map(|t| Route {
+                        target: t.clone(),
+                        fallbacks: Vec::new(),
+                        reason: format!(
+                            "built-in default (the router failed: {})",
+                            failure.kind.label()
+                        ),
+                    }))
+            }
         }
     }
 
@@ -429,6 +438,7 @@ impl Policies {
                     ))
                 }
                 Outcome::Done(pricing_world::Admission::Wait(ms)) => {
+                    let ms = ms.max(MIN_WAIT_MS);
                     let until = tokio::time::Instant::now() + Duration::from_millis(ms.into());
                     if until > deadline {
                         return Err(Refusal {

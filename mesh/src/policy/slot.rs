@@ -235,6 +235,11 @@ pub struct Slot<K: Kind> {
     metrics: Metrics,
     /// The last file stamp a reload was attempted for (so a broken file is tried once).
     attempted: Mutex<Option<(SystemTime, u64)>>,
+    /// One load at a time: a reload through the API and one from the file watcher must not
+    /// race (the last to finish would win with the other's file or config).
+    loading: tokio::sync::Mutex<()>,
+    /// Calls in flight (each holds an instance): more wait for a permit, briefly.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl<K: Kind> Slot<K> {
@@ -256,6 +261,8 @@ impl<K: Kind> Slot<K> {
             versions: AtomicU64::new(0),
             metrics: setup.metrics.clone(),
             attempted: Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         }))
     }
 
@@ -278,6 +285,7 @@ impl<K: Kind> Slot<K> {
     /// Compile, link and initialise a plugin; on success it replaces the one loaded (calls in
     /// flight finish on the old one). On failure the old one stays and the reason comes back.
     pub async fn load(&self, path: &Path, config: String) -> Result<u64, String> {
+        let _one = self.loading.lock().await;
         let result = self.try_load(path, config).await;
         let outcome = if result.is_ok() { "ok" } else { "rejected" };
         self.metrics
@@ -331,6 +339,7 @@ impl<K: Kind> Slot<K> {
             )
             .await
             .map_err(|f| format!("init failed: {f}"))?;
+        // Loads are serialized (`loading`), so versions are published in order.
         loaded.version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
         lock(&loaded.idle).push(first);
         let version = loaded.version;
@@ -363,6 +372,11 @@ impl<K: Kind> Slot<K> {
             // Let a writer finish: the stamp must hold still for one more period.
             tokio::time::sleep(every.min(Duration::from_millis(200))).await;
             if stamp(&cur.path) != now {
+                continue;
+            }
+            // An API reload may have happened meanwhile: take what is current now.
+            let Some(cur) = self.current() else { continue };
+            if stamp(&cur.path) == cur.stamp {
                 continue;
             }
             let _ = self.load(&cur.path, cur.config.clone()).await;
@@ -413,13 +427,35 @@ impl<K: Kind> Slot<K> {
                 }));
             }
         }
+        let limit = self.call_limit();
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout(limit, self.in_flight.clone().acquire_owned()).await
+        else {
+            // The host is overloaded, not the plugin at fault: no backoff, no burst.
+            self.metrics
+                .policy_calls
+                .with_label_values(&[K::SLOT, FailureKind::Unavailable.label()])
+                .inc();
+            return Outcome::Failed(Failure {
+                kind: FailureKind::Unavailable,
+                message: format!("{MAX_IN_FLIGHT} calls in flight; no instance free"),
+            });
+        };
         let idle = lock(&loaded.idle).pop();
         let mut instance = match idle {
             Some(i) => i,
-            None => match self.instantiate(&loaded, self.settings.deadline * 20).await {
-                Ok(i) => i,
-                Err(f) => return Outcome::Failed(self.failed(f)),
-            },
+            None => {
+                let made = tokio::time::timeout(
+                    limit,
+                    self.instantiate(&loaded, self.settings.deadline * 20),
+                )
+                .await;
+                match made {
+                    Ok(Ok(i)) => i,
+                    Ok(Err(f)) => return Outcome::Failed(self.failed(f)),
+                    Err(_) => return Outcome::Failed(self.failed(over_limit(limit))),
+                }
+            }
         };
         instance
             .store
@@ -427,7 +463,11 @@ impl<K: Kind> Slot<K> {
             .begin(tenant, self.settings.deadline);
         // The first check comes after one tick; from there the callback counts CPU time.
         instance.store.set_epoch_deadline(1);
-        let (instance, result) = f(instance).await;
+        // Guest time is bounded by the epoch callback; this bounds the rest (a guest blocked
+        // in a host import). The instance is dropped with the call.
+        let Ok((instance, result)) = tokio::time::timeout(limit, f(instance)).await else {
+            return Outcome::Failed(self.failed(over_limit(limit)));
+        };
         self.metrics
             .policy_call_seconds
             .with_label_values(&[K::SLOT])
@@ -455,6 +495,12 @@ impl<K: Kind> Slot<K> {
             // The instance is dropped: its state may be broken.
             Err(e) => Outcome::Failed(self.failed(classify(&instance.store, e, FailureKind::Trap))),
         }
+    }
+
+    /// The longest a call may take in all: the guest's CPU budget is enforced by the epoch
+    /// callback; beyond that a call may wait in the host (an embedding model paging in).
+    fn call_limit(&self) -> Duration {
+        (self.settings.deadline * 50).max(Duration::from_secs(1)) + Duration::from_secs(30)
     }
 
     /// A result that broke the contract: counted like any failure.
@@ -486,10 +532,15 @@ impl<K: Kind> Slot<K> {
         let now = Instant::now();
         let mut h = lock(&self.health);
         h.failures += 1;
+        // One request can make a healthy plugin fail (a huge prompt, say); only failures in a
+        // row put the slot to rest.
         if failure.kind.backs_off() {
             h.consecutive += 1;
-            let rest = Duration::from_millis(250) * 2u32.pow(h.consecutive.min(8) - 1);
-            h.backoff_until = Some(now + rest.min(Duration::from_secs(30)));
+            if h.consecutive >= BACKOFF_AFTER {
+                let n = (h.consecutive - BACKOFF_AFTER).min(7);
+                let rest = Duration::from_millis(250) * 2u32.pow(n);
+                h.backoff_until = Some(now + rest.min(Duration::from_secs(30)));
+            }
         }
         match &mut h.burst {
             None => {
@@ -524,6 +575,20 @@ impl<K: Kind> Slot<K> {
             failing_now: h.burst.is_some(),
             idle_instances: cur.as_ref().map_or(0, |c| lock(&c.idle).len()),
         }
+    }
+}
+
+/// Calls of one slot in flight at once (each holds an instance; the pool has room for all
+/// three slots and a reload's overlap).
+const MAX_IN_FLIGHT: usize = 64;
+
+/// Failures in a row (trap, timeout, memory) after which a slot backs off.
+const BACKOFF_AFTER: u32 = 3;
+
+fn over_limit(limit: Duration) -> Failure {
+    Failure {
+        kind: FailureKind::Timeout,
+        message: format!("did not finish within {limit:?} (blocked in a host call)"),
     }
 }
 

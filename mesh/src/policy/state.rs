@@ -94,17 +94,22 @@ impl Kv {
 
     pub fn set(&self, key: String, value: Vec<u8>, ttl_ms: u64) -> Result<(), String> {
         let mut kv = lock(&self.inner);
-        kv.remove(&key);
         let size = key.len() + value.len();
-        if kv.bytes + size > self.cap {
+        // What the store would hold with this entry in place of the old one (which stays if
+        // the new one does not fit).
+        let after = |kv: &KvInner| {
+            kv.bytes + size - kv.entries.get(&key).map_or(0, |(v, _)| key.len() + v.len())
+        };
+        if after(&kv) > self.cap {
             kv.purge_expired();
         }
-        if kv.bytes + size > self.cap {
+        if after(&kv) > self.cap {
             return Err(format!(
                 "the key-value store is full ({} of {} bytes used; this entry needs {size})",
                 kv.bytes, self.cap
             ));
         }
+        kv.remove(&key);
         kv.bytes += size;
         kv.entries.insert(key, (value, expiry(ttl_ms)));
         Ok(())
@@ -125,6 +130,8 @@ pub struct Counters {
 const MAX_WINDOW_S: u64 = 3600;
 /// More names than this and new names are not counted (a plugin must not exhaust the host).
 const MAX_COUNTERS: usize = 10_000;
+/// Longest counter name, answer key or namespace.
+const MAX_NAME: usize = 512;
 
 fn now_s() -> u64 {
     crate::ledger::now_ms() / 1000
@@ -134,7 +141,7 @@ impl Counters {
     pub fn add(&self, name: &str, amount: u64, window_ms: u64) -> u64 {
         let now = now_s();
         let mut all = lock(&self.inner);
-        if !all.contains_key(name) && all.len() >= MAX_COUNTERS {
+        if !all.contains_key(name) && (all.len() >= MAX_COUNTERS || name.len() > MAX_NAME) {
             return 0;
         }
         let buckets = all.entry(name.to_string()).or_default();
@@ -170,6 +177,16 @@ fn sum(buckets: &VecDeque<(u64, u64)>, now: u64, window_ms: u64) -> u64 {
 
 /// Most answers kept, all tenants together; the oldest go first.
 const MAX_ANSWERS: usize = 10_000;
+/// Most bytes of answers and vectors kept, all tenants together.
+const MAX_ANSWER_STORE_BYTES: usize = 256 << 20;
+/// Longest answer text.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// Longest vector.
+const MAX_DIMS: usize = 8192;
+
+fn stored_size(answer: &Answer, vector: Option<&[f32]>) -> usize {
+    answer.text.len() + answer.finish_reason.len() + vector.map_or(0, |v| v.len() * 4)
+}
 /// An answer kept without a TTL of its own lives this long.
 const DEFAULT_ANSWER_TTL_MS: u64 = 3_600_000;
 
@@ -188,6 +205,7 @@ struct AnswersInner {
     spaces: HashMap<(String, String), HashMap<String, Stored>>,
     /// Insertion order, oldest first: seq → (tenant, namespace, key).
     order: BTreeMap<u64, (String, String, String)>,
+    bytes: usize,
 }
 
 struct Stored {
@@ -200,8 +218,12 @@ struct Stored {
 impl AnswersInner {
     fn evict_oldest(&mut self) {
         if let Some((_, (tenant, namespace, key))) = self.order.pop_first() {
-            if let Some(m) = self.spaces.get_mut(&(tenant, namespace)) {
-                m.remove(&key);
+            if let Some(old) = self
+                .spaces
+                .get_mut(&(tenant, namespace))
+                .and_then(|m| m.remove(&key))
+            {
+                self.bytes -= stored_size(&old.answer, old.vector.as_deref());
             }
         }
     }
@@ -242,10 +264,19 @@ impl Answers {
     ) -> Result<(), String> {
         if vector
             .as_ref()
-            .is_some_and(|v| v.iter().any(|x| !x.is_finite()))
+            .is_some_and(|v| v.len() > MAX_DIMS || v.iter().any(|x| !x.is_finite()))
         {
-            return Err("the vector has a value that is not a finite number".into());
+            return Err(format!(
+                "the vector must have at most {MAX_DIMS} finite numbers"
+            ));
         }
+        if key.len() > MAX_NAME || namespace.len() > MAX_NAME {
+            return Err(format!("keys and namespaces are at most {MAX_NAME} bytes"));
+        }
+        if answer.text.len() > MAX_ANSWER_BYTES {
+            return Err(format!("an answer is at most {MAX_ANSWER_BYTES} bytes"));
+        }
+        let size = stored_size(&answer, vector.as_deref());
         let ttl = if ttl_ms == 0 {
             DEFAULT_ANSWER_TTL_MS
         } else {
@@ -268,9 +299,11 @@ impl Answers {
             .insert(key.clone(), stored);
         if let Some(old) = old {
             inner.order.remove(&old.seq);
+            inner.bytes -= stored_size(&old.answer, old.vector.as_deref());
         }
+        inner.bytes += size;
         inner.order.insert(seq, (space.0, space.1, key));
-        while inner.order.len() > MAX_ANSWERS {
+        while inner.order.len() > MAX_ANSWERS || inner.bytes > MAX_ANSWER_STORE_BYTES {
             inner.evict_oldest();
         }
         Ok(())
@@ -361,6 +394,12 @@ mod tests {
         kv.set("a".into(), vec![0; 5], 0).unwrap();
         assert!(kv.set("b".into(), vec![0; 5], 0).is_err());
         kv.set("a".into(), vec![0; 9], 0).unwrap(); // replacing frees the old value
+        assert!(kv.set("a".into(), vec![0; 10], 0).is_err());
+        assert_eq!(
+            kv.get("a").map(|v| v.len()),
+            Some(9),
+            "a failed set keeps the old value"
+        );
         kv.delete("a");
         kv.set("c".into(), vec![1], 1).unwrap();
         std::thread::sleep(Duration::from_millis(5));

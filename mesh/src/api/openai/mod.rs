@@ -233,9 +233,10 @@ async fn run(
             common.stream,
         );
         let mut targets = vec![common.model.clone()];
+        let known = state.cache.contains(&common.model);
         if let Some(route) = state
             .policies
-            .route(&info, candidates(&state, &caller))
+            .route(&info, candidates(&state, &caller), known)
             .await?
         {
             tracing::info!(target = %route.target, reason = %route.reason, "Routed");
@@ -259,9 +260,14 @@ async fn run(
             state.metrics.response_cache.with_label_values(&[result]).inc();
             if let Some(answer) = hit {
                 bill.cache_hit();
+                // The plugin's count is checked against the text (a token is at least one
+                // byte, and any text is at least one token); the prompt was not tokenized,
+                // so its tokens are the estimate policies saw.
+                let completion_tokens = (answer.completion_tokens as usize)
+                    .clamp(usize::from(!answer.text.is_empty()), answer.text.len().max(1));
                 let g = Generation {
                     prompt_tokens: cp.request.prompt_tokens as usize,
-                    completion_tokens: answer.completion_tokens as usize,
+                    completion_tokens,
                     finish_reason: match answer.finish_reason.as_str() {
                         "length" => FinishReason::Length,
                         _ => FinishReason::Stop,
@@ -299,6 +305,10 @@ async fn run(
         };
         running.hold(held);
         let served = running.model.clone();
+        // A fallback may have served it: its answer belongs to its own namespace.
+        if let Some(cp) = &mut remember {
+            cp.target = served.clone();
+        }
         Ok::<_, ApiError>((Started::Running(running, bill, remember), common, served))
     }
     .instrument(span.clone())
