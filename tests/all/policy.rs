@@ -19,7 +19,7 @@ fn agent(mode: &str, on_failure: &str) -> (Agent, tempfile::TempDir) {
         "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
          [cache]\npreload = true\nkeep_alive = -1\n\
          [[models]]\nid = \"tiny\"\npath = \"{}\"\n\
-         [policy]\ndeadline_ms = 20\nmemory_mib = 32\nwatch = false\n\
+         [policy]\ndeadline_ms = 20\nmemory_mib = 32\nhost_wait_ms = 500\nwatch = false\n\
          [policy.router]\nplugin = \"{}\"\nconfig = \"{mode}\"\non_failure = \"{on_failure}\"\n\
          default_target = \"tiny\"\n",
         model.display(),
@@ -51,8 +51,9 @@ fn set_mode(agent: &Agent, mode: &str) {
 }
 
 /// Each misbehaviour and the failure kind the agent must see.
-const HOSTILE: [(&str, &str); 6] = [
+const HOSTILE: [(&str, &str); 7] = [
     ("loop", "timeout"),
+    ("sleep", "timeout"),
     ("bomb", "memory"),
     ("trap", "trap"),
     ("panic", "trap"),

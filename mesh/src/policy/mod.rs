@@ -36,6 +36,9 @@ pub struct PolicyConfig {
     pub memory_mib: u64,
     /// Initialised instances kept ready per slot.
     pub instances: usize,
+    /// How long one call may wait in the host besides its CPU budget (an embedding model
+    /// paging in), in milliseconds. A call blocked longer ends as a timeout.
+    pub host_wait_ms: u64,
     /// Bytes each plugin may keep in its key-value store.
     pub kv_bytes: usize,
     /// Reload a plugin when its file changes (checked every second).
@@ -54,6 +57,7 @@ impl Default for PolicyConfig {
             deadline_ms: 5.0,
             memory_mib: 32,
             instances: 4,
+            host_wait_ms: 30_000,
             kv_bytes: 1 << 20,
             watch: true,
             router: None,
@@ -123,6 +127,12 @@ impl PolicyConfig {
             return Err(format!(
                 "policy.deadline_ms: {} is not in (0, 10000]",
                 self.deadline_ms
+            ));
+        }
+        if self.instances > 64 {
+            return Err(format!(
+                "policy.instances: {} is more than 64 (the calls a slot runs at once)",
+                self.instances
             ));
         }
         if !(1..=4096).contains(&self.memory_mib) {
@@ -232,6 +242,7 @@ impl Policies {
             ),
             memory_cap,
             max_idle: config.instances,
+            host_wait: Duration::from_millis(config.host_wait_ms),
         };
         let on =
             |slot: &Option<SlotConfig>| slot.as_ref().map_or(OnFailure::Default, |s| s.on_failure);

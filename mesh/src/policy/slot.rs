@@ -100,6 +100,8 @@ pub struct Settings {
     pub memory_cap: usize,
     /// Instances kept ready between calls.
     pub max_idle: usize,
+    /// How long a call may wait in the host (see `PolicyConfig::host_wait_ms`).
+    pub host_wait: Duration,
 }
 
 /// How a call to a plugin failed.
@@ -500,7 +502,7 @@ impl<K: Kind> Slot<K> {
     /// The longest a call may take in all: the guest's CPU budget is enforced by the epoch
     /// callback; beyond that a call may wait in the host (an embedding model paging in).
     fn call_limit(&self) -> Duration {
-        (self.settings.deadline * 50).max(Duration::from_secs(1)) + Duration::from_secs(30)
+        (self.settings.deadline * 50).max(Duration::from_secs(1)) + self.settings.host_wait
     }
 
     /// A result that broke the contract: counted like any failure.

@@ -2,9 +2,9 @@
 //!
 //! Its config string picks the behaviour of `route`: `loop` (never returns), `bomb` (allocates
 //! until memory runs out), `trap` (executes `unreachable`), `panic`, `huge` (returns a 1 MiB
-//! reason), `invalid` (routes to a model that is not a
-//! candidate), `reject` (refuses its config at init), or `route:<model>` (behaves, routing every
-//! request to `<model>`).
+//! reason), `invalid` (routes to a model that is not a candidate), `sleep` (blocks in a host
+//! call for an hour), `reject` (refuses its config at init), or `route:<model>` (behaves,
+//! routing every request to `<model>`).
 
 use std::cell::RefCell;
 
@@ -48,6 +48,10 @@ impl Guest for Hostile {
                 }
             }
             "trap" => trap(),
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(None)
+            }
             "panic" => panic!("hostile plugin panics on request {}", request.id),
             "huge" => Ok(Some(Decision {
                 target: request.model,
