@@ -235,3 +235,37 @@ fn a_plugin_file_that_changes_is_reloaded() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_agent_does_not_start_with_a_plugin_that_rejects_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("flatmesh.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[policy.router]\nplugin = \"{}\"\nconfig = \"reject\"\n",
+            plugin("hostile").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(flatmesh_tests::agent_bin())
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("policy.router") && err.contains("rejected on purpose"),
+        "{err}"
+    );
+}
