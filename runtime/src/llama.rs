@@ -5,7 +5,7 @@ use std::{
     io::{BufReader, Cursor, Read, Seek},
     ops::ControlFlow,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use candle_core::{
@@ -43,18 +43,34 @@ const WIDEN_TO_Q8_0: &[GgmlDType] = &[GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDTyp
 /// handles (the weights themselves are shared) with its own KV cache.
 pub struct LlamaEngine {
     model: ModelWeights,
-    tokenizer: GgufTokenizer,
-    template: Option<ChatTemplate>,
+    tokenizer: Arc<GgufTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
     info: ModelInfo,
     size_bytes: u64,
     device: Device,
+}
+
+/// What an engine needs to read and write text, built from the GGUF metadata: kept with a
+/// warm image so that a page-in from it does not build the tokenizer again.
+#[derive(Clone, Debug)]
+pub struct TextParts {
+    tokenizer: Arc<GgufTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
 }
 
 impl LlamaEngine {
     /// Load a GGUF file.
     pub fn load(path: &Path) -> Result<Self> {
         let (ct, reader) = read_header(path)?;
-        Ok(Self::build(path, ct, reader, false)?.0)
+        Ok(Self::build(path, ct, reader, false, None)?.0)
+    }
+
+    /// The tokenizer and chat template, shared with whoever keeps them.
+    pub fn text_parts(&self) -> TextParts {
+        TextParts {
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+        }
     }
 
     /// Load a GGUF file and also return its prepared weights (widened where needed) as GGUF
@@ -64,17 +80,18 @@ impl LlamaEngine {
         let mut reader = Cursor::new(bytes);
         let ct =
             gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
-        let (engine, widened) = Self::build(path, ct, &mut reader, true)?;
+        let (engine, widened) = Self::build(path, ct, &mut reader, true, None)?;
         Ok((engine, widened.unwrap_or_else(|| reader.into_inner())))
     }
 
-    /// Load from prepared GGUF bytes in memory (see `load_keeping_image`).
-    pub fn load_image(image: &[u8]) -> Result<Self> {
+    /// Load from prepared GGUF bytes in memory (see `load_keeping_image`), reusing the text
+    /// parts of an earlier load of the same bytes when given.
+    pub fn load_image(image: &[u8], text: Option<TextParts>) -> Result<Self> {
         let path = Path::new("<warm image>");
         let mut reader = Cursor::new(image);
         let ct =
             gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
-        Ok(Self::build(path, ct, reader, false)?.0)
+        Ok(Self::build(path, ct, reader, false, text)?.0)
     }
 
     /// The engine from a parsed header and a reader of the tensor data; with `keep`, also the
@@ -84,6 +101,7 @@ impl LlamaEngine {
         ct: gguf_file::Content,
         mut reader: R,
         keep: bool,
+        text: Option<TextParts>,
     ) -> Result<(Self, Option<Vec<u8>>)> {
         let bad = |reason: String| bad_gguf(path, reason);
         let arch = ct
@@ -100,19 +118,32 @@ impl LlamaEngine {
             .get("llama.context_length")
             .and_then(|v| v.to_u32().ok())
             .map_or(MAX_SEQ_LEN, |n| (n as usize).min(MAX_SEQ_LEN));
-        let tokenizer = GgufTokenizer::from_gguf(&ct)?;
-        let template = match ct.metadata.get("tokenizer.chat_template") {
-            Some(v) => {
-                let src = v.to_string().map_err(|e| bad(e.to_string()))?;
-                let name =
-                    |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
-                Some(ChatTemplate::new(
-                    src,
-                    &name(&tokenizer.bos),
-                    &name(&tokenizer.eos),
-                )?)
+        let TextParts {
+            tokenizer,
+            template,
+        } = match text {
+            Some(parts) => parts,
+            None => {
+                let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+                let template = match ct.metadata.get("tokenizer.chat_template") {
+                    Some(v) => {
+                        let src = v.to_string().map_err(|e| bad(e.to_string()))?;
+                        let name = |t: &Option<(u32, String)>| {
+                            t.as_ref().map(|t| t.1.clone()).unwrap_or_default()
+                        };
+                        Some(ChatTemplate::new(
+                            src,
+                            &name(&tokenizer.bos),
+                            &name(&tokenizer.eos),
+                        )?)
+                    }
+                    None => None,
+                };
+                TextParts {
+                    tokenizer: Arc::new(tokenizer),
+                    template: template.map(Arc::new),
+                }
             }
-            None => None,
         };
         let device = Device::Cpu;
         let (model, size_bytes, widened) = match widen_slow_quantizations(&ct, &mut reader, &device)
@@ -435,15 +466,15 @@ mod tests {
         // The demo file is Q4_1: the image holds the widened (Q8_0) weights.
         let file_len = std::fs::metadata(demo_path()).unwrap().len() as usize;
         assert!(image.len() > file_len, "{} vs {file_len}", image.len());
-        let from_image = LlamaEngine::load_image(&image).unwrap();
+        let from_image = LlamaEngine::load_image(&image, None).unwrap();
+        let with_text = LlamaEngine::load_image(&image, Some(from_file.text_parts())).unwrap();
         assert_eq!(from_image.size_bytes, from_file.size_bytes);
         let prompt = "The capital of France is";
-        assert_eq!(
-            greedy(&from_image, prompt, 6).text,
-            greedy(&from_file, prompt, 6).text
-        );
+        let expected = greedy(&from_file, prompt, 6).text;
+        assert_eq!(greedy(&from_image, prompt, 6).text, expected);
+        assert_eq!(greedy(&with_text, prompt, 6).text, expected);
         assert!(matches!(
-            LlamaEngine::load_image(&image[..1000]),
+            LlamaEngine::load_image(&image[..1000], None),
             Err(RuntimeError::BadFormat { .. })
         ));
     }

@@ -77,6 +77,7 @@ pub fn footprint(path: &Path, format: Format) -> Result<Footprint> {
 #[derive(Clone)]
 pub struct Image {
     bytes: Arc<Vec<u8>>,
+    text: Option<crate::llama::TextParts>,
 }
 
 impl std::fmt::Debug for Image {
@@ -102,6 +103,7 @@ pub fn load_keeping_image(path: &Path, format: Format) -> Result<(Arc<dyn Engine
             let (engine, bytes) = LlamaEngine::load_keeping_image(path)?;
             let image = Image {
                 bytes: Arc::new(bytes),
+                text: Some(engine.text_parts()),
             };
             (Arc::new(engine), Some(image))
         }
@@ -111,7 +113,10 @@ pub fn load_keeping_image(path: &Path, format: Format) -> Result<(Arc<dyn Engine
 
 /// Load a model from its image (a memory copy and parse, no disk).
 pub fn load_image(image: &Image) -> Result<Arc<dyn Engine>> {
-    Ok(Arc::new(LlamaEngine::load_image(&image.bytes)?))
+    Ok(Arc::new(LlamaEngine::load_image(
+        &image.bytes,
+        image.text.clone(),
+    )?))
 }
 
 /// Load a model. Blocks while it reads the weights.
