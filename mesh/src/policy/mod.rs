@@ -111,7 +111,7 @@ pub enum OnFailure {
 }
 
 impl OnFailure {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             OnFailure::Open => "open",
             OnFailure::Closed => "closed",
@@ -176,7 +176,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn closed(slot: &str, f: &Failure) -> Self {
+    pub(crate) fn closed(slot: &str, f: &Failure) -> Self {
         Refusal {
             status: 503,
             message: format!("the {slot} policy failed: {f}"),
@@ -216,7 +216,6 @@ pub struct Policies {
     pub router: Arc<Slot<RouterKind>>,
     pub cache: Arc<Slot<CacheKind>>,
     pub pricing: Arc<Slot<PricingKind>>,
-    on_failure: [OnFailure; 3],
     default_target: Option<String>,
     /// Longest a pricing `wait` may hold a request in all.
     max_wait: Duration,
@@ -244,21 +243,17 @@ impl Policies {
             max_idle: config.instances,
             host_wait: Duration::from_millis(config.host_wait_ms),
         };
-        let on =
-            |slot: &Option<SlotConfig>| slot.as_ref().map_or(OnFailure::Default, |s| s.on_failure);
-        let on_failure = [on(&config.router), on(&config.cache), on(&config.pricing)];
-        let setup = |c: &Option<SlotConfig>, on: OnFailure| slot::Setup {
+        let setup = |c: &Option<SlotConfig>| slot::Setup {
             runtime: &runtime,
             settings: settings(c),
-            on_failure: on.label(),
+            on_failure: c.as_ref().map_or(OnFailure::Default, |s| s.on_failure),
             kv_bytes: config.kv_bytes,
             metrics: &metrics,
         };
         Ok(Policies {
-            router: Slot::new(setup(&config.router, on_failure[0]))?,
-            cache: Slot::new(setup(&config.cache, on_failure[1]))?,
-            pricing: Slot::new(setup(&config.pricing, on_failure[2]))?,
-            on_failure,
+            router: Slot::new(setup(&config.router))?,
+            cache: Slot::new(setup(&config.cache))?,
+            pricing: Slot::new(setup(&config.pricing))?,
             default_target: config
                 .router
                 .as_ref()
@@ -357,7 +352,7 @@ impl Policies {
             }
             Outcome::Failed(f) => f,
         };
-        match self.on_failure[0] {
+        match self.router.on_failure {
             OnFailure::Open => Ok(None),
             OnFailure::Closed => Err(Refusal::closed("router", &failure)),
             OnFailure::Default => {
@@ -375,6 +370,11 @@ impl Policies {
                     }))
             }
         }
+    }
+
+    /// Whether a router plugin is loaded (else candidates are not worth listing).
+    pub fn routes(&self) -> bool {
+        self.router.is_loaded()
     }
 
     pub fn caches(&self) -> bool {
@@ -398,10 +398,7 @@ impl Policies {
                 .invalid(format!("an answer of {} bytes is too large", a.text.len())),
             Outcome::Failed(f) => f,
         };
-        match self.on_failure[1] {
-            OnFailure::Closed => Err(Refusal::closed("cache", &failure)),
-            OnFailure::Open | OnFailure::Default => Ok(None),
-        }
+        self.cache.fallback(&failure, None)
     }
 
     /// Offer a fresh answer to the cache. Failures are counted and logged, never the
@@ -422,6 +419,9 @@ impl Policies {
         request: &RequestInfo,
         used: impl Fn() -> PeriodUse,
     ) -> Result<(), Refusal> {
+        if !self.pricing.is_loaded() {
+            return Ok(()); // The period's use is not worth reading for nobody.
+        }
         let deadline = tokio::time::Instant::now() + self.max_wait;
         loop {
             let used = used();
@@ -466,10 +466,7 @@ impl Policies {
                 }
                 Outcome::Failed(f) => f,
             };
-            return match self.on_failure[2] {
-                OnFailure::Closed => Err(Refusal::closed("pricing", &failure)),
-                OnFailure::Open | OnFailure::Default => Ok(()),
-            };
+            return self.pricing.fallback(&failure, ());
         }
     }
 
@@ -516,10 +513,7 @@ impl Policies {
             },
             Outcome::Failed(f) => f,
         };
-        match self.on_failure[2] {
-            OnFailure::Closed => Err(Refusal::closed("pricing", &failure)),
-            OnFailure::Open | OnFailure::Default => Ok(None),
-        }
+        self.pricing.fallback(&failure, None)
     }
 }
 

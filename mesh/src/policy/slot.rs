@@ -20,6 +20,7 @@ use wasmtime::{
 use super::{
     host::{self, Ctx, Runtime},
     state::PluginState,
+    OnFailure, Refusal,
 };
 use crate::metrics::Metrics;
 
@@ -218,8 +219,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 pub struct Setup<'a> {
     pub runtime: &'a Runtime,
     pub settings: Settings,
-    /// The failure policy's name, for logs and the admin API.
-    pub on_failure: &'static str,
+    /// What a failing plugin means for the request.
+    pub on_failure: OnFailure,
     /// Bytes the plugin may keep in its key-value store.
     pub kv_bytes: usize,
     pub metrics: &'a Metrics,
@@ -229,7 +230,7 @@ pub struct Slot<K: Kind> {
     runtime: Runtime,
     linker: Linker<Ctx>,
     pub settings: Settings,
-    pub on_failure: &'static str,
+    pub on_failure: OnFailure,
     state: Arc<PluginState>,
     current: RwLock<Option<Arc<Loaded<K>>>>,
     health: Mutex<Health>,
@@ -505,6 +506,15 @@ impl<K: Kind> Slot<K> {
         (self.settings.deadline * 50).max(Duration::from_secs(1)) + self.settings.host_wait
     }
 
+    /// Where a request goes when this slot's plugin failed and the built-in policy is to do
+    /// nothing: `closed` refuses it, `open` and `default` go on with `otherwise`.
+    pub fn fallback<T>(&self, failure: &Failure, otherwise: T) -> Result<T, Refusal> {
+        match self.on_failure {
+            OnFailure::Closed => Err(Refusal::closed(K::SLOT, failure)),
+            OnFailure::Open | OnFailure::Default => Ok(otherwise),
+        }
+    }
+
     /// A result that broke the contract: counted like any failure.
     pub fn invalid(&self, message: String) -> Failure {
         self.failed(Failure {
@@ -547,7 +557,7 @@ impl<K: Kind> Slot<K> {
         match &mut h.burst {
             None => {
                 h.burst = Some((1, now));
-                tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, on_failure = self.on_failure, "Policy plugin failed");
+                tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, on_failure = self.on_failure.label(), "Policy plugin failed");
             }
             Some((count, last)) => {
                 *count += 1;
@@ -572,7 +582,7 @@ impl<K: Kind> Slot<K> {
             loaded_ms: cur.as_ref().map(|c| c.loaded_ms),
             deadline_ms: self.settings.deadline.as_secs_f64() * 1000.0,
             memory_cap_bytes: self.settings.memory_cap,
-            on_failure: self.on_failure,
+            on_failure: self.on_failure.label(),
             failures: h.failures,
             failing_now: h.burst.is_some(),
             idle_instances: cur.as_ref().map_or(0, |c| lock(&c.idle).len()),

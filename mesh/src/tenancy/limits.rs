@@ -109,6 +109,10 @@ impl Limits {
         self.tenants.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_tiers(&self) -> std::sync::MutexGuard<'_, HashMap<String, TierMonth>> {
+        self.tiers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Admit a request of `caller` now, or say which limit it is over.
     pub fn admit(&self, caller: &Caller) -> Result<Admission, LimitError> {
         let tier = &caller.tier;
@@ -246,12 +250,7 @@ impl Limits {
     }
 
     fn tier_month(&self, tier: &str, (start, end): (u64, u64)) -> (u64, u64) {
-        if let Some(&(s, r, t)) = self
-            .tiers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tier)
-        {
+        if let Some(&(s, r, t)) = self.lock_tiers().get(tier) {
             if s == start {
                 return (r, t);
             }
@@ -267,17 +266,14 @@ impl Limits {
                     })
             })
             .unwrap_or((0, 0));
-        self.tiers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tier.to_string(), (start, r, t));
+        self.lock_tiers().insert(tier.to_string(), (start, r, t));
         (r, t)
     }
 
     /// Count tokens a finished request used.
     pub fn add_tokens(&self, tenant: &str, tier: &str, tokens: u64) {
         {
-            let mut tiers = self.tiers.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tiers = self.lock_tiers();
             if let Some((start, r, t)) = tiers.get_mut(tier) {
                 if *start == month_bounds(now_ms()).0 {
                     *r += 1;

@@ -116,6 +116,18 @@ impl Shape {
         json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice]})
     }
 
+    /// What ends a stream: the chunk with the finish reason, and the usage if asked for.
+    fn tail(self, head: &Head, g: &Generation, include_usage: bool) -> Vec<Value> {
+        let mut tail = vec![self.chunk(head, None, Some(g.finish_reason))];
+        if include_usage {
+            let mut u = self.chunk(head, None, None);
+            u["choices"] = json!([]);
+            u["usage"] = json!(Usage::new(g.prompt_tokens, g.completion_tokens));
+            tail.push(u);
+        }
+        tail
+    }
+
     fn full(self, head: &Head, g: &Generation) -> Value {
         let finish = finish_reason(g.finish_reason);
         let (object, choice) = match self {
@@ -233,12 +245,16 @@ async fn run(
             common.stream,
         );
         let mut targets = vec![common.model.clone()];
-        let known = state.cache.contains(&common.model);
-        if let Some(route) = state
-            .policies
-            .route(&info, candidates(&state, &caller), known)
-            .await?
-        {
+        let route = if state.policies.routes() {
+            let known = state.cache.contains(&common.model);
+            state
+                .policies
+                .route(&info, candidates(&state, &caller), known)
+                .await?
+        } else {
+            None
+        };
+        if let Some(route) = route {
             tracing::info!(target = %route.target, reason = %route.reason, "Routed");
             targets = std::iter::once(route.target).chain(route.fallbacks).collect();
             route_header = Some(route.reason);
@@ -393,38 +409,38 @@ async fn replay(
     include_usage: bool,
 ) -> Response {
     tracker.first_token();
-    if let Err(e) = bill
-        .record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens)
-        .await
-    {
+    if let Err(e) = record(&tracker, &bill, &head, &g).await {
         tracker.finish(e.status.as_u16());
         return e.into_response();
     }
-    completed(&tracker, &g);
     tracker.finish(200);
     if !stream {
         return Json(shape.full(&head, &g)).into_response();
     }
-    let mut events = vec![
-        shape.chunk(&head, Some(&g.text), None),
-        shape.chunk(&head, None, Some(g.finish_reason)),
-    ];
-    if include_usage {
-        events.push(usage_chunk(shape, &head, &g));
-    }
-    let events: Vec<Result<Event, Infallible>> = events
-        .into_iter()
-        .map(|v| Ok(Event::default().data(v.to_string())))
-        .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
-        .collect();
+    let events: Vec<Result<Event, Infallible>> =
+        std::iter::once(shape.chunk(&head, Some(&g.text), None))
+            .chain(shape.tail(&head, &g, include_usage))
+            .map(|v| Ok(Event::default().data(v.to_string())))
+            .chain(std::iter::once(Ok(Event::default().data("[DONE]"))))
+            .collect();
     Sse::new(futures::stream::iter(events)).into_response()
 }
 
-fn usage_chunk(shape: Shape, head: &Head, g: &Generation) -> Value {
-    let mut u = shape.chunk(head, None, None);
-    u["choices"] = json!([]);
-    u["usage"] = json!(Usage::new(g.prompt_tokens, g.completion_tokens));
-    u
+/// Log and count a finished generation and make its usage record durable.
+async fn record(
+    tracker: &Tracker,
+    bill: &Bill,
+    head: &Head,
+    g: &Generation,
+) -> Result<(), ApiError> {
+    completed(tracker, g);
+    bill.record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens)
+        .await
+}
+
+/// An error in the middle of a stream, as OpenAI sends it.
+fn error_chunk(e: &ApiError) -> Value {
+    json!({"error": {"message": e.message, "type": e.kind, "code": e.code}})
 }
 
 async fn whole(
@@ -442,11 +458,7 @@ async fn whole(
     }
     match running.finish().await {
         Ok(g) => {
-            completed(&tracker, &g);
-            if let Err(e) = bill
-                .record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens)
-                .await
-            {
+            if let Err(e) = record(&tracker, &bill, &head, &g).await {
                 tracker.finish(e.status.as_u16());
                 return e.into_response();
             }
@@ -491,21 +503,14 @@ fn stream(
             }
             let tail = match running.finish().await {
                 Ok(g) => {
-                    completed(&tracker, &g);
-                    if let Err(e) = bill.record(&head.id, &head.model, g.prompt_tokens, g.completion_tokens).await {
-                        let _ = tx.send(send(json!({"error": {"message": e.message, "type": e.kind, "code": e.code}}))).await;
+                    if let Err(e) = record(&tracker, &bill, &head, &g).await {
+                        let _ = tx.send(send(error_chunk(&e))).await;
                         return;
                     }
-                    let mut tail = vec![shape.chunk(&head, None, Some(g.finish_reason))];
-                    if include_usage {
-                        tail.push(usage_chunk(shape, &head, &g));
-                    }
                     remember(cache, &g).await;
-                    tail
+                    shape.tail(&head, &g, include_usage)
                 }
-                Err(e) => {
-                    vec![json!({"error": {"message": e.message, "type": e.kind, "code": e.code}})]
-                }
+                Err(e) => vec![error_chunk(&e)],
             };
             for v in tail {
                 let _ = tx.send(send(v)).await;
