@@ -317,7 +317,7 @@ async fn reload_policy(
     }
 }
 
-async fn reload_slot<K: crate::policy::slot::Kind>(
+async fn reload_slot<K: crate::policy::kind::Kind>(
     slot: &crate::policy::slot::Slot<K>,
     plugin: Option<std::path::PathBuf>,
     config: Option<String>,

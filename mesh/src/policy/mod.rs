@@ -5,167 +5,30 @@
 //! plugin fails, its slot's `on_failure` decides: `open` skips the policy, `closed` refuses the
 //! request with 503, `default` runs the built-in policy (for the router: `default_target`).
 
+mod config;
+mod failure;
 pub mod host;
+pub mod kind;
+mod prompt;
 pub mod slot;
 pub mod state;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use flatmesh_runtime::Prompt;
-use serde::{Deserialize, Serialize};
-
+pub use self::config::{OnFailure, PolicyConfig, SlotConfig};
 pub use self::host::{
     types::{PromptFeatures, RequestInfo, Usage},
     Answer, Embedder,
 };
+pub use self::prompt::{estimate_tokens, features, prompt_text};
 pub use self::slot::SlotStatus;
 use self::{
+    failure::{Failure, Outcome},
     host::{cache as cache_world, pricing as pricing_world, router as router_world, Runtime},
-    slot::{CacheKind, Failure, Outcome, PricingKind, RouterKind, Settings, Slot},
+    kind::{CacheKind, PricingKind, RouterKind},
+    slot::{Settings, Slot},
 };
 use crate::metrics::Metrics;
-
-/// `[policy]`: limits shared by the slots and one table per slot.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PolicyConfig {
-    /// Guest CPU time one plugin call may take, in milliseconds (time the host spends
-    /// computing an embedding for the plugin is not counted).
-    pub deadline_ms: f64,
-    /// Linear memory of one plugin instance, in MiB.
-    pub memory_mib: u64,
-    /// Initialised instances kept ready per slot.
-    pub instances: usize,
-    /// How long one call may wait in the host besides its CPU budget (an embedding model
-    /// paging in), in milliseconds. A call blocked longer ends as a timeout.
-    pub host_wait_ms: u64,
-    /// Bytes each plugin may keep in its key-value store.
-    pub kv_bytes: usize,
-    /// Reload a plugin when its file changes (checked every second).
-    pub watch: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub router: Option<SlotConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache: Option<SlotConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pricing: Option<SlotConfig>,
-}
-
-impl Default for PolicyConfig {
-    fn default() -> Self {
-        PolicyConfig {
-            deadline_ms: 5.0,
-            memory_mib: 32,
-            instances: 4,
-            host_wait_ms: 30_000,
-            kv_bytes: 1 << 20,
-            watch: true,
-            router: None,
-            cache: None,
-            pricing: None,
-        }
-    }
-}
-
-/// One slot's plugin.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SlotConfig {
-    /// The component (`.wasm`), relative to the working directory.
-    pub plugin: PathBuf,
-    /// Given to the plugin's `init`: a string as it is, anything else as JSON.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<serde_json::Value>,
-    /// What a failing plugin means for the request.
-    #[serde(default)]
-    pub on_failure: OnFailure,
-    /// Overrides `policy.deadline_ms` for this slot.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline_ms: Option<f64>,
-    /// Router only: where the built-in policy sends a request for a name that is neither a
-    /// registered model nor a vmodel (an alias only the plugin knows) when the plugin fails.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub default_target: Option<String>,
-}
-
-impl SlotConfig {
-    pub fn config_string(&self) -> String {
-        match &self.config {
-            None => String::new(),
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(v) => v.to_string(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnFailure {
-    /// Skip the policy: the request goes on as if the slot were empty.
-    Open,
-    /// Refuse the request: 503 with the reason.
-    Closed,
-    /// Run the built-in policy.
-    #[default]
-    Default,
-}
-
-impl OnFailure {
-    pub fn label(self) -> &'static str {
-        match self {
-            OnFailure::Open => "open",
-            OnFailure::Closed => "closed",
-            OnFailure::Default => "default",
-        }
-    }
-}
-
-impl PolicyConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        let ok = |ms: f64| ms.is_finite() && ms > 0.0 && ms <= 10_000.0;
-        if !ok(self.deadline_ms) {
-            return Err(format!(
-                "policy.deadline_ms: {} is not in (0, 10000]",
-                self.deadline_ms
-            ));
-        }
-        if self.instances > 64 {
-            return Err(format!(
-                "policy.instances: {} is more than 64 (the calls a slot runs at once)",
-                self.instances
-            ));
-        }
-        if !(1..=4096).contains(&self.memory_mib) {
-            return Err(format!(
-                "policy.memory_mib: {} is not in [1, 4096]",
-                self.memory_mib
-            ));
-        }
-        for (name, slot) in self.slots() {
-            if let Some(ms) = slot.deadline_ms.filter(|ms| !ok(*ms)) {
-                return Err(format!(
-                    "policy.{name}.deadline_ms: {ms} is not in (0, 10000]"
-                ));
-            }
-            if slot.default_target.is_some() && name != "router" {
-                return Err(format!(
-                    "policy.{name}.default_target: only the router slot has one"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn slots(&self) -> impl Iterator<Item = (&'static str, &SlotConfig)> {
-        [
-            ("router", &self.router),
-            ("cache", &self.cache),
-            ("pricing", &self.pricing),
-        ]
-        .into_iter()
-        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
-    }
-}
 
 /// A request refused by a policy (a pricing denial, or a failing plugin in a closed slot).
 #[derive(Debug, Clone)]
@@ -514,111 +377,5 @@ impl Policies {
             Outcome::Failed(f) => f,
         };
         self.pricing.fallback(&failure, None)
-    }
-}
-
-/// Cheap facts about a prompt for policies.
-pub fn features(prompt: &Prompt) -> PromptFeatures {
-    let (texts, last_user): (Vec<&str>, &str) = match prompt {
-        Prompt::Text(t) => (vec![t.as_str()], t.as_str()),
-        Prompt::Chat(messages) => (
-            messages.iter().map(|m| m.content.as_str()).collect(),
-            messages
-                .iter()
-                .rev()
-                .find(|m| m.role == "user")
-                .map_or("", |m| m.content.as_str()),
-        ),
-    };
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    PromptFeatures {
-        chars: count(texts.iter().map(|t| t.chars().count()).sum()),
-        messages: count(texts.len()),
-        code_blocks: count(
-            texts
-                .iter()
-                .map(|t| t.matches("```").count())
-                .sum::<usize>()
-                / 2,
-        ),
-        questions: count(last_user.matches('?').count()),
-    }
-}
-
-/// The prompt as one text: chat messages as `role: content` lines.
-pub fn prompt_text(prompt: &Prompt) -> String {
-    match prompt {
-        Prompt::Text(t) => t.clone(),
-        Prompt::Chat(messages) => messages
-            .iter()
-            .map(|m| format!("{}: {}", m.role, m.content))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    }
-}
-
-/// Prompt tokens before the model's tokenizer is at hand: about four characters a token.
-pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
-    features.chars.div_ceil(4)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(toml: &str) -> PolicyConfig {
-        toml::from_str(toml).expect("valid policy TOML")
-    }
-
-    #[test]
-    fn slot_config_reaches_the_plugin_as_json_or_as_written() {
-        let c = parse(
-            "[router]\nplugin = \"r.wasm\"\nconfig = { alias = \"auto\", models = [\"a\"] }\n\
-             [cache]\nplugin = \"c.wasm\"\nconfig = \"raw text\"\n[pricing]\nplugin = \"p.wasm\"\n",
-        );
-        let router = c.router.as_ref().unwrap();
-        assert_eq!(router.config_string(), r#"{"alias":"auto","models":["a"]}"#);
-        assert_eq!(router.on_failure, OnFailure::Default);
-        assert!(c.validate().is_ok());
-        assert_eq!(c.cache.unwrap().config_string(), "raw text");
-        assert_eq!(c.pricing.unwrap().config_string(), "");
-    }
-
-    #[test]
-    fn bad_settings_are_named() {
-        let e = parse("deadline_ms = 0").validate().unwrap_err();
-        assert!(e.starts_with("policy.deadline_ms"), "{e}");
-        let e = parse("memory_mib = 0").validate().unwrap_err();
-        assert!(e.starts_with("policy.memory_mib"), "{e}");
-        let e = parse("[cache]\nplugin = \"c.wasm\"\ndefault_target = \"m\"")
-            .validate()
-            .unwrap_err();
-        assert!(e.starts_with("policy.cache.default_target"), "{e}");
-        assert!(
-            toml::from_str::<PolicyConfig>("[router]\nplugin = \"r\"\non_failure = \"maybe\"")
-                .is_err()
-        );
-    }
-
-    #[test]
-    fn prompt_features_count_what_routers_use() {
-        let chat = Prompt::Chat(vec![
-            flatmesh_runtime::ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            flatmesh_runtime::ChatMessage {
-                role: "user".into(),
-                content: "Why? And how?\n```rust\nfn main() {}\n```".into(),
-            },
-        ]);
-        let f = features(&chat);
-        assert_eq!((f.messages, f.code_blocks, f.questions), (2, 1, 2));
-        assert_eq!(f.chars, 9 + 38);
-        assert_eq!(estimate_tokens(&f), 12);
-        assert_eq!(
-            prompt_text(&chat),
-            "system: Be brief.\nuser: Why? And how?\n```rust\nfn main() {}\n```"
-        );
     }
 }

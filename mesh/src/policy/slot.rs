@@ -12,85 +12,16 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use wasmtime::{
-    component::{Component, HasSelf, InstancePre, Linker},
-    Store,
-};
+use wasmtime::component::{Component, Linker};
 
 use super::{
-    host::{self, Ctx, Runtime},
+    failure::{classify, clip, over_limit, Failure, FailureKind, Outcome},
+    host::{Ctx, Runtime},
+    kind::{Instance, Kind},
     state::PluginState,
     OnFailure, Refusal,
 };
 use crate::metrics::Metrics;
-
-/// One plugin kind: its world's bindings.
-pub trait Kind: Send + Sync + 'static {
-    /// The slot's name (`router`, `cache`, `pricing`), also a metric label.
-    const SLOT: &'static str;
-    type Pre: Clone + Send + Sync + 'static;
-    type Bindings: Send + 'static;
-
-    fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()>;
-    fn pre(pre: InstancePre<Ctx>) -> wasmtime::Result<Self::Pre>;
-    fn instantiate(
-        pre: &Self::Pre,
-        store: &mut Store<Ctx>,
-    ) -> impl Future<Output = wasmtime::Result<Self::Bindings>> + Send;
-    fn init(
-        bindings: &Self::Bindings,
-        store: &mut Store<Ctx>,
-        config: &str,
-    ) -> impl Future<Output = wasmtime::Result<Result<(), String>>> + Send;
-}
-
-macro_rules! kind {
-    ($kind:ident, $slot:literal, $module:ident, $world:ident, $pre:ident) => {
-        /// The plugin kind of the
-        #[doc = $slot]
-        /// slot.
-        pub struct $kind;
-
-        impl Kind for $kind {
-            const SLOT: &'static str = $slot;
-            type Pre = host::$module::$pre<Ctx>;
-            type Bindings = host::$module::$world;
-
-            fn add_to_linker(linker: &mut Linker<Ctx>) -> wasmtime::Result<()> {
-                host::$module::$world::add_to_linker::<Ctx, HasSelf<Ctx>>(linker, |c| c)
-            }
-
-            fn pre(pre: InstancePre<Ctx>) -> wasmtime::Result<Self::Pre> {
-                host::$module::$pre::new(pre)
-            }
-
-            async fn instantiate(
-                pre: &Self::Pre,
-                store: &mut Store<Ctx>,
-            ) -> wasmtime::Result<Self::Bindings> {
-                pre.instantiate_async(store).await
-            }
-
-            async fn init(
-                bindings: &Self::Bindings,
-                store: &mut Store<Ctx>,
-                config: &str,
-            ) -> wasmtime::Result<Result<(), String>> {
-                bindings.call_init(store, config).await
-            }
-        }
-    };
-}
-
-kind!(RouterKind, "router", router, Router, RouterPre);
-kind!(CacheKind, "cache", cache, Cache, CachePre);
-kind!(PricingKind, "pricing", pricing, Pricing, PricingPre);
-
-/// An instance of a plugin, initialised with its config, ready for calls.
-pub struct Instance<K: Kind> {
-    pub store: Store<Ctx>,
-    pub bindings: K::Bindings,
-}
 
 /// The limits and failure policy of a slot.
 #[derive(Debug, Clone)]
@@ -103,64 +34,6 @@ pub struct Settings {
     pub max_idle: usize,
     /// How long a call may wait in the host (see `PolicyConfig::host_wait_ms`).
     pub host_wait: Duration,
-}
-
-/// How a call to a plugin failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The plugin returned an error.
-    Error,
-    /// It trapped (a panic, `unreachable`, a bad memory access...).
-    Trap,
-    /// It ran past its deadline.
-    Timeout,
-    /// It wanted more memory than its cap.
-    Memory,
-    /// Its result broke the contract (an unknown model, an oversized string...).
-    Invalid,
-    /// It was not called: backing off after traps, or no instance could be made.
-    Unavailable,
-}
-
-impl FailureKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            FailureKind::Error => "error",
-            FailureKind::Trap => "trap",
-            FailureKind::Timeout => "timeout",
-            FailureKind::Memory => "memory",
-            FailureKind::Invalid => "invalid",
-            FailureKind::Unavailable => "unavailable",
-        }
-    }
-
-    /// Failures after which the plugin is given a rest before it is called again.
-    fn backs_off(self) -> bool {
-        matches!(
-            self,
-            FailureKind::Trap | FailureKind::Timeout | FailureKind::Memory
-        )
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub kind: FailureKind,
-    pub message: String,
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.kind.label())
-    }
-}
-
-/// The result of asking a slot.
-pub enum Outcome<R> {
-    /// No plugin is loaded in the slot.
-    Absent,
-    Done(R),
-    Failed(Failure),
 }
 
 /// A loaded version of the plugin.
@@ -596,47 +469,3 @@ const MAX_IN_FLIGHT: usize = 64;
 
 /// Failures in a row (trap, timeout, memory) after which a slot backs off.
 const BACKOFF_AFTER: u32 = 3;
-
-fn over_limit(limit: Duration) -> Failure {
-    Failure {
-        kind: FailureKind::Timeout,
-        message: format!("did not finish within {limit:?} (blocked in a host call)"),
-    }
-}
-
-/// Keep plugin-made strings short in logs and responses.
-fn clip(s: &str) -> String {
-    const MAX: usize = 512;
-    if s.len() <= MAX {
-        return s.to_string();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}... ({} bytes)", &s[..end], s.len())
-}
-
-fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: FailureKind) -> Failure {
-    let ctx = store.data();
-    let (kind, message) = if ctx.call.timed_out {
-        (
-            FailureKind::Timeout,
-            format!(
-                "ran past its deadline ({:?} of CPU time, {:?} allowed)",
-                ctx.call.cpu, ctx.call.budget
-            ),
-        )
-    } else if ctx.limiter.exceeded {
-        (
-            FailureKind::Memory,
-            "wanted more memory than its cap".to_string(),
-        )
-    } else {
-        (otherwise, format!("{e:#}"))
-    };
-    Failure {
-        kind,
-        message: clip(&message),
-    }
-}

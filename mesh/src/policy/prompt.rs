@@ -1,0 +1,77 @@
+//! What policies learn of a prompt before any model has seen it.
+
+use flatmesh_runtime::Prompt;
+
+use super::PromptFeatures;
+
+/// Cheap facts about a prompt for policies.
+pub fn features(prompt: &Prompt) -> PromptFeatures {
+    let (texts, last_user): (Vec<&str>, &str) = match prompt {
+        Prompt::Text(t) => (vec![t.as_str()], t.as_str()),
+        Prompt::Chat(messages) => (
+            messages.iter().map(|m| m.content.as_str()).collect(),
+            messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map_or("", |m| m.content.as_str()),
+        ),
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    PromptFeatures {
+        chars: count(texts.iter().map(|t| t.chars().count()).sum()),
+        messages: count(texts.len()),
+        code_blocks: count(
+            texts
+                .iter()
+                .map(|t| t.matches("```").count())
+                .sum::<usize>()
+                / 2,
+        ),
+        questions: count(last_user.matches('?').count()),
+    }
+}
+
+/// The prompt as one text: chat messages as `role: content` lines.
+pub fn prompt_text(prompt: &Prompt) -> String {
+    match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
+}
+
+/// Prompt tokens before the model's tokenizer is at hand: about four characters a token.
+pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
+    features.chars.div_ceil(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_features_count_what_routers_use() {
+        let chat = Prompt::Chat(vec![
+            flatmesh_runtime::ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            flatmesh_runtime::ChatMessage {
+                role: "user".into(),
+                content: "Why? And how?\n```rust\nfn main() {}\n```".into(),
+            },
+        ]);
+        let f = features(&chat);
+        assert_eq!((f.messages, f.code_blocks, f.questions), (2, 1, 2));
+        assert_eq!(f.chars, 9 + 38);
+        assert_eq!(estimate_tokens(&f), 12);
+        assert_eq!(
+            prompt_text(&chat),
+            "system: Be brief.\nuser: Why? And how?\n```rust\nfn main() {}\n```"
+        );
+    }
+}
