@@ -156,48 +156,6 @@ fn init_logs(config: &Config) {
     }
 }
 
-/// The `embed` import of policy plugins, served by the agent's embedding models.
-struct CacheEmbedder(Cache);
-
-impl crate::policy::Embedder for CacheEmbedder {
-    fn embed(
-        &self,
-        model: String,
-        text: String,
-    ) -> futures::future::BoxFuture<'static, Result<Vec<f32>, String>> {
-        let cache = self.0.clone();
-        Box::pin(async move {
-            // Never page in a model that cannot embed: check its kind before acquiring it.
-            let id = cache
-                .resolve(&model)
-                .ok_or_else(|| format!("no model {model:?}"))?;
-            let kind = cache
-                .status()
-                .into_iter()
-                .find(|m| m.id == id)
-                .and_then(|m| m.kind);
-            if kind != Some(flatmesh_runtime::ModelKind::Embedding) {
-                return Err(format!("{model:?} is not an embedding model"));
-            }
-            let loaded = cache
-                .acquire(&model, None)
-                .await
-                .map_err(|e| e.to_string())?;
-            if loaded.engine.info().kind != flatmesh_runtime::ModelKind::Embedding {
-                return Err(format!("{model:?} is not an embedding model"));
-            }
-            let out = tokio::task::spawn_blocking(move || loaded.engine.embed(&[text]))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            out.vectors
-                .into_iter()
-                .next()
-                .ok_or_else(|| "the model returned no vector".to_string())
-        })
-    }
-}
-
 async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let registry = Registry::open(&config.state_dir)?;
@@ -228,7 +186,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let policies = crate::policy::Policies::new(
         &config.policy,
-        Some(Arc::new(CacheEmbedder(cache.clone()))),
+        Some(Arc::new(crate::serve::CacheEmbedder(cache.clone()))),
         config.scheduler.max_wait.0,
         metrics.clone(),
     )?;
@@ -236,7 +194,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if config.policy.watch {
         policies.watch();
     }
+    let limits = crate::tenancy::limits::Limits::new(ledger.clone());
+    let scheduler = crate::scheduler::Scheduler::new(
+        config.scheduler.slots,
+        config.scheduler.max_queue,
+        config.scheduler.max_wait.0,
+        metrics.clone(),
+    );
+    let serve = crate::serve::Serve {
+        cache: cache.clone(),
+        scheduler: scheduler.clone(),
+        limits: limits.clone(),
+        policies: policies.clone(),
+        ledger: ledger.clone(),
+        metrics: metrics.clone(),
+        max_run: config.scheduler.max_run.0,
+    };
     let state = AppState {
+        serve,
         policies,
         gpus: Arc::new(gpus),
         cache: cache.clone(),
@@ -246,14 +221,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         admin_token: config.server.admin_token.clone(),
         v2_stats: Arc::default(),
         tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
-        ledger: ledger.clone(),
-        limits: crate::tenancy::limits::Limits::new(ledger),
-        scheduler: crate::scheduler::Scheduler::new(
-            config.scheduler.slots,
-            config.scheduler.max_queue,
-            config.scheduler.max_wait.0,
-            metrics.clone(),
-        ),
+        ledger,
+        limits,
+        scheduler,
     };
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;
@@ -275,9 +245,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let preload = cache.clone();
     tokio::spawn(async move { preload.preload().await });
     let grpc = tonic::transport::Server::builder()
+        .layer(api::v2::grpc::size_limit_status())
         .add_service(tonic::service::interceptor::InterceptedService::new(
             api::v2::grpc::service(state.clone(), config.server.grpc_max_message_bytes),
-            api::auth::grpc(state.tenancy.clone()),
+            api::auth::grpc(state.tenancy.clone(), state.admin_token.clone()),
         ))
         .serve_with_incoming_shutdown(nodelay(grpc_listener), stopped(stop_rx.clone()));
     let grpc = tokio::spawn(grpc);

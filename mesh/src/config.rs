@@ -103,6 +103,8 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// How long a request may wait for a slot; then 429.
     pub max_wait: Secs,
+    /// How long a request may run once it has its slot; then it is stopped (504).
+    pub max_run: Secs,
 }
 
 impl Default for SchedulerConfig {
@@ -111,6 +113,7 @@ impl Default for SchedulerConfig {
             slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
             max_queue: 256,
             max_wait: Secs(std::time::Duration::from_secs(60)),
+            max_run: Secs(std::time::Duration::from_secs(600)),
         }
     }
 }

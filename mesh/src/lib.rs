@@ -9,5 +9,6 @@ pub mod ledger;
 pub mod metrics;
 pub mod policy;
 pub mod scheduler;
+pub mod serve;
 pub mod tenancy;
 pub mod units;

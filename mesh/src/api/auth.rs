@@ -1,52 +1,73 @@
 //! Authentication at the edge: `Authorization: Bearer <key>` → tenant → tier, for HTTP
-//! (middleware) and gRPC (interceptor). Each front end answers failures in its own shape.
+//! (middleware) and gRPC (interceptor); the admin token marks an operator. Each front end
+//! answers failures through its own mapping of `ServeError`.
 
 use axum::{
     extract::{Request, State},
-    http::{header, StatusCode},
+    http::header,
     middleware::Next,
     response::{IntoResponse, Response},
-    Json,
 };
-use serde_json::json;
 
-use super::{error::ApiError, AppState};
-use crate::tenancy::{AuthError, Caller, Tenancy};
+use super::{error::ApiError, v2::rest::V2Error, AppState};
+use crate::{
+    serve::ServeError,
+    tenancy::{AuthError, Caller, Tenancy},
+};
 
-impl AuthError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            AuthError::Missing | AuthError::Invalid => StatusCode::UNAUTHORIZED,
-            AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            AuthError::Conflict(_) => StatusCode::CONFLICT,
-            AuthError::NotFound(_) => StatusCode::NOT_FOUND,
+/// A caller that presented the admin token (`server.admin_token`).
+#[derive(Debug, Clone, Copy)]
+pub struct Operator;
+
+/// The bearer token of an `Authorization` value.
+fn bearer(value: Option<&str>) -> Option<&str> {
+    value.map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
+}
+
+/// Whether an `Authorization` value carries the admin token (compared in constant time).
+pub fn is_operator(admin_token: Option<&str>, authorization: Option<&str>) -> bool {
+    match (admin_token, bearer(authorization)) {
+        (Some(token), Some(given)) => {
+            token.len() == given.len()
+                && token
+                    .bytes()
+                    .zip(given.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
         }
+        _ => false,
     }
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        let (kind, code) = match e {
-            AuthError::Missing | AuthError::Invalid => ("authentication_error", "invalid_api_key"),
-            AuthError::Forbidden { .. } => ("permission_error", "model_not_allowed"),
-            AuthError::Conflict(_) => ("invalid_request_error", "conflict"),
-            AuthError::NotFound(_) => ("not_found_error", "not_found"),
-        };
-        ApiError::new(e.status(), kind, code, e.to_string())
+/// Repository load and unload change what every tenant is served: operator actions once
+/// tenancy is on. Single-tenant (no tiers), anyone may; else only the admin token.
+pub fn repository_change(
+    tenancy: &Tenancy,
+    operator: bool,
+    caller: Option<&Caller>,
+) -> Result<(), ServeError> {
+    if tenancy.is_open() || operator {
+        return Ok(());
     }
+    Err(match caller {
+        None => AuthError::Missing.into(),
+        Some(_) => ServeError::forbidden(
+            "operator_only",
+            "loading and unloading models are operator actions: send the admin token \
+             (server.admin_token)",
+        ),
+    })
 }
 
-fn caller_of(state: &AppState, req: &Request) -> Result<Caller, AuthError> {
-    let value = req
-        .headers()
+fn authorization(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    state.tenancy.authenticate(value)
+        .and_then(|v| v.to_str().ok())
 }
 
-/// For `/v1`: OpenAI-shaped 401s; the handlers check the model (it is in the body).
+/// For `/v1`: OpenAI-shaped 401s; the serve path checks the model (it is in the body).
 pub async fn openai(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    match caller_of(&state, &req) {
+    match state.tenancy.authenticate(authorization(&req)) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
@@ -55,30 +76,44 @@ pub async fn openai(State(state): State<AppState>, mut req: Request, next: Next)
     }
 }
 
-/// For `/v2`: `{"error": ...}` 401/403; the model in the path is checked here. Server health
-/// and metadata stay open (liveness and readiness probes carry no key).
+/// For `/v2`: the model in the path is checked here against the caller's tier; repository
+/// load/unload need an operator once tenancy is on. Server health and metadata stay open
+/// (liveness and readiness probes carry no key).
 pub async fn v2(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let path = req.uri().path();
+    let path = req.uri().path().to_string();
     if path == "/v2" || path.starts_with("/v2/health/") {
         return next.run(req).await;
     }
-    let caller = match caller_of(&state, &req) {
+    let repository_change = path.starts_with("/v2/repository/models/")
+        && (path.ends_with("/load") || path.ends_with("/unload"));
+    let value = authorization(&req);
+    if repository_change && is_operator(state.admin_token.as_deref(), value) {
+        return next.run(req).await;
+    }
+    let caller = match state.tenancy.authenticate(value) {
         Ok(c) => c,
-        Err(e) => return (e.status(), Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => return V2Error::from(e).into_response(),
     };
-    let path = req.uri().path().to_string();
+    if repository_change {
+        if let Err(e) = repository_change_allowed(&state, &caller) {
+            return V2Error(e).into_response();
+        }
+    }
     let model = path
         .strip_prefix("/v2/models/")
         .or_else(|| path.strip_prefix("/v2/repository/models/"))
         .and_then(|rest| rest.split('/').next());
     if let Some(m) = model {
-        let resolved = state.cache.resolve(m).unwrap_or_else(|| m.to_string());
-        if let Err(e) = Tenancy::check_model(&caller, &resolved) {
-            return (e.status(), Json(json!({"error": e.to_string()}))).into_response();
+        if let Err(e) = check(&state, &caller, m) {
+            return V2Error::from(e).into_response();
         }
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+fn repository_change_allowed(state: &AppState, caller: &Caller) -> Result<(), ServeError> {
+    repository_change(&state.tenancy, false, Some(caller))
 }
 
 /// Check a model against the caller's tier (by the model a vmodel resolves to).
@@ -90,24 +125,64 @@ pub fn check(state: &AppState, caller: &Caller, model: &str) -> Result<(), AuthE
     Tenancy::check_model(caller, &resolved)
 }
 
-/// The gRPC interceptor: UNAUTHENTICATED for a wrong key; the caller rides in the request's
-/// extensions. A call without a key passes without a caller, so server health and metadata
-/// stay open; every call about a model requires the caller.
+/// The gRPC interceptor: UNAUTHENTICATED for a wrong key; the caller (or the operator mark)
+/// rides in the request's extensions. A call without a key passes without a caller, so server
+/// health and metadata stay open; every other call requires one (`grpc::caller_of`).
 pub fn grpc(
     tenancy: Tenancy,
+    admin_token: Option<String>,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |mut req: tonic::Request<()>| {
         let value = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        if is_operator(admin_token.as_deref(), value) {
+            req.extensions_mut().insert(Operator);
+            return Ok(req);
+        }
         match tenancy.authenticate(value) {
             Ok(caller) => {
                 req.extensions_mut().insert(caller);
                 Ok(req)
             }
             Err(AuthError::Missing) => Ok(req),
-            Err(e) => Err(tonic::Status::unauthenticated(e.to_string())),
+            Err(e) => Err(ServeError::from(e).into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::ErrorKind;
+
+    #[test]
+    fn only_the_exact_admin_token_is_an_operator() {
+        assert!(is_operator(Some("s3cret"), Some("Bearer s3cret")));
+        assert!(!is_operator(Some("s3cret"), Some("Bearer s3cre")));
+        assert!(!is_operator(Some("s3cret"), Some("Bearer s3cret!")));
+        assert!(!is_operator(Some("s3cret"), None));
+        assert!(!is_operator(None, Some("Bearer anything")));
+    }
+
+    #[test]
+    fn repository_changes_are_for_operators_once_tenancy_is_on() {
+        let open = Tenancy::new(&Default::default(), None).unwrap();
+        assert!(repository_change(&open, false, None).is_ok());
+        let config: crate::tenancy::TenancyConfig = toml::from_str(
+            "[[tiers]]\nname = 'basic'\nmodels = ['*']\n[[tenants]]\nid = 'a'\ntier = 'basic'\n",
+        )
+        .unwrap();
+        let on = Tenancy::new(&config, None).unwrap();
+        assert!(repository_change(&on, true, None).is_ok());
+        let e = repository_change(&on, false, None).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unauthenticated);
+        let caller = on.tiers().into_iter().next().map(|tier| Caller {
+            tenant: "a".into(),
+            tier,
+        });
+        let e = repository_change(&on, false, caller.as_ref()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Forbidden);
     }
 }

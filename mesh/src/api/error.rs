@@ -1,4 +1,5 @@
-//! API errors: one type, one mapping to an HTTP status and OpenAI's error JSON.
+//! OpenAI-shaped errors (for `/v1` and `/admin`): the serve path's errors mapped once to an
+//! HTTP status and OpenAI's error JSON.
 
 use axum::{
     extract::{FromRequest, Request},
@@ -10,7 +11,10 @@ use bytes::Bytes;
 use flatmesh_runtime::RuntimeError;
 use serde::de::DeserializeOwned;
 
-use crate::cache::CacheError;
+use crate::{
+    cache::CacheError,
+    serve::{ErrorKind, ServeError},
+};
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -95,103 +99,60 @@ impl ApiError {
     }
 }
 
-impl From<CacheError> for ApiError {
-    fn from(e: CacheError) -> Self {
-        let message = e.to_string();
-        match &e {
-            CacheError::NotFound(_) => {
-                let mut err = ApiError::not_found(message);
-                err.param = Some("model".into());
-                err
+/// The OpenAI mapping of the serve path's errors: the one place a `ServeError` becomes an
+/// OpenAI status, `type` and `code`.
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let kind = match e.kind {
+            ErrorKind::InvalidRequest | ErrorKind::Conflict | ErrorKind::TooLarge => {
+                "invalid_request_error"
             }
-            CacheError::Failed { .. } | CacheError::NoRoom { .. } => {
-                ApiError::unavailable(message, e.retry_after().unwrap_or(1))
+            ErrorKind::Unauthenticated => "authentication_error",
+            ErrorKind::Forbidden => "permission_error",
+            ErrorKind::NotFound => "not_found_error",
+            ErrorKind::RateLimited => "rate_limit_error",
+            ErrorKind::PolicyDenied if status == StatusCode::TOO_MANY_REQUESTS => {
+                "rate_limit_error"
             }
-            CacheError::TooLarge { .. } | CacheError::Invalid(_) => {
-                ApiError::bad_request("", message)
-            }
-            CacheError::Conflict(_) => ApiError::new(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                "conflict",
-                message,
-            ),
-        }
-    }
-}
-
-impl From<crate::tenancy::limits::LimitError> for ApiError {
-    fn from(e: crate::tenancy::limits::LimitError) -> Self {
-        ApiError {
-            retry_after: Some(e.retry_after),
-            headers: Some(Box::new(e.headers)),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "rate_limit_exceeded",
-                e.message,
-            )
-        }
-    }
-}
-
-impl From<crate::policy::Refusal> for ApiError {
-    fn from(r: crate::policy::Refusal) -> Self {
-        let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let (kind, code) = match r.status {
-            429 => ("rate_limit_error", "policy_denied"),
-            400..=499 => ("invalid_request_error", "policy_denied"),
-            _ => ("server_error", "policy_failed"),
+            ErrorKind::PolicyDenied => "invalid_request_error",
+            ErrorKind::Unavailable
+            | ErrorKind::Timeout
+            | ErrorKind::Cancelled
+            | ErrorKind::Internal => "server_error",
         };
         ApiError {
-            retry_after: r.retry_after,
-            ..ApiError::new(status, kind, code, r.message)
+            status,
+            kind,
+            code: e.code,
+            message: e.message,
+            param: e.param,
+            retry_after: e.retry_after,
+            headers: (!e.headers.is_empty()).then(|| Box::new(e.headers)),
         }
     }
 }
 
-impl From<crate::scheduler::Rejected> for ApiError {
-    fn from(e: crate::scheduler::Rejected) -> Self {
-        ApiError {
-            retry_after: Some(1),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "queue_full",
-                e.to_string(),
-            )
-        }
-    }
-}
-
-impl From<RuntimeError> for ApiError {
-    fn from(e: RuntimeError) -> Self {
-        let code = e.kind();
-        if e.is_client_error() {
-            let param = match e {
-                RuntimeError::ContextOverflow { .. } => Some("messages".to_string()),
-                _ => None,
-            };
-            ApiError {
-                param,
-                code,
-                ..ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    code,
-                    e.to_string(),
-                )
+/// Subsystem errors reach OpenAI clients through the serve path's mapping.
+macro_rules! through_serve_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ApiError {
+            fn from(e: $t) -> Self {
+                ServeError::from(e).into()
             }
-        } else {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                code,
-                e.to_string(),
-            )
         }
-    }
+    )*};
 }
+
+through_serve_error!(
+    CacheError,
+    RuntimeError,
+    crate::tenancy::AuthError,
+    crate::tenancy::limits::LimitError,
+    crate::policy::Refusal,
+    crate::scheduler::Rejected
+);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -5,7 +5,6 @@ pub mod auth;
 pub mod error;
 mod health;
 mod openai;
-pub mod usage;
 pub mod v2;
 
 use std::{
@@ -25,6 +24,8 @@ use crate::{cache::Cache, metrics::Metrics};
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
+    /// The one serve path every protocol's requests take.
+    pub serve: crate::serve::Serve,
     pub cache: Cache,
     pub metrics: Metrics,
     /// Set once shutdown begins: `/readyz` turns 503 so balancers stop sending work.
@@ -45,15 +46,6 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The model id as a metric label: configured ids only, so labels stay bounded.
-    pub fn model_label(&self, model: &str) -> String {
-        if self.cache.contains(model) {
-            model.to_string()
-        } else {
-            "unknown".to_string()
-        }
-    }
-
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }

@@ -17,8 +17,11 @@ use crate::tenancy::Tier;
 /// One finished request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
-    /// The response's id.
+    /// The agent's own unique id of the request (also the OpenAI response's id).
     pub id: String,
+    /// The id the client gave its request (v2 `id`), bounded; never relied on as unique.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
     pub tenant: String,
     pub tier: String,
     pub model: String,
@@ -203,6 +206,7 @@ mod tests {
     fn rec(id: &str, tenant: &str, out: u64, at: u64) -> Record {
         Record {
             id: id.into(),
+            client_id: None,
             tenant: tenant.into(),
             tier: "gold".into(),
             model: "m".into(),

@@ -46,6 +46,20 @@ pub struct Limits {
 pub struct Admission {
     limits: Limits,
     tenant: String,
+    /// When it was counted in the tenant's request window.
+    at: Instant,
+}
+
+impl Admission {
+    /// Take the request back out of the tenant's request window: it failed for its own
+    /// content (a prompt too long for the model) and costs nothing.
+    pub fn refund(self) {
+        if let Some(w) = self.limits.lock().get_mut(&self.tenant) {
+            if let Some(i) = w.requests.iter().rposition(|t| *t == self.at) {
+                w.requests.remove(i);
+            }
+        }
+    }
 }
 
 impl Drop for Admission {
@@ -235,6 +249,7 @@ impl Limits {
         Ok(Admission {
             limits: self.clone(),
             tenant: caller.tenant.clone(),
+            at: now,
         })
     }
 

@@ -232,6 +232,11 @@ impl Tenancy {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether the agent runs single-tenant (no tiers configured): everyone is `anonymous`.
+    pub fn is_open(&self) -> bool {
+        self.lock().open
+    }
+
     /// The caller behind an `Authorization` header value (or none).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
         let inner = self.lock();

@@ -1,27 +1,26 @@
-//! The OpenAI-compatible API: `/v1/models`, chat and text completions, embeddings.
+//! The OpenAI-compatible API: `/v1/models`, chat and text completions, embeddings. A codec
+//! over the serve path: parse and validate, run, encode.
 
 mod completions;
-mod generate;
 mod types;
 
 use axum::{
     extract::{Extension, State},
-    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
 use base64::Engine as _;
-use flatmesh_runtime::ModelKind;
 use serde_json::{json, Value};
 
-use self::{generate::Tracker, types::EmbeddingRequest};
+use self::types::EmbeddingRequest;
 use super::{
-    auth,
     error::{ApiError, ApiJson},
-    usage::{admit, request_info},
     AppState,
 };
-use crate::tenancy::Caller;
+use crate::{
+    serve::{Output, Request, Work},
+    tenancy::{Caller, Tenancy},
+};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -32,7 +31,11 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/usage", get(own_usage))
 }
 
-async fn list_models(State(state): State<AppState>) -> Json<Value> {
+/// The models and vmodels the caller's tier may use.
+async fn list_models(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
     let model = |id: &str, extra: Value| {
         let mut m = json!({"id": id, "object": "model", "created": 0, "owned_by": "flatmesh"});
         m.as_object_mut()
@@ -40,10 +43,12 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
             .extend(extra.as_object().cloned().unwrap_or_default());
         m
     };
+    let allowed = |id: &str| Tenancy::check_model(&caller, id).is_ok();
     let mut data: Vec<Value> = state
         .cache
         .status()
         .into_iter()
+        .filter(|m| allowed(&m.id))
         .map(|m| model(&m.id, json!({"state": m.state, "kind": m.kind})))
         .collect();
     // vmodels are names clients may use too; each says which model serves it.
@@ -52,6 +57,7 @@ async fn list_models(State(state): State<AppState>) -> Json<Value> {
             .cache
             .vmodels()
             .into_iter()
+            .filter(|v| allowed(&v.target))
             .map(|v| model(&v.name, json!({"target": v.target}))),
     );
     Json(json!({"object": "list", "data": data}))
@@ -61,35 +67,8 @@ async fn embeddings(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
-) -> Response {
-    let model = match &body {
-        Ok(ApiJson(r)) => state.model_label(&r.model),
-        Err(_) => "unknown".to_string(),
-    };
-    let tracker = Tracker::new(&state.metrics, model, "embeddings");
-    match embed(&state, &caller, body).await {
-        Ok((v, tokens)) => {
-            tracker.tokens(tokens, 0);
-            tracker.finish(200);
-            Json(v).into_response()
-        }
-        Err(e) => {
-            tracker.finish(e.status.as_u16());
-            e.into_response()
-        }
-    }
-}
-
-async fn embed(
-    state: &AppState,
-    caller: &Caller,
-    body: Result<ApiJson<EmbeddingRequest>, ApiError>,
-) -> Result<(Value, usize), ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let ApiJson(req) = body?;
-    auth::check(state, caller, &req.model)?;
-    let id = format!("emb-{}", uuid::Uuid::new_v4().simple());
-    let info = request_info(&id, caller, &req.model, "embeddings", None, None, false);
-    let (_held, bill) = admit(state, caller, "embeddings", info).await?;
     let inputs = req.inputs()?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -101,33 +80,26 @@ async fn embed(
             ))
         }
     };
-    let loaded = state
-        .cache
-        .acquire_for(&req.model, req.keep_alive, caller.tier.residency_bonus.0)
+    let served = state
+        .serve
+        .run(Request {
+            caller,
+            model: req.model.clone(),
+            endpoint: "embeddings",
+            work: Work::Embed {
+                inputs,
+                dimensions: req.dimensions,
+            },
+            keep_alive: req.keep_alive,
+            client_id: None,
+            stream: false,
+        })
         .await?;
-    let model = loaded.model.clone();
-    let info = loaded.engine.info();
-    if info.kind != ModelKind::Embedding {
-        return Err(ApiError::bad_request(
-            "model",
-            format!("{:?} is not an embedding model", req.model),
+    let Output::Embeddings(out) = served.output else {
+        return Err(ApiError::internal(
+            "an embedding request produced text".into(),
         ));
-    }
-    if let Some(d) = req
-        .dimensions
-        .filter(|&d| Some(d as usize) != info.embedding_dims)
-    {
-        return Err(ApiError::bad_request(
-            "dimensions",
-            format!(
-                "{d} is not supported; this model has {:?}",
-                info.embedding_dims.unwrap_or(0)
-            ),
-        ));
-    }
-    let out = tokio::task::spawn_blocking(move || loaded.engine.embed(&inputs))
-        .await
-        .map_err(|e| ApiError::internal(format!("embedding task failed: {e}")))??;
+    };
     let data: Vec<Value> = out
         .vectors
         .iter()
@@ -142,11 +114,9 @@ async fn embed(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    bill.record(&id, &model, out.prompt_tokens, 0).await?;
     let usage = json!({"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens});
-    Ok((
-        json!({"id": id, "object": "list", "data": data, "model": model, "usage": usage}),
-        out.prompt_tokens,
+    Ok(Json(
+        json!({"id": served.id, "object": "list", "data": data, "model": served.model, "usage": usage}),
     ))
 }
 

@@ -4,16 +4,17 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use super::{Data, InferRequest, Tensor, V2Error};
+use super::{Data, InferRequest, Tensor};
+use crate::serve::ServeError;
 
 /// Decode a JSON request (and its binary tail); returns which outputs want binary data.
 pub fn decode_request<'a>(
     json: &'a Value,
     mut tail: &[u8],
-) -> Result<(InferRequest, impl Fn(&str) -> bool + 'a), V2Error> {
+) -> Result<(InferRequest, impl Fn(&str) -> bool + 'a), ServeError> {
     let obj = json
         .as_object()
-        .ok_or_else(|| V2Error::BadRequest("request must be a JSON object".into()))?;
+        .ok_or_else(|| ServeError::invalid("request must be a JSON object"))?;
     let params: BTreeMap<String, Value> = obj
         .get("parameters")
         .and_then(Value::as_object)
@@ -22,23 +23,23 @@ pub fn decode_request<'a>(
     let inputs = obj
         .get("inputs")
         .and_then(Value::as_array)
-        .ok_or_else(|| V2Error::BadRequest("missing \"inputs\"".into()))?;
+        .ok_or_else(|| ServeError::invalid("missing \"inputs\""))?;
     let mut tensors = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         let name = input
             .get("name")
             .and_then(Value::as_str)
-            .ok_or_else(|| V2Error::BadRequest(format!("inputs[{i}].name is missing")))?;
+            .ok_or_else(|| ServeError::invalid(format!("inputs[{i}].name is missing")))?;
         let datatype = input
             .get("datatype")
             .and_then(Value::as_str)
-            .ok_or_else(|| V2Error::BadRequest(format!("input {name:?}: datatype is missing")))?;
+            .ok_or_else(|| ServeError::invalid(format!("input {name:?}: datatype is missing")))?;
         let shape: Vec<i64> = input
             .get("shape")
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(Value::as_i64).collect())
             .ok_or_else(|| {
-                V2Error::BadRequest(format!("input {name:?}: shape must be a list of integers"))
+                ServeError::invalid(format!("input {name:?}: shape must be a list of integers"))
             })?;
         let binary_size = input
             .pointer("/parameters/binary_data_size")
@@ -47,7 +48,7 @@ pub fn decode_request<'a>(
             Some(n) => {
                 let n = n as usize;
                 if n > tail.len() {
-                    return Err(V2Error::BadRequest(format!(
+                    return Err(ServeError::invalid(format!(
                         "input {name:?}: binary_data_size {n} exceeds the binary data left ({})",
                         tail.len()
                     )));
@@ -60,7 +61,7 @@ pub fn decode_request<'a>(
                 name,
                 datatype,
                 input.get("data").ok_or_else(|| {
-                    V2Error::BadRequest(format!("input {name:?}: data is missing"))
+                    ServeError::invalid(format!("input {name:?}: data is missing"))
                 })?,
             )?,
         };
@@ -111,7 +112,7 @@ fn flatten(v: &Value, out: &mut Vec<Value>) {
     }
 }
 
-fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, V2Error> {
+fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, ServeError> {
     let mut flat = Vec::new();
     flatten(data, &mut flat);
     match datatype {
@@ -119,7 +120,7 @@ fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, V2Error
             .into_iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.into_bytes()),
-                other => Err(V2Error::BadRequest(format!(
+                other => Err(ServeError::invalid(format!(
                     "input {name:?}: BYTES data must be strings, got {other}"
                 ))),
             })
@@ -129,7 +130,7 @@ fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, V2Error
             .into_iter()
             .map(|v| {
                 v.as_f64().map(|x| x as f32).ok_or_else(|| {
-                    V2Error::BadRequest(format!("input {name:?}: FP32 data must be numbers"))
+                    ServeError::invalid(format!("input {name:?}: FP32 data must be numbers"))
                 })
             })
             .collect::<Result<_, _>>()
@@ -138,20 +139,20 @@ fn decode_json(name: &str, datatype: &str, data: &Value) -> Result<Data, V2Error
     }
 }
 
-pub fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, V2Error> {
+pub fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, ServeError> {
     match datatype {
         "BYTES" => {
             let mut items = Vec::new();
             let mut rest = raw;
             while !rest.is_empty() {
                 if rest.len() < 4 {
-                    return Err(V2Error::BadRequest(format!(
+                    return Err(ServeError::invalid(format!(
                         "input {name:?}: truncated BYTES element length"
                     )));
                 }
                 let n = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
                 if rest.len() < 4 + n {
-                    return Err(V2Error::BadRequest(format!(
+                    return Err(ServeError::invalid(format!(
                         "input {name:?}: BYTES element of {n} bytes is truncated"
                     )));
                 }
@@ -162,7 +163,7 @@ pub fn decode_binary(name: &str, datatype: &str, raw: &[u8]) -> Result<Data, V2E
         }
         "FP32" => {
             if !raw.len().is_multiple_of(4) {
-                return Err(V2Error::BadRequest(format!(
+                return Err(ServeError::invalid(format!(
                     "input {name:?}: FP32 binary data is not a multiple of 4 bytes"
                 )));
             }

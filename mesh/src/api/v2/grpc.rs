@@ -9,11 +9,15 @@ use tonic::{metadata::MetadataMap, Request, Response, Status, Streaming};
 
 use super::{
     codec::encode_binary,
-    generate_request, infer, is_ready, metadata, model_status, require_llm,
+    embedding_tensor, infer, infer_request, is_ready, metadata, model_status,
     rest::{repo_state, triton_type, EXTENSIONS},
-    Data, InferRequest, Tensor, V2Error,
+    Data, InferRequest, Tensor,
 };
-use crate::api::AppState;
+use crate::{
+    api::{auth::Operator, AppState},
+    serve::{self, Output, ServeError},
+    tenancy::{AuthError, Caller, Tenancy},
+};
 
 pub mod pb {
     tonic::include_proto!("inference");
@@ -34,31 +38,62 @@ pub fn service(state: AppState, max_message_bytes: usize) -> GrpcInferenceServic
         .max_encoding_message_size(max_message_bytes)
 }
 
+/// What the gRPC server's responses pass through.
+pub type StatusFix =
+    fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body>;
+
+/// tonic answers a message over `server.grpc_max_message_bytes` with OUT_OF_RANGE; gRPC's own
+/// servers, and the error table, say RESOURCE_EXHAUSTED. The agent answers OUT_OF_RANGE for
+/// nothing else, so every such status is rewritten.
+pub fn size_limit_status() -> tower::util::MapResponseLayer<StatusFix> {
+    tower::util::MapResponseLayer::new(resource_exhausted as StatusFix)
+}
+
+fn resource_exhausted(
+    mut resp: axum::http::Response<tonic::body::Body>,
+) -> axum::http::Response<tonic::body::Body> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let code = (tonic::Code::ResourceExhausted as i32).to_string();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&code) {
+            resp.headers_mut().insert("grpc-status", v);
+        }
+    }
+    resp
+}
+
 pub struct Grpc {
     state: AppState,
 }
 
-impl From<V2Error> for Status {
-    fn from(e: V2Error) -> Self {
-        match e {
-            V2Error::BadRequest(m) => Status::invalid_argument(m),
-            V2Error::NotFound(m) => Status::not_found(m),
-            V2Error::Unavailable(m, secs) => {
-                let mut md = MetadataMap::new();
-                md.insert(
-                    "retry-after",
-                    secs.to_string().parse().expect("digits are ASCII"),
-                );
-                Status::with_metadata(tonic::Code::Unavailable, m, md)
-            }
-            V2Error::TooMany(m, _) => Status::resource_exhausted(m),
-            V2Error::Forbidden(m) => Status::permission_denied(m),
-            V2Error::Internal(m) => Status::internal(m),
+/// The gRPC mapping of the serve path's errors: its code, and `retry-after` metadata where
+/// the client should back off.
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Self {
+        let mut md = MetadataMap::new();
+        if let Some(secs) = e.retry_after {
+            md.insert("retry-after", secs.into());
         }
+        Status::with_metadata(e.grpc_code(), e.message, md)
     }
 }
 
 impl Grpc {
+    /// Repository load/unload: operator actions once tenancy is on.
+    fn repository_change<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let ext = req.extensions();
+        crate::api::auth::repository_change(
+            &self.state.tenancy,
+            ext.get::<Operator>().is_some(),
+            ext.get::<Caller>(),
+        )
+        .map_err(Status::from)
+    }
+
     /// The model a call addresses, after checking the caller's tier may use it.
     fn model<T>(&self, req: &Request<T>, name: &str) -> Result<String, Status> {
         let model = target(req.metadata(), name)?;
@@ -67,20 +102,16 @@ impl Grpc {
     }
 }
 
-fn caller_of(ext: &tonic::Extensions) -> Result<crate::tenancy::Caller, Status> {
-    ext.get::<crate::tenancy::Caller>()
+/// The caller of a call; every call but server health and metadata needs one.
+fn caller_of(ext: &tonic::Extensions) -> Result<Caller, Status> {
+    ext.get::<Caller>()
         .cloned()
-        .ok_or_else(|| Status::unauthenticated(crate::tenancy::AuthError::Missing.to_string()))
+        .ok_or_else(|| ServeError::from(AuthError::Missing).into())
 }
 
 fn authorize(state: &AppState, ext: &tonic::Extensions, model: &str) -> Result<(), Status> {
-    match ext.get::<crate::tenancy::Caller>() {
-        Some(caller) => crate::api::auth::check(state, caller, model)
-            .map_err(|e| Status::permission_denied(e.to_string())),
-        None => Err(Status::unauthenticated(
-            crate::tenancy::AuthError::Missing.to_string(),
-        )),
-    }
+    let caller = caller_of(ext)?;
+    crate::api::auth::check(state, &caller, model).map_err(|e| ServeError::from(e).into())
 }
 
 /// The model a call addresses: `mm-vmodel-id`, then `mm-model-id`, then the request's name.
@@ -112,10 +143,10 @@ fn param_json(p: &InferParameter) -> Value {
     }
 }
 
-fn decode(req: ModelInferRequest) -> Result<InferRequest, V2Error> {
+fn decode(req: ModelInferRequest) -> Result<InferRequest, ServeError> {
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
-        return Err(V2Error::BadRequest(format!(
+        return Err(ServeError::invalid(format!(
             "{} inputs but {} raw_input_contents",
             req.inputs.len(),
             req.raw_input_contents.len()
@@ -281,10 +312,9 @@ impl GrpcInferenceService for Grpc {
         let name = self.model(&req, &req.get_ref().model_name)?;
         let caller = caller_of(req.extensions())?;
         let started = std::time::Instant::now();
-        let result = match decode(req.into_inner()) {
-            Ok(r) => infer(&self.state, &caller, &name, r).await,
-            Err(e) => Err(e),
-        };
+        let request = decode(req.into_inner())
+            .and_then(|r| infer_request(&self.state, caller, &name, "v2_infer", r))?;
+        let result = infer(&self.state, request).await;
         let model = self.state.cache.resolve(&name).unwrap_or_default();
         self.state
             .v2_stats
@@ -322,7 +352,7 @@ impl GrpcInferenceService for Grpc {
                 };
                 let Ok(caller) = caller_of(&ext) else { return };
                 if let Err(e) = stream_one(&state, &caller, &name, r, &tx).await {
-                    if tx.send(Ok(error(e.message().to_string()))).await.is_err() {
+                    if tx.send(Ok(error(e.message))).await.is_err() {
                         return;
                     }
                 }
@@ -396,12 +426,13 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
-        caller_of(req.extensions())?;
+        let caller = caller_of(req.extensions())?;
         let models = self
             .state
             .cache
             .status()
             .into_iter()
+            .filter(|m| Tenancy::check_model(&caller, &m.id).is_ok())
             .map(|m| {
                 let (state, reason) = repo_state(&m);
                 repository_index_response::ModelIndex {
@@ -419,11 +450,12 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<RepositoryModelLoadRequest>,
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.repository_change(&req)?;
         self.state
             .cache
             .load(&req.get_ref().model_name)
             .await
-            .map_err(V2Error::from)?;
+            .map_err(ServeError::from)?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -431,95 +463,56 @@ impl GrpcInferenceService for Grpc {
         &self,
         req: Request<RepositoryModelUnloadRequest>,
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.repository_change(&req)?;
         self.state
             .cache
             .unload(&req.get_ref().model_name)
-            .map_err(V2Error::from)?;
+            .map_err(ServeError::from)?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }
 
-/// Serve one request of a stream.
+/// Serve one request of a stream: an LLM's text streams back as it is made; an embedding
+/// model answers once. A client that leaves drops the generation, which cancels it.
 async fn stream_one(
     state: &AppState,
-    caller: &crate::tenancy::Caller,
+    caller: &Caller,
     name: &str,
     r: ModelInferRequest,
     tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
-) -> Result<(), V2Error> {
+) -> Result<(), ServeError> {
     let id = r.id.clone();
-    let req = decode(r)?;
-    let lease = state
-        .cache
-        .acquire_for(name, None, caller.tier.residency_bonus.0)
-        .await?;
-    if require_llm(lease.engine.as_ref(), name).is_err() {
-        drop(lease);
-        let resp = infer(state, caller, name, req).await?;
-        let _ = tx
-            .send(Ok(ModelStreamInferResponse {
-                error_message: String::new(),
-                infer_response: Some(encode(resp)),
-            }))
-            .await;
-        return Ok(());
-    }
-    let prompt = match req
-        .inputs
-        .iter()
-        .find(|t| t.name == "text_input")
-        .map(|t| &t.data)
-    {
-        Some(Data::Bytes(b)) if b.len() == 1 => String::from_utf8(b[0].clone())
-            .map_err(|_| V2Error::BadRequest("text_input is not UTF-8".into()))?,
-        _ => {
-            return Err(V2Error::BadRequest(
-                "missing input \"text_input\" (BYTES, one element)".into(),
-            ))
+    let request = infer_request(state, caller.clone(), name, "v2_stream", decode(r)?)?;
+    let client_id = request.client_id.clone();
+    let served = state.serve.run(request).await?;
+    let mut generating = match served.output {
+        Output::Embeddings(out) => {
+            let resp = super::InferResponse {
+                model: served.model,
+                id: client_id,
+                outputs: vec![embedding_tensor(out)],
+            };
+            let _ = tx
+                .send(Ok(ModelStreamInferResponse {
+                    error_message: String::new(),
+                    infer_response: Some(encode(resp)),
+                }))
+                .await;
+            return Ok(());
         }
+        Output::Text(g) => g,
     };
-    let gen = generate_request(prompt, &req.parameters)?;
-    let model = lease.model.clone();
-    let tx = tx.clone();
-    let info = crate::api::usage::request_info(
-        &id,
-        caller,
-        &model,
-        "v2_stream",
-        Some(&gen.prompt),
-        gen.max_tokens.map(|n| n as u32),
-        true,
-    );
-    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_stream", info).await?;
-    let result = tokio::task::spawn_blocking(move || {
-        let engine = lease.engine.clone();
-        let r = engine.generate(&gen, &mut |ev| {
-            if let flatmesh_runtime::GenerateEvent::Text(t) = ev {
-                if tx
-                    .blocking_send(Ok(text_response(&model, &id, t, false)))
-                    .is_err()
-                {
-                    return std::ops::ControlFlow::Break(());
-                }
-            }
-            std::ops::ControlFlow::Continue(())
-        });
-        (r, tx, model, id)
-    })
-    .await
-    .map_err(|e| V2Error::Internal(e.to_string()))?;
-    let (r, tx, model, id) = result;
-    let g = r?;
-    // The record is durable before the final response goes out.
-    let record_id = if id.is_empty() {
-        format!("v2-{}", uuid::Uuid::new_v4().simple())
-    } else {
-        id.clone()
-    };
-    bill.record(&record_id, &model, g.prompt_tokens, g.completion_tokens)
-        .await?;
-    let _ = tx
-        .send(Ok(text_response(&model, &id, String::new(), true)))
-        .await;
+    let model = served.model;
+    while let Some(ev) = generating.next().await {
+        let last = match ev {
+            serve::Event::Text(t) => text_response(&model, &id, t, false),
+            // The record is durable before the final response goes out.
+            serve::Event::Done(Ok(_)) => text_response(&model, &id, String::new(), true),
+            serve::Event::Done(Err(e)) => return Err(e),
+        };
+        if tx.send(Ok(last)).await.is_err() {
+            return Ok(()); // Client gone: dropping `generating` cancels the generation.
+        }
+    }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! KServe v2 / Open Inference Protocol: the tensor contracts of our models, shared by the
-//! REST (`rest.rs`) and gRPC (`grpc.rs`) front ends.
+//! REST (`rest.rs`) and gRPC (`grpc.rs`) codecs over the serve path.
 //!
 //! Embedding models: BYTES `text` [N] → FP32 `embedding` [N, D].
 //! LLMs: BYTES `text_input` [1] with parameters `max_tokens`, `temperature`, `top_p`, `top_k`,
@@ -11,11 +11,15 @@ pub mod rest;
 
 use std::collections::BTreeMap;
 
-use flatmesh_runtime::{Engine, GenerateRequest, ModelKind, Prompt, SamplingParams};
+use flatmesh_runtime::{Embeddings, GenerateRequest, ModelKind, Prompt, SamplingParams};
 use serde_json::Value;
 
 use super::AppState;
-use crate::cache::{CacheError, CopyStatus};
+use crate::{
+    cache::CopyStatus,
+    serve::{Output, Request, ServeError, Work, MAX_INPUTS},
+    tenancy::Caller,
+};
 
 /// Element data of a tensor, by datatype family.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,90 +50,6 @@ pub struct InferResponse {
     pub model: String,
     pub id: Option<String>,
     pub outputs: Vec<Tensor>,
-}
-
-/// An error of the v2 protocol; each front end maps it once.
-#[derive(Debug)]
-pub enum V2Error {
-    BadRequest(String),
-    NotFound(String),
-    Unavailable(String, u64),
-    /// Over a tier's limit or queue: 429 / RESOURCE_EXHAUSTED.
-    TooMany(String, u64),
-    Forbidden(String),
-    Internal(String),
-}
-
-impl From<crate::tenancy::limits::LimitError> for V2Error {
-    fn from(e: crate::tenancy::limits::LimitError) -> Self {
-        V2Error::TooMany(e.message, e.retry_after)
-    }
-}
-
-impl From<crate::policy::Refusal> for V2Error {
-    fn from(r: crate::policy::Refusal) -> Self {
-        let retry = r.retry_after.unwrap_or(1);
-        match r.status {
-            429 => V2Error::TooMany(r.message, retry),
-            401 | 403 => V2Error::Forbidden(r.message),
-            400..=499 => V2Error::BadRequest(r.message),
-            _ => V2Error::Unavailable(r.message, retry),
-        }
-    }
-}
-
-impl From<crate::scheduler::Rejected> for V2Error {
-    fn from(e: crate::scheduler::Rejected) -> Self {
-        V2Error::TooMany(e.to_string(), 1)
-    }
-}
-
-impl From<crate::tenancy::AuthError> for V2Error {
-    fn from(e: crate::tenancy::AuthError) -> Self {
-        V2Error::Forbidden(e.to_string())
-    }
-}
-
-impl From<crate::api::error::ApiError> for V2Error {
-    fn from(e: crate::api::error::ApiError) -> Self {
-        V2Error::Internal(e.message)
-    }
-}
-
-impl From<CacheError> for V2Error {
-    fn from(e: CacheError) -> Self {
-        let m = e.to_string();
-        match &e {
-            CacheError::NotFound(_) => V2Error::NotFound(m),
-            CacheError::Failed { .. } | CacheError::NoRoom { .. } => {
-                V2Error::Unavailable(m, e.retry_after().unwrap_or(1))
-            }
-            _ => V2Error::BadRequest(m),
-        }
-    }
-}
-
-impl From<flatmesh_runtime::RuntimeError> for V2Error {
-    fn from(e: flatmesh_runtime::RuntimeError) -> Self {
-        if e.is_client_error() {
-            V2Error::BadRequest(e.to_string())
-        } else {
-            V2Error::Internal(e.to_string())
-        }
-    }
-}
-
-impl V2Error {
-    pub fn message(&self) -> &str {
-        match self {
-            V2Error::BadRequest(m)
-            | V2Error::NotFound(m)
-            | V2Error::Unavailable(m, _)
-            | V2Error::TooMany(m, _)
-            | V2Error::Forbidden(m)
-            | V2Error::Internal(m) => m,
-        }
-    }
 }
 
 /// Per-model counts and total nanoseconds of v2 inferences (Triton's statistics extension).
@@ -207,15 +127,15 @@ pub fn signature(kind: ModelKind, dims: Option<usize>) -> (Vec<Signature>, Vec<S
 }
 
 /// A model's status by name (model or vmodel).
-pub fn model_status(state: &AppState, name: &str) -> Result<CopyStatus, V2Error> {
-    let all = state.cache.status();
-    let target = state
+pub fn model_status(state: &AppState, name: &str) -> Result<CopyStatus, ServeError> {
+    let missing = || ServeError::not_found(format!("model {name:?} does not exist"));
+    let target = state.cache.resolve(name).ok_or_else(missing)?;
+    state
         .cache
-        .resolve(name)
-        .ok_or_else(|| V2Error::NotFound(format!("model {name:?} does not exist")))?;
-    all.into_iter()
+        .status()
+        .into_iter()
         .find(|m| m.id == target)
-        .ok_or_else(|| V2Error::NotFound(format!("model {name:?} does not exist")))
+        .ok_or_else(missing)
 }
 
 /// A model is ready when it can serve: registered and not failed (a cold model loads on use).
@@ -223,110 +143,112 @@ pub fn is_ready(status: &CopyStatus) -> bool {
     status.state != "failed"
 }
 
-/// Metadata of a model: its kind needs a loaded copy, so this loads a cold model.
+/// Metadata of a model: its kind is known from its format; an embedding model's width
+/// needs a loaded copy, so this loads a cold one.
 pub async fn metadata(
     state: &AppState,
     name: &str,
-) -> Result<(String, Vec<Signature>, Vec<Signature>), V2Error> {
+) -> Result<(String, Vec<Signature>, Vec<Signature>), ServeError> {
     let lease = state.cache.acquire(name, None).await?;
     let info = lease.engine.info().clone();
     let (i, o) = signature(info.kind, info.embedding_dims);
     Ok((lease.model.clone(), i, o))
 }
 
-/// Run one inference request against its model.
-pub async fn infer(
+/// Check a v2 inference request and turn it into work for the serve path: the input the
+/// model's kind expects (at most `MAX_INPUTS` texts, UTF-8) and valid parameters.
+pub fn infer_request(
     state: &AppState,
-    caller: &crate::tenancy::Caller,
+    caller: Caller,
     name: &str,
+    endpoint: &'static str,
     req: InferRequest,
-) -> Result<InferResponse, V2Error> {
-    crate::api::auth::check(state, caller, name)?;
-    let info = crate::api::usage::request_info(
-        req.id.as_deref().unwrap_or(""),
-        caller,
-        name,
-        "v2_infer",
-        None,
-        None,
-        false,
-    );
-    let (_held, bill) = crate::api::usage::admit(state, caller, "v2_infer", info).await?;
-    let lease = state
-        .cache
-        .acquire_for(name, None, caller.tier.residency_bonus.0)
-        .await?;
-    let model = lease.model.clone();
-    let kind = lease.engine.info().kind;
+) -> Result<Request, ServeError> {
+    let kind = model_status(state, name)?.kind.unwrap_or(ModelKind::Llm);
     let (inputs, _) = signature(kind, None);
-    let input = take_input(&req.inputs, inputs[0].name, &model)?;
+    let input = take_input(&req.inputs, inputs[0].name, name)?;
     let Data::Bytes(items) = &input.data else {
-        return Err(V2Error::BadRequest(format!(
+        return Err(ServeError::invalid(format!(
             "input {:?} must be BYTES, got {}",
             input.name, input.datatype
         )));
     };
+    if items.len() > MAX_INPUTS {
+        return Err(ServeError::invalid(format!(
+            "input {:?} holds {} elements; at most {MAX_INPUTS} per request",
+            input.name,
+            items.len()
+        )));
+    }
     let texts = items
         .iter()
         .enumerate()
         .map(|(i, b)| {
             String::from_utf8(b.clone()).map_err(|_| {
-                V2Error::BadRequest(format!("input {:?}[{i}] is not UTF-8", input.name))
+                ServeError::invalid(format!("input {:?}[{i}] is not UTF-8", input.name))
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let engine = lease.engine.clone();
-    let (outputs, input_tokens, output_tokens) = match kind {
-        ModelKind::Embedding => {
-            let out = tokio::task::spawn_blocking(move || engine.embed(&texts))
-                .await
-                .map_err(|e| V2Error::Internal(e.to_string()))??;
-            let dims = out.vectors.first().map_or(0, Vec::len);
-            let n = out.vectors.len();
-            let tokens = out.prompt_tokens;
-            let t = Tensor {
-                name: "embedding".into(),
-                datatype: "FP32".into(),
-                shape: vec![n as i64, dims as i64],
-                data: Data::F32(out.vectors.into_iter().flatten().collect()),
-            };
-            (vec![t], tokens, 0)
-        }
-        ModelKind::Llm => {
-            if texts.len() != 1 {
-                return Err(V2Error::BadRequest(format!(
-                    "input \"text_input\" must hold one element, got {}",
-                    texts.len()
-                )));
-            }
-            let gen = generate_request(texts.into_iter().next().expect("one"), &req.parameters)?;
-            let g = tokio::task::spawn_blocking(move || {
-                engine.generate(&gen, &mut |_| std::ops::ControlFlow::Continue(()))
-            })
-            .await
-            .map_err(|e| V2Error::Internal(e.to_string()))??;
-            let (pt, ct) = (g.prompt_tokens, g.completion_tokens);
-            let t = Tensor {
+    let prompt = texts.first().cloned().unwrap_or_default();
+    let generate = generate_request(prompt, &req.parameters)?;
+    Ok(Request {
+        caller,
+        model: name.to_string(),
+        endpoint,
+        work: Work::Infer { texts, generate },
+        keep_alive: None,
+        client_id: check_id(req.id.as_deref())?,
+        stream: false,
+    })
+}
+
+/// Longest request id a client may send.
+const MAX_ID: usize = 256;
+
+/// A client's request id, bounded.
+pub fn check_id(id: Option<&str>) -> Result<Option<String>, ServeError> {
+    match id {
+        Some(id) if id.len() > MAX_ID => Err(ServeError::bad_request(
+            "id",
+            format!("is {} bytes long; at most {MAX_ID}", id.len()),
+        )),
+        other => Ok(crate::serve::client_id(other)),
+    }
+}
+
+/// Run a v2 inference request on the serve path and give back its output tensors.
+pub async fn infer(state: &AppState, request: Request) -> Result<InferResponse, ServeError> {
+    let client_id = request.client_id.clone();
+    let served = state.serve.run(request).await?;
+    let outputs = match served.output {
+        Output::Embeddings(out) => vec![embedding_tensor(out)],
+        Output::Text(g) => {
+            let g = g.collect().await?;
+            vec![Tensor {
                 name: "text_output".into(),
                 datatype: "BYTES".into(),
                 shape: vec![1],
                 data: Data::Bytes(vec![g.text.into_bytes()]),
-            };
-            (vec![t], pt, ct)
+            }]
         }
     };
-    drop(lease);
-    let record_id = req
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("v2-{}", uuid::Uuid::new_v4().simple()));
-    bill.record(&record_id, &model, input_tokens, output_tokens)
-        .await?;
     Ok(InferResponse {
-        model,
-        id: req.id,
+        model: served.model,
+        id: client_id,
         outputs,
     })
+}
+
+/// Embeddings as the `embedding` output tensor, FP32 [N, D].
+pub fn embedding_tensor(out: Embeddings) -> Tensor {
+    let dims = out.vectors.first().map_or(0, Vec::len);
+    let n = out.vectors.len();
+    Tensor {
+        name: "embedding".into(),
+        datatype: "FP32".into(),
+        shape: vec![n as i64, dims as i64],
+        data: Data::F32(out.vectors.into_iter().flatten().collect()),
+    }
 }
 
 /// The one input a model expects: unknown, missing and misshapen inputs are clear errors.
@@ -334,9 +256,9 @@ fn take_input<'a>(
     inputs: &'a [Tensor],
     expected: &str,
     model: &str,
-) -> Result<&'a Tensor, V2Error> {
+) -> Result<&'a Tensor, ServeError> {
     if let Some(other) = inputs.iter().find(|t| t.name != expected) {
-        return Err(V2Error::BadRequest(format!(
+        return Err(ServeError::invalid(format!(
             "unknown input {:?}: model {model:?} takes {expected:?}",
             other.name
         )));
@@ -344,100 +266,110 @@ fn take_input<'a>(
     let t = inputs
         .iter()
         .find(|t| t.name == expected)
-        .ok_or_else(|| V2Error::BadRequest(format!("missing input {expected:?}")))?;
+        .ok_or_else(|| ServeError::invalid(format!("missing input {expected:?}")))?;
     if t.datatype != "BYTES" {
-        return Err(V2Error::BadRequest(format!(
+        return Err(ServeError::invalid(format!(
             "input {expected:?} must be BYTES, got {}",
             t.datatype
         )));
     }
-    let elems: i64 = t.shape.iter().product();
     let n = match &t.data {
         Data::Bytes(b) => b.len() as i64,
         Data::F32(v) => v.len() as i64,
         Data::Other(_) => -1,
     };
-    if t.shape.iter().any(|&d| d < 0) || elems != n {
-        return Err(V2Error::BadRequest(format!(
-            "input {expected:?} has shape {:?} ({elems} elements) but {n} data elements",
+    let elems = t.shape.iter().try_fold(
+        1i64,
+        |acc, &d| if d < 0 { None } else { acc.checked_mul(d) },
+    );
+    if elems != Some(n) {
+        return Err(ServeError::invalid(format!(
+            "input {expected:?} has shape {:?} but {n} data elements",
             t.shape
         )));
     }
     Ok(t)
 }
 
-/// Generation settings from v2 request parameters.
+/// Most stop sequences one request may give (as OpenAI allows).
+const MAX_STOP: usize = 4;
+
+/// Generation settings from v2 request parameters; every number is range-checked.
 pub fn generate_request(
     prompt: String,
     p: &BTreeMap<String, Value>,
-) -> Result<GenerateRequest, V2Error> {
-    let num = |k: &str| -> Result<Option<f64>, V2Error> {
+) -> Result<GenerateRequest, ServeError> {
+    let bad = |k: &str, m: String| ServeError::bad_request(format!("parameters.{k}"), m);
+    let num = |k: &str| -> Result<Option<f64>, ServeError> {
         match p.get(k) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
                 .as_f64()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                .filter(|x| x.is_finite())
                 .map(Some)
-                .ok_or_else(|| {
-                    V2Error::BadRequest(format!("parameter {k:?} must be a number, got {v}"))
-                }),
+                .ok_or_else(|| bad(k, format!("must be a number, got {v}"))),
+        }
+    };
+    // A whole number in `lo..=hi`.
+    let int = |k: &str, lo: f64, hi: f64| -> Result<Option<u64>, ServeError> {
+        match num(k)? {
+            None => Ok(None),
+            Some(x) if x.fract() == 0.0 && (lo..=hi).contains(&x) => Ok(Some(x as u64)),
+            Some(x) => Err(bad(
+                k,
+                format!("{x} is not a whole number from {lo} to {hi}"),
+            )),
         }
     };
     let stop = match p.get("stop") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => match serde_json::from_str::<Vec<String>>(s) {
-            Ok(list) => list,
-            Err(_) => vec![s.clone()],
-        },
+        Some(Value::String(s)) if s.trim_start().starts_with('[') => {
+            serde_json::from_str::<Vec<String>>(s)
+                .map_err(|e| bad("stop", format!("is not a JSON list of strings: {e}")))?
+        }
+        Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect(),
-        Some(v) => {
-            return Err(V2Error::BadRequest(format!(
-                "parameter \"stop\" must be a string or list, got {v}"
-            )))
-        }
+            .map(|v| v.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("stop", "must hold only strings".into()))?,
+        Some(v) => return Err(bad("stop", format!("must be a string or list, got {v}"))),
     };
-    let temperature = num("temperature")?.unwrap_or(1.0) as f32;
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(V2Error::BadRequest(format!(
-            "parameter \"temperature\" {temperature} is not between 0 and 2"
-        )));
-    }
-    let top_p = num("top_p")?.unwrap_or(1.0) as f32;
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(V2Error::BadRequest(format!(
-            "parameter \"top_p\" {top_p} is not in (0, 1]"
-        )));
-    }
-    let max_tokens = num("max_tokens")?.map(|n| n as usize);
-    if max_tokens == Some(0) {
-        return Err(V2Error::BadRequest(
-            "parameter \"max_tokens\" must be at least 1".into(),
+    if stop.len() > MAX_STOP {
+        return Err(bad(
+            "stop",
+            format!("at most {MAX_STOP} stop sequences are allowed"),
         ));
     }
+    let temperature = num("temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad(
+            "temperature",
+            format!("{temperature} is not between 0 and 2"),
+        ));
+    }
+    let top_p = num("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad("top_p", format!("{top_p} is not in (0, 1]")));
+    }
+    let max_tokens = int("max_tokens", 1.0, u32::MAX as f64)?.unwrap_or(128);
+    let top_k = int("top_k", 0.0, u32::MAX as f64)?.unwrap_or(0);
+    // Seeds are whole numbers that JSON carries exactly (up to 2^53).
+    let seed = int("seed", 0.0, 9_007_199_254_740_992.0)?;
     Ok(GenerateRequest {
         prompt: Prompt::Text(prompt),
-        max_tokens: Some(max_tokens.unwrap_or(128)),
+        max_tokens: Some(max_tokens as usize),
         sampling: SamplingParams {
-            temperature,
-            top_p,
-            top_k: num("top_k")?.unwrap_or(0.0) as usize,
-            seed: num("seed")?.map(|s| s as u64),
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: top_k as usize,
+            seed,
             ..Default::default()
         },
         stop,
     })
 }
 
-/// Whether an engine is an LLM (for the generate extension).
-pub fn require_llm(engine: &dyn Engine, model: &str) -> Result<(), V2Error> {
-    if engine.info().kind == ModelKind::Llm {
-        Ok(())
-    } else {
-        Err(V2Error::BadRequest(format!(
-            "model {model:?} is not an LLM; use /infer"
-        )))
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -15,8 +15,12 @@ use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::codec::{data_json, decode_request, encode_binary};
-use super::{generate_request, infer, is_ready, metadata, model_status, require_llm, V2Error};
-use crate::{api::AppState, tenancy::Caller};
+use super::{generate_request, infer, infer_request, is_ready, metadata, model_status};
+use crate::{
+    api::AppState,
+    serve::{self, Generating, Output, Request, ServeError, Work},
+    tenancy::{Caller, Tenancy},
+};
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
 pub const EXTENSIONS: &[&str] = &[
@@ -49,19 +53,31 @@ pub fn routes() -> Router<AppState> {
         .route("/v2/repository/models/{m}/unload", post(repository_unload))
 }
 
+/// The v2 REST mapping of the serve path's errors: its status, `{"error": message}`, and
+/// `Retry-After` / `x-ratelimit-*` where the client should back off.
+#[derive(Debug)]
+pub struct V2Error(pub ServeError);
+
+impl<E: Into<ServeError>> From<E> for V2Error {
+    fn from(e: E) -> Self {
+        V2Error(e.into())
+    }
+}
+
 impl IntoResponse for V2Error {
     fn into_response(self) -> Response {
-        let status = match &self {
-            V2Error::BadRequest(_) => StatusCode::BAD_REQUEST,
-            V2Error::NotFound(_) => StatusCode::NOT_FOUND,
-            V2Error::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
-            V2Error::TooMany(..) => StatusCode::TOO_MANY_REQUESTS,
-            V2Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            V2Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut resp = (status, Json(json!({"error": self.message()}))).into_response();
-        if let V2Error::Unavailable(_, secs) | V2Error::TooMany(_, secs) = self {
-            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        let e = self.0;
+        let status =
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(json!({"error": e.message}))).into_response();
+        let headers = resp.headers_mut();
+        for (name, value) in &e.headers {
+            if let Ok(v) = header::HeaderValue::from_str(value) {
+                headers.insert(*name, v);
+            }
+        }
+        if let Some(secs) = e.retry_after {
+            headers.insert(header::RETRY_AFTER, secs.into());
         }
         resp
     }
@@ -196,23 +212,24 @@ async fn infer_rest(
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| {
-                    V2Error::BadRequest(format!("header {HEADER_LENGTH} must be a byte count"))
+                    ServeError::invalid(format!("header {HEADER_LENGTH} must be a byte count"))
                 })?;
             if n > body.len() {
-                return Err(V2Error::BadRequest(format!(
+                return Err(V2Error(ServeError::invalid(format!(
                     "{HEADER_LENGTH} {n} is larger than the body ({} bytes)",
                     body.len()
-                )));
+                ))));
             }
             n
         }
         None => body.len(),
     };
     let json: Value = serde_json::from_slice(&body[..header_len])
-        .map_err(|e| V2Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        .map_err(|e| ServeError::invalid(format!("request body is not valid JSON: {e}")))?;
     let (req, binary_out) = decode_request(&json, &body[header_len..])?;
+    let request = infer_request(state, caller.clone(), model, "v2_infer", req)?;
     let started = std::time::Instant::now();
-    let result = infer(state, caller, model, req).await;
+    let result = infer(state, request).await;
     state.v2_stats.record(
         &state.cache.resolve(model).unwrap_or_default(),
         result.is_ok(),
@@ -259,11 +276,16 @@ async fn infer_rest(
         .into_response())
 }
 
-async fn repository_index(State(state): State<AppState>) -> Json<Value> {
+/// The models the caller's tier may use, with their states.
+async fn repository_index(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
     let models: Vec<Value> = state
         .cache
         .status()
         .into_iter()
+        .filter(|m| Tenancy::check_model(&caller, &m.id).is_ok())
         .map(|m| {
             let (st, reason) = repo_state(&m);
             json!({"name": m.id, "version": "1", "state": st, "reason": reason})
@@ -299,13 +321,13 @@ async fn repository_unload(
 }
 
 /// The generate extension: `{"text_input": "...", "parameters": {...}}`.
-fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), V2Error> {
+fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), ServeError> {
     let v: Value = serde_json::from_slice(body)
-        .map_err(|e| V2Error::BadRequest(format!("request body is not valid JSON: {e}")))?;
+        .map_err(|e| ServeError::invalid(format!("request body is not valid JSON: {e}")))?;
     let text = v
         .get("text_input")
         .and_then(Value::as_str)
-        .ok_or_else(|| V2Error::BadRequest("missing \"text_input\" (a string)".into()))?;
+        .ok_or_else(|| ServeError::invalid("missing \"text_input\" (a string)"))?;
     let mut params: BTreeMap<String, Value> = v
         .get("parameters")
         .and_then(Value::as_object)
@@ -327,44 +349,32 @@ fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), V2Er
     Ok((text.to_string(), params))
 }
 
-/// Everything a generate call needs before it runs: the request, the caller's admission and
-/// execution slot (held until the end), its bill, and a lease on an LLM copy.
-struct Prepared {
-    gen: flatmesh_runtime::GenerateRequest,
-    held: crate::api::usage::Held,
-    bill: crate::api::usage::Bill,
-    lease: crate::cache::Lease,
-}
-
-async fn prepare(
+/// A generate request on the serve path, its text streaming back.
+async fn start_generate(
     state: &AppState,
-    caller: &Caller,
+    caller: Caller,
     model: &str,
+    endpoint: &'static str,
     body: &[u8],
-) -> Result<Prepared, V2Error> {
+) -> Result<(String, String, Generating), V2Error> {
     let (text, params) = parse_generate(body)?;
     let gen = generate_request(text, &params)?;
-    let info = crate::api::usage::request_info(
-        &format!("gen-{}", uuid::Uuid::new_v4().simple()),
-        caller,
-        model,
-        "v2_generate",
-        Some(&gen.prompt),
-        gen.max_tokens.map(|n| n as u32),
-        false,
-    );
-    let (held, bill) = crate::api::usage::admit(state, caller, "v2_generate", info).await?;
-    let lease = state
-        .cache
-        .acquire_for(model, None, caller.tier.residency_bonus.0)
+    let served = state
+        .serve
+        .run(Request {
+            caller,
+            model: model.to_string(),
+            endpoint,
+            work: Work::Generate(gen),
+            keep_alive: None,
+            client_id: None,
+            stream: endpoint == "v2_generate_stream",
+        })
         .await?;
-    require_llm(lease.engine.as_ref(), model)?;
-    Ok(Prepared {
-        gen,
-        held,
-        bill,
-        lease,
-    })
+    match served.output {
+        Output::Text(g) => Ok((served.id, served.model, g)),
+        Output::Embeddings(_) => Err(ServeError::internal("generate produced embeddings").into()),
+    }
 }
 
 async fn generate(
@@ -373,65 +383,41 @@ async fn generate(
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, V2Error> {
-    let Prepared {
-        gen,
-        held: _held,
-        bill,
-        lease,
-    } = prepare(&state, &caller, &m, &body).await?;
-    let engine = lease.engine.clone();
-    let g = tokio::task::spawn_blocking(move || {
-        engine.generate(&gen, &mut |_| std::ops::ControlFlow::Continue(()))
-    })
-    .await
-    .map_err(|e| V2Error::Internal(e.to_string()))??;
-    let id = format!("gen-{}", uuid::Uuid::new_v4().simple());
-    bill.record(&id, &lease.model, g.prompt_tokens, g.completion_tokens)
-        .await?;
+    let (id, model, generating) = start_generate(&state, caller, &m, "v2_generate", &body).await?;
+    let g = generating.collect().await?;
     Ok(Json(
-        json!({"id": id, "model_name": lease.model, "model_version": "1", "text_output": g.text}),
+        json!({"id": id, "model_name": model, "model_version": "1", "text_output": g.text}),
     ))
 }
 
+/// Server-sent events, one per text delta; an error ends the stream as `{"error": ...}`.
+/// A client that leaves drops the stream, which cancels the generation.
 async fn generate_stream(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
-    let Prepared {
-        gen,
-        held,
-        bill,
-        lease,
-    } = prepare(&state, &caller, &m, &body).await?;
-    let model = lease.model.clone();
+    let (_, model, mut generating) =
+        start_generate(&state, caller, &m, "v2_generate_stream", &body).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::task::spawn_blocking(move || {
-        let engine = lease.engine.clone();
-        let result = engine.generate(&gen, &mut |ev| {
-            if let flatmesh_runtime::GenerateEvent::Text(t) = ev {
-                let data = json!({"model_name": model, "model_version": "1", "text_output": t});
-                if tx
-                    .blocking_send(Ok(Event::default().data(data.to_string())))
-                    .is_err()
-                {
-                    return std::ops::ControlFlow::Break(());
+    tokio::spawn(async move {
+        while let Some(ev) = generating.next().await {
+            let data = match ev {
+                serve::Event::Text(t) => {
+                    json!({"model_name": model, "model_version": "1", "text_output": t})
                 }
+                serve::Event::Done(Ok(_)) => break,
+                serve::Event::Done(Err(e)) => json!({"error": e.message}),
+            };
+            if tx
+                .send(Ok(Event::default().data(data.to_string())))
+                .await
+                .is_err()
+            {
+                return;
             }
-            std::ops::ControlFlow::Continue(())
-        });
-        let outcome = result.map_err(|e| e.to_string()).and_then(|g| {
-            // The record is durable before the stream ends.
-            let id = format!("gen-{}", uuid::Uuid::new_v4().simple());
-            tokio::runtime::Handle::current()
-                .block_on(bill.record(&id, &model, g.prompt_tokens, g.completion_tokens))
-                .map_err(|e| e.message)
-        });
-        if let Err(e) = outcome {
-            let _ = tx.blocking_send(Ok(Event::default().data(json!({"error": e}).to_string())));
         }
-        drop((lease, held));
     });
     Ok(Sse::new(ReceiverStream::new(rx)).into_response())
 }

@@ -1,0 +1,195 @@
+//! A generation in flight: the engine on the blocking pool, its text forwarded to the front
+//! door, and at its end the usage record, the charge and the response cache.
+
+use std::{
+    ops::ControlFlow,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use flatmesh_runtime::{Engine, FinishReason, GenerateEvent, GenerateRequest, Generation};
+use tokio::sync::mpsc;
+
+use super::{bill::Bill, track::Tracker, Held, ServeError};
+use crate::policy::{self, CachePrompt};
+
+/// What a generation reports to its front door.
+#[derive(Debug)]
+pub enum Event {
+    /// New text.
+    Text(String),
+    /// The end: the generation (recorded) or why it failed.
+    Done(Result<Generation, ServeError>),
+}
+
+/// The stream of a generation's events. Dropping it cancels the generation at its next token
+/// and frees its lease and execution slot.
+pub struct Generating {
+    events: mpsc::Receiver<Event>,
+}
+
+impl Generating {
+    /// The next event; `None` after `Done`.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Wait for the whole generation.
+    pub async fn collect(mut self) -> Result<Generation, ServeError> {
+        while let Some(ev) = self.events.recv().await {
+            if let Event::Done(r) = ev {
+                return r;
+            }
+        }
+        Err(ServeError::internal(
+            "the generation ended without a result",
+        ))
+    }
+
+    /// A generation that is already complete (an answer from the response cache).
+    pub fn ready(g: Generation) -> Self {
+        let (tx, events) = mpsc::channel(2);
+        let _ = tx.try_send(Event::Text(g.text.clone()));
+        let _ = tx.try_send(Event::Done(Ok(g)));
+        Generating { events }
+    }
+}
+
+/// What happens after the engine has finished.
+pub struct Finish {
+    pub bill: Bill,
+    pub tracker: Tracker,
+    pub model: String,
+    /// Offer the answer to the response cache.
+    pub remember: Option<CachePrompt>,
+    /// The longest the engine may run.
+    pub limit: Duration,
+}
+
+/// Start generating on `engine`. Returns once the prompt is prefilled, so prompt errors (too
+/// long, bad template) come back as errors rather than as a broken stream.
+pub async fn start(
+    engine: Arc<dyn Engine>,
+    gen: GenerateRequest,
+    held: Held,
+    finish: Finish,
+) -> Result<Generating, (ServeError, Finish)> {
+    let (tx, mut from_engine) = mpsc::channel(64);
+    let deadline = Instant::now() + finish.limit;
+    let overran = Arc::new(AtomicBool::new(false));
+    let flag = overran.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        engine.generate(&gen, &mut |ev| {
+            if Instant::now() >= deadline {
+                flag.store(true, Ordering::Relaxed);
+                return ControlFlow::Break(());
+            }
+            match tx.blocking_send(ev) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })
+    });
+    let outcome = |r: Result<Result<Generation, flatmesh_runtime::RuntimeError>, _>| match r {
+        Ok(r) => r.map_err(ServeError::from),
+        Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
+    };
+    match from_engine.recv().await {
+        Some(GenerateEvent::Started { .. }) => {}
+        _ => {
+            let e = match outcome(task.await) {
+                Err(e) => e,
+                Ok(_) => ServeError::internal("generation ended before it started"),
+            };
+            if e.is_client_error() {
+                held.refund();
+            }
+            return Err((e, finish));
+        }
+    }
+    let (to_client, events) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let Finish {
+            bill,
+            mut tracker,
+            model,
+            remember,
+            limit,
+        } = finish;
+        while let Some(ev) = from_engine.recv().await {
+            if let GenerateEvent::Text(t) = ev {
+                tracker.first_token();
+                if to_client.send(Event::Text(t)).await.is_err() {
+                    break; // The client left: dropping the receiver stops the engine.
+                }
+            }
+        }
+        drop(from_engine);
+        let result = outcome(task.await);
+        drop(held); // Lease, slot and admission go back before the ledger write.
+        let result = match result {
+            Ok(g) => {
+                // Whatever the end, the tokens computed are recorded.
+                match bill
+                    .record(&model, g.prompt_tokens, g.completion_tokens)
+                    .await
+                {
+                    Err(e) => Err(e),
+                    Ok(()) if overran.load(Ordering::Relaxed) => Err(ServeError::new(
+                        super::ErrorKind::Timeout,
+                        "request_timeout",
+                        format!("the request ran past its limit of {limit:?}"),
+                    )),
+                    Ok(()) => {
+                        tracker.tokens(g.prompt_tokens, g.completion_tokens);
+                        if g.finish_reason != FinishReason::Cancelled {
+                            if let Some(cp) = &remember {
+                                store(&bill, cp, &g).await;
+                            }
+                        }
+                        Ok(g)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let status = match &result {
+            Ok(g) if g.finish_reason == FinishReason::Cancelled => 499,
+            Ok(_) => 200,
+            Err(e) => e.http_status(),
+        };
+        if let Ok(g) = &result {
+            tracing::info!(
+                gen_ai.usage.input_tokens = g.prompt_tokens,
+                gen_ai.usage.output_tokens = g.completion_tokens,
+                finish_reason = ?g.finish_reason,
+                seconds = tracker.elapsed(),
+                "Generated"
+            );
+        }
+        if to_client.send(Event::Done(result)).await.is_ok() {
+            tracker.finish(status);
+        }
+    });
+    Ok(Generating { events })
+}
+
+/// The words OpenAI and the cache use for a finish reason.
+pub fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+async fn store(bill: &Bill, cp: &CachePrompt, g: &Generation) {
+    let answer = policy::Answer {
+        text: g.text.clone(),
+        finish_reason: finish_reason(g.finish_reason).to_string(),
+        completion_tokens: u32::try_from(g.completion_tokens).unwrap_or(u32::MAX),
+    };
+    bill.policies.store(cp, &answer).await;
+}

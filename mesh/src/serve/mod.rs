@@ -1,0 +1,490 @@
+//! The one serve path: every front door (OpenAI, v2 REST, v2 gRPC) hands a parsed, validated
+//! request to `Serve::run`, which takes it through
+//! route → resolve → tier check → admit → response cache → place → lease → slot → run →
+//! record → charge, and gives back one result or a stream of text.
+//!
+//! Every check that can refuse a request for its own content runs before admission, so a
+//! bad request costs no quota; a prompt that turns out too long refunds the rate count.
+
+mod bill;
+mod embedder;
+pub mod error;
+mod generate;
+mod place;
+mod track;
+
+use std::{sync::Arc, time::Duration};
+
+use flatmesh_runtime::{Embeddings, Engine, FinishReason, GenerateRequest, Generation, ModelKind};
+
+use self::{bill::Bill, generate::Finish};
+pub use self::{
+    bill::{client_id, request_info},
+    embedder::CacheEmbedder,
+    error::{ErrorKind, ServeError},
+    generate::{finish_reason, Event, Generating},
+    place::{place, Place},
+    track::Tracker,
+};
+use crate::{
+    cache::{Cache, Lease},
+    ledger::{now_ms, Ledger},
+    metrics::Metrics,
+    policy::{self, CachePrompt, Policies, RequestInfo},
+    scheduler::{Scheduler, Slot},
+    tenancy::{
+        limits::{Admission, Limits},
+        Caller, Tenancy,
+    },
+    units::KeepAlive,
+};
+
+/// Most inputs one request may embed (as OpenAI's embeddings API allows).
+pub const MAX_INPUTS: usize = 2048;
+
+/// The serve path's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Serve {
+    pub cache: Cache,
+    pub scheduler: Scheduler,
+    pub limits: Limits,
+    pub policies: Policies,
+    pub ledger: Ledger,
+    pub metrics: Metrics,
+    /// The longest one request may run once it has its slot.
+    pub max_run: Duration,
+}
+
+/// What a request asks a model to do.
+#[derive(Debug, Clone)]
+pub enum Work {
+    Generate(GenerateRequest),
+    /// Embed the inputs; `dimensions`, when given, must be the model's width.
+    Embed {
+        inputs: Vec<String>,
+        dimensions: Option<u32>,
+    },
+    /// v2 `infer`: an embedding model embeds the texts; an LLM generates from the one text.
+    Infer {
+        texts: Vec<String>,
+        generate: GenerateRequest,
+    },
+}
+
+/// A request, as every protocol hands it over.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub caller: Caller,
+    /// The model or vmodel the client named.
+    pub model: String,
+    /// Where it came in (ledger and metric label): `chat_completions`, `v2_infer`, ...
+    pub endpoint: &'static str,
+    pub work: Work,
+    pub keep_alive: Option<KeepAlive>,
+    /// The client's own id of the request, if it gave one.
+    pub client_id: Option<String>,
+    pub stream: bool,
+}
+
+/// A served request.
+pub struct Served {
+    /// The agent's own id of the request (the ledger's).
+    pub id: String,
+    /// The model that served it (a vmodel resolved; a router's choice).
+    pub model: String,
+    /// The router's reason, when a router chose the model.
+    pub route: Option<String>,
+    /// `hit` or `miss` when the response cache was asked.
+    pub cache: Option<&'static str>,
+    pub output: Output,
+}
+
+pub enum Output {
+    Embeddings(Embeddings),
+    Text(Generating),
+}
+
+/// What a running request holds; dropping it gives everything back.
+pub struct Held {
+    admission: Admission,
+    _lease: Lease,
+    _slot: Slot,
+}
+
+impl Held {
+    /// The request failed for its own content: it costs no rate-limit count.
+    fn refund(self) {
+        self.admission.refund();
+    }
+}
+
+impl Serve {
+    /// A model name as a metric label: configured ids only, so labels stay bounded.
+    pub fn model_label(&self, model: &str) -> String {
+        if self.cache.contains(model) {
+            model.to_string()
+        } else {
+            "unknown".to_string()
+        }
+    }
+
+    /// Serve one request.
+    pub async fn run(&self, req: Request) -> Result<Served, ServeError> {
+        let label = self.model_label(&req.model);
+        let mut tracker = Some(Tracker::new(&self.metrics, label, req.endpoint));
+        let id = format!(
+            "{}-{}",
+            id_prefix(req.endpoint),
+            uuid::Uuid::new_v4().simple()
+        );
+        let span = tracing::info_span!("serve", otel.kind = "server", gen_ai.request.model = %req.model, endpoint = req.endpoint, request_id = %id);
+        let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
+        // A running generation took the tracker with it; otherwise the request ends here.
+        if let Some(t) = tracker {
+            match &result {
+                Ok(served) => {
+                    if let Output::Embeddings(e) = &served.output {
+                        t.tokens(e.prompt_tokens, 0);
+                    }
+                    t.finish(200);
+                }
+                Err(e) => t.finish(e.http_status()),
+            }
+        }
+        result
+    }
+
+    /// The steps of the serve path.
+    async fn serve(
+        &self,
+        id: String,
+        req: Request,
+        tracker: &mut Option<Tracker>,
+    ) -> Result<Served, ServeError> {
+        let info = self.info(&id, &req);
+        let (targets, route) = self.route(&req, &info).await?;
+        // Resolve once; the tier check, the kind check and the lease are on that model.
+        let (model, kind) = self.check(&req, &targets[0])?;
+        let work = resolve_work(req.work.clone(), kind, &req.model)?;
+        let admission = self.admit(&req.caller, &info).await?;
+        let mut bill = Bill {
+            ledger: self.ledger.clone(),
+            limits: self.limits.clone(),
+            metrics: self.metrics.clone(),
+            policies: self.policies.clone(),
+            caller: req.caller.clone(),
+            endpoint: req.endpoint,
+            info,
+            client_id: req.client_id.clone(),
+            cache_hit: false,
+            started_ms: now_ms(),
+            started: std::time::Instant::now(),
+        };
+        let mut remember = None;
+        if let Work::Generate(gen) = &work {
+            if self.policies.caches() {
+                let cp = CachePrompt {
+                    request: bill.info.clone(),
+                    target: model.clone(),
+                    text: policy::prompt_text(&gen.prompt),
+                    temperature: gen.sampling.temperature,
+                    seed: gen.sampling.seed,
+                };
+                let hit = self.policies.lookup(&cp).await?;
+                let label = if hit.is_some() { "hit" } else { "miss" };
+                self.metrics
+                    .response_cache
+                    .with_label_values(&[label])
+                    .inc();
+                if let Some(answer) = hit {
+                    bill.cache_hit = true;
+                    let g = cached_generation(answer, cp.request.prompt_tokens as usize);
+                    bill.record(&model, g.prompt_tokens, g.completion_tokens)
+                        .await?;
+                    if let Some(t) = tracker {
+                        t.first_token();
+                        t.tokens(g.prompt_tokens, g.completion_tokens);
+                    }
+                    drop(admission);
+                    let output = Output::Text(Generating::ready(g));
+                    return Ok(Served {
+                        id,
+                        model,
+                        route,
+                        cache: Some("hit"),
+                        output,
+                    });
+                }
+                remember = Some(cp);
+            }
+        }
+        let cache = remember.as_ref().map(|_| "miss");
+        let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
+        if let Some(cp) = &mut remember {
+            cp.target = model.clone(); // A fallback's answer belongs to its own namespace.
+        }
+        let slot = self
+            .scheduler
+            .acquire(&req.caller.tier.name, req.caller.tier.weight)
+            .await?;
+        let engine = lease.engine.clone();
+        let held = Held {
+            admission,
+            _lease: lease,
+            _slot: slot,
+        };
+        let output = match work {
+            Work::Embed { inputs, dimensions } => {
+                let dims = engine.info().embedding_dims;
+                if let Some(d) = dimensions.filter(|&d| Some(d as usize) != dims) {
+                    held.refund();
+                    return Err(ServeError::bad_request(
+                        "dimensions",
+                        format!("{d} is not supported; this model has {}", dims.unwrap_or(0)),
+                    ));
+                }
+                let out = self.embed(engine, inputs, held).await?;
+                bill.record(&model, out.prompt_tokens, 0).await?;
+                Output::Embeddings(out)
+            }
+            Work::Generate(gen) | Work::Infer { generate: gen, .. } => {
+                let finish = Finish {
+                    bill,
+                    tracker: tracker.take().expect("taken once"),
+                    model: model.clone(),
+                    remember,
+                    limit: self.max_run,
+                };
+                match generate::start(engine, gen, held, finish).await {
+                    Ok(g) => Output::Text(g),
+                    Err((e, finish)) => {
+                        *tracker = Some(finish.tracker);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok(Served {
+            id,
+            model,
+            route,
+            cache,
+            output,
+        })
+    }
+
+    fn info(&self, id: &str, req: &Request) -> RequestInfo {
+        let (prompt, max_tokens) = match &req.work {
+            Work::Generate(g) | Work::Infer { generate: g, .. } => (Some(&g.prompt), g.max_tokens),
+            Work::Embed { .. } => (None, None),
+        };
+        request_info(
+            id,
+            &req.caller,
+            &req.model,
+            req.endpoint,
+            prompt,
+            max_tokens,
+            req.stream,
+        )
+    }
+
+    /// The router's choice for a generation: the targets to try in turn, and its reason.
+    async fn route(
+        &self,
+        req: &Request,
+        info: &RequestInfo,
+    ) -> Result<(Vec<String>, Option<String>), ServeError> {
+        let asked = vec![req.model.clone()];
+        if !matches!(req.work, Work::Generate(_)) || !self.policies.routes() {
+            return Ok((asked, None));
+        }
+        let known = self.cache.contains(&req.model);
+        let candidates = self.candidates(&req.caller);
+        match self.policies.route(info, candidates, known).await? {
+            None => Ok((asked, None)),
+            Some(r) => {
+                tracing::info!(target = %r.target, reason = %r.reason, "Routed");
+                let targets = std::iter::once(r.target).chain(r.fallbacks).collect();
+                Ok((targets, Some(r.reason)))
+            }
+        }
+    }
+
+    /// The models a tier may use, as candidates for the router.
+    fn candidates(&self, caller: &Caller) -> Vec<policy::Candidate> {
+        self.cache
+            .status()
+            .into_iter()
+            .filter(|m| Tenancy::check_model(caller, &m.id).is_ok())
+            .map(|m| policy::Candidate {
+                kind: match m.kind {
+                    Some(ModelKind::Llm) => "llm".into(),
+                    Some(ModelKind::Embedding) => "embedding".into(),
+                    None => String::new(),
+                },
+                loaded: m.state == "ready",
+                queue_depth: u32::try_from(m.leases).unwrap_or(u32::MAX),
+                size_bytes: m.bytes.unwrap_or(0),
+                context_length: 0,
+                name: m.id,
+            })
+            .collect()
+    }
+
+    /// Resolve a name once and check the caller's tier and the work against that model.
+    fn check(&self, req: &Request, name: &str) -> Result<(String, ModelKind), ServeError> {
+        let Some(model) = self.cache.resolve(name) else {
+            // An unknown name the tier may not use is refused as such: no probing for names.
+            Tenancy::check_model(&req.caller, name)?;
+            let mut e = ServeError::not_found(format!("model {name:?} does not exist"));
+            e.param = Some("model".into());
+            return Err(e);
+        };
+        Tenancy::check_model(&req.caller, &model)?;
+        let kind = self
+            .cache
+            .status()
+            .into_iter()
+            .find(|m| m.id == model)
+            .and_then(|m| m.kind)
+            .ok_or_else(|| ServeError::not_found(format!("model {name:?} does not exist")))?;
+        check_kind(&req.work, kind, name)?;
+        Ok((model, kind))
+    }
+
+    /// The pricing policy, then the tier's limits.
+    async fn admit(&self, caller: &Caller, info: &RequestInfo) -> Result<Admission, ServeError> {
+        self.policies
+            .admit(info, || self.limits.period_use(&caller.tier.name))
+            .await?;
+        Ok(self.limits.admit(caller)?)
+    }
+
+    /// A lease on a copy of `model`, placed here; while a model cannot be loaded, the
+    /// router's fallbacks are tried in turn (each checked like the first).
+    async fn lease(
+        &self,
+        req: &Request,
+        model: String,
+        fallbacks: &[String],
+    ) -> Result<(Lease, String), ServeError> {
+        let bonus = req.caller.tier.residency_bonus.0;
+        let mut model = model;
+        let mut rest = fallbacks.iter();
+        loop {
+            let Place::Here = place(&model);
+            match self.cache.acquire_for(&model, req.keep_alive, bonus).await {
+                Ok(lease) => return Ok((lease, model)),
+                Err(e) => {
+                    let e = ServeError::from(e);
+                    let next = match (e.kind, rest.next()) {
+                        (ErrorKind::Unavailable, Some(next)) => next,
+                        _ => return Err(e),
+                    };
+                    tracing::warn!(target = %model, error = %e, "Trying the router's next fallback");
+                    model = self.check(req, next)?.0;
+                }
+            }
+        }
+    }
+
+    /// Embed on the blocking pool; `held` is given back as soon as this future ends, so a
+    /// client that leaves frees the lease and the slot at once.
+    async fn embed(
+        &self,
+        engine: Arc<dyn Engine>,
+        inputs: Vec<String>,
+        held: Held,
+    ) -> Result<Embeddings, ServeError> {
+        let task = tokio::task::spawn_blocking(move || engine.embed(&inputs));
+        let out = match tokio::time::timeout(self.max_run, task).await {
+            Err(_) => {
+                return Err(ServeError::new(
+                    ErrorKind::Timeout,
+                    "request_timeout",
+                    format!("the request ran past its limit of {:?}", self.max_run),
+                ))
+            }
+            Ok(Err(e)) => return Err(ServeError::internal(format!("embedding task failed: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        match out {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                let e = ServeError::from(e);
+                if e.is_client_error() {
+                    held.refund();
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Whether a model of `kind` can do the work, or why not.
+fn check_kind(work: &Work, kind: ModelKind, name: &str) -> Result<(), ServeError> {
+    match (work, kind) {
+        (Work::Generate(_), ModelKind::Llm) | (Work::Embed { .. }, ModelKind::Embedding) => Ok(()),
+        (Work::Infer { .. }, ModelKind::Embedding) => Ok(()),
+        (Work::Generate(_), ModelKind::Embedding) => Err(ServeError::bad_request(
+            "model",
+            format!("{name:?} is an embedding model; use /v1/embeddings"),
+        )),
+        (Work::Embed { .. }, ModelKind::Llm) => Err(ServeError::bad_request(
+            "model",
+            format!("{name:?} is not an embedding model"),
+        )),
+        (Work::Infer { texts, .. }, ModelKind::Llm) => match texts.len() {
+            1 => Ok(()),
+            n => Err(ServeError::invalid(format!(
+                "input \"text_input\" must hold one element, got {n}"
+            ))),
+        },
+    }
+}
+
+/// The work a model of `kind` does for a request (v2 `infer` becomes embed or generate).
+fn resolve_work(work: Work, kind: ModelKind, name: &str) -> Result<Work, ServeError> {
+    check_kind(&work, kind, name)?;
+    Ok(match (work, kind) {
+        (Work::Infer { texts, .. }, ModelKind::Embedding) => Work::Embed {
+            inputs: texts,
+            dimensions: None,
+        },
+        (Work::Infer { generate, .. }, ModelKind::Llm) => Work::Generate(generate),
+        (work, _) => work,
+    })
+}
+
+/// An answer of the response cache as a generation. The plugin's count is checked against
+/// the text (a token is at least one byte, and any text is at least one token); the prompt
+/// was not tokenized, so its tokens are the estimate policies saw.
+fn cached_generation(answer: policy::Answer, prompt_tokens: usize) -> Generation {
+    let completion_tokens = (answer.completion_tokens as usize).clamp(
+        usize::from(!answer.text.is_empty()),
+        answer.text.len().max(1),
+    );
+    Generation {
+        prompt_tokens,
+        completion_tokens,
+        finish_reason: match answer.finish_reason.as_str() {
+            "length" => FinishReason::Length,
+            _ => FinishReason::Stop,
+        },
+        text: answer.text,
+    }
+}
+
+fn id_prefix(endpoint: &str) -> &'static str {
+    match endpoint {
+        "chat_completions" => "chatcmpl",
+        "completions" => "cmpl",
+        "embeddings" => "emb",
+        "v2_generate" | "v2_generate_stream" => "gen",
+        _ => "v2",
+    }
+}
+
+#[cfg(test)]
+mod tests;
