@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use flatmesh_runtime::Prompt;
 
-use super::ServeError;
+use super::error::ServeError;
 use crate::{
     ledger::{now_ms, Ledger, Record},
     metrics::Metrics,

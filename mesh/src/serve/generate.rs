@@ -13,7 +13,12 @@ use std::{
 use flatmesh_runtime::{Engine, FinishReason, GenerateEvent, GenerateRequest, Generation};
 use tokio::sync::mpsc;
 
-use super::{bill::Bill, track::Tracker, Held, ServeError};
+use super::{
+    bill::Bill,
+    error::{ErrorKind, ServeError},
+    held::Held,
+    track::Tracker,
+};
 use crate::policy::{self, CachePrompt};
 
 /// What a generation reports to its front door.
@@ -139,7 +144,7 @@ pub async fn start(
                 {
                     Err(e) => Err(e),
                     Ok(()) if overran.load(Ordering::Relaxed) => Err(ServeError::new(
-                        super::ErrorKind::Timeout,
+                        ErrorKind::Timeout,
                         "request_timeout",
                         format!("the request ran past its limit of {limit:?}"),
                     )),

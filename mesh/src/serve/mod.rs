@@ -10,6 +10,7 @@ mod bill;
 mod embedder;
 pub mod error;
 mod generate;
+mod held;
 mod place;
 mod track;
 
@@ -17,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use flatmesh_runtime::{Embeddings, Engine, FinishReason, GenerateRequest, Generation, ModelKind};
 
-use self::{bill::Bill, generate::Finish};
+use self::{bill::Bill, generate::Finish, held::Held};
 pub use self::{
     bill::{client_id, request_info},
     embedder::CacheEmbedder,
@@ -31,7 +32,7 @@ use crate::{
     ledger::{now_ms, Ledger},
     metrics::Metrics,
     policy::{self, CachePrompt, Policies, RequestInfo},
-    scheduler::{Scheduler, Slot},
+    scheduler::Scheduler,
     tenancy::{
         limits::{Admission, Limits},
         Caller, Tenancy,
@@ -102,20 +103,6 @@ pub struct Served {
 pub enum Output {
     Embeddings(Embeddings),
     Text(Generating),
-}
-
-/// What a running request holds; dropping it gives everything back.
-pub struct Held {
-    admission: Admission,
-    _lease: Lease,
-    _slot: Slot,
-}
-
-impl Held {
-    /// The request failed for its own content: it costs no rate-limit count.
-    fn refund(self) {
-        self.admission.refund();
-    }
 }
 
 impl Serve {
@@ -228,11 +215,7 @@ impl Serve {
             .acquire(&req.caller.tier.name, req.caller.tier.weight)
             .await?;
         let engine = lease.engine.clone();
-        let held = Held {
-            admission,
-            _lease: lease,
-            _slot: slot,
-        };
+        let held = Held::new(admission, lease, slot);
         let output = match work {
             Work::Embed { inputs, dimensions } => {
                 let dims = engine.info().embedding_dims;
