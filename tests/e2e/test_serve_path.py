@@ -18,6 +18,7 @@ ADMIN = {"authorization": "Bearer admin-secret"}
 CONFIG = """
 [server]
 admin_token = "admin-secret"
+grpc_max_message_bytes = 1048576
 [scheduler]
 slots = 1
 [tenancy]
@@ -102,6 +103,15 @@ def test_tenants_only_see_the_models_of_their_tier(mesh):
     assert [m["id"] for m in r.json()["data"]] == [EMBED]
     r = httpx.post(f"{mesh.url}/v2/repository/index", headers=bearer(mesh.keys["embed-only"]))
     assert [m["name"] for m in r.json()] == [EMBED]
+
+
+def test_a_grpc_message_over_the_limit_is_resource_exhausted(mesh):
+    c = grpcclient.InferenceServerClient(url=mesh.grpc)
+    inp = grpcclient.InferInput("text", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"x" * 2_000_000], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        c.infer(EMBED, [inp], headers=bearer(mesh.keys["gold"]))
+    assert "RESOURCE_EXHAUSTED" in e.value.status(), e.value
 
 
 # --- a request that gets a 400 costs nothing ------------------------------------------------

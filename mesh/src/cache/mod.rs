@@ -90,6 +90,18 @@ pub struct Lease {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+impl Lease {
+    /// Wait for one of the model's `max_concurrency` slots (once; later calls return at once).
+    pub async fn enter(&mut self) {
+        if self._permit.is_some() {
+            return;
+        }
+        let gate = self.inner.lock().gate(&self.model);
+        let permit = gate.acquire_owned().await.expect("gates are never closed");
+        self._permit = Some(permit);
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
@@ -167,11 +179,21 @@ impl Cache {
         keep_alive: Option<KeepAlive>,
         residency_bonus: Duration,
     ) -> Result<Lease, CacheError> {
-        let mut lease = self.pin(id, keep_alive, residency_bonus).await?;
-        let gate = self.inner.lock().gate(&lease.model);
-        let permit = gate.acquire_owned().await.expect("gates are never closed");
-        lease._permit = Some(permit);
+        let mut lease = self.pin_for(id, keep_alive, residency_bonus).await?;
+        lease.enter().await;
         Ok(lease)
+    }
+
+    /// A pin on a loaded copy of `id` (loading it first if needed), without its concurrency
+    /// slot: `Lease::enter` takes that. The serve path pins, then waits for a fair execution
+    /// slot, then enters, so the model's gate never reorders the tiers' fair queue.
+    pub async fn pin_for(
+        &self,
+        id: &str,
+        keep_alive: Option<KeepAlive>,
+        residency_bonus: Duration,
+    ) -> Result<Lease, CacheError> {
+        self.pin(id, keep_alive, residency_bonus).await
     }
 
     /// Pin a copy without taking a concurrency slot.

@@ -214,6 +214,8 @@ impl Serve {
             .scheduler
             .acquire(&req.caller.tier.name, req.caller.tier.weight)
             .await?;
+        let mut lease = lease;
+        lease.enter().await;
         let engine = lease.engine.clone();
         let held = Held::new(admission, lease, slot);
         let output = match work {
@@ -357,7 +359,7 @@ impl Serve {
         let mut rest = fallbacks.iter();
         loop {
             let Place::Here = place(&model);
-            match self.cache.acquire_for(&model, req.keep_alive, bonus).await {
+            match self.cache.pin_for(&model, req.keep_alive, bonus).await {
                 Ok(lease) => return Ok((lease, model)),
                 Err(e) => {
                     let e = ServeError::from(e);
