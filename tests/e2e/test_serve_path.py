@@ -213,8 +213,10 @@ def leave_http(agent, path, body, stream):
     s.sendall(f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
               f"authorization: Bearer {agent.keys['gold']}\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
     if stream:
-        assert s.recv(1024)  # the first bytes of the stream
-    wait_running(agent)
+        assert s.recv(1024)  # the first bytes of the stream: the prompt is prefilled
+    else:
+        wait_running(agent)
+        time.sleep(0.5)  # past the prefill, which runs to its end before a token can stop it
     t = time.time()
     s.close()
     return freed_within(agent, t)
@@ -237,9 +239,10 @@ def test_a_client_that_cancels_a_grpc_call_frees_the_slot_at_once(mesh):
     c = grpcclient.InferenceServerClient(url=mesh.grpc)
     inp = grpcclient.InferInput("text_input", [1], "BYTES")
     inp.set_data_from_numpy(np.array([LONG.encode()], dtype=np.object_))
-    ctx = c.async_infer(LLM, [inp], callback=lambda *_: None, parameters={"max_tokens": 4000},
+    ctx = c.async_infer(LLM, [inp], callback=lambda *a, **k: None, parameters={"max_tokens": 4000},
                         headers=bearer(mesh.keys["gold"]))
     wait_running(mesh)
+    time.sleep(0.5)  # past the prefill
     t = time.time()
     ctx.cancel()
     took = freed_within(mesh, t)

@@ -107,3 +107,21 @@ pub(super) fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: Failur
         message: clip(&message),
     }
 }
+
+/// A request refused by a policy (a pricing denial, or a failing plugin in a closed slot).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl Refusal {
+    pub fn closed(slot: &str, f: &Failure) -> Self {
+        Refusal {
+            status: 503,
+            message: format!("the {slot} policy failed: {f}"),
+            retry_after: Some(1),
+        }
+    }
+}

@@ -37,7 +37,7 @@ macro_rules! world {
                 world: $world,
                 exports: { default: async },
                 with: {
-                    $($name: super::imports::flatmesh::policy::$interface,)*
+                    $($name: crate::policy::host::imports::flatmesh::policy::$interface,)*
                 },
             });
         }

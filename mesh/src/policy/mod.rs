@@ -16,6 +16,7 @@ pub mod state;
 use std::{sync::Arc, time::Duration};
 
 pub use self::config::{OnFailure, PolicyConfig, SlotConfig};
+pub use self::failure::Refusal;
 pub use self::host::{
     types::{PromptFeatures, RequestInfo, Usage},
     Answer, Embedder,
@@ -23,30 +24,12 @@ pub use self::host::{
 pub use self::prompt::{estimate_tokens, features, prompt_text};
 pub use self::slot::SlotStatus;
 use self::{
-    failure::{Failure, Outcome},
+    failure::Outcome,
     host::{cache as cache_world, pricing as pricing_world, router as router_world, Runtime},
     kind::{CacheKind, PricingKind, RouterKind},
     slot::{Settings, Slot},
 };
 use crate::metrics::Metrics;
-
-/// A request refused by a policy (a pricing denial, or a failing plugin in a closed slot).
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub status: u16,
-    pub message: String,
-    pub retry_after: Option<u64>,
-}
-
-impl Refusal {
-    pub(crate) fn closed(slot: &str, f: &Failure) -> Self {
-        Refusal {
-            status: 503,
-            message: format!("the {slot} policy failed: {f}"),
-            retry_after: Some(1),
-        }
-    }
-}
 
 /// Where the router sent a request.
 #[derive(Debug, Clone)]

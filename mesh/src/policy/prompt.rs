@@ -2,7 +2,7 @@
 
 use flatmesh_runtime::Prompt;
 
-use super::PromptFeatures;
+use super::host::types::PromptFeatures;
 
 /// Cheap facts about a prompt for policies.
 pub fn features(prompt: &Prompt) -> PromptFeatures {

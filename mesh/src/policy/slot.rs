@@ -15,11 +15,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 
 use super::{
-    failure::{classify, clip, over_limit, Failure, FailureKind, Outcome},
+    config::OnFailure,
+    failure::{classify, clip, over_limit, Failure, FailureKind, Outcome, Refusal},
     host::{Ctx, Runtime},
     kind::{Instance, Kind},
     state::PluginState,
-    OnFailure, Refusal,
 };
 use crate::metrics::Metrics;
 
