@@ -115,6 +115,15 @@ impl Serve {
         }
     }
 
+    /// Count a request that a front door refused before it reached the serve path (it did
+    /// not parse or validate), so errors by endpoint include it.
+    pub fn refused(&self, endpoint: &'static str, status: u16) {
+        self.metrics
+            .requests
+            .with_label_values(&["unknown", endpoint, &status.to_string()])
+            .inc();
+    }
+
     /// Serve one request.
     pub async fn run(&self, req: Request) -> Result<Served, ServeError> {
         let label = self.model_label(&req.model);

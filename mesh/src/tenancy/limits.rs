@@ -326,6 +326,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refunded_request_leaves_the_window_but_a_finished_one_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits::new(Ledger::open(dir.path()).unwrap());
+        let tier: super::super::Tier =
+            toml::from_str("name = 'one'\nrequests_per_minute = 1\n").unwrap();
+        let caller = Caller {
+            tenant: "t".into(),
+            tier: std::sync::Arc::new(tier),
+        };
+        limits.admit(&caller).unwrap().refund();
+        let kept = limits.admit(&caller).unwrap();
+        drop(kept);
+        let e = limits.admit(&caller).err().expect("the second one counts");
+        assert!(e.message.contains("1 requests per minute"), "{}", e.message);
+    }
+
+    #[test]
     fn month_bounds_are_utc_calendar_months() {
         // 2026-11-21T23:31:56Z
         let (start, end) = month_bounds(1_795_303_916_000);

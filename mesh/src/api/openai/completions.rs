@@ -158,14 +158,19 @@ async fn run(
     shape: Shape,
     req: Result<(Prompt, Option<u32>, Common), ApiError>,
 ) -> Response {
-    let served = async {
-        let (prompt, max_tokens, common) = req?;
-        let r = request(caller, shape, prompt, max_tokens, &common)?;
-        Ok::<_, ApiError>((state.serve.run(r).await?, common))
+    let parsed = req.and_then(|(prompt, max_tokens, common)| {
+        Ok((request(caller, shape, prompt, max_tokens, &common)?, common))
+    });
+    let (r, common) = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            state.serve.refused(shape.endpoint(), e.status.as_u16());
+            return e.into_response();
+        }
     };
-    let (served, common) = match served.await {
+    let served = match state.serve.run(r).await {
         Ok(s) => s,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     let Output::Text(generating) = served.output else {
         return ApiError::internal("a generation request produced embeddings".into())

@@ -68,18 +68,23 @@ async fn embeddings(
     Extension(caller): Extension<Caller>,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    let ApiJson(req) = body?;
-    let inputs = req.inputs()?;
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "encoding_format",
-                format!("{other:?} is not \"float\" or \"base64\""),
-            ))
-        }
-    };
+    let parsed = body.and_then(|ApiJson(req)| {
+        let inputs = req.inputs()?;
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "encoding_format",
+                    format!("{other:?} is not \"float\" or \"base64\""),
+                ))
+            }
+        };
+        Ok((req, inputs, base64))
+    });
+    let (req, inputs, base64) = parsed.inspect_err(|e| {
+        state.serve.refused("embeddings", e.status.as_u16());
+    })?;
     let served = state
         .serve
         .run(Request {
