@@ -7,6 +7,7 @@
 
 mod plan;
 mod registry;
+pub mod residency;
 mod state;
 #[cfg(test)]
 mod tests;
