@@ -244,6 +244,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining: Arc::default(),
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
+        files: Arc::new(crate::files::FileRules {
+            model_roots: std::iter::once(config.models_dir.clone())
+                .chain(config.server.model_roots.iter().cloned())
+                .collect(),
+            plugin_roots: config.policy.roots(),
+            max_model_file_bytes: config.server.max_model_file_bytes.0,
+        }),
         v2_stats: Arc::default(),
         tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
         ledger: ledger.clone(),
