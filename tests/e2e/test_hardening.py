@@ -201,3 +201,26 @@ def test_vmodel_names_are_checked(hard, name):
     assert "vmodel" in error_of(r) and len(r.text) < 1000
     r = httpx.put(f"{hard.url}/admin/vmodels/fine", json={"target": name})
     assert r.status_code == 400, r.text
+
+
+# 5. Cross-site requests to the admin API.
+
+def test_cross_site_admin_writes_are_refused(hard):
+    body = '{"id": "csrf", "path": "smollm2-135m-instruct/model.gguf"}'
+    r = httpx.post(f"{hard.url}/admin/models", content=body,
+                   headers={"content-type": "text/plain", "origin": "http://evil.example"})
+    assert r.status_code == 403, r.text
+    r = httpx.post(f"{hard.url}/admin/models", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415, r.text
+    r = httpx.post(f"{hard.url}/admin/models", content=body,
+                   headers={"content-type": "application/json", "sec-fetch-site": "cross-site"})
+    assert r.status_code == 403, r.text
+    r = httpx.get(f"{hard.url}/admin/models", headers={"origin": "http://evil.example"})
+    assert r.status_code == 403, r.text
+    assert "csrf" not in httpx.get(f"{hard.url}/admin/models").text
+    # The same origin, as the agent's own page would send it, passes.
+    origin = hard.url
+    r = httpx.get(f"{hard.url}/admin/models", headers={"origin": origin})
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{hard.url}/admin/models/{LLM}/unload", headers={"origin": origin})
+    assert r.status_code == 200, r.text

@@ -38,6 +38,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/policies", get(policies))
         .route("/admin/policies/{slot}/reload", post(reload_policy))
         .layer(middleware::from_fn_with_state(state, authorize))
+        .layer(middleware::from_fn(super::guard::same_origin_json))
 }
 
 /// With `server.admin_token` set, every admin call needs `Authorization: Bearer <token>`.
