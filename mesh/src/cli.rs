@@ -68,6 +68,9 @@ struct ServeArgs {
     /// Bearer token of the admin API (server.admin_token).
     #[arg(long, env = "FLATMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (server.metrics_token).
+    #[arg(long, env = "FLATMESH_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
 }
 
 impl ServeArgs {
@@ -99,6 +102,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.admin_token {
             c.server.admin_token = Some(v);
+        }
+        if let Some(v) = self.metrics_token {
+            c.server.metrics_token = Some(v);
         }
         c.finish()
     }
@@ -244,6 +250,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining: Arc::default(),
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
+        metrics_token: config.server.metrics_token.clone(),
         files: Arc::new(crate::files::FileRules {
             model_roots: std::iter::once(config.models_dir.clone())
                 .chain(config.server.model_roots.iter().cloned())

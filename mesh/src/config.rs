@@ -52,6 +52,10 @@ pub struct ServerConfig {
     /// open to whoever reaches the port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (`FLATMESH_METRICS_TOKEN`). Unset: scrapeable by
+    /// whoever reaches the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
     /// Directories, besides `models_dir`, that model paths registered through the admin API
     /// may lie in (after resolving symlinks).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -226,7 +230,10 @@ impl ServerConfig {
         if self.max_model_file_bytes.0 == 0 {
             anyhow::bail!("server.max_model_file_bytes: must be greater than 0");
         }
-        for (key, token) in [("admin_token", &self.admin_token)] {
+        for (key, token) in [
+            ("admin_token", &self.admin_token),
+            ("metrics_token", &self.metrics_token),
+        ] {
             if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 anyhow::bail!("server.{key}: must not be empty (leave it unset instead)");
             }
@@ -245,6 +252,7 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30,
             addr_file: None,
             admin_token: None,
+            metrics_token: None,
             model_roots: Vec::new(),
             max_model_file_bytes: Bytes(64 << 30),
         }
@@ -413,6 +421,7 @@ mod tests {
                 .to_string()
         };
         assert!(bad("[server]\nhttp_addr = \"nowhere\"").starts_with("server.http_addr"));
+        assert!(bad("[server]\nmetrics_token = \"\"").starts_with("server.metrics_token"));
         let twice = "[[models]]\nid='a'\npath='a.gguf'\n[[models]]\nid='a'\npath='b.gguf'\n";
         assert!(bad(twice).starts_with("models[1].id"), "{}", bad(twice));
         let unknown = "[[models]]\nid='a'\npath='/nowhere/a.bin'\n";

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import LLM, ROOT, Agent
 
+METRICS_TOKEN = "scrape-me"
+
 
 @pytest.fixture(scope="module")
 def files():
@@ -30,6 +32,7 @@ def hard(files):
 preload = false
 [server]
 model_roots = ["{files}"]
+metrics_token = "{METRICS_TOKEN}"
 [policy]
 plugin_roots = ["{files}", "/dev"]
 max_plugin_bytes = "1KiB"
@@ -224,3 +227,23 @@ def test_cross_site_admin_writes_are_refused(hard):
     assert r.status_code == 200, r.text
     r = httpx.post(f"{hard.url}/admin/models/{LLM}/unload", headers={"origin": origin})
     assert r.status_code == 200, r.text
+
+
+# 7. /metrics: open by default, protected by a token when one is set.
+
+def test_metrics_token_protects_metrics(hard):
+    r = httpx.get(hard.url + "/metrics")
+    assert r.status_code == 401
+    assert "flatmesh_" not in r.text
+    assert httpx.get(hard.url + "/metrics", headers={"authorization": "Bearer wrong"}).status_code == 401
+    r = httpx.get(hard.url + "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+    assert r.status_code == 200 and "flatmesh_" in r.text
+
+
+def test_metrics_are_scrapeable_without_a_token_by_default():
+    a = Agent(config="[cache]\npreload = false\n")
+    try:
+        r = httpx.get(a.url + "/metrics")
+        assert r.status_code == 200 and "flatmesh_" in r.text
+    finally:
+        a.stop()

@@ -34,6 +34,8 @@ pub struct AppState {
     pub models_dir: std::path::PathBuf,
     /// When set, the admin API requires it as a bearer token.
     pub admin_token: Option<String>,
+    /// When set, `/metrics` requires it as a bearer token.
+    pub metrics_token: Option<String>,
     /// Where model and plugin files named through the admin API may come from.
     pub files: Arc<crate::files::FileRules>,
     pub v2_stats: Arc<v2::Stats>,
