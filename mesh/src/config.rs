@@ -62,6 +62,13 @@ pub struct ServerConfig {
     pub model_roots: Vec<PathBuf>,
     /// Largest model file the admin API registers (each file of a model directory).
     pub max_model_file_bytes: Bytes,
+    /// How long a client may take to send a request's headers (also the longest an idle
+    /// keep-alive connection stays open); then the connection closes.
+    pub header_read_timeout: Secs,
+    /// How long a client may take to send a request's body; then 408.
+    pub body_read_timeout: Secs,
+    /// HTTP connections open at once; more wait in the listen queue until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +237,20 @@ impl ServerConfig {
         if self.max_model_file_bytes.0 == 0 {
             anyhow::bail!("server.max_model_file_bytes: must be greater than 0");
         }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            anyhow::bail!(
+                "server.max_connections: {} is not in [1, 1000000]",
+                self.max_connections
+            );
+        }
+        for (key, t) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ] {
+            if t.0.is_zero() {
+                anyhow::bail!("server.{key}: must be greater than 0");
+            }
+        }
         for (key, token) in [
             ("admin_token", &self.admin_token),
             ("metrics_token", &self.metrics_token),
@@ -255,6 +276,9 @@ impl Default for ServerConfig {
             metrics_token: None,
             model_roots: Vec::new(),
             max_model_file_bytes: Bytes(64 << 30),
+            header_read_timeout: Secs(std::time::Duration::from_secs(30)),
+            body_read_timeout: Secs(std::time::Duration::from_secs(60)),
+            max_connections: 1024,
         }
     }
 }
@@ -421,6 +445,8 @@ mod tests {
                 .to_string()
         };
         assert!(bad("[server]\nhttp_addr = \"nowhere\"").starts_with("server.http_addr"));
+        assert!(bad("[server]\nmax_connections = 0").starts_with("server.max_connections"));
+        assert!(bad("[server]\nbody_read_timeout = 0").starts_with("server.body_read_timeout"));
         assert!(bad("[server]\nmetrics_token = \"\"").starts_with("server.metrics_token"));
         let twice = "[[models]]\nid='a'\npath='a.gguf'\n[[models]]\nid='a'\npath='b.gguf'\n";
         assert!(bad(twice).starts_with("models[1].id"), "{}", bad(twice));

@@ -2,6 +2,7 @@
 cross-site admin calls, slow clients, and who may read /metrics."""
 import os
 import re
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ preload = false
 [server]
 model_roots = ["{files}"]
 metrics_token = "{METRICS_TOKEN}"
+header_read_timeout = "1s"
+body_read_timeout = "1s"
 [policy]
 plugin_roots = ["{files}", "/dev"]
 max_plugin_bytes = "1KiB"
@@ -227,6 +230,56 @@ def test_cross_site_admin_writes_are_refused(hard):
     assert r.status_code == 200, r.text
     r = httpx.post(f"{hard.url}/admin/models/{LLM}/unload", headers={"origin": origin})
     assert r.status_code == 200, r.text
+
+
+# 6. Slow clients are cut off.
+
+def raw(agent: Agent) -> socket.socket:
+    host, port = agent.url.removeprefix("http://").rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_partial_headers_are_closed_after_the_header_timeout(hard):
+    s = raw(hard)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    read_all(s)  # returns once the agent closes the connection
+    assert time.monotonic() - started < 5
+    s.close()
+
+
+def test_a_short_body_gets_408_after_the_body_timeout(hard):
+    s = raw(hard)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+              b"Content-Length: 1000\r\n\r\n{\"model\":")
+    started = time.monotonic()
+    answer = read_all(s)
+    assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    s.close()
+    assert httpx.get(hard.url + "/healthz").status_code == 200
+
+
+def test_connections_beyond_the_bound_wait():
+    a = Agent(config="[cache]\npreload = false\n[server]\nmax_connections = 1\n")
+    try:
+        held = raw(a)
+        held.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(a.url + "/healthz", timeout=1)
+        held.close()
+        assert httpx.get(a.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        a.stop()
 
 
 # 7. /metrics: open by default, protected by a token when one is set.

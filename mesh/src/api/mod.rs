@@ -6,6 +6,7 @@ pub mod error;
 mod guard;
 mod health;
 mod openai;
+mod server;
 pub mod usage;
 pub mod v2;
 
@@ -21,6 +22,7 @@ use std::{
 use axum::{extract::DefaultBodyLimit, Router};
 use tokio::net::TcpListener;
 
+pub use self::server::ServerLimits;
 use crate::{cache::Cache, metrics::Metrics};
 
 /// What every handler can reach. Cheap to clone.
@@ -83,7 +85,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 /// Serve until `shutdown` resolves, then stop accepting and give in-flight requests
-/// (streams included) up to `grace` to finish.
+/// (streams included) up to `grace` to finish. Default limits; see [`serve_with`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -91,29 +93,34 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (begin_tx, begin_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
+    serve_with(
+        listener,
+        app,
+        state,
+        shutdown,
+        grace,
+        ServerLimits::default(),
+    )
+    .await
+}
+
+/// [`serve`] with header and body read timeouts and a bound on open connections.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    let on_shutdown = move || {
         state.draining.store(true, Ordering::Relaxed);
         tracing::info!(
             grace_seconds = grace.as_secs_f64(),
             "Shutting down: draining in-flight requests"
         );
-        let _ = begin_tx.send(());
-    });
-    let mut server = tokio::spawn(async move { server.await });
-    tokio::select! {
-        r = &mut server => return r.expect("server task panicked"),
-        _ = begin_rx => {}
-    }
-    // Shutdown has begun; `server` ends when the last connection closes.
-    match tokio::time::timeout(grace, server).await {
-        Ok(r) => r.expect("server task panicked"),
-        Err(_) => {
-            tracing::warn!("Grace period over; closing the connections still open");
-            Ok(())
-        }
-    }
+    };
+    server::run(listener, app, limits, shutdown, on_shutdown, grace).await
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {
