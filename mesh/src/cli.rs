@@ -9,6 +9,7 @@ use crate::{
     cache::{Cache, Registry},
     config::{Config, LogFormat},
     metrics::Metrics,
+    units::Secs,
 };
 
 #[derive(Parser, Debug)]
@@ -68,6 +69,24 @@ struct ServeArgs {
     /// Bearer token of the admin API (server.admin_token).
     #[arg(long, env = "FLATMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (server.metrics_token).
+    #[arg(long, env = "FLATMESH_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
+    /// HTTP connections open at once (server.max_connections).
+    #[arg(long, env = "FLATMESH_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// How long a client may take to send request headers, e.g. `10s`
+    /// (server.header_read_timeout).
+    #[arg(long, env = "FLATMESH_HEADER_READ_TIMEOUT", value_parser = parse_secs)]
+    header_read_timeout: Option<Secs>,
+    /// How long a client may take to send a request body, e.g. `30s`
+    /// (server.body_read_timeout).
+    #[arg(long, env = "FLATMESH_BODY_READ_TIMEOUT", value_parser = parse_secs)]
+    body_read_timeout: Option<Secs>,
+}
+
+fn parse_secs(s: &str) -> Result<Secs, String> {
+    crate::units::parse_duration(s).map(Secs)
 }
 
 impl ServeArgs {
@@ -99,6 +118,18 @@ impl ServeArgs {
         }
         if let Some(v) = self.admin_token {
             c.server.admin_token = Some(v);
+        }
+        if let Some(v) = self.metrics_token {
+            c.server.metrics_token = Some(v);
+        }
+        if let Some(v) = self.max_connections {
+            c.server.max_connections = v;
+        }
+        if let Some(v) = self.header_read_timeout {
+            c.server.header_read_timeout = v;
+        }
+        if let Some(v) = self.body_read_timeout {
+            c.server.body_read_timeout = v;
         }
         c.finish()
     }
@@ -219,6 +250,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         draining: Arc::default(),
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
+        metrics_token: config.server.metrics_token.clone(),
+        files: Arc::new(crate::files::FileRules {
+            model_roots: std::iter::once(config.models_dir.clone())
+                .chain(config.server.model_roots.iter().cloned())
+                .collect(),
+            plugin_roots: config.policy.roots(),
+            max_model_file_bytes: config.server.max_model_file_bytes.0,
+        }),
         v2_stats: Arc::default(),
         tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
         ledger,
@@ -258,7 +297,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let app = api::router(state.clone(), config.server.max_body_bytes);
     let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    api::serve(listener, app, state, stopped(stop_rx), grace).await?;
+    let limits = api::ServerLimits {
+        header_read_timeout: config.server.header_read_timeout.0,
+        body_read_timeout: config.server.body_read_timeout.0,
+        max_connections: config.server.max_connections,
+    };
+    api::serve_with(listener, app, state, stopped(stop_rx), grace, limits).await?;
     match tokio::time::timeout(grace, grpc).await {
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
         Err(_) => tracing::warn!("gRPC streams still open after the grace period"),

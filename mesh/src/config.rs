@@ -52,6 +52,23 @@ pub struct ServerConfig {
     /// open to whoever reaches the port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Bearer token `/metrics` requires (`FLATMESH_METRICS_TOKEN`). Unset: scrapeable by
+    /// whoever reaches the port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
+    /// Directories, besides `models_dir`, that model paths registered through the admin API
+    /// may lie in (after resolving symlinks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_roots: Vec<PathBuf>,
+    /// Largest model file the admin API registers (each file of a model directory).
+    pub max_model_file_bytes: Bytes,
+    /// How long a client may take to send a request's headers (also the longest an idle
+    /// keep-alive connection stays open); then the connection closes.
+    pub header_read_timeout: Secs,
+    /// How long a client may take to send a request's body; then 408.
+    pub body_read_timeout: Secs,
+    /// HTTP connections open at once; more wait in the listen queue until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +198,9 @@ fn default_host_capacity() -> u64 {
         .unwrap_or(4 << 30)
 }
 
+/// The most requests one model may run at once (each reserves a KV cache).
+pub const MAX_CONCURRENCY: usize = 1024;
+
 fn default_max_concurrency() -> usize {
     4
 }
@@ -189,19 +209,12 @@ impl ModelConfig {
     /// Resolve the path against `models_dir` and detect the format. Errors start with the
     /// field name.
     pub fn finish(&mut self, models_dir: &Path) -> Result<(), String> {
-        if self.id.is_empty()
-            || self
-                .id
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-        {
+        crate::ids::check_id("model id", &self.id).map_err(|e| format!("id: {e}"))?;
+        if !(1..=MAX_CONCURRENCY).contains(&self.max_concurrency) {
             return Err(format!(
-                "id: {:?} must be non-empty, without spaces or '/'",
-                self.id
+                "max_concurrency: {} is not in [1, {MAX_CONCURRENCY}]",
+                self.max_concurrency
             ));
-        }
-        if self.max_concurrency == 0 {
-            return Err("max_concurrency: must be at least 1".into());
         }
         if self.path.is_relative() {
             self.path = models_dir.join(&self.path);
@@ -219,6 +232,40 @@ impl ModelConfig {
     }
 }
 
+impl ServerConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.max_body_bytes == 0 {
+            anyhow::bail!("server.max_body_bytes: must be greater than 0");
+        }
+        if self.max_model_file_bytes.0 == 0 {
+            anyhow::bail!("server.max_model_file_bytes: must be greater than 0");
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            anyhow::bail!(
+                "server.max_connections: {} is not in [1, 1000000]",
+                self.max_connections
+            );
+        }
+        for (key, t) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ] {
+            if t.0.is_zero() {
+                anyhow::bail!("server.{key}: must be greater than 0");
+            }
+        }
+        for (key, token) in [
+            ("admin_token", &self.admin_token),
+            ("metrics_token", &self.metrics_token),
+        ] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                anyhow::bail!("server.{key}: must not be empty (leave it unset instead)");
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -229,6 +276,12 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30,
             addr_file: None,
             admin_token: None,
+            metrics_token: None,
+            model_roots: Vec::new(),
+            max_model_file_bytes: Bytes(64 << 30),
+            header_read_timeout: Secs(std::time::Duration::from_secs(30)),
+            body_read_timeout: Secs(std::time::Duration::from_secs(60)),
+            max_connections: 1024,
         }
     }
 }
@@ -304,9 +357,7 @@ impl Config {
         if self.scheduler.slots == 0 {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }
-        if self.server.max_body_bytes == 0 {
-            anyhow::bail!("server.max_body_bytes: must be greater than 0");
-        }
+        self.server.validate()?;
         if self.cache.devices.is_empty() {
             self.cache.devices.push(DeviceConfig {
                 name: "host0".into(),
@@ -397,6 +448,9 @@ mod tests {
                 .to_string()
         };
         assert!(bad("[server]\nhttp_addr = \"nowhere\"").starts_with("server.http_addr"));
+        assert!(bad("[server]\nmax_connections = 0").starts_with("server.max_connections"));
+        assert!(bad("[server]\nbody_read_timeout = 0").starts_with("server.body_read_timeout"));
+        assert!(bad("[server]\nmetrics_token = \"\"").starts_with("server.metrics_token"));
         let twice = "[[models]]\nid='a'\npath='a.gguf'\n[[models]]\nid='a'\npath='b.gguf'\n";
         assert!(bad(twice).starts_with("models[1].id"), "{}", bad(twice));
         let unknown = "[[models]]\nid='a'\npath='/nowhere/a.bin'\n";
@@ -415,5 +469,22 @@ mod tests {
             .unwrap();
         assert_eq!(c.models[0].format, Some(Format::Gguf));
         assert_eq!(c.models[0].path, Path::new("/m/x.gguf"));
+    }
+
+    #[test]
+    fn model_numbers_and_ids_are_range_checked() {
+        let model = |id: &str, fields: &str| {
+            let mut m: ModelConfig =
+                toml::from_str(&format!("id = '{id}'\npath = 'a.gguf'\n{fields}")).unwrap();
+            m.finish(Path::new("/m"))
+        };
+        let finish = |fields: &str| model("a", fields);
+        assert!(finish("max_concurrency = 1024").is_ok());
+        for n in ["0", "1025", "17592186044416", "4611686018427387904"] {
+            let e = finish(&format!("max_concurrency = {n}")).unwrap_err();
+            assert!(e.starts_with("max_concurrency"), "{e}");
+        }
+        let e = model("../../x", "").unwrap_err();
+        assert!(e.starts_with("id"), "{e}");
     }
 }

@@ -5,6 +5,8 @@ pub mod api;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod files;
+pub mod ids;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;

@@ -12,7 +12,28 @@ pub enum KeepAlive {
     Forever,
 }
 
-/// A duration written as `250ms`, `30s`, `5m`, `2h`, or a number of seconds.
+/// The longest duration accepted anywhere (ten years): longer ones are refused rather than
+/// overflowing timers.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Seconds as a duration, refused when not finite, negative or above [`MAX_DURATION`].
+pub fn checked_secs(secs: f64) -> Result<Duration, String> {
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!(
+            "{secs} is not a duration (a number of seconds >= 0)"
+        ));
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "{secs} seconds is longer than the longest duration allowed ({} s, ten years)",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{secs} seconds: {e}"))
+}
+
+/// A duration written as `250ms`, `30s`, `5m`, `2h`, or a number of seconds, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -29,7 +50,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    checked_secs(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 impl std::str::FromStr for KeepAlive {
@@ -51,7 +72,8 @@ impl fmt::Display for KeepAlive {
     }
 }
 
-/// Accepts a string or a number (seconds; negative = forever), as Ollama's `keep_alive` does.
+/// Accepts a string or a number of seconds, as Ollama's `keep_alive` does; `-1` is forever.
+/// Other negative numbers, NaN and durations over [`MAX_DURATION`] are refused.
 impl<'de> Deserialize<'de> for KeepAlive {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -61,8 +83,10 @@ impl<'de> Deserialize<'de> for KeepAlive {
             S(String),
         }
         match Raw::deserialize(d)? {
-            Raw::N(n) if n < 0.0 => Ok(KeepAlive::Forever),
-            Raw::N(n) => Ok(KeepAlive::For(Duration::from_secs_f64(n))),
+            Raw::N(-1.0) => Ok(KeepAlive::Forever),
+            Raw::N(n) => checked_secs(n)
+                .map(KeepAlive::For)
+                .map_err(de::Error::custom),
             Raw::S(s) => s.parse().map_err(de::Error::custom),
         }
     }
@@ -123,7 +147,11 @@ impl std::str::FromStr for Bytes {
                 ))
             }
         };
-        Ok(Bytes((n * mult as f64) as u64))
+        let bytes = n * mult as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("{s:?} is larger than any size this agent handles"));
+        }
+        Ok(Bytes(bytes as u64))
     }
 }
 
@@ -171,10 +199,38 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_durations_are_errors_not_panics() {
+        for bad in ["1e20", "1e400", "-5", "-0.5", "NaN"] {
+            assert!(
+                serde_json::from_str::<KeepAlive>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+        assert!(serde_json::from_str::<KeepAlive>("18446744073709551616").is_err());
+        assert!(serde_json::from_str::<KeepAlive>("\"99999999999999999999h\"").is_err());
+        assert!("315360001".parse::<KeepAlive>().is_err());
+        assert!(toml::from_str::<std::collections::BTreeMap<String, Secs>>("x = nan").is_err());
+        assert!(toml::from_str::<std::collections::BTreeMap<String, Secs>>("x = inf").is_err());
+        let e = serde_json::from_str::<KeepAlive>("1e20")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than the longest duration"), "{e}");
+        assert_eq!(
+            serde_json::from_str::<KeepAlive>("315360000").unwrap(),
+            KeepAlive::For(MAX_DURATION)
+        );
+        assert_eq!(
+            serde_json::from_str::<KeepAlive>("-1.0").unwrap(),
+            KeepAlive::Forever
+        );
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!("512MiB".parse::<Bytes>().unwrap(), Bytes(512 << 20));
         assert_eq!("1.5GiB".parse::<Bytes>().unwrap(), Bytes(3 << 29));
         assert_eq!("100MB".parse::<Bytes>().unwrap(), Bytes(100_000_000));
         assert!("12 apples".parse::<Bytes>().is_err());
+        assert!("99999999999999999999TiB".parse::<Bytes>().is_err());
     }
 }

@@ -6,6 +6,7 @@ mod bert;
 pub mod device;
 mod engine;
 mod error;
+mod file;
 mod llama;
 mod load;
 pub mod sampling;
@@ -20,6 +21,7 @@ pub use engine::{
     ModelInfo, ModelKind, Prompt,
 };
 pub use error::{Result, RuntimeError};
+pub use file::{file_kind, open_regular, read_regular};
 pub use llama::LlamaEngine;
 pub use load::{footprint, load, load_image, load_keeping_image, Footprint, Format, Image};
 pub use sampling::SamplingParams;

@@ -76,10 +76,9 @@ impl LlamaEngine {
     /// Load a GGUF file and also return its prepared weights (widened where needed) as GGUF
     /// bytes: a later load from them skips the disk and the widening.
     pub fn load_keeping_image(path: &Path) -> Result<(Self, Vec<u8>)> {
-        let bytes = std::fs::read(path).map_err(|e| open_error(path, e))?;
+        let bytes = crate::file::read_regular(path, u64::MAX).map_err(|e| open_error(path, e))?;
         let mut reader = Cursor::new(bytes);
-        let ct =
-            gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
+        let ct = gguf_file::Content::read(&mut reader).map_err(|e| header_error(path, e))?;
         let (engine, widened) = Self::build(path, ct, &mut reader, true, None)?;
         Ok((engine, widened.unwrap_or_else(|| reader.into_inner())))
     }
@@ -378,6 +377,17 @@ fn open_error(path: &Path, e: std::io::Error) -> RuntimeError {
     }
 }
 
+/// A header that does not parse. A wrong magic number is reported as "not a GGUF file",
+/// never with the bytes read: the file may be anything, and errors reach clients.
+fn header_error(path: &Path, e: candle_core::Error) -> RuntimeError {
+    let reason = e.to_string();
+    if reason.contains("magic") {
+        bad_gguf(path, "not a GGUF file".into())
+    } else {
+        bad_gguf(path, reason)
+    }
+}
+
 fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
     RuntimeError::BadFormat {
         path: path.to_path_buf(),
@@ -389,9 +399,9 @@ fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
 /// Open a GGUF file and read its header (metadata and tensor index), leaving the reader
 /// positioned for the tensor data.
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| open_error(path, e))?;
+    let (file, _) = crate::file::open_regular(path).map_err(|e| open_error(path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let ct = gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
+    let ct = gguf_file::Content::read(&mut reader).map_err(|e| header_error(path, e))?;
     Ok((ct, reader))
 }
 

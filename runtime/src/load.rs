@@ -49,9 +49,13 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// Weights plus a full KV cache for `sequences` concurrent sequences.
+    /// Weights plus a full KV cache for `sequences` concurrent sequences (saturating: a size
+    /// too large to count is `u64::MAX`, which fits no device, never a small wrapped number).
     pub fn with_sequences(&self, sequences: usize) -> u64 {
-        self.weights + self.kv_bytes_per_token * self.context as u64 * sequences as u64
+        self.kv_bytes_per_token
+            .saturating_mul(self.context as u64)
+            .saturating_mul(sequences as u64)
+            .saturating_add(self.weights)
     }
 }
 
@@ -125,4 +129,20 @@ pub fn load(path: &Path, format: Format) -> Result<Arc<dyn Engine>> {
         Format::Gguf => Arc::new(LlamaEngine::load(path)?),
         Format::BertSafetensors => Arc::new(BertEngine::load(path)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn footprints_saturate_instead_of_wrapping() {
+        let f = Footprint {
+            weights: 1 << 30,
+            kv_bytes_per_token: 1 << 20,
+            context: 1 << 13,
+        };
+        assert_eq!(f.with_sequences(17_592_186_044_416), u64::MAX);
+        assert_eq!(f.with_sequences(1), (1 << 30) + (1 << 33));
+    }
 }

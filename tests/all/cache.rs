@@ -210,7 +210,11 @@ fn registrations_survive_a_restart_and_too_large_models_are_refused() {
     let (_dir, paths, need) = fixtures(2);
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap();
-    let cfg = config(&paths[..1], need * 3, "");
+    let roots = format!(
+        "[server]\nmodel_roots = [\"{}\"]",
+        paths[0].parent().unwrap().display()
+    );
+    let cfg = config(&paths[..1], need * 3, &roots);
     let register = |agent: &Agent, id: &str, path: &Path| {
         agent.post(
             "/admin/models",
@@ -269,7 +273,10 @@ fn models_cli_drives_the_admin_api() {
         &config(
             &paths[..1],
             need * 4,
-            "[server]\nadmin_token = \"s3cret\"\n",
+            &format!(
+                "[server]\nadmin_token = \"s3cret\"\nmodel_roots = [\"{}\"]\n",
+                paths[0].parent().unwrap().display()
+            ),
         ),
         &[],
     );

@@ -20,9 +20,12 @@ fn agent(mode: &str, on_failure: &str) -> (Agent, tempfile::TempDir) {
          [cache]\npreload = true\nkeep_alive = -1\n\
          [[models]]\nid = \"tiny\"\npath = \"{}\"\n\
          [policy]\ndeadline_ms = 20\nmemory_mib = 32\nhost_wait_ms = 500\nwatch = false\n\
+         plugin_roots = [\"{}\", \"{}\"]\n\
          [policy.router]\nplugin = \"{}\"\nconfig = \"{mode}\"\non_failure = \"{on_failure}\"\n\
          default_target = \"tiny\"\n",
         model.display(),
+        dir.path().display(),
+        plugin("hostile").parent().unwrap().display(),
         plugin("hostile").display()
     );
     let agent = Agent::start(&config, &[]);

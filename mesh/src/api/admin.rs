@@ -15,7 +15,7 @@ use super::{
     error::{ApiError, ApiJson},
     AppState,
 };
-use crate::config::ModelConfig;
+use crate::{config::ModelConfig, files};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -38,17 +38,13 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/policies", get(policies))
         .route("/admin/policies/{slot}/reload", post(reload_policy))
         .layer(middleware::from_fn_with_state(state, authorize))
+        .layer(middleware::from_fn(super::guard::same_origin_json))
 }
 
 /// With `server.admin_token` set, every admin call needs `Authorization: Bearer <token>`.
 async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(token) = &state.admin_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        if !super::guard::has_bearer(req.headers(), token) {
             let mut e = ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -95,14 +91,31 @@ async fn register(
     State(state): State<AppState>,
     body: Result<ApiJson<ModelConfig>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let ApiJson(mut config) = body?;
-    config
-        .finish(&state.models_dir)
-        .map_err(|e| ApiError::bad_request("", e))?;
+    let ApiJson(config) = body?;
+    let config = checked_model(&state, config).await?;
     let id = config.id.clone();
     state.cache.register(config)?;
     tracing::info!(model = %id, "Registered model");
     Ok((StatusCode::CREATED, Json(status_of(&state, &id)?)).into_response())
+}
+
+/// A model from the API made safe to hand to the cache: a valid id, numbers in range, the
+/// path inside the model roots, and its files regular and within the size limit. The file
+/// checks run off the async runtime and never open the files.
+async fn checked_model(state: &AppState, mut config: ModelConfig) -> Result<ModelConfig, ApiError> {
+    let models_dir = state.models_dir.clone();
+    let rules = state.files.clone();
+    let checked = tokio::task::spawn_blocking(move || -> Result<ModelConfig, String> {
+        crate::ids::check_id("model id", &config.id).map_err(|e| format!("id: {e}"))?;
+        config.path = files::confine("path", &config.path, &models_dir, &rules.model_roots)?;
+        config.finish(&models_dir)?;
+        let format = config.format.ok_or("format: cannot tell the format")?;
+        files::check_model(&config.path, format, rules.max_model_file_bytes)?;
+        Ok(config)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("checking the model failed: {e}")))?;
+    checked.map_err(|e| ApiError::bad_request("", e))
 }
 
 async fn unregister(
@@ -142,8 +155,15 @@ async fn set_vmodel(
     body: Result<ApiJson<VmodelBody>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let ApiJson(body) = body?;
+    check_id("vmodel", &name)?;
+    check_id("target", &body.target)?;
     state.cache.set_vmodel(&name, &body.target).await?;
     Ok(Json(json!({"name": name, "target": body.target})))
+}
+
+/// An id from a request, checked by the one id rule; a 400 naming the field otherwise.
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    crate::ids::check_id(what, id).map_err(|e| ApiError::bad_request("", e))
 }
 
 async fn remove_vmodel(
@@ -171,6 +191,7 @@ async fn add_tenant(
     body: Result<ApiJson<crate::tenancy::TenantConfig>, ApiError>,
 ) -> Result<Response, ApiError> {
     let ApiJson(t) = body?;
+    check_id("tenant id", &t.id)?;
     let id = t.id.clone();
     state.tenancy.add_tenant(t)?;
     Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
@@ -291,7 +312,10 @@ async fn reload_policy(
     axum::extract::Path(slot): axum::extract::Path<String>,
     body: Option<Json<Reload>>,
 ) -> Result<Json<Value>, ApiError> {
-    let r = body.map(|Json(r)| r).unwrap_or_default();
+    let mut r = body.map(|Json(r)| r).unwrap_or_default();
+    if let Some(plugin) = r.plugin.take() {
+        r.plugin = Some(checked_plugin(&state, plugin).await?);
+    }
     let config = r.config.map(|v| match v {
         Value::String(s) => s,
         v => v.to_string(),
@@ -315,6 +339,24 @@ async fn reload_policy(
             message,
         )),
     }
+}
+
+/// A plugin path from the API: inside the plugin roots, a regular file within the plugin size
+/// limit (checked off the async runtime, without opening it); a 400 saying why otherwise.
+async fn checked_plugin(
+    state: &AppState,
+    plugin: std::path::PathBuf,
+) -> Result<std::path::PathBuf, ApiError> {
+    let roots = state.files.plugin_roots.clone();
+    let max = state.policies.router.settings.max_plugin_bytes;
+    let checked = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf, String> {
+        let path = files::confine("plugin", &plugin, std::path::Path::new("."), &roots)?;
+        files::check_regular("plugin", &path, max)?;
+        Ok(path)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("checking the plugin failed: {e}")))?;
+    checked.map_err(|e| ApiError::bad_request("", e))
 }
 
 async fn reload_slot<K: crate::policy::kind::Kind>(

@@ -3,8 +3,10 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+mod guard;
 mod health;
 mod openai;
+mod server;
 pub mod v2;
 
 use std::{
@@ -19,6 +21,7 @@ use std::{
 use axum::{extract::DefaultBodyLimit, Router};
 use tokio::net::TcpListener;
 
+pub use self::server::ServerLimits;
 use crate::{cache::Cache, metrics::Metrics};
 
 /// What every handler can reach. Cheap to clone.
@@ -34,6 +37,10 @@ pub struct AppState {
     pub models_dir: std::path::PathBuf,
     /// When set, the admin API requires it as a bearer token.
     pub admin_token: Option<String>,
+    /// When set, `/metrics` requires it as a bearer token.
+    pub metrics_token: Option<String>,
+    /// Where model and plugin files named through the admin API may come from.
+    pub files: Arc<crate::files::FileRules>,
     pub v2_stats: Arc<v2::Stats>,
     pub tenancy: crate::tenancy::Tenancy,
     pub ledger: crate::ledger::Ledger,
@@ -70,7 +77,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 /// Serve until `shutdown` resolves, then stop accepting and give in-flight requests
-/// (streams included) up to `grace` to finish.
+/// (streams included) up to `grace` to finish. Default limits; see [`serve_with`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -78,29 +85,34 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (begin_tx, begin_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
+    serve_with(
+        listener,
+        app,
+        state,
+        shutdown,
+        grace,
+        ServerLimits::default(),
+    )
+    .await
+}
+
+/// [`serve`] with header and body read timeouts and a bound on open connections.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
+    let on_shutdown = move || {
         state.draining.store(true, Ordering::Relaxed);
         tracing::info!(
             grace_seconds = grace.as_secs_f64(),
             "Shutting down: draining in-flight requests"
         );
-        let _ = begin_tx.send(());
-    });
-    let mut server = tokio::spawn(async move { server.await });
-    tokio::select! {
-        r = &mut server => return r.expect("server task panicked"),
-        _ = begin_rx => {}
-    }
-    // Shutdown has begun; `server` ends when the last connection closes.
-    match tokio::time::timeout(grace, server).await {
-        Ok(r) => r.expect("server task panicked"),
-        Err(_) => {
-            tracing::warn!("Grace period over; closing the connections still open");
-            Ok(())
-        }
-    }
+    };
+    server::run(listener, app, limits, shutdown, on_shutdown, grace).await
 }
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, SocketAddr)> {

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::units::Bytes;
+
 /// `[policy]`: limits shared by the slots and one table per slot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +24,12 @@ pub struct PolicyConfig {
     pub kv_bytes: usize,
     /// Reload a plugin when its file changes (checked every second).
     pub watch: bool,
+    /// Largest plugin file the agent reads (`64MiB`); only regular files are read.
+    pub max_plugin_bytes: Bytes,
+    /// Directories a plugin named in a reload through the admin API must lie in. Empty: the
+    /// directories of the plugins named in this section.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugin_roots: Vec<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub router: Option<SlotConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -39,6 +47,8 @@ impl Default for PolicyConfig {
             host_wait_ms: 30_000,
             kv_bytes: 1 << 20,
             watch: true,
+            max_plugin_bytes: Bytes(64 << 20),
+            plugin_roots: Vec::new(),
             router: None,
             cache: None,
             pricing: None,
@@ -120,6 +130,9 @@ impl PolicyConfig {
                 self.memory_mib
             ));
         }
+        if self.max_plugin_bytes.0 == 0 {
+            return Err("policy.max_plugin_bytes: must be greater than 0".into());
+        }
         for (name, slot) in self.slots() {
             if let Some(ms) = slot.deadline_ms.filter(|ms| !ok(*ms)) {
                 return Err(format!(
@@ -133,6 +146,27 @@ impl PolicyConfig {
             }
         }
         Ok(())
+    }
+
+    /// Where plugins named through the admin API may come from: `plugin_roots`, or else the
+    /// directories of the configured plugins.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        if !self.plugin_roots.is_empty() {
+            return self.plugin_roots.clone();
+        }
+        let mut roots: Vec<PathBuf> = self
+            .slots()
+            .filter_map(|(_, s)| s.plugin.parent().map(|p| p.to_path_buf()))
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p
+                }
+            })
+            .collect();
+        roots.dedup();
+        roots
     }
 
     fn slots(&self) -> impl Iterator<Item = (&'static str, &SlotConfig)> {
@@ -181,6 +215,21 @@ mod tests {
         assert!(
             toml::from_str::<PolicyConfig>("[router]\nplugin = \"r\"\non_failure = \"maybe\"")
                 .is_err()
+        );
+        let e = parse("max_plugin_bytes = 0").validate().unwrap_err();
+        assert!(e.starts_with("policy.max_plugin_bytes"), "{e}");
+    }
+
+    #[test]
+    fn plugin_roots_default_to_the_configured_plugins_directories() {
+        let c = parse("[router]\nplugin = \"/p/r.wasm\"\n[cache]\nplugin = \"c.wasm\"\n");
+        assert_eq!(c.roots(), [PathBuf::from("/p"), PathBuf::from(".")]);
+        assert_eq!(parse("").roots(), Vec::<PathBuf>::new());
+        let c = parse("plugin_roots = [\"/x\"]\n[router]\nplugin = \"/p/r.wasm\"\n");
+        assert_eq!(c.roots(), [PathBuf::from("/x")]);
+        assert_eq!(
+            parse("max_plugin_bytes = \"1MiB\"").max_plugin_bytes.0,
+            1 << 20
         );
     }
 }

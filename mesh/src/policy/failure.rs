@@ -84,6 +84,22 @@ pub(super) fn clip(s: &str) -> String {
     format!("{}... ({} bytes)", &s[..end], s.len())
 }
 
+/// The error's chain without the wasm backtrace wasmtime puts in front of a trap (function
+/// offsets, and source paths where the plugin has debug info): that goes to the debug log,
+/// never into a response.
+fn without_backtrace(e: &wasmtime::Error) -> String {
+    if e.downcast_ref::<wasmtime::WasmBacktrace>().is_none() {
+        return format!("{e:#}");
+    }
+    tracing::debug!(error = %format!("{e:#}"), "Plugin trapped");
+    let rest: Vec<String> = e.chain().skip(1).map(|c| c.to_string()).collect();
+    if rest.is_empty() {
+        "trapped".to_string()
+    } else {
+        rest.join(": ")
+    }
+}
+
 pub(super) fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: FailureKind) -> Failure {
     let ctx = store.data();
     let (kind, message) = if ctx.call.timed_out {
@@ -100,7 +116,7 @@ pub(super) fn classify(store: &Store<Ctx>, e: wasmtime::Error, otherwise: Failur
             "wanted more memory than its cap".to_string(),
         )
     } else {
-        (otherwise, format!("{e:#}"))
+        (otherwise, without_backtrace(&e))
     };
     Failure {
         kind,

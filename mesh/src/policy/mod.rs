@@ -88,6 +88,7 @@ impl Policies {
             memory_cap,
             max_idle: config.instances,
             host_wait: Duration::from_millis(config.host_wait_ms),
+            max_plugin_bytes: config.max_plugin_bytes.0,
         };
         let setup = |c: &Option<SlotConfig>| slot::Setup {
             runtime: &runtime,

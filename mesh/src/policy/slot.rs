@@ -34,6 +34,8 @@ pub struct Settings {
     pub max_idle: usize,
     /// How long a call may wait in the host (see `PolicyConfig::host_wait_ms`).
     pub host_wait: Duration,
+    /// Largest plugin file read (see `PolicyConfig::max_plugin_bytes`).
+    pub max_plugin_bytes: u64,
 }
 
 /// A loaded version of the plugin.
@@ -86,6 +88,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
     Some((meta.modified().ok()?, meta.len()))
+}
+
+/// A plugin file's bytes: a regular file of at most `max` bytes, read off the async runtime,
+/// starting with the WebAssembly magic. Errors name the file, never echo its contents.
+async fn read_plugin(path: &Path, max: u64) -> Result<Vec<u8>, String> {
+    let owned = path.to_path_buf();
+    let bytes = tokio::task::spawn_blocking(move || flatmesh_runtime::read_regular(&owned, max))
+        .await
+        .map_err(|e| format!("reading task failed: {e}"))?
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !bytes.starts_with(b"\0asm") {
+        return Err(format!(
+            "{}: not a WebAssembly component (it does not start with the WebAssembly header)",
+            path.display()
+        ));
+    }
+    Ok(bytes)
 }
 
 /// What a new slot is made of.
@@ -183,9 +202,7 @@ impl<K: Kind> Slot<K> {
         self.runtime.start_clock()?;
         let file_stamp = stamp(path);
         *lock(&self.attempted) = file_stamp;
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = read_plugin(path, self.settings.max_plugin_bytes).await?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         let engine = self.runtime.engine.clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
