@@ -188,6 +188,11 @@ fn init_logs(config: &Config) {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // One signal stops everything: the servers, the reaper, preloading, the policy watch.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
     let metrics = Metrics::new();
     let registry = Registry::open(&config.state_dir)?;
     let cache = Cache::new(
@@ -223,7 +228,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )?;
     policies.load_configured(&config.policy).await?;
     if config.policy.watch {
-        policies.watch();
+        policies.watch(stopped(stop_rx.clone()));
     }
     let limits = crate::tenancy::limits::Limits::new(ledger.clone());
     let scheduler = crate::scheduler::Scheduler::new(
@@ -273,16 +278,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
         })?;
     }
-    // One signal stops everything: the servers, the reaper.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let reaper = cache.clone();
     let stop = stopped(stop_rx.clone());
     tokio::spawn(async move { reaper.run_reaper(stop).await });
     let preload = cache.clone();
-    tokio::spawn(async move { preload.preload().await });
+    let stop = stopped(stop_rx.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = preload.preload() => {}
+        }
+    });
     let grpc = tonic::transport::Server::builder()
         .layer(api::v2::grpc::size_limit_status())
         .add_service(tonic::service::interceptor::InterceptedService::new(

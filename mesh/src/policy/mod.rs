@@ -134,11 +134,19 @@ impl Policies {
     }
 
     /// Reload plugins whose files change, until the process ends.
-    pub fn watch(&self) {
+    pub fn watch(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
         let every = Duration::from_secs(1);
-        tokio::spawn(self.router.clone().watch(every));
-        tokio::spawn(self.cache.clone().watch(every));
-        tokio::spawn(self.pricing.clone().watch(every));
+        let all = futures::future::join3(
+            self.router.clone().watch(every),
+            self.cache.clone().watch(every),
+            self.pricing.clone().watch(every),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = all => {}
+            }
+        });
     }
 
     pub fn status(&self) -> Vec<SlotStatus> {
