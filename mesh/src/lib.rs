@@ -8,6 +8,8 @@ pub mod config;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod registry;
 pub mod scheduler;
 pub mod tenancy;
 pub mod units;
+pub mod util;

@@ -354,3 +354,63 @@ fn an_evicted_model_pages_in_from_the_warm_tier_until_its_file_changes() {
     text(&agent);
     assert_eq!((page_ins("disk"), page_ins("warm")), (2.0, 1.0));
 }
+
+#[test]
+fn unregister_under_concurrent_load_never_fails_a_request_and_frees_every_byte() {
+    let (_dir, paths, need) = fixtures(2);
+    let agent = Arc::new(Agent::start(&config(&paths[..1], need * 4, ""), &[]));
+    let client = reqwest::blocking::Client::new();
+    let register = || {
+        let r = agent.post(
+            "/admin/models",
+            json!({"id": "extra", "path": paths[1], "max_concurrency": 1}),
+        );
+        assert_eq!(r.status(), 201, "{:?}", r.text());
+    };
+    register();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut gone) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let r = complete(&agent, "extra");
+                    match r.status().as_u16() {
+                        200 => ok += 1,
+                        404 => gone += 1,
+                        s => panic!("{s}: {}", r.text().unwrap_or_default()),
+                    }
+                }
+                (ok, gone)
+            })
+        })
+        .collect();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(40));
+        let del = client
+            .delete(format!("{}/admin/models/extra", agent.url))
+            .send()
+            .unwrap();
+        assert_eq!(del.status(), 204);
+        register();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ok: u32 = workers.into_iter().map(|w| w.join().unwrap().0).sum();
+    assert!(ok > 0, "requests were served between the changes");
+    assert_eq!(complete(&agent, "m0").status(), 200, "the agent keeps answering");
+    let del = client
+        .delete(format!("{}/admin/models/extra", agent.url))
+        .send()
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    // Only m0's copy is left on the device once the last loads of "extra" have finished.
+    let m0 = agent.metric("flatmesh_model_bytes{model=\"m0\"}");
+    assert!(m0 > 0.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let used = || agent.metric("flatmesh_device_used_bytes{device=\"host0\"}");
+    while used() != m0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(used(), m0);
+}
