@@ -44,6 +44,7 @@ impl State {
         let Some(entry) = self.models.remove(id) else {
             return Ok(());
         };
+        self.publish_model(id, metrics);
         for c in entry.copies {
             if let CopyState::Ready(r) = c.state {
                 tracing::info!(model = %id, copy = %c.id, leases = c.pins, "Draining a copy of an unregistered model");

@@ -266,8 +266,9 @@ impl State {
             })
             .collect();
         let device = fits_without_eviction(&rooms, need)?;
-        tracing::info!(model = %id, device = %self.devices[device].name(), "Every copy is busy: adding a copy");
-        self.new_copy(id, device, need)
+        let load = self.new_copy(id, device, need)?;
+        tracing::info!(model = %id, device = %load.device.name(), "Every copy is busy: adding a copy");
+        Some(load)
     }
 
     /// Reserve `need` bytes on `device` for a new copy of `id`, marked loading.
@@ -403,7 +404,10 @@ impl State {
                 entry.predicted = Some(bytes);
                 entry.failures = 0;
                 entry.failure = None;
-                entry.copies[pos].state = CopyState::Ready(Ready {
+                let Some(copy) = entry.copies.get_mut(pos) else {
+                    return;
+                };
+                copy.state = CopyState::Ready(Ready {
                     engine,
                     bytes,
                     loaded_at: now,

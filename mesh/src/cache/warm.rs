@@ -89,3 +89,59 @@ impl WarmTier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use flatmesh_runtime::{Device, Format};
+    use flatmesh_tests::fixtures::{write_llama_gguf, Size};
+
+    use super::*;
+
+    fn image(dir: &Path, id: &str) -> (PathBuf, Image) {
+        let path = dir.join(format!("{id}.gguf"));
+        write_llama_gguf(&path, Size::TINY, id.len() as u64).unwrap();
+        let device = Device::host("host0", u64::MAX);
+        let (_, image) =
+            flatmesh_runtime::load_keeping_image(&path, Format::Gguf, &device).unwrap();
+        (path, image.unwrap())
+    }
+
+    #[test]
+    fn least_recently_used_images_leave_first_and_stale_ones_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pa, a) = image(dir.path(), "a");
+        let (pb, b) = image(dir.path(), "bb");
+        let (pc, c) = image(dir.path(), "ccc");
+        let mut warm = WarmTier::new(a.len() + b.len() + c.len() / 2);
+        warm.put("a", &pa, a.clone());
+        warm.put("bb", &pb, b);
+        assert!(
+            warm.get("a", &pa).is_some(),
+            "a is now the most recently used"
+        );
+        warm.put("ccc", &pc, c);
+        assert!(
+            warm.get("bb", &pb).is_none(),
+            "bb was the least recently used"
+        );
+        assert!(warm.get("a", &pa).is_some() && warm.get("ccc", &pc).is_some());
+        assert!(
+            warm.get("a", &pb).is_none(),
+            "another path is another image"
+        );
+        assert!(warm.get("a", &pa).is_none(), "and the stale entry is gone");
+        write_llama_gguf(&pc, Size::TINY, 99).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&pc)
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        assert!(warm.get("ccc", &pc).is_none(), "the file changed");
+        assert_eq!(warm.used(), 0);
+        warm.put("a", &pa, a);
+        assert!(warm.used() > 0);
+    }
+}
