@@ -398,7 +398,11 @@ fn unregister_under_concurrent_load_never_fails_a_request_and_frees_every_byte()
     stop.store(true, Ordering::Relaxed);
     let ok: u32 = workers.into_iter().map(|w| w.join().unwrap().0).sum();
     assert!(ok > 0, "requests were served between the changes");
-    assert_eq!(complete(&agent, "m0").status(), 200, "the agent keeps answering");
+    assert_eq!(
+        complete(&agent, "m0").status(),
+        200,
+        "the agent keeps answering"
+    );
     let del = client
         .delete(format!("{}/admin/models/extra", agent.url))
         .send()
@@ -413,4 +417,52 @@ fn unregister_under_concurrent_load_never_fails_a_request_and_frees_every_byte()
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(used(), m0);
+}
+
+#[test]
+fn a_busy_model_gets_a_copy_on_a_second_device() {
+    let (_dir, paths, need) = fixtures(1);
+    let room = need + need / 2;
+    let cfg = format!(
+        "[cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\n\
+         [[cache.devices]]\nname = \"host0\"\ncapacity = {room}\n\
+         [[cache.devices]]\nname = \"host1\"\ncapacity = {room}\n\
+         [[models]]\nid = \"m0\"\npath = \"{}\"\nmax_concurrency = 1\ncopies = 2\n",
+        paths[0].display()
+    );
+    let agent = Arc::new(Agent::start(&cfg, &[]));
+    let copies = |agent: &Agent| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = agent.get("/admin/models/m0").json().unwrap();
+        v["copies"].as_array().cloned().unwrap_or_default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = agent.post(
+                        "/v1/completions",
+                        json!({"model": "m0", "prompt": "hi", "max_tokens": 32}),
+                    );
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = |c: &[serde_json::Value]| c.iter().filter(|c| c["state"] == "ready").count();
+    while ready(&copies(&agent)) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let c = copies(&agent);
+    assert_eq!(ready(&c), 2, "{c:?}");
+    assert_ne!(c[0]["device"], c[1]["device"], "one copy per device");
+    let used = |d: &str| agent.metric(&format!("flatmesh_device_used_bytes{{device=\"{d}\"}}"));
+    assert!(used("host0") > 0.0 && used("host1") > 0.0);
+    assert_eq!(agent.metric("flatmesh_copies_loaded"), 2.0);
 }
