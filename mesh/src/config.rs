@@ -9,7 +9,8 @@ use std::{
 use flatmesh_runtime::Format;
 use serde::{Deserialize, Serialize};
 
-use crate::units::{Bytes, KeepAlive, Secs};
+pub use crate::cache::config::{CacheConfig, DeviceConfig, ModelConfig};
+use crate::units::{Bytes, Secs};
 
 /// The whole configuration. Every field has a default, so an empty file (or none) serves
 /// the demo models from `models_dir`.
@@ -87,29 +88,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// One model the agent serves.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The name clients use (`model` in requests).
-    pub id: String,
-    /// A GGUF file or a model directory; relative paths are under `models_dir`.
-    pub path: PathBuf,
-    /// Detected from the path when absent.
-    #[serde(default)]
-    pub format: Option<Format>,
-    /// Requests this model runs at once; more wait their turn. Also the number of KV
-    /// caches reserved in memory for the model.
-    #[serde(default = "default_max_concurrency")]
-    pub max_concurrency: usize,
-    /// How long the copy stays loaded when idle (default `cache.keep_alive`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keep_alive: Option<KeepAlive>,
-    /// Loaded at start and never evicted.
-    #[serde(default)]
-    pub pinned: bool,
-}
-
 /// Execution slots shared between tiers by weighted fair queuing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -132,103 +110,6 @@ impl Default for SchedulerConfig {
             max_wait: Secs(std::time::Duration::from_secs(60)),
             max_run: Secs(std::time::Duration::from_secs(600)),
         }
-    }
-}
-
-/// The model cache: the node's devices and how copies come and go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// The node's pool. Default: one host-memory device with half of the machine's memory.
-    pub devices: Vec<DeviceConfig>,
-    /// Loads that run at once (loads of one model are always shared).
-    pub max_parallel_loads: usize,
-    /// How long an idle copy stays loaded: `5m`, `0` (unload after use), `-1` (forever).
-    pub keep_alive: KeepAlive,
-    /// A copy is not evicted sooner than this after its load (stops thrash).
-    pub min_residency: Secs,
-    /// How long a request waits for room when memory is full of leased copies; then 503.
-    pub pressure_wait: Secs,
-    /// Load every model at start (cold models otherwise load on first use).
-    pub preload: bool,
-    /// Host RAM for the warm tier: prepared weights of recently loaded GGUF models, so a page-in
-    /// after an eviction copies from memory instead of reading and converting the file again
-    /// (`0` turns it off). Counted apart from the devices.
-    pub warm_capacity: Bytes,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    pub name: String,
-    /// Only `host` (host memory) runs engines today.
-    #[serde(default = "default_device_kind")]
-    pub kind: String,
-    /// Bytes this device may hold: a number or `512MiB`, `2GiB`.
-    pub capacity: Bytes,
-}
-
-fn default_device_kind() -> String {
-    "host".into()
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            devices: Vec::new(),
-            max_parallel_loads: 2,
-            keep_alive: KeepAlive::For(std::time::Duration::from_secs(300)),
-            min_residency: Secs(std::time::Duration::from_secs(1)),
-            pressure_wait: Secs(std::time::Duration::from_secs(30)),
-            preload: true,
-            warm_capacity: Bytes(1 << 30),
-        }
-    }
-}
-
-/// Half of the machine's memory, from /proc/meminfo (4 GiB where that cannot be read).
-fn default_host_capacity() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024 / 2)
-        })
-        .unwrap_or(4 << 30)
-}
-
-/// The most requests one model may run at once (each reserves a KV cache).
-pub const MAX_CONCURRENCY: usize = 1024;
-
-fn default_max_concurrency() -> usize {
-    4
-}
-
-impl ModelConfig {
-    /// Resolve the path against `models_dir` and detect the format. Errors start with the
-    /// field name.
-    pub fn finish(&mut self, models_dir: &Path) -> Result<(), String> {
-        crate::ids::check_id("model id", &self.id).map_err(|e| format!("id: {e}"))?;
-        if !(1..=MAX_CONCURRENCY).contains(&self.max_concurrency) {
-            return Err(format!(
-                "max_concurrency: {} is not in [1, {MAX_CONCURRENCY}]",
-                self.max_concurrency
-            ));
-        }
-        if self.path.is_relative() {
-            self.path = models_dir.join(&self.path);
-        }
-        if self.format.is_none() {
-            self.format = Format::detect(&self.path);
-            if self.format.is_none() {
-                return Err(format!(
-                    "format: cannot tell the format of {} (set format = \"gguf\" or \"bert-safetensors\")",
-                    self.path.display()
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -314,22 +195,16 @@ impl Default for Config {
 /// The demo models that `deploy/fetch-models` installs.
 pub fn demo_models() -> Vec<ModelConfig> {
     vec![
-        ModelConfig {
-            id: "smollm2-135m-instruct".into(),
-            path: "smollm2-135m-instruct/model.gguf".into(),
-            format: Some(Format::Gguf),
-            max_concurrency: default_max_concurrency(),
-            keep_alive: None,
-            pinned: false,
-        },
-        ModelConfig {
-            id: "all-minilm-l6-v2".into(),
-            path: "all-minilm-l6-v2".into(),
-            format: Some(Format::BertSafetensors),
-            max_concurrency: default_max_concurrency(),
-            keep_alive: None,
-            pinned: false,
-        },
+        ModelConfig::new(
+            "smollm2-135m-instruct",
+            "smollm2-135m-instruct/model.gguf",
+            Some(Format::Gguf),
+        ),
+        ModelConfig::new(
+            "all-minilm-l6-v2",
+            "all-minilm-l6-v2",
+            Some(Format::BertSafetensors),
+        ),
     ]
 }
 
@@ -358,28 +233,7 @@ impl Config {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }
         self.server.validate()?;
-        if self.cache.devices.is_empty() {
-            self.cache.devices.push(DeviceConfig {
-                name: "host0".into(),
-                kind: default_device_kind(),
-                capacity: Bytes(default_host_capacity()),
-            });
-        }
-        let mut names = HashSet::new();
-        for (i, d) in self.cache.devices.iter().enumerate() {
-            if d.kind != "host" {
-                anyhow::bail!(
-                    "cache.devices[{i}].kind: {:?} is not supported (only \"host\")",
-                    d.kind
-                );
-            }
-            if !names.insert(d.name.clone()) {
-                anyhow::bail!("cache.devices[{i}].name: {:?} is declared twice", d.name);
-            }
-        }
-        if self.cache.max_parallel_loads == 0 {
-            anyhow::bail!("cache.max_parallel_loads: must be at least 1");
-        }
+        self.cache.finish()?;
         let mut seen = HashSet::new();
         for (i, m) in self.models.iter_mut().enumerate() {
             if !seen.insert(m.id.clone()) {

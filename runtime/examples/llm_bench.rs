@@ -6,7 +6,7 @@
 use std::{ops::ControlFlow, path::Path, time::Instant};
 
 use flatmesh_runtime::{
-    Engine, GenerateEvent, GenerateRequest, LlamaEngine, Prompt, SamplingParams,
+    device::Device, Engine, GenerateEvent, GenerateRequest, LlamaEngine, Prompt, SamplingParams,
 };
 
 fn main() {
@@ -20,7 +20,8 @@ fn main() {
     let new_tokens: usize = args.get(3).map_or(128, |s| s.parse().expect("NEW_TOKENS"));
 
     let t = Instant::now();
-    let engine = LlamaEngine::load(Path::new(path)).expect("load");
+    let engine =
+        LlamaEngine::load(Path::new(path), &Device::host("host0", u64::MAX)).expect("load");
     let load_s = t.elapsed().as_secs_f64();
 
     // A prompt of exactly `prompt_tokens` tokens: " the" is one token in byte-level BPE vocabularies.

@@ -1,7 +1,137 @@
 //! Devices a node can hold copies on: host memory, and CUDA GPUs found through the driver
 //! (loaded at run time, so the binary runs on machines without one).
+//!
+//! A `Device` is a memory pool with a capacity, the bytes its copies use, and an execution
+//! lane: the turn an engine takes around each forward pass on it.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, MutexGuard,
+};
 
 use serde::Serialize;
+
+/// What a device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum DeviceKind {
+    /// Host memory, computed on by the CPU cores.
+    Host,
+    /// A CUDA GPU (discovered and reported; engines do not run on one yet).
+    Cuda { ordinal: usize },
+}
+
+/// One forward pass at a time on an execution lane. On the host: candle's CPU kernels already
+/// use every core, and concurrent passes contend for its worker pool (8 concurrent streams
+/// measured 4x slower in total than one), so sequences interleave token by token instead.
+/// Host devices share one lane: they are memory pools over the same cores.
+#[derive(Clone, Default)]
+pub struct Lane(Arc<Mutex<()>>);
+
+impl std::fmt::Debug for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lane")
+    }
+}
+
+impl Lane {
+    pub fn new() -> Self {
+        Lane::default()
+    }
+
+    /// Wait for the lane's turn; it is held until the guard drops.
+    pub fn turn(&self) -> MutexGuard<'_, ()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether two handles are the same lane.
+    pub fn same(&self, other: &Lane) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// A memory pool copies are loaded onto, with its execution lane.
+#[derive(Debug)]
+pub struct Device {
+    kind: DeviceKind,
+    name: String,
+    capacity: u64,
+    /// Bytes of copies on it (and reservations of loads in progress).
+    used: AtomicU64,
+    lane: Lane,
+}
+
+impl Device {
+    /// A device of `capacity` bytes whose engines take turns on `lane`.
+    pub fn new(kind: DeviceKind, name: impl Into<String>, capacity: u64, lane: Lane) -> Self {
+        Device {
+            kind,
+            name: name.into(),
+            capacity,
+            used: AtomicU64::new(0),
+            lane,
+        }
+    }
+
+    /// A host-memory device with a lane of its own (tests, tools).
+    pub fn host(name: impl Into<String>, capacity: u64) -> Self {
+        Device::new(DeviceKind::Host, name, capacity, Lane::new())
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used())
+    }
+
+    pub fn lane(&self) -> &Lane {
+        &self.lane
+    }
+
+    /// The lane an engine loaded onto this device takes turns on; engines run on host
+    /// memory only, today.
+    pub fn engine_lane(&self) -> crate::Result<Lane> {
+        match self.kind {
+            DeviceKind::Host => Ok(self.lane.clone()),
+            DeviceKind::Cuda { .. } => {
+                Err(crate::RuntimeError::Unsupported("running on a CUDA device"))
+            }
+        }
+    }
+
+    /// Count `bytes` more as used (a reservation or a loaded copy).
+    pub fn reserve(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Count `bytes` as no longer used. Never goes below zero (a mistake in the caller's
+    /// accounting is logged, not a panic).
+    pub fn release(&self, bytes: u64) {
+        let prev = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(bytes))
+            })
+            .unwrap_or_default();
+        if prev < bytes {
+            tracing::error!(device = %self.name, used = prev, released = bytes, "Released more bytes than were in use");
+        }
+    }
+}
 
 /// A GPU as the CUDA driver reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +183,66 @@ pub fn discover_cuda() -> Result<Vec<GpuInfo>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn used_bytes_go_up_and_down_and_never_below_zero() {
+        let d = Device::host("host0", 100);
+        d.reserve(60);
+        assert_eq!((d.used(), d.free()), (60, 40));
+        d.release(60);
+        d.release(1);
+        assert_eq!(d.used(), 0);
+    }
+
+    #[test]
+    fn a_lane_gives_one_turn_at_a_time() {
+        let lane = Lane::new();
+        let other = lane.clone();
+        assert!(lane.same(&other));
+        let turn = lane.turn();
+        assert!(other.0.try_lock().is_err());
+        drop(turn);
+        assert!(other.0.try_lock().is_ok());
+    }
+
+    #[test]
+    fn forward_passes_take_the_lane_of_the_device() {
+        use crate::{Format, GenerateRequest, Prompt, SamplingParams};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2-135m-instruct/model.gguf");
+        let device = Device::host("host0", u64::MAX);
+        let engine = crate::load(&path, Format::Gguf, &device).unwrap();
+        let turn = device.lane().turn();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let req = GenerateRequest {
+                prompt: Prompt::Text("Hello".into()),
+                max_tokens: Some(1),
+                sampling: SamplingParams::default(),
+                stop: vec![],
+            };
+            let g = engine.generate(&req, &mut |_| std::ops::ControlFlow::Continue(()));
+            tx.send(g.map(|g| g.completion_tokens)).unwrap();
+        });
+        let waited = rx.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(
+            waited.is_err(),
+            "a forward pass ran without the lane's turn"
+        );
+        drop(turn);
+        assert_eq!(rx.recv().unwrap().unwrap(), 1);
+        worker.join().unwrap();
+        let cuda = Device::new(
+            DeviceKind::Cuda { ordinal: 0 },
+            "gpu0",
+            1 << 30,
+            Lane::new(),
+        );
+        let refused = crate::load(&path, Format::Gguf, &cuda).err().unwrap();
+        assert_eq!(refused.kind(), "unsupported_operation");
+    }
+
     #[test]
     fn discovery_never_panics() {
         // On a machine without a driver this is an error with a reason; with one, a list.

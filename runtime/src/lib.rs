@@ -16,6 +16,7 @@ pub mod tokenizer;
 mod widen;
 
 pub use bert::BertEngine;
+pub use device::{Device, DeviceKind, Lane};
 pub use engine::{
     ChatMessage, Embeddings, Engine, FinishReason, GenerateEvent, GenerateRequest, Generation,
     ModelInfo, ModelKind, Prompt,

@@ -5,7 +5,7 @@ use std::{
     io::{BufReader, Cursor, Read, Seek},
     ops::ControlFlow,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use candle_core::{
@@ -15,6 +15,7 @@ use candle_core::{
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
 use crate::{
+    device::{Device as MeshDevice, Lane},
     engine::{
         Engine, FinishReason, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind,
         Prompt,
@@ -28,11 +29,6 @@ use crate::{
 
 /// Prompts are prefilled in chunks of this many tokens, which bounds the attention scratch.
 const PREFILL_CHUNK: usize = 512;
-
-/// One forward pass at a time on the CPU: candle's CPU kernels already use every core, and
-/// concurrent passes contend for its worker pool (8 concurrent streams measured 4x slower
-/// in total than one). Sequences interleave token by token instead.
-static CPU_COMPUTE: Mutex<()> = Mutex::new(());
 
 /// Quantizations whose CPU matmul has no SIMD kernel in candle; their weights are converted
 /// to Q8_0 at load (a near-lossless widening: each 4/5-bit value fits 8 bits with the block's
@@ -48,6 +44,8 @@ pub struct LlamaEngine {
     info: ModelInfo,
     size_bytes: u64,
     device: Device,
+    /// The execution lane of the device it was loaded onto: each forward pass takes its turn.
+    lane: Lane,
 }
 
 /// What an engine needs to read and write text, built from the GGUF metadata: kept with a
@@ -59,10 +57,11 @@ pub struct TextParts {
 }
 
 impl LlamaEngine {
-    /// Load a GGUF file.
-    pub fn load(path: &Path) -> Result<Self> {
+    /// Load a GGUF file onto `device`.
+    pub fn load(path: &Path, device: &MeshDevice) -> Result<Self> {
+        let lane = device.engine_lane()?;
         let (ct, reader) = read_header(path)?;
-        Ok(Self::build(path, ct, reader, false, None)?.0)
+        Ok(Self::build(path, ct, reader, false, None, lane)?.0)
     }
 
     /// The tokenizer and chat template, shared with whoever keeps them.
@@ -75,22 +74,23 @@ impl LlamaEngine {
 
     /// Load a GGUF file and also return its prepared weights (widened where needed) as GGUF
     /// bytes: a later load from them skips the disk and the widening.
-    pub fn load_keeping_image(path: &Path) -> Result<(Self, Vec<u8>)> {
+    pub fn load_keeping_image(path: &Path, device: &MeshDevice) -> Result<(Self, Vec<u8>)> {
+        let lane = device.engine_lane()?;
         let bytes = crate::file::read_regular(path, u64::MAX).map_err(|e| open_error(path, e))?;
         let mut reader = Cursor::new(bytes);
         let ct = gguf_file::Content::read(&mut reader).map_err(|e| header_error(path, e))?;
-        let (engine, widened) = Self::build(path, ct, &mut reader, true, None)?;
+        let (engine, widened) = Self::build(path, ct, &mut reader, true, None, lane)?;
         Ok((engine, widened.unwrap_or_else(|| reader.into_inner())))
     }
 
     /// Load from prepared GGUF bytes in memory (see `load_keeping_image`), reusing the text
     /// parts of an earlier load of the same bytes when given.
-    pub fn load_image(image: &[u8], text: Option<TextParts>) -> Result<Self> {
+    pub fn load_image(image: &[u8], text: Option<TextParts>, device: &MeshDevice) -> Result<Self> {
+        let lane = device.engine_lane()?;
         let path = Path::new("<warm image>");
         let mut reader = Cursor::new(image);
-        let ct =
-            gguf_file::Content::read(&mut reader).map_err(|e| bad_gguf(path, e.to_string()))?;
-        Ok(Self::build(path, ct, reader, false, text)?.0)
+        let ct = gguf_file::Content::read(&mut reader).map_err(|e| header_error(path, e))?;
+        Ok(Self::build(path, ct, reader, false, text, lane)?.0)
     }
 
     /// The engine from a parsed header and a reader of the tensor data; with `keep`, also the
@@ -101,6 +101,7 @@ impl LlamaEngine {
         mut reader: R,
         keep: bool,
         text: Option<TextParts>,
+        lane: Lane,
     ) -> Result<(Self, Option<Vec<u8>>)> {
         let bad = |reason: String| bad_gguf(path, reason);
         let arch = ct
@@ -173,6 +174,7 @@ impl LlamaEngine {
             },
             size_bytes,
             device,
+            lane,
         };
         Ok((engine, widened))
     }
@@ -204,7 +206,7 @@ impl LlamaEngine {
     fn logits(&self, model: &mut ModelWeights, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let logits = {
-            let _turn = CPU_COMPUTE.lock().unwrap_or_else(|e| e.into_inner());
+            let _turn = self.lane.turn();
             model.forward(&input, pos)?
         };
         Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
@@ -451,9 +453,13 @@ mod tests {
         path
     }
 
+    fn host() -> MeshDevice {
+        MeshDevice::host("host0", u64::MAX)
+    }
+
     /// The demo model, where `deploy/fetch-models` put it.
     fn demo() -> LlamaEngine {
-        LlamaEngine::load(&demo_path()).unwrap()
+        LlamaEngine::load(&demo_path(), &host()).unwrap()
     }
 
     fn greedy(e: &LlamaEngine, prompt: &str, n: usize) -> Generation {
@@ -472,19 +478,20 @@ mod tests {
 
     #[test]
     fn an_image_loads_the_same_model_again() {
-        let (from_file, image) = LlamaEngine::load_keeping_image(&demo_path()).unwrap();
+        let (from_file, image) = LlamaEngine::load_keeping_image(&demo_path(), &host()).unwrap();
         // The demo file is Q4_1: the image holds the widened (Q8_0) weights.
         let file_len = std::fs::metadata(demo_path()).unwrap().len() as usize;
         assert!(image.len() > file_len, "{} vs {file_len}", image.len());
-        let from_image = LlamaEngine::load_image(&image, None).unwrap();
-        let with_text = LlamaEngine::load_image(&image, Some(from_file.text_parts())).unwrap();
+        let from_image = LlamaEngine::load_image(&image, None, &host()).unwrap();
+        let with_text =
+            LlamaEngine::load_image(&image, Some(from_file.text_parts()), &host()).unwrap();
         assert_eq!(from_image.size_bytes, from_file.size_bytes);
         let prompt = "The capital of France is";
         let expected = greedy(&from_file, prompt, 6).text;
         assert_eq!(greedy(&from_image, prompt, 6).text, expected);
         assert_eq!(greedy(&with_text, prompt, 6).text, expected);
         assert!(matches!(
-            LlamaEngine::load_image(&image[..1000], None),
+            LlamaEngine::load_image(&image[..1000], None, &host()),
             Err(RuntimeError::BadFormat { .. })
         ));
     }
@@ -584,7 +591,7 @@ mod tests {
 
     #[test]
     fn missing_and_corrupt_files_are_clear_errors() {
-        let err = LlamaEngine::load(Path::new("/nonexistent/model.gguf"))
+        let err = LlamaEngine::load(Path::new("/nonexistent/model.gguf"), &host())
             .err()
             .unwrap();
         assert_eq!(err.kind(), "model_file_not_found");
@@ -592,7 +599,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let bad = dir.join("bad.gguf");
         std::fs::write(&bad, b"definitely not a gguf file").unwrap();
-        let err = LlamaEngine::load(&bad).err().unwrap();
+        let err = LlamaEngine::load(&bad, &host()).err().unwrap();
         assert_eq!(err.kind(), "bad_model_format");
         assert!(err.to_string().contains("bad.gguf"), "{err}");
     }

@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{BertEngine, Engine, LlamaEngine, Result};
+use crate::{device::Device, BertEngine, Engine, LlamaEngine, Result};
 
 /// How a model is stored, which also picks the engine that runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,34 +100,45 @@ impl Image {
     }
 }
 
-/// Load a model and, for GGUF, its image as well.
-pub fn load_keeping_image(path: &Path, format: Format) -> Result<(Arc<dyn Engine>, Option<Image>)> {
+/// Load a model onto `device` and, for GGUF, its image as well.
+pub fn load_keeping_image(
+    path: &Path,
+    format: Format,
+    device: &Device,
+) -> Result<(Arc<dyn Engine>, Option<Image>)> {
     Ok(match format {
         Format::Gguf => {
-            let (engine, bytes) = LlamaEngine::load_keeping_image(path)?;
+            let (engine, bytes) = LlamaEngine::load_keeping_image(path, device)?;
             let image = Image {
                 bytes: Arc::new(bytes),
                 text: Some(engine.text_parts()),
             };
             (Arc::new(engine), Some(image))
         }
-        Format::BertSafetensors => (Arc::new(BertEngine::load(path)?), None),
+        Format::BertSafetensors => {
+            device.engine_lane()?;
+            (Arc::new(BertEngine::load(path)?), None)
+        }
     })
 }
 
-/// Load a model from its image (a memory copy and parse, no disk).
-pub fn load_image(image: &Image) -> Result<Arc<dyn Engine>> {
+/// Load a model onto `device` from its image (a memory copy and parse, no disk).
+pub fn load_image(image: &Image, device: &Device) -> Result<Arc<dyn Engine>> {
     Ok(Arc::new(LlamaEngine::load_image(
         &image.bytes,
         image.text.clone(),
+        device,
     )?))
 }
 
-/// Load a model. Blocks while it reads the weights.
-pub fn load(path: &Path, format: Format) -> Result<Arc<dyn Engine>> {
+/// Load a model onto `device`. Blocks while it reads the weights.
+pub fn load(path: &Path, format: Format, device: &Device) -> Result<Arc<dyn Engine>> {
     Ok(match format {
-        Format::Gguf => Arc::new(LlamaEngine::load(path)?),
-        Format::BertSafetensors => Arc::new(BertEngine::load(path)?),
+        Format::Gguf => Arc::new(LlamaEngine::load(path, device)?),
+        Format::BertSafetensors => {
+            device.engine_lane()?;
+            Arc::new(BertEngine::load(path)?)
+        }
     })
 }
 

@@ -361,3 +361,115 @@ fn an_evicted_model_pages_in_from_the_warm_tier_until_its_file_changes() {
     text(&agent);
     assert_eq!((page_ins("disk"), page_ins("warm")), (2.0, 1.0));
 }
+
+#[test]
+fn unregister_under_concurrent_load_never_fails_a_request_and_frees_every_byte() {
+    let (_dir, paths, need) = fixtures(2);
+    let agent = Arc::new(Agent::start(&config(&paths[..1], need * 4, ""), &[]));
+    let client = reqwest::blocking::Client::new();
+    let register = || {
+        let r = agent.post(
+            "/admin/models",
+            json!({"id": "extra", "path": paths[1], "max_concurrency": 1}),
+        );
+        assert_eq!(r.status(), 201, "{:?}", r.text());
+    };
+    register();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut gone) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let r = complete(&agent, "extra");
+                    match r.status().as_u16() {
+                        200 => ok += 1,
+                        404 => gone += 1,
+                        s => panic!("{s}: {}", r.text().unwrap_or_default()),
+                    }
+                }
+                (ok, gone)
+            })
+        })
+        .collect();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(40));
+        let del = client
+            .delete(format!("{}/admin/models/extra", agent.url))
+            .send()
+            .unwrap();
+        assert_eq!(del.status(), 204);
+        register();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ok: u32 = workers.into_iter().map(|w| w.join().unwrap().0).sum();
+    assert!(ok > 0, "requests were served between the changes");
+    assert_eq!(
+        complete(&agent, "m0").status(),
+        200,
+        "the agent keeps answering"
+    );
+    let del = client
+        .delete(format!("{}/admin/models/extra", agent.url))
+        .send()
+        .unwrap();
+    assert_eq!(del.status(), 204);
+    // Only m0's copy is left on the device once the last loads of "extra" have finished.
+    let m0 = agent.metric("flatmesh_model_bytes{model=\"m0\"}");
+    assert!(m0 > 0.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let used = || agent.metric("flatmesh_device_used_bytes{device=\"host0\"}");
+    while used() != m0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(used(), m0);
+}
+
+#[test]
+fn a_busy_model_gets_a_copy_on_a_second_device() {
+    let (_dir, paths, need) = fixtures(1);
+    let room = need + need / 2;
+    let cfg = format!(
+        "[cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\n\
+         [[cache.devices]]\nname = \"host0\"\ncapacity = {room}\n\
+         [[cache.devices]]\nname = \"host1\"\ncapacity = {room}\n\
+         [[models]]\nid = \"m0\"\npath = \"{}\"\nmax_concurrency = 1\ncopies = 2\n",
+        paths[0].display()
+    );
+    let agent = Arc::new(Agent::start(&cfg, &[]));
+    let copies = |agent: &Agent| -> Vec<serde_json::Value> {
+        let v: serde_json::Value = agent.get("/admin/models/m0").json().unwrap();
+        v["copies"].as_array().cloned().unwrap_or_default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = agent.post(
+                        "/v1/completions",
+                        json!({"model": "m0", "prompt": "hi", "max_tokens": 32}),
+                    );
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = |c: &[serde_json::Value]| c.iter().filter(|c| c["state"] == "ready").count();
+    while ready(&copies(&agent)) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let c = copies(&agent);
+    assert_eq!(ready(&c), 2, "{c:?}");
+    assert_ne!(c[0]["device"], c[1]["device"], "one copy per device");
+    let used = |d: &str| agent.metric(&format!("flatmesh_device_used_bytes{{device=\"{d}\"}}"));
+    assert!(used("host0") > 0.0 && used("host1") > 0.0);
+    assert_eq!(agent.metric("flatmesh_copies_loaded"), 2.0);
+}

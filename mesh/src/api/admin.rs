@@ -94,7 +94,7 @@ async fn register(
     let ApiJson(config) = body?;
     let config = checked_model(&state, config).await?;
     let id = config.id.clone();
-    state.cache.register(config)?;
+    state.cache.register(config).await?;
     tracing::info!(model = %id, "Registered model");
     Ok((StatusCode::CREATED, Json(status_of(&state, &id)?)).into_response())
 }
@@ -122,7 +122,7 @@ async fn unregister(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.cache.unregister(&id)?;
+    state.cache.unregister(&id).await?;
     tracing::info!(model = %id, "Unregistered model");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -170,7 +170,7 @@ async fn remove_vmodel(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.cache.remove_vmodel(&name)?;
+    state.cache.remove_vmodel(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

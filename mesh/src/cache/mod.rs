@@ -5,10 +5,14 @@
 //! `Notify` that fires on every change and re-check. Loads run on the blocking pool, at most
 //! `max_parallel_loads` at a time, one per model however many requests want it.
 
+pub mod config;
+mod copy;
+mod error;
+mod evict;
 mod plan;
-mod registry;
 pub mod residency;
 mod state;
+mod status;
 #[cfg(test)]
 mod tests;
 mod warm;
@@ -24,46 +28,20 @@ use tokio::{
     time::Instant,
 };
 
-pub use self::registry::Registry;
-pub use self::state::{CopyStatus, VmodelStatus};
-use self::state::{Slot, State};
-use crate::{
+pub use self::copy::CopyId;
+pub use self::error::CacheError;
+use self::state::{Pin, State};
+pub use self::status::{CopyDetail, CopyStatus, VmodelStatus};
+use self::{
     config::{CacheConfig, ModelConfig},
+    state::Load,
+};
+pub use crate::registry::FileRegistry as Registry;
+use crate::{
     metrics::Metrics,
+    registry::{ModelRegistry, Saved},
     units::KeepAlive,
 };
-
-/// Why the cache cannot hand out a copy.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CacheError {
-    #[error("model {0:?} does not exist")]
-    NotFound(String),
-    #[error("model {id:?} failed to load: {reason}")]
-    Failed {
-        id: String,
-        reason: String,
-        retry_after: Duration,
-    },
-    #[error("no room for model {id:?}: every device is full of copies in use (waited {waited:?})")]
-    NoRoom { id: String, waited: Duration },
-    #[error("model {id:?} needs {need} bytes but the largest device holds {largest}")]
-    TooLarge { id: String, need: u64, largest: u64 },
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl CacheError {
-    /// Seconds a client should wait before trying again, where that makes sense.
-    pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            CacheError::Failed { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            CacheError::NoRoom { .. } => Some(5),
-            _ => None,
-        }
-    }
-}
 
 /// The cloneable handle to the cache.
 #[derive(Clone)]
@@ -79,14 +57,21 @@ struct Inner {
     loads: Arc<Semaphore>,
     metrics: Metrics,
     config: CacheConfig,
-    registry: Option<Registry>,
+    registry: Option<Arc<dyn ModelRegistry>>,
+    /// Registry writes one at a time, in the order their changes were made; held across the
+    /// write, never together with the state lock while awaiting.
+    persist: tokio::sync::Mutex<()>,
 }
 
-/// A pin on a loaded copy: while it lives the copy is not evicted. Dropping it unpins.
+/// A pin on a ready copy: while it lives the copy is not evicted. Dropping it unpins.
 pub struct Lease {
     pub engine: Arc<dyn Engine>,
     /// The model the lease is on (after resolving a vmodel).
     pub model: String,
+    /// The copy it is on, and that copy's device.
+    pub copy: CopyId,
+    pub device: String,
+    gate: Arc<Semaphore>,
     inner: Arc<Inner>,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -97,46 +82,98 @@ impl Lease {
         if self._permit.is_some() {
             return;
         }
-        let gate = self.inner.lock().gate(&self.model);
-        let permit = gate.acquire_owned().await.expect("gates are never closed");
-        self._permit = Some(permit);
+        // The gate came with the pin: nothing is looked up again (the model may be gone).
+        // Gates are never closed; were one closed, the lease would run without a permit.
+        self._permit = self.gate.clone().acquire_owned().await.ok();
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut st = self.inner.lock();
-        st.unpin(&self.model, Instant::now(), &self.inner.metrics);
+        st.unpin(&self.model, self.copy, Instant::now(), &self.inner.metrics);
         drop(st);
         self.inner.changed.notify_waiters();
     }
 }
 
+/// A model's footprint, read from its files on the blocking pool.
+async fn footprint(
+    config: &ModelConfig,
+) -> Result<flatmesh_runtime::Footprint, flatmesh_runtime::RuntimeError> {
+    let (path, format) = (config.path.clone(), config.format);
+    let read = tokio::task::spawn_blocking(move || match format {
+        Some(f) => flatmesh_runtime::footprint(&path, f),
+        None => Err(flatmesh_runtime::RuntimeError::InvalidRequest(
+            "format is not set".into(),
+        )),
+    });
+    read.await.unwrap_or_else(|e| {
+        Err(flatmesh_runtime::RuntimeError::Inference(format!(
+            "footprint task failed: {e}"
+        )))
+    })
+}
+
 impl Cache {
     /// A cache over the configured devices, with the configured models and those the
-    /// registry remembers.
+    /// registry file remembers (read now: this runs once, before serving).
     pub fn new(
         config: CacheConfig,
         models: &[ModelConfig],
         registry: Option<Registry>,
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
+        let saved = match &registry {
+            Some(reg) => reg.read()?,
+            None => Saved::default(),
+        };
+        let registry = registry.map(|r| Arc::new(r) as Arc<dyn ModelRegistry>);
+        Self::build(config, models, saved, registry, metrics)
+    }
+
+    /// `new` over any registry store.
+    pub async fn open(
+        config: CacheConfig,
+        models: &[ModelConfig],
+        registry: Option<Arc<dyn ModelRegistry>>,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
+        let saved = match &registry {
+            Some(reg) => reg.load().await?,
+            None => Saved::default(),
+        };
+        Self::build(config, models, saved, registry, metrics)
+    }
+
+    fn build(
+        config: CacheConfig,
+        models: &[ModelConfig],
+        saved: Saved,
+        registry: Option<Arc<dyn ModelRegistry>>,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         let mut state = State::new(&config.devices, config.keep_alive, &metrics);
+        let size = |m: &ModelConfig| match m.format {
+            Some(f) => flatmesh_runtime::footprint(&m.path, f),
+            None => Err(flatmesh_runtime::RuntimeError::InvalidRequest(
+                "format is not set".into(),
+            )),
+        };
         for m in models {
             state
-                .add(m.clone(), true)
+                .add(m.clone(), true, size(m))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        if let Some(reg) = &registry {
-            let saved = reg.read()?;
-            for m in saved.models {
-                if let Err(e) = state.add(m.clone(), false) {
-                    tracing::warn!(model = %m.id, error = %e, "Skipping a registered model");
-                }
+        for m in saved.models {
+            let id = m.id.clone();
+            let footprint = size(&m);
+            if let Err(e) = state.add(m, false, footprint) {
+                tracing::warn!(model = %id, error = %e, "Skipping a registered model");
             }
-            for (name, target) in saved.vmodels {
-                state.vmodels.insert(name, target);
-            }
+        }
+        for (name, target) in saved.vmodels {
+            state.vmodels.insert(name, target);
         }
         Ok(Cache {
             inner: Arc::new(Inner {
@@ -147,6 +184,7 @@ impl Cache {
                 metrics,
                 config,
                 registry,
+                persist: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -219,7 +257,11 @@ impl Cache {
                     .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
                 let now = Instant::now();
                 match st.try_pin(&model, now, keep_alive, residency_bonus) {
-                    Slot::Pinned(engine) => {
+                    Pin::Pinned(pinned, grow) => {
+                        drop(st);
+                        if let Some(load) = grow {
+                            self.spawn_load(load);
+                        }
                         if missed {
                             let waited = started.elapsed().as_secs_f64();
                             inner
@@ -229,21 +271,25 @@ impl Cache {
                                 .observe(waited);
                         }
                         return Ok(Lease {
-                            engine,
+                            engine: pinned.engine,
                             model,
+                            copy: pinned.copy,
+                            device: pinned.device,
+                            gate: pinned.gate,
                             inner: inner.clone(),
                             _permit: None,
                         });
                     }
-                    Slot::Loading => missed = true,
-                    Slot::Failed(reason, retry_at) => {
+                    Pin::Loading => missed = true,
+                    Pin::Gone => return Err(CacheError::NotFound(id.to_string())),
+                    Pin::Failed(reason, retry_at) => {
                         return Err(CacheError::Failed {
                             id: model,
                             reason,
                             retry_after: retry_at - now,
                         });
                     }
-                    Slot::Cold => {
+                    Pin::Cold => {
                         missed = true;
                         match st.start_load(&model, now, &inner.metrics)? {
                             Some(load) => {
@@ -270,15 +316,10 @@ impl Cache {
         }
     }
 
-    fn spawn_load(&self, load: state::Load) {
+    fn spawn_load(&self, load: Load) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let _permit = inner
-                .loads
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("never closed");
+            let _permit = inner.loads.clone().acquire_owned().await;
             let started = Instant::now();
             let (path, format) = (load.config.path.clone(), load.format);
             let (image, keep) = {
@@ -286,12 +327,12 @@ impl Cache {
                 (warm.get(&load.config.id, &path), warm.enabled())
             };
             let source = if image.is_some() { "warm" } else { "disk" };
-            tracing::info!(model = %load.config.id, device = load.device, predicted_bytes = load.reserved, source, "Loading model");
-            let from = path.clone();
+            tracing::info!(model = %load.config.id, copy = %load.copy, device = %load.device.name(), predicted_bytes = load.reserved, source, "Loading model");
+            let (from, device) = (path.clone(), load.device.clone());
             let result = tokio::task::spawn_blocking(move || match image {
-                Some(image) => flatmesh_runtime::load_image(&image).map(|e| (e, None)),
-                None if keep => flatmesh_runtime::load_keeping_image(&from, format),
-                None => flatmesh_runtime::load(&from, format).map(|e| (e, None)),
+                Some(image) => flatmesh_runtime::load_image(&image, &device).map(|e| (e, None)),
+                None if keep => flatmesh_runtime::load_keeping_image(&from, format, &device),
+                None => flatmesh_runtime::load(&from, format, &device).map(|e| (e, None)),
             })
             .await
             .unwrap_or_else(|e| {
@@ -342,7 +383,7 @@ impl Cache {
     pub async fn preload(&self) {
         let ids: Vec<String> = {
             let st = self.inner.lock();
-            let mut room: u64 = st.devices.iter().map(|d| d.capacity).sum();
+            let mut room: u64 = st.devices.iter().map(|d| d.capacity()).sum();
             let mut ids = Vec::new();
             let pinned_first = st.models.values().filter(|e| e.config.pinned).chain(
                 st.models
@@ -393,21 +434,30 @@ impl Cache {
     }
 
     /// Register a model (persisted). Errors when the id is taken or it cannot fit anywhere.
-    pub fn register(&self, config: ModelConfig) -> Result<(), CacheError> {
-        let mut st = self.inner.lock();
-        st.add(config, false)?;
-        self.persist(&st)
+    /// Its files are read and the registry written outside the state lock.
+    pub async fn register(&self, config: ModelConfig) -> Result<(), CacheError> {
+        let footprint = footprint(&config).await;
+        let _order = self.inner.persist.lock().await;
+        let saved = {
+            let mut st = self.inner.lock();
+            st.add(config, false, footprint)?;
+            st.registered()
+        };
+        self.save(saved).await
     }
 
-    /// Unregister a model registered through the API (persisted); its copy is unloaded.
-    pub fn unregister(&self, id: &str) -> Result<(), CacheError> {
-        let mut st = self.inner.lock();
-        st.remove(id, Instant::now(), &self.inner.metrics)?;
+    /// Unregister a model registered through the API (persisted). Idle copies are unloaded;
+    /// copies in use serve their leases and leave after the last one.
+    pub async fn unregister(&self, id: &str) -> Result<(), CacheError> {
+        let _order = self.inner.persist.lock().await;
+        let saved = {
+            let mut st = self.inner.lock();
+            st.remove(id, Instant::now(), &self.inner.metrics)?;
+            st.registered()
+        };
         self.inner.warm().remove(id);
-        self.persist(&st)?;
-        drop(st);
         self.inner.changed.notify_waiters();
-        Ok(())
+        self.save(saved).await
     }
 
     /// Point vmodel `name` at `target`: the target is loaded first, then traffic moves.
@@ -424,19 +474,35 @@ impl Cache {
             }
         }
         self.load(target).await?;
-        let mut st = self.inner.lock();
-        st.vmodels.insert(name.to_string(), target.to_string());
-        self.persist(&st)?;
+        let _order = self.inner.persist.lock().await;
+        let saved = {
+            let mut st = self.inner.lock();
+            if st.models.contains_key(name) {
+                return Err(CacheError::Conflict(format!(
+                    "{name:?} is a model, not a vmodel"
+                )));
+            }
+            if !st.models.contains_key(target) {
+                return Err(CacheError::NotFound(target.to_string()));
+            }
+            st.vmodels.insert(name.to_string(), target.to_string());
+            st.registered()
+        };
+        self.save(saved).await?;
         tracing::info!(vmodel = %name, target = %target, "Switched vmodel");
         Ok(())
     }
 
-    pub fn remove_vmodel(&self, name: &str) -> Result<(), CacheError> {
-        let mut st = self.inner.lock();
-        st.vmodels
-            .remove(name)
-            .ok_or_else(|| CacheError::NotFound(name.to_string()))?;
-        self.persist(&st)
+    pub async fn remove_vmodel(&self, name: &str) -> Result<(), CacheError> {
+        let _order = self.inner.persist.lock().await;
+        let saved = {
+            let mut st = self.inner.lock();
+            st.vmodels
+                .remove(name)
+                .ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+            st.registered()
+        };
+        self.save(saved).await
     }
 
     pub fn status(&self) -> Vec<CopyStatus> {
@@ -455,19 +521,26 @@ impl Cache {
             .collect()
     }
 
-    /// Bytes in use on each device, by name.
+    /// Bytes in use on each device, by name: (name, used, capacity).
     pub fn devices(&self) -> Vec<(String, u64, u64)> {
         self.inner
             .lock()
             .devices
             .iter()
-            .map(|d| (d.name.clone(), d.used, d.capacity))
+            .map(|d| (d.name().to_string(), d.used(), d.capacity()))
             .collect()
     }
 
-    fn persist(&self, st: &State) -> Result<(), CacheError> {
+    /// Copies of unregistered models still serving their last leases, by model.
+    pub fn draining(&self) -> Vec<(String, CopyDetail)> {
+        self.inner.lock().draining()
+    }
+
+    /// Write `saved` to the registry; the caller holds `persist`, not the state lock.
+    async fn save(&self, saved: Saved) -> Result<(), CacheError> {
         if let Some(reg) = &self.inner.registry {
-            reg.write(&st.registered())
+            reg.save(saved)
+                .await
                 .map_err(|e| CacheError::Invalid(format!("cannot save the registry: {e:#}")))?;
         }
         Ok(())

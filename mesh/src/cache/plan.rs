@@ -29,6 +29,17 @@ pub struct Plan<K> {
     pub victims: Vec<K>,
 }
 
+/// The device with the most free bytes, if `need` bytes fit there without evicting anything.
+pub fn fits_without_eviction(devices: &[DeviceRoom], need: u64) -> Option<usize> {
+    let free = |d: &DeviceRoom| d.capacity.saturating_sub(d.used);
+    devices
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| free(d) >= need)
+        .max_by_key(|(_, d)| free(d))
+        .map(|(i, _)| i)
+}
+
 /// Choose a device for `need` bytes. A device that fits without eviction wins (the one with
 /// the most free bytes); otherwise the device whose evictions are least valuable, evicting
 /// least-recently-used idle copies until the new copy fits. `None` when no device can make
@@ -39,14 +50,9 @@ pub fn place<K: Clone>(
     need: u64,
 ) -> Option<Plan<K>> {
     let free = |d: &DeviceRoom| d.capacity.saturating_sub(d.used);
-    if let Some((i, _)) = devices
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| free(d) >= need)
-        .max_by_key(|(_, d)| free(d))
-    {
+    if let Some(device) = fits_without_eviction(devices, need) {
         return Some(Plan {
-            device: i,
+            device,
             victims: Vec::new(),
         });
     }
@@ -194,6 +200,22 @@ mod tests {
                 victims: vec!["b"]
             }
         );
+    }
+
+    #[test]
+    fn without_eviction_only_a_device_with_free_room_is_chosen() {
+        let devices = [
+            DeviceRoom {
+                capacity: 100,
+                used: 90,
+            },
+            DeviceRoom {
+                capacity: 100,
+                used: 50,
+            },
+        ];
+        assert_eq!(fits_without_eviction(&devices, 40), Some(1));
+        assert_eq!(fits_without_eviction(&devices, 60), None);
     }
 
     #[test]

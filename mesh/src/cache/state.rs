@@ -1,115 +1,75 @@
-//! The cache's state behind its one lock: models, their copies, devices, vmodels.
+//! The cache's state behind its one lock: models, their copies on devices, vmodels, and the
+//! copies of removed models that drain until their last lease ends.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use flatmesh_runtime::{Engine, Format, ModelKind, RuntimeError};
-use serde::Serialize;
+use flatmesh_runtime::{Device, DeviceKind, Engine, Footprint, Format, Lane, RuntimeError};
 use tokio::{sync::Semaphore, time::Instant};
 
 use super::{
-    plan::{place, DeviceRoom, Resident},
-    registry::Saved,
-    CacheError,
-};
-use crate::{
     config::{DeviceConfig, ModelConfig},
-    metrics::Metrics,
-    units::KeepAlive,
+    copy::{CopyId, CopyState, Draining, ModelCopy, Ready},
+    error::CacheError,
+    plan::{fits_without_eviction, place, DeviceRoom, Resident},
 };
-
-pub struct DeviceState {
-    pub name: String,
-    pub capacity: u64,
-    /// Loaded copies plus reservations of loads in progress.
-    pub used: u64,
-}
+use crate::{metrics::Metrics, registry::Saved, units::KeepAlive};
 
 pub struct Entry {
     pub config: ModelConfig,
     /// Declared in the config file (not removable through the API).
-    from_config: bool,
-    /// Predicted bytes (weights + KV reservation), `None` while the header cannot be read.
-    predicted: Option<u64>,
+    pub from_config: bool,
+    /// Predicted bytes of one copy (weights + KV reservation), `None` while the header cannot
+    /// be read; measured once a copy has loaded.
+    pub predicted: Option<u64>,
     /// KV cache reserved on top of the measured weights.
-    kv_reserve: u64,
-    copy: CopyState,
+    pub kv_reserve: u64,
+    pub copies: Vec<ModelCopy>,
+    /// The last load failed; no new copy is started before `retry_at`.
+    pub failure: Option<Failure>,
     failures: u32,
-    /// Bumped when the model is (re-)registered, so a stale load is discarded.
-    generation: u64,
-    gate: Arc<Semaphore>,
 }
 
-enum CopyState {
-    Cold,
-    Loading { device: usize, reserved: u64 },
-    Loaded(Copy),
-    Failed { reason: String, retry_at: Instant },
+pub struct Failure {
+    pub reason: String,
+    pub retry_at: Instant,
 }
 
-struct Copy {
-    engine: Arc<dyn Engine>,
-    device: usize,
-    bytes: u64,
-    loaded_at: Instant,
-    last_used: Instant,
-    /// Under memory pressure the copy ranks as if last used at this time (tier bonus).
-    valued_until: Instant,
-    pins: usize,
-    used: bool,
-    keep_alive: KeepAlive,
-    unload_when_idle: bool,
+/// A pin on a ready copy, as `try_pin` hands it out.
+pub struct Pinned {
+    pub copy: CopyId,
+    pub device: String,
+    pub engine: Arc<dyn Engine>,
+    pub gate: Arc<Semaphore>,
 }
 
 /// What `try_pin` found.
-pub enum Slot {
-    Pinned(Arc<dyn Engine>),
+pub enum Pin {
+    /// A ready copy (the least leased), and a further copy to load when every copy is busy.
+    Pinned(Pinned, Option<Load>),
     Loading,
     Cold,
     Failed(String, Instant),
+    /// The model is not there (removed since it was resolved).
+    Gone,
 }
 
-/// A load to run: where, and how much was reserved for it.
+/// A load to run: which copy, on which device, and how much was reserved for it.
 pub struct Load {
     pub config: ModelConfig,
     pub format: Format,
-    pub device: usize,
+    pub copy: CopyId,
+    pub device: Arc<Device>,
+    device_index: usize,
     pub reserved: u64,
-    generation: u64,
-}
-
-/// A model as the admin API and `/v1/models` show it.
-#[derive(Debug, Clone, Serialize)]
-pub struct CopyStatus {
-    pub id: String,
-    pub state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<ModelKind>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// Measured bytes when loaded, predicted otherwise.
-    pub bytes: Option<u64>,
-    pub leases: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_seconds: Option<f64>,
-    pub keep_alive: String,
-    pub pinned: bool,
-    pub source: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct VmodelStatus {
-    pub name: String,
-    pub target: String,
 }
 
 pub struct State {
     pub models: BTreeMap<String, Entry>,
-    pub devices: Vec<DeviceState>,
+    pub devices: Vec<Arc<Device>>,
     pub vmodels: BTreeMap<String, String>,
-    default_keep_alive: KeepAlive,
-    generations: u64,
+    pub draining: BTreeMap<CopyId, Draining>,
+    pub default_keep_alive: KeepAlive,
+    next_copy: u64,
 }
 
 /// Failed loads are retried after 1 s, 2 s, 4 s ... up to a minute.
@@ -118,51 +78,63 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl State {
+    /// The configured devices; host devices share one execution lane (the same cores).
     pub fn new(devices: &[DeviceConfig], default_keep_alive: KeepAlive, metrics: &Metrics) -> Self {
-        let devices: Vec<DeviceState> = devices
+        let host_lane = Lane::new();
+        let devices: Vec<Arc<Device>> = devices
             .iter()
-            .map(|d| DeviceState {
-                name: d.name.clone(),
-                capacity: d.capacity.0,
-                used: 0,
+            .map(|d| {
+                Arc::new(Device::new(
+                    DeviceKind::Host,
+                    d.name.clone(),
+                    d.capacity.0,
+                    host_lane.clone(),
+                ))
             })
             .collect();
         for d in &devices {
             metrics
                 .device_capacity_bytes
-                .with_label_values(&[&d.name])
-                .set(d.capacity as i64);
+                .with_label_values(&[d.name()])
+                .set(d.capacity() as i64);
             metrics
                 .device_used_bytes
-                .with_label_values(&[&d.name])
+                .with_label_values(&[d.name()])
                 .set(0);
         }
         State {
             models: BTreeMap::new(),
             devices,
             vmodels: BTreeMap::new(),
+            draining: BTreeMap::new(),
             default_keep_alive,
-            generations: 0,
+            next_copy: 0,
         }
     }
 
-    /// Add a model. A model whose files cannot be read is kept (as failed, retried on use)
-    /// when it comes from the config file, and refused when registered through the API.
-    pub fn add(&mut self, config: ModelConfig, from_config: bool) -> Result<(), CacheError> {
+    /// Add a model, given its footprint as read from its files (outside the lock). A model
+    /// whose files cannot be read is kept (as failed, retried on use) when it comes from the
+    /// config file, and refused when registered through the API.
+    pub fn add(
+        &mut self,
+        config: ModelConfig,
+        from_config: bool,
+        footprint: Result<Footprint, RuntimeError>,
+    ) -> Result<(), CacheError> {
         if self.models.contains_key(&config.id) || self.vmodels.contains_key(&config.id) {
             return Err(CacheError::Conflict(format!(
                 "model {:?} already exists",
                 config.id
             )));
         }
-        let format = config
-            .format
-            .ok_or_else(|| CacheError::Invalid("format is not set".into()))?;
-        let (predicted, kv_reserve, copy) = match flatmesh_runtime::footprint(&config.path, format)
-        {
+        if config.format.is_none() {
+            return Err(CacheError::Invalid("format is not set".into()));
+        }
+        let (predicted, kv_reserve, failure) = match footprint {
             Ok(f) => {
                 let total = f.with_sequences(config.max_concurrency);
-                let largest = self.devices.iter().map(|d| d.capacity).max().unwrap_or(0);
+                let largest = self.devices.iter().map(|d| d.capacity()).max();
+                let largest = largest.unwrap_or(0);
                 if total > largest {
                     return Err(CacheError::TooLarge {
                         id: config.id.clone(),
@@ -170,54 +142,28 @@ impl State {
                         largest,
                     });
                 }
-                (Some(total), total - f.weights, CopyState::Cold)
+                (Some(total), total - f.weights, None)
             }
             Err(e) if from_config => (
                 None,
                 0,
-                CopyState::Failed {
+                Some(Failure {
                     reason: e.to_string(),
                     retry_at: Instant::now(),
-                },
+                }),
             ),
             Err(e) => return Err(CacheError::Invalid(e.to_string())),
         };
-        self.generations += 1;
         let entry = Entry {
-            gate: Arc::new(Semaphore::new(config.max_concurrency)),
             config,
             from_config,
             predicted,
             kv_reserve,
-            copy,
+            copies: Vec::new(),
+            failure,
             failures: 0,
-            generation: self.generations,
         };
         self.models.insert(entry.config.id.clone(), entry);
-        Ok(())
-    }
-
-    pub fn remove(&mut self, id: &str, now: Instant, metrics: &Metrics) -> Result<(), CacheError> {
-        let entry = self
-            .models
-            .get(id)
-            .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
-        if entry.from_config {
-            return Err(CacheError::Conflict(format!(
-                "model {id:?} is declared in the config file"
-            )));
-        }
-        if let Some(v) = self.vmodels.iter().find(|(_, t)| t.as_str() == id) {
-            return Err(CacheError::Conflict(format!(
-                "vmodel {:?} points at model {id:?}",
-                v.0
-            )));
-        }
-        self.evict(id, now, "unregistered", metrics);
-        let entry = self.models.remove(id).expect("checked above");
-        if let CopyState::Loading { device, reserved } = entry.copy {
-            self.devices[device].used -= reserved;
-        }
         Ok(())
     }
 
@@ -238,39 +184,119 @@ impl State {
         self.models.get(id).and_then(|e| e.predicted)
     }
 
-    pub fn gate(&self, id: &str) -> Arc<Semaphore> {
-        self.models[id].gate.clone()
-    }
-
+    /// Pin the least leased ready copy of `id`. When every ready copy is busy (as many leases
+    /// as `max_concurrency`) and the model may have more copies, also start one where it fits
+    /// without evicting anything.
     pub fn try_pin(
         &mut self,
         id: &str,
         now: Instant,
         keep_alive: Option<KeepAlive>,
         residency_bonus: Duration,
-    ) -> Slot {
-        let entry = self.models.get_mut(id).expect("resolved");
-        match &mut entry.copy {
-            CopyState::Loaded(c) => {
-                c.pins += 1;
-                c.used = true;
-                c.last_used = now;
-                c.valued_until = c.valued_until.max(now + residency_bonus);
-                c.unload_when_idle = false;
-                if let Some(k) = keep_alive {
-                    c.keep_alive = k;
-                }
-                Slot::Pinned(c.engine.clone())
+    ) -> Pin {
+        let Some(entry) = self.models.get_mut(id) else {
+            return Pin::Gone;
+        };
+        let concurrency = entry.config.max_concurrency;
+        let best = entry
+            .copies
+            .iter_mut()
+            .filter(|c| c.ready().is_some())
+            .min_by_key(|c| c.pins);
+        if let Some(c) = best {
+            let busy = c.pins >= concurrency;
+            let (copy, device, gate) = (c.id, c.device, c.gate.clone());
+            let CopyState::Ready(r) = &mut c.state else {
+                return Pin::Loading;
+            };
+            c.pins += 1;
+            r.used = true;
+            r.last_used = now;
+            r.valued_until = r.valued_until.max(now + residency_bonus);
+            r.unload_when_idle = false;
+            if let Some(k) = keep_alive {
+                r.keep_alive = k;
             }
-            CopyState::Loading { .. } => Slot::Loading,
-            CopyState::Failed { reason, retry_at } if now < *retry_at => {
-                Slot::Failed(reason.clone(), *retry_at)
-            }
-            CopyState::Failed { .. } | CopyState::Cold => Slot::Cold,
+            let engine = r.engine.clone();
+            let grow = if busy { self.grow(id, now) } else { None };
+            let device = self
+                .devices
+                .get(device)
+                .map_or_else(String::new, |d| d.name().to_string());
+            let pinned = Pinned {
+                copy,
+                device,
+                engine,
+                gate,
+            };
+            return Pin::Pinned(pinned, grow);
+        }
+        if entry.copies.iter().any(|c| c.is_loading()) {
+            return Pin::Loading;
+        }
+        match &entry.failure {
+            Some(f) if now < f.retry_at => Pin::Failed(f.reason.clone(), f.retry_at),
+            _ => Pin::Cold,
         }
     }
 
-    /// Reserve room for a copy of `id`, evicting LRU idle copies, and mark it loading.
+    /// Start one more copy of `id` on a device that has none of it and room for it without
+    /// evicting, if the model may have more copies and no copy is loading.
+    fn grow(&mut self, id: &str, now: Instant) -> Option<Load> {
+        let entry = self.models.get(id)?;
+        if entry.copies.len() >= entry.config.copies
+            || entry.copies.iter().any(|c| c.is_loading())
+            || entry.failure.as_ref().is_some_and(|f| now < f.retry_at)
+        {
+            return None;
+        }
+        let need = entry.predicted?;
+        let rooms: Vec<DeviceRoom> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DeviceRoom {
+                capacity: d.capacity(),
+                // A device that already holds a copy of this model counts as full.
+                used: if entry.copies.iter().any(|c| c.device == i) {
+                    d.capacity()
+                } else {
+                    d.used()
+                },
+            })
+            .collect();
+        let device = fits_without_eviction(&rooms, need)?;
+        let load = self.new_copy(id, device, need)?;
+        tracing::info!(model = %id, device = %load.device.name(), "Every copy is busy: adding a copy");
+        Some(load)
+    }
+
+    /// Reserve `need` bytes on `device` for a new copy of `id`, marked loading.
+    fn new_copy(&mut self, id: &str, device: usize, need: u64) -> Option<Load> {
+        let dev = self.devices.get(device)?.clone();
+        self.next_copy += 1;
+        let copy = CopyId(self.next_copy);
+        let entry = self.models.get_mut(id)?;
+        let format = entry.config.format?;
+        dev.reserve(need);
+        entry.failure = None;
+        entry.copies.push(ModelCopy::loading(
+            copy,
+            device,
+            need,
+            entry.config.max_concurrency,
+        ));
+        Some(Load {
+            config: entry.config.clone(),
+            format,
+            copy,
+            device: dev,
+            device_index: device,
+            reserved: need,
+        })
+    }
+
+    /// Reserve room for the first copy of `id`, evicting LRU idle copies, and mark it loading.
     /// `Ok(None)` when there is no room now.
     pub fn start_load(
         &mut self,
@@ -278,73 +304,73 @@ impl State {
         now: Instant,
         metrics: &Metrics,
     ) -> Result<Option<Load>, CacheError> {
-        let entry = &self.models[id];
-        let format = entry.config.format.expect("set by finish");
-        let need = match entry.predicted {
-            Some(n) => n,
-            None => match flatmesh_runtime::footprint(&entry.config.path, format) {
-                Ok(f) => {
-                    let total = f.with_sequences(entry.config.max_concurrency);
-                    let e = self.models.get_mut(id).expect("present");
-                    e.predicted = Some(total);
-                    e.kv_reserve = total - f.weights;
-                    total
-                }
-                Err(err) => {
-                    self.fail(id, err.to_string(), now, metrics, err.kind());
-                    let CopyState::Failed { reason, retry_at } = &self.models[id].copy else {
-                        unreachable!()
-                    };
-                    return Err(CacheError::Failed {
-                        id: id.into(),
-                        reason: reason.clone(),
-                        retry_after: *retry_at - now,
-                    });
-                }
-            },
-        };
+        let need = self.need(id, now, metrics)?;
         let rooms: Vec<DeviceRoom> = self
             .devices
             .iter()
             .map(|d| DeviceRoom {
-                capacity: d.capacity,
-                used: d.used,
+                capacity: d.capacity(),
+                used: d.used(),
             })
             .collect();
-        let residents: Vec<Resident<String>> = self
+        let residents: Vec<Resident<(String, CopyId)>> = self
             .models
             .iter()
-            .filter_map(|(k, e)| match &e.copy {
-                CopyState::Loaded(c) => Some(Resident {
-                    key: k.clone(),
-                    device: c.device,
-                    bytes: c.bytes,
-                    last_used: c.last_used.max(c.valued_until).into_std(),
-                    evictable: c.pins == 0 && !e.config.pinned,
-                }),
-                _ => None,
+            .flat_map(|(k, e)| {
+                e.copies.iter().filter_map(move |c| {
+                    let r = c.ready()?;
+                    Some(Resident {
+                        key: (k.clone(), c.id),
+                        device: c.device,
+                        bytes: r.bytes,
+                        last_used: r.last_used.max(r.valued_until).into_std(),
+                        evictable: c.pins == 0 && !e.config.pinned,
+                    })
+                })
             })
             .collect();
         let Some(plan) = place(&rooms, &residents, need) else {
             return Ok(None);
         };
-        for victim in &plan.victims {
-            self.evict(victim, now, "lru", metrics);
+        for (model, copy) in &plan.victims {
+            self.evict(model, *copy, now, "lru", metrics);
         }
-        self.devices[plan.device].used += need;
+        let load = self.new_copy(id, plan.device, need);
         self.publish_device(plan.device, metrics);
-        let entry = self.models.get_mut(id).expect("present");
-        entry.copy = CopyState::Loading {
-            device: plan.device,
-            reserved: need,
-        };
-        Ok(Some(Load {
-            config: entry.config.clone(),
-            format,
-            device: plan.device,
-            reserved: need,
-            generation: entry.generation,
-        }))
+        load.map(Some)
+            .ok_or_else(|| CacheError::NotFound(id.to_string()))
+    }
+
+    /// Bytes a copy of `id` needs, reading the header now if it could not be read before.
+    fn need(&mut self, id: &str, now: Instant, metrics: &Metrics) -> Result<u64, CacheError> {
+        let entry = self
+            .models
+            .get_mut(id)
+            .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
+        if let Some(n) = entry.predicted {
+            return Ok(n);
+        }
+        let format = entry
+            .config
+            .format
+            .ok_or_else(|| CacheError::Invalid("format is not set".into()))?;
+        match flatmesh_runtime::footprint(&entry.config.path, format) {
+            Ok(f) => {
+                let total = f.with_sequences(entry.config.max_concurrency);
+                entry.predicted = Some(total);
+                entry.kv_reserve = total - f.weights;
+                Ok(total)
+            }
+            Err(err) => {
+                let (reason, retry_after) =
+                    self.fail(id, err.to_string(), now, metrics, err.kind());
+                Err(CacheError::Failed {
+                    id: id.into(),
+                    reason,
+                    retry_after,
+                })
+            }
+        }
     }
 
     pub fn finish_load(
@@ -356,212 +382,106 @@ impl State {
         metrics: &Metrics,
     ) {
         let id = load.config.id.clone();
-        let current = self.models.get(&id).is_some_and(|e| {
-            e.generation == load.generation && matches!(e.copy, CopyState::Loading { .. })
+        load.device.release(load.reserved);
+        let current = self.models.get_mut(&id).and_then(|e| {
+            let pos = e
+                .copies
+                .iter()
+                .position(|c| c.id == load.copy && c.is_loading())?;
+            Some((e, pos))
         });
-        self.devices[load.device].used -= load.reserved;
-        if !current {
-            self.publish_device(load.device, metrics);
-            return; // Unregistered while loading: the engine is dropped here.
-        }
+        let Some((entry, pos)) = current else {
+            // Removed while loading: the engine is dropped here.
+            self.publish_device(load.device_index, metrics);
+            return;
+        };
         match result {
             Ok(engine) => {
-                let entry = self.models.get_mut(&id).expect("current");
                 let bytes = engine.size_bytes() + entry.kv_reserve;
                 if bytes != load.reserved {
                     tracing::debug!(model = %id, predicted = load.reserved, measured = bytes, "Corrected copy size");
                 }
                 entry.predicted = Some(bytes);
                 entry.failures = 0;
-                entry.copy = CopyState::Loaded(Copy {
+                entry.failure = None;
+                let Some(copy) = entry.copies.get_mut(pos) else {
+                    return;
+                };
+                copy.state = CopyState::Ready(Ready {
                     engine,
-                    device: load.device,
                     bytes,
                     loaded_at: now,
                     last_used: now,
                     valued_until: now,
-                    pins: 0,
                     used: false,
                     keep_alive: entry.config.keep_alive.unwrap_or(self.default_keep_alive),
                     unload_when_idle: false,
                 });
-                self.devices[load.device].used += bytes;
+                load.device.reserve(bytes);
                 metrics
                     .model_load_seconds
                     .with_label_values(&[&id])
                     .observe(seconds);
-                metrics
-                    .model_bytes
-                    .with_label_values(&[&id])
-                    .set(bytes as i64);
                 metrics.copies_loaded.inc();
-                tracing::info!(model = %id, seconds, bytes, device = %self.devices[load.device].name, "Loaded model");
+                self.publish_model(&id, metrics);
+                tracing::info!(model = %id, copy = %load.copy, seconds, bytes, device = %load.device.name(), "Loaded model");
             }
             Err(e) => {
+                entry.copies.remove(pos);
                 tracing::error!(model = %id, error = %e, "Model failed to load");
                 self.fail(&id, e.to_string(), now, metrics, e.kind());
             }
         }
-        self.publish_device(load.device, metrics);
+        self.publish_device(load.device_index, metrics);
     }
 
-    fn fail(&mut self, id: &str, reason: String, now: Instant, metrics: &Metrics, kind: &str) {
-        let entry = self.models.get_mut(id).expect("present");
-        entry.failures += 1;
-        entry.copy = CopyState::Failed {
-            reason,
-            retry_at: now + backoff(entry.failures),
-        };
+    /// Record a failed load; returns the reason and how long until the next try.
+    fn fail(
+        &mut self,
+        id: &str,
+        reason: String,
+        now: Instant,
+        metrics: &Metrics,
+        kind: &str,
+    ) -> (String, Duration) {
         metrics
             .model_load_failures
             .with_label_values(&[id, kind])
             .inc();
-    }
-
-    pub fn unpin(&mut self, id: &str, now: Instant, metrics: &Metrics) {
-        let Some(CopyState::Loaded(c)) = self.models.get_mut(id).map(|e| &mut e.copy) else {
-            return;
-        };
-        c.pins -= 1;
-        c.last_used = now;
-        if c.pins == 0 && (c.unload_when_idle || c.keep_alive == KeepAlive::For(Duration::ZERO)) {
-            self.evict(id, now, "keep_alive", metrics);
-        }
-    }
-
-    /// Admin unload: now if idle, else when the last lease ends.
-    pub fn unload(&mut self, id: &str, now: Instant, metrics: &Metrics) {
-        if let Some(CopyState::Loaded(c)) = self.models.get_mut(id).map(|e| &mut e.copy) {
-            if c.pins > 0 {
-                c.unload_when_idle = true;
-                return;
-            }
-        }
-        self.evict(id, now, "admin", metrics);
-        if let Some(e) = self.models.get_mut(id) {
-            if matches!(e.copy, CopyState::Failed { .. }) {
-                e.copy = CopyState::Cold; // An explicit unload also clears a failure.
-            }
-        }
-    }
-
-    fn evict(&mut self, id: &str, now: Instant, reason: &str, metrics: &Metrics) {
         let Some(entry) = self.models.get_mut(id) else {
-            return;
+            return (reason, Duration::ZERO);
         };
-        if !matches!(entry.copy, CopyState::Loaded(_)) {
-            return;
+        entry.failures += 1;
+        let wait = backoff(entry.failures);
+        entry.failure = Some(Failure {
+            reason: reason.clone(),
+            retry_at: now + wait,
+        });
+        (reason, wait)
+    }
+
+    pub(super) fn publish_device(&self, device: usize, metrics: &Metrics) {
+        if let Some(d) = self.devices.get(device) {
+            metrics
+                .device_used_bytes
+                .with_label_values(&[d.name()])
+                .set(d.used() as i64);
         }
-        let CopyState::Loaded(c) = std::mem::replace(&mut entry.copy, CopyState::Cold) else {
-            unreachable!()
-        };
-        self.devices[c.device].used -= c.bytes;
-        let started = std::time::Instant::now();
-        let age = (now - c.loaded_at).as_secs_f64();
-        let device = c.device;
-        drop(c);
+    }
+
+    /// Bytes of the model's ready copies together.
+    pub(super) fn publish_model(&self, id: &str, metrics: &Metrics) {
+        let bytes: u64 = self.models.get(id).map_or(0, |e| {
+            e.copies
+                .iter()
+                .filter_map(|c| c.ready())
+                .map(|r| r.bytes)
+                .sum()
+        });
         metrics
-            .model_unload_seconds
+            .model_bytes
             .with_label_values(&[id])
-            .observe(started.elapsed().as_secs_f64());
-        metrics.evictions.with_label_values(&[reason]).inc();
-        metrics.eviction_age_seconds.observe(age);
-        metrics.copies_loaded.dec();
-        metrics.model_bytes.with_label_values(&[id]).set(0);
-        self.publish_device(device, metrics);
-        tracing::info!(model = %id, reason, age_seconds = age, "Unloaded model");
-    }
-
-    /// Evict copies idle past their keep-alive; returns when the next one would expire.
-    pub fn expire(
-        &mut self,
-        now: Instant,
-        min_residency: Duration,
-        metrics: &Metrics,
-    ) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut expired = Vec::new();
-        for (id, e) in &self.models {
-            let CopyState::Loaded(c) = &e.copy else {
-                continue;
-            };
-            let KeepAlive::For(keep) = c.keep_alive else {
-                continue;
-            };
-            if c.pins > 0 || e.config.pinned {
-                continue;
-            }
-            // A copy nobody has used yet gets at least a second for its waiters to pin it.
-            let floor = if c.used {
-                min_residency
-            } else {
-                min_residency.max(Duration::from_secs(1))
-            };
-            let at = (c.last_used + keep).max(c.loaded_at + floor);
-            if at <= now {
-                expired.push(id.clone());
-            } else {
-                next = Some(next.map_or(at, |n| n.min(at)));
-            }
-        }
-        for id in expired {
-            self.evict(&id, now, "keep_alive", metrics);
-        }
-        next
-    }
-
-    fn publish_device(&self, device: usize, metrics: &Metrics) {
-        let d = &self.devices[device];
-        metrics
-            .device_used_bytes
-            .with_label_values(&[&d.name])
-            .set(d.used as i64);
-    }
-
-    pub fn status(&self, now: Instant) -> Vec<CopyStatus> {
-        self.models
-            .values()
-            .map(|e| {
-                let mut s = CopyStatus {
-                    id: e.config.id.clone(),
-                    state: "cold",
-                    kind: e.config.format.map(|f| f.kind()),
-                    device: None,
-                    bytes: e.predicted,
-                    leases: 0,
-                    idle_seconds: None,
-                    keep_alive: e
-                        .config
-                        .keep_alive
-                        .unwrap_or(self.default_keep_alive)
-                        .to_string(),
-                    pinned: e.config.pinned,
-                    source: if e.from_config { "config" } else { "api" },
-                    error: None,
-                };
-                match &e.copy {
-                    CopyState::Cold => {}
-                    CopyState::Loading { device, .. } => {
-                        s.state = "loading";
-                        s.device = Some(self.devices[*device].name.clone());
-                    }
-                    CopyState::Loaded(c) => {
-                        s.state = "ready";
-                        s.kind = Some(c.engine.info().kind);
-                        s.device = Some(self.devices[c.device].name.clone());
-                        s.bytes = Some(c.bytes);
-                        s.leases = c.pins;
-                        s.keep_alive = c.keep_alive.to_string();
-                        s.idle_seconds = (c.pins == 0).then(|| (now - c.last_used).as_secs_f64());
-                    }
-                    CopyState::Failed { reason, .. } => {
-                        s.state = "failed";
-                        s.error = Some(reason.clone());
-                    }
-                }
-                s
-            })
-            .collect()
+            .set(bytes as i64);
     }
 
     /// What the registry keeps: models added through the API, and every vmodel.

@@ -5,9 +5,11 @@ use std::time::Duration;
 use flatmesh_runtime::Format;
 use flatmesh_tests::fixtures::{write_llama_gguf, Size};
 
-use super::{Cache, CacheError};
-use crate::{
+use super::{
     config::{CacheConfig, DeviceConfig, ModelConfig},
+    Cache, CacheError,
+};
+use crate::{
     metrics::Metrics,
     units::{Bytes, KeepAlive, Secs},
 };
@@ -27,16 +29,26 @@ fn model(
         max_concurrency: 1,
         keep_alive,
         pinned,
+        copies: 1,
     }
 }
 
 fn cache(models: &[ModelConfig], capacity: u64) -> Cache {
+    cache_on(models, &[capacity])
+}
+
+/// A cache over host devices `host0`, `host1` ... of the given capacities.
+fn cache_on(models: &[ModelConfig], capacities: &[u64]) -> Cache {
     let config = CacheConfig {
-        devices: vec![DeviceConfig {
-            name: "host0".into(),
-            kind: "host".into(),
-            capacity: Bytes(capacity),
-        }],
+        devices: capacities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| DeviceConfig {
+                name: format!("host{i}"),
+                kind: "host".into(),
+                capacity: Bytes(*c),
+            })
+            .collect(),
         keep_alive: KeepAlive::For(Duration::from_secs(10)),
         min_residency: Secs(Duration::ZERO),
         pressure_wait: Secs(Duration::from_secs(2)),
@@ -177,4 +189,251 @@ async fn a_tier_residency_bonus_keeps_its_models_loaded_longer_under_pressure() 
     drop(c.acquire("ccc", None).await.unwrap());
     assert_eq!(state(&c, "a"), "ready", "the bonus outranks plain recency");
     assert_eq!(state(&c, "bb"), "cold");
+}
+
+/// Bytes in use on all devices together.
+fn used(cache: &Cache) -> u64 {
+    cache.devices().iter().map(|d| d.1).sum()
+}
+
+fn registry_cache(dir: &std::path::Path, capacity: u64) -> Cache {
+    let reg = super::Registry::open(&dir.join("state")).unwrap();
+    let config = CacheConfig {
+        devices: vec![DeviceConfig {
+            name: "host0".into(),
+            kind: "host".into(),
+            capacity: Bytes(capacity),
+        }],
+        keep_alive: KeepAlive::For(Duration::from_secs(10)),
+        min_residency: Secs(Duration::ZERO),
+        ..CacheConfig::default()
+    };
+    Cache::new(config, &[], Some(reg), Metrics::new()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn unregister_while_leased_drains_the_copy_and_frees_its_bytes_after_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = registry_cache(dir.path(), 64 << 20);
+    c.register(model(dir.path(), "m", None, false))
+        .await
+        .unwrap();
+    let lease = c.acquire("m", None).await.unwrap();
+    let bytes = used(&c);
+    assert!(bytes > 0);
+    c.unregister("m").await.unwrap();
+    assert!(!c.contains("m"));
+    assert_eq!(used(&c), bytes, "the leased copy stays counted");
+    let draining = c.draining();
+    assert_eq!(draining.len(), 1);
+    assert_eq!(
+        (draining[0].0.as_str(), draining[0].1.state),
+        ("m", "draining")
+    );
+    // The same id registered again is a new model; the old lease does not touch it.
+    c.register(model(dir.path(), "m", None, false))
+        .await
+        .unwrap();
+    let again = c.acquire("m", None).await.unwrap();
+    assert_ne!(again.copy, lease.copy);
+    drop(lease);
+    assert!(c.draining().is_empty());
+    assert_eq!(c.status()[0].leases, 1, "the new copy keeps its own lease");
+    drop(again);
+    c.unregister("m").await.unwrap();
+    assert_eq!(used(&c), 0, "every byte came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unregister_during_a_load_releases_the_reservation_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = registry_cache(dir.path(), 64 << 20);
+    c.register(model(dir.path(), "m", None, false))
+        .await
+        .unwrap();
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.acquire("m", None).await.map(|l| l.model.clone()) })
+    };
+    tokio::task::yield_now().await;
+    assert_eq!(state(&c, "m"), "loading");
+    c.unregister("m").await.unwrap();
+    assert!(matches!(
+        waiter.await.unwrap(),
+        Err(CacheError::NotFound(_))
+    ));
+    // The load finishes on the blocking pool; its reservation is released then, once.
+    for _ in 0..200 {
+        if used(&c) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(used(&c), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unregister_under_concurrent_acquires_never_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = registry_cache(dir.path(), 256 << 20);
+    let m = model(dir.path(), "m", None, false);
+    c.register(m.clone()).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (c, stop) = (c.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut served = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match c.acquire("m", None).await {
+                        Ok(lease) => {
+                            served += 1;
+                            tokio::task::yield_now().await;
+                            drop(lease);
+                        }
+                        Err(CacheError::NotFound(_)) => tokio::task::yield_now().await,
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                served
+            })
+        })
+        .collect();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.unregister("m").await.unwrap();
+        c.register(m.clone()).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for w in workers {
+        served += w.await.expect("no request panicked");
+    }
+    assert!(served > 0);
+    c.unregister("m").await.unwrap();
+    for _ in 0..500 {
+        if used(&c) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(used(&c), 0, "every byte came back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_model_gets_a_second_copy_and_requests_pick_the_least_leased() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = model(dir.path(), "m", None, false);
+    m.copies = 2;
+    let one = flatmesh_runtime::footprint(&m.path, Format::Gguf)
+        .unwrap()
+        .with_sequences(1);
+    let c = cache_on(&[m], &[one + one / 2, one + one / 2]);
+    let first = c.acquire("m", None).await.unwrap();
+    // Every copy is busy: the next request waits for the first copy, and a second one loads
+    // on the other device.
+    let second = {
+        let c = c.clone();
+        tokio::spawn(async move { c.acquire("m", None).await.unwrap() })
+    };
+    for _ in 0..200 {
+        let s = &c.status()[0];
+        if s.copies.iter().filter(|c| c.state == "ready").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = &c.status()[0];
+    assert_eq!(status.copies.len(), 2, "{status:?}");
+    assert_ne!(status.copies[0].device, status.copies[1].device);
+    let third = c.acquire("m", None).await.unwrap();
+    assert_ne!(third.copy, first.copy, "the idle copy is picked");
+    assert_ne!(third.device, first.device);
+    drop(first);
+    let second = second.await.unwrap();
+    assert_eq!(c.status()[0].leases, 2);
+    assert_eq!(c.status()[0].max_copies, 2);
+    drop((second, third));
+    advance(11).await;
+    assert_eq!(state(&c, "m"), "cold");
+    assert_eq!(used(&c), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_copy_by_default_however_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model(dir.path(), "m", None, false);
+    let c = cache_on(&[m], &[64 << 20, 64 << 20]);
+    let first = c.acquire("m", None).await.unwrap();
+    let second = {
+        let c = c.clone();
+        tokio::spawn(async move { c.acquire("m", None).await.map(drop) })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.status()[0].copies.len(), 1);
+    drop(first);
+    second.await.unwrap().unwrap();
+}
+
+/// A registry whose writes wait until the test lets them through.
+struct SlowRegistry {
+    gate: tokio::sync::Semaphore,
+    saved: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+#[async_trait::async_trait]
+impl crate::registry::ModelRegistry for SlowRegistry {
+    async fn load(&self) -> anyhow::Result<crate::registry::Saved> {
+        Ok(Default::default())
+    }
+
+    async fn save(&self, saved: crate::registry::Saved) -> anyhow::Result<()> {
+        self.gate.acquire().await?.forget();
+        let ids = saved.models.iter().map(|m| m.id.clone()).collect();
+        self.saved.lock().unwrap().push(ids);
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_writes_never_block_requests_and_land_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = std::sync::Arc::new(SlowRegistry {
+        gate: tokio::sync::Semaphore::new(0),
+        saved: Default::default(),
+    });
+    let config = CacheConfig {
+        devices: vec![DeviceConfig {
+            name: "host0".into(),
+            kind: "host".into(),
+            capacity: Bytes(64 << 20),
+        }],
+        ..CacheConfig::default()
+    };
+    let served = model(dir.path(), "served", None, false);
+    let c = Cache::open(config, &[served], Some(reg.clone()), Metrics::new())
+        .await
+        .unwrap();
+    let writes: Vec<_> = ["a", "bb"]
+        .iter()
+        .map(|id| {
+            let (c, m) = (c.clone(), model(dir.path(), id, None, false));
+            tokio::spawn(async move { c.register(m).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Both writes are stuck in the registry; requests are served all the same.
+    drop(c.acquire("served", None).await.unwrap());
+    reg.gate.add_permits(2);
+    for w in writes {
+        w.await.unwrap().unwrap();
+    }
+    let saved = reg.saved.lock().unwrap().clone();
+    assert_eq!(saved.len(), 2);
+    assert_eq!(saved[0].len(), 1);
+    assert_eq!(
+        saved[1].len(),
+        2,
+        "the later write holds both models: {saved:?}"
+    );
 }

@@ -7,7 +7,6 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -36,11 +35,7 @@ pub struct Record {
     pub finished_ms: u64,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::util::now_ms;
 
 /// Usage of one tenant over a period.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -350,7 +350,7 @@ impl wit::log::Host for Ctx {
 
 impl wit::clock::Host for Ctx {
     fn now_ms(&mut self) -> wasmtime::Result<u64> {
-        Ok(crate::ledger::now_ms())
+        Ok(crate::util::now_ms())
     }
 }
 

@@ -219,7 +219,7 @@ impl<K: Kind> Slot<K> {
             path: path.to_path_buf(),
             sha256,
             config,
-            loaded_ms: crate::ledger::now_ms(),
+            loaded_ms: crate::util::now_ms(),
             stamp: file_stamp,
             pre,
             idle: Mutex::default(),

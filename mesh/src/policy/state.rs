@@ -134,7 +134,7 @@ const MAX_COUNTERS: usize = 10_000;
 const MAX_NAME: usize = 512;
 
 fn now_s() -> u64 {
-    crate::ledger::now_ms() / 1000
+    crate::util::now_ms() / 1000
 }
 
 impl Counters {

@@ -164,27 +164,73 @@ impl Scheduler {
                 });
             (id, rx)
         };
-        match tokio::time::timeout(self.max_wait, rx).await {
-            Ok(Ok(())) => {
-                self.metrics
-                    .queue_wait_seconds
-                    .with_label_values(&[tier])
-                    .observe(started.elapsed().as_secs_f64());
-                Ok(Slot {
-                    scheduler: self.clone(),
-                })
+        let mut waiting = Waiting {
+            scheduler: self,
+            tier,
+            id,
+            rx,
+            done: false,
+        };
+        let granted = match tokio::time::timeout(self.max_wait, &mut waiting.rx).await {
+            Ok(Ok(())) => true,
+            // Timed out (or the sender went away): under the lock, a waiter that is no longer
+            // queued was granted a slot just now, and takes it.
+            _ => waiting.leave(),
+        };
+        waiting.done = true;
+        if granted {
+            self.metrics
+                .queue_wait_seconds
+                .with_label_values(&[tier])
+                .observe(started.elapsed().as_secs_f64());
+            Ok(Slot {
+                scheduler: self.clone(),
+            })
+        } else {
+            self.metrics
+                .rejections
+                .with_label_values(&[tier, "timeout"])
+                .inc();
+            Err(Rejected::Timeout(tier.to_string(), self.max_wait))
+        }
+    }
+}
+
+/// A request waiting in its tier's queue. Leaving (on timeout, or when the waiting future is
+/// dropped because the client went away) removes it from the queue; a slot granted in the
+/// meantime is either taken (`leave` answers true) or, on drop, handed to the next waiter.
+struct Waiting<'a> {
+    scheduler: &'a Scheduler,
+    tier: &'a str,
+    id: u64,
+    rx: oneshot::Receiver<()>,
+    /// Set once the outcome is settled (slot taken or timeout reported).
+    done: bool,
+}
+
+impl Waiting<'_> {
+    /// Leave the queue; true when a slot was granted before we could.
+    fn leave(&mut self) -> bool {
+        let mut st = self.scheduler.lock();
+        if let Some(q) = st.tiers.get_mut(self.tier) {
+            let before = q.waiting.len();
+            q.waiting.retain(|w| w.id != self.id);
+            if q.waiting.len() < before {
+                return false;
             }
-            _ => {
-                let mut st = self.lock();
-                if let Some(q) = st.tiers.get_mut(tier) {
-                    q.waiting.retain(|w| w.id != id);
-                }
-                self.metrics
-                    .rejections
-                    .with_label_values(&[tier, "timeout"])
-                    .inc();
-                Err(Rejected::Timeout(tier.to_string(), self.max_wait))
-            }
+        }
+        // Not queued any more: `dispatch` sent the grant (under this same lock), so it is in
+        // the channel.
+        self.rx.try_recv().is_ok()
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.leave() {
+            let mut st = self.scheduler.lock();
+            st.free += 1;
+            dispatch(&mut st);
         }
     }
 }
@@ -242,5 +288,108 @@ mod tests {
             Some(Rejected::QueueFull("a".into()))
         );
         assert!(matches!(waiter.await.unwrap(), Err(Rejected::Timeout(..))));
+    }
+
+    /// Free slots and nobody queued: every slot can be had at once.
+    async fn assert_all_slots_back(s: &Scheduler, slots: usize) {
+        {
+            let st = s.lock();
+            assert_eq!(st.free, slots, "slots leaked");
+            assert!(st.tiers.values().all(|q| q.waiting.is_empty()));
+        }
+        let t0 = tokio::time::Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..slots {
+            held.push(s.acquire("check", 1).await.expect("a free slot"));
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_granted_to_a_request_that_goes_away_is_handed_back() {
+        let s = Scheduler::new(1, 10, Duration::from_secs(5), Metrics::new());
+        let held = s.acquire("a", 1).await.unwrap();
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.acquire("a", 1).await.map(drop) })
+        };
+        tokio::task::yield_now().await;
+        // The grant is sent, and the waiter is dropped before it could take it.
+        drop(held);
+        waiter.abort();
+        assert!(waiter.await.unwrap_err().is_cancelled());
+        assert_all_slots_back(&s, 1).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_all_come_back_after_a_timeout_storm() {
+        const SLOTS: usize = 3;
+        // Waits run out after two ticks; waiters arrive at 0 or 1 tick, holders release at
+        // 2 or 3 ticks, and some waiters are dropped at 2 ticks: every release and drop falls
+        // on an instant at which some waits time out.
+        let tick = Duration::from_millis(1);
+        let s = Scheduler::new(SLOTS, 10_000, 2 * tick, Metrics::new());
+        let (mut served, mut timed_out) = (0, 0);
+        for round in 0..60usize {
+            let mut held = Vec::new();
+            for _ in 0..SLOTS {
+                held.push(s.acquire("hold", 1).await.unwrap());
+            }
+            let mut waiters = Vec::new();
+            for i in 0..(4 * SLOTS + round % 5) {
+                let s = s.clone();
+                let tier = ["gold", "basic", "free"][i % 3];
+                waiters.push(tokio::spawn(async move {
+                    tokio::time::sleep(tick * ((i / 2) % 2) as u32).await;
+                    let slot = s.acquire(tier, 1 + (i % 3) as u32).await;
+                    tokio::time::sleep(tick * (i % 2) as u32).await;
+                    slot.map(drop)
+                }));
+            }
+            tokio::task::yield_now().await;
+            // Holders release, and some waiters are dropped, at the instant the waits run out.
+            let release = tokio::spawn(async move {
+                tokio::time::sleep(2 * tick).await;
+                for (i, slot) in held.into_iter().enumerate() {
+                    if i == SLOTS - 1 {
+                        tokio::time::sleep(tick).await;
+                    }
+                    drop(slot);
+                    if i % 2 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            let aborted: Vec<_> = waiters
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i + round) % 3 == 0)
+                .map(|(_, w)| w.abort_handle())
+                .collect();
+            let abort = tokio::spawn(async move {
+                tokio::time::sleep(2 * tick).await;
+                for (i, w) in aborted.into_iter().enumerate() {
+                    w.abort();
+                    if i % 2 == 1 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+            release.await.unwrap();
+            abort.await.unwrap();
+            for w in waiters {
+                match w.await {
+                    Ok(Ok(())) => served += 1,
+                    Ok(Err(Rejected::Timeout(..))) => timed_out += 1,
+                    Ok(Err(e)) => panic!("unexpected {e}"),
+                    Err(e) => assert!(e.is_cancelled()),
+                }
+            }
+        }
+        assert!(
+            served > 0 && timed_out > 0,
+            "{served} served, {timed_out} timed out"
+        );
+        assert_all_slots_back(&s, SLOTS).await;
     }
 }

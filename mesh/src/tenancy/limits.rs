@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::Caller;
-use crate::ledger::{now_ms, Ledger};
+use crate::{ledger::Ledger, util::now_ms};
 
 const WINDOW: Duration = Duration::from_secs(60);
 

@@ -358,7 +358,7 @@ impl Tenancy {
                 .collect(),
             keys: inner.keys.clone(),
         };
-        crate::cache::Registry::write_json(path, &saved)
+        crate::util::write_json(path, &saved)
             .map_err(|e| AuthError::Conflict(format!("cannot save tenancy: {e:#}")))
     }
 }
