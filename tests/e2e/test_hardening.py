@@ -207,6 +207,10 @@ def test_vmodel_names_are_checked(hard, name):
     assert "vmodel" in error_of(r) and len(r.text) < 1000
     r = httpx.put(f"{hard.url}/admin/vmodels/fine", json={"target": name})
     assert r.status_code == 400, r.text
+    for method, path in [("GET", f"/admin/models/{name}"), ("DELETE", f"/admin/models/{name}"),
+                         ("POST", f"/admin/models/{name}/load"), ("DELETE", f"/admin/vmodels/{name}")]:
+        r = httpx.request(method, hard.url + path)
+        assert r.status_code == 400 and len(r.text) < 1000, (method, path, r.text)
 
 
 # 5. Cross-site requests to the admin API.

@@ -84,6 +84,7 @@ async fn one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("model id", &id)?;
     status_of(&state, &id).map(Json)
 }
 
@@ -94,6 +95,7 @@ async fn register(
     let ApiJson(config) = body?;
     let config = checked_model(&state, config).await?;
     let id = config.id.clone();
+    // The cache reads the file's header on the blocking pool, outside its lock.
     state.cache.register(config).await?;
     tracing::info!(model = %id, "Registered model");
     Ok((StatusCode::CREATED, Json(status_of(&state, &id)?)).into_response())
@@ -122,6 +124,7 @@ async fn unregister(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    check_id("model id", &id)?;
     state.cache.unregister(&id).await?;
     tracing::info!(model = %id, "Unregistered model");
     Ok(StatusCode::NO_CONTENT)
@@ -131,6 +134,7 @@ async fn load(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("model id", &id)?;
     state.cache.load(&id).await?;
     status_of(&state, &id).map(Json)
 }
@@ -139,6 +143,7 @@ async fn unload(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    check_id("model id", &id)?;
     state.cache.unload(&id)?;
     status_of(&state, &id).map(Json)
 }
@@ -170,6 +175,7 @@ async fn remove_vmodel(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    check_id("vmodel", &name)?;
     state.cache.remove_vmodel(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
