@@ -19,57 +19,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::state::{Answers, PluginState};
 
-/// Import interfaces, generated once and shared by the three worlds below.
-pub mod imports {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "host",
-        imports: { "flatmesh:policy/embedder.embed": async, default: trappable },
-    });
-}
-
-/// Bindings of one plugin world, reusing the import interfaces it names.
-macro_rules! world {
-    ($module:ident, $world:literal, [$($name:literal => $interface:ident),*]) => {
-        pub mod $module {
-            wasmtime::component::bindgen!({
-                path: "../wit",
-                world: $world,
-                exports: { default: async },
-                with: {
-                    $($name: crate::policy::host::imports::flatmesh::policy::$interface,)*
-                },
-            });
-        }
-    };
-}
-
-world!(router, "router", [
-    "flatmesh:policy/types" => types,
-    "flatmesh:policy/log" => log,
-    "flatmesh:policy/clock" => clock,
-    "flatmesh:policy/kv" => kv,
-    "flatmesh:policy/counters" => counters,
-    "flatmesh:policy/embedder" => embedder
-]);
-world!(cache, "cache", [
-    "flatmesh:policy/types" => types,
-    "flatmesh:policy/log" => log,
-    "flatmesh:policy/clock" => clock,
-    "flatmesh:policy/kv" => kv,
-    "flatmesh:policy/counters" => counters,
-    "flatmesh:policy/embedder" => embedder,
-    "flatmesh:policy/answers" => answers
-]);
-world!(pricing, "pricing", [
-    "flatmesh:policy/types" => types,
-    "flatmesh:policy/log" => log,
-    "flatmesh:policy/clock" => clock,
-    "flatmesh:policy/kv" => kv,
-    "flatmesh:policy/counters" => counters
-]);
-
-pub use imports::flatmesh::policy::{answers::Answer, types};
+pub use super::bindings::{cache, imports, pricing, router, types, Answer};
 
 /// How long one tick of the epoch clock is.
 pub const TICK: Duration = Duration::from_millis(1);

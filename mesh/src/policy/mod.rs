@@ -5,6 +5,7 @@
 //! plugin fails, its slot's `on_failure` decides: `open` skips the policy, `closed` refuses the
 //! request with 503, `default` runs the built-in policy (for the router: `default_target`).
 
+mod bindings;
 mod config;
 mod failure;
 pub mod host;

@@ -7,8 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::host::imports::flatmesh::policy::answers::Neighbour;
-use super::host::Answer;
+use super::bindings::{imports::flatmesh::policy::answers::Neighbour, Answer};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
