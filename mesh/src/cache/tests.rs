@@ -248,20 +248,32 @@ async fn unregister_while_leased_drains_the_copy_and_frees_its_bytes_after_the_l
 async fn unregister_during_a_load_releases_the_reservation_once() {
     let dir = tempfile::tempdir().unwrap();
     let c = registry_cache(dir.path(), 64 << 20);
-    c.register(model(dir.path(), "m", None, false))
-        .await
-        .unwrap();
-    let waiter = {
-        let c = c.clone();
-        tokio::spawn(async move { c.acquire("m", None).await.map(|l| l.model.clone()) })
-    };
-    tokio::task::yield_now().await;
-    assert_eq!(state(&c, "m"), "loading");
-    c.unregister("m").await.unwrap();
-    assert!(matches!(
-        waiter.await.unwrap(),
-        Err(CacheError::NotFound(_))
-    ));
+    // The load runs on the blocking pool in real time: on a fast machine it may finish
+    // before the unregister, so the scenario is retried until it is caught mid-load.
+    let mut caught = false;
+    for _ in 0..50 {
+        c.register(model(dir.path(), "m", None, false))
+            .await
+            .unwrap();
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.acquire("m", None).await.map(|l| l.model.clone()) })
+        };
+        tokio::task::yield_now().await;
+        if state(&c, "m") != "loading" {
+            let _ = waiter.await;
+            c.unregister("m").await.unwrap();
+            continue;
+        }
+        c.unregister("m").await.unwrap();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(CacheError::NotFound(_))
+        ));
+        caught = true;
+        break;
+    }
+    assert!(caught, "never caught the model while it was loading");
     // The load finishes on the blocking pool; its reservation is released then, once.
     for _ in 0..200 {
         if used(&c) == 0 {
