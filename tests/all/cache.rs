@@ -365,7 +365,11 @@ fn an_evicted_model_pages_in_from_the_warm_tier_until_its_file_changes() {
 #[test]
 fn unregister_under_concurrent_load_never_fails_a_request_and_frees_every_byte() {
     let (_dir, paths, need) = fixtures(2);
-    let agent = Arc::new(Agent::start(&config(&paths[..1], need * 4, ""), &[]));
+    let roots = format!(
+        "[server]\nmodel_roots = [\"{}\"]",
+        paths[0].parent().unwrap().display()
+    );
+    let agent = Arc::new(Agent::start(&config(&paths[..1], need * 4, &roots), &[]));
     let client = reqwest::blocking::Client::new();
     let register = || {
         let r = agent.post(
