@@ -124,12 +124,22 @@ pub async fn start(
             remember,
             limit,
         } = finish;
-        while let Some(ev) = from_engine.recv().await {
-            if let GenerateEvent::Text(t) = ev {
-                tracker.first_token();
-                if to_client.send(Event::Text(t)).await.is_err() {
-                    break; // The client left: dropping the receiver stops the engine.
+        // Until the engine ends, or the client leaves: then dropping the receiver stops the
+        // engine at its next token.
+        loop {
+            let ev = tokio::select! {
+                ev = from_engine.recv() => ev,
+                _ = to_client.closed() => break,
+            };
+            match ev {
+                Some(GenerateEvent::Text(t)) => {
+                    tracker.first_token();
+                    if to_client.send(Event::Text(t)).await.is_err() {
+                        break;
+                    }
                 }
+                Some(GenerateEvent::Started { .. }) => {}
+                None => break,
             }
         }
         drop(from_engine);
