@@ -107,13 +107,16 @@ fn fifty_models_in_room_for_five_all_answered_within_capacity() {
         "used bytes stayed within capacity"
     );
     assert!(agent.metric("flatmesh_copies_loaded") <= 5.0);
-    assert!(agent.metric("flatmesh_evictions_total{reason=\"lru\"}") > 0.0);
+    assert!(agent.metric("flatmesh_evictions_total{reason=\"demand\"}") > 0.0);
 }
 
 #[test]
-fn eviction_is_least_recently_used() {
+fn eviction_is_least_recently_used_under_lru() {
     let (_dir, paths, need) = fixtures(4);
-    let agent = Agent::start(&config(&paths, need * 3 + need / 2, ""), &[]);
+    let agent = Agent::start(
+        &config(&paths, need * 3 + need / 2, "residency = \"lru\""),
+        &[],
+    );
     for m in ["m0", "m1", "m2", "m0", "m3"] {
         assert_eq!(complete(&agent, m).status(), 200);
     }
@@ -309,6 +312,28 @@ fn models_cli_drives_the_admin_api() {
 }
 
 #[test]
+fn eviction_by_demand_keeps_a_steady_model_over_recent_one_offs() {
+    let (_dir, paths, need) = fixtures(4);
+    let agent = Agent::start(&config(&paths, need * 3 + need / 2, ""), &[]);
+    // m0 is asked for again and again, then m1 and m2 once each: under LRU m0 would be the
+    // least recently used when m3 needs room; by demand a one-off leaves instead.
+    for _ in 0..20 {
+        assert_eq!(complete(&agent, "m0").status(), 200);
+    }
+    for m in ["m1", "m2", "m3"] {
+        assert_eq!(complete(&agent, m).status(), 200);
+    }
+    assert_eq!(agent.model_state("m0"), "ready", "the steady model stays");
+    let cold: Vec<String> = ["m1", "m2"]
+        .into_iter()
+        .filter(|m| agent.model_state(m) == "cold")
+        .map(String::from)
+        .collect();
+    assert_eq!(cold.len(), 1, "one one-off left for m3: {cold:?}");
+    assert_eq!(agent.metric("flatmesh_evictions_total{reason=\"demand\"}"), 1.0);
+}
+
+#[test]
 fn preload_fills_the_pool_without_evicting() {
     let (_dir, paths, need) = fixtures(6);
     let cfg = config(&paths, need * 2 + need / 2, "").replace("preload = false", "preload = true");
@@ -320,7 +345,7 @@ fn preload_fills_the_pool_without_evicting() {
     }
     assert_eq!(agent.metric("flatmesh_copies_loaded"), 2.0);
     assert_eq!(
-        agent.metric("flatmesh_evictions_total{reason=\"lru\"}"),
+        agent.metric("flatmesh_evictions_total{reason=\"demand\"}"),
         0.0
     );
 }

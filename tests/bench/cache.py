@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Model-cache benchmark against the real agent (release build).
 
-1. Zipf (s=1.0) traffic over 120 generated GGUF models with memory for 12 of them: hit
-   ratio beside the Belady-optimal hit ratio of the same trace (and an LRU simulation),
-   p50/p99 latency, number of loads.
+1. Zipf (s=1.0) traffic over 120 generated GGUF models with memory for 12 of them, once
+   with each residency policy (`lru`, `demand`): hit ratio beside the Belady-optimal hit ratio
+   of the same trace (and an LRU simulation), p50/p99 latency, number of loads.
 2. Page-in bandwidth of the demo LLM, cold (file dropped from the page cache), with the file
    in the page cache, and from the warm tier (prepared weights in host RAM), beside a plain
    read of the same bytes and a memory copy of the image.
 
-    python3 tests/bench/cache.py [--requests 2000] [--models 120] [--slots 12]
+    python3 tests/bench/cache.py [--requests 2000] [--models 120] [--slots 12] [--debug]
 """
 import argparse
 import bisect
@@ -92,31 +92,37 @@ def zipf_bench(args, bin_dir):
         size = httpx.get(probe.url + "/admin/models/probe").json()["bytes"]
         probe.stop()
         capacity = size * args.slots + size // 2
-        cfg = (f"[cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\n"
-               f"[[cache.devices]]\nname = \"host0\"\ncapacity = {capacity}\n")
-        for i in range(args.models):
-            cfg += f'[[models]]\nid = "m{i}"\npath = "{d}/model-{i:03d}.gguf"\nmax_concurrency = 1\n'
-        agent = Agent(config=cfg, extra_args=["--log-level", "warn"])
-        try:
-            trace = zipf_trace(args.models, args.requests, 1.0, seed=42)
-            lat = []
-            with httpx.Client(timeout=60) as c:
-                for m in trace:
-                    t = time.perf_counter()
-                    r = c.post(agent.url + "/v1/completions", json={"model": f"m{m}", "prompt": "hi", "max_tokens": 1})
-                    r.raise_for_status()
-                    lat.append(time.perf_counter() - t)
-            loads = sum_metric(agent.url, "flatmesh_model_load_seconds_count")
-        finally:
-            agent.stop()
+        trace = zipf_trace(args.models, args.requests, 1.0, seed=42)
+        results = {}
+        for residency in ("lru", "demand"):
+            cfg = (f"[cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\n"
+                   f"residency = \"{residency}\"\n"
+                   f"[[cache.devices]]\nname = \"host0\"\ncapacity = {capacity}\n")
+            for i in range(args.models):
+                cfg += f'[[models]]\nid = "m{i}"\npath = "{d}/model-{i:03d}.gguf"\nmax_concurrency = 1\n'
+            agent = Agent(config=cfg, extra_args=["--log-level", "warn"])
+            try:
+                lat = []
+                with httpx.Client(timeout=60) as c:
+                    for m in trace:
+                        t = time.perf_counter()
+                        r = c.post(agent.url + "/v1/completions",
+                                   json={"model": f"m{m}", "prompt": "hi", "max_tokens": 1})
+                        r.raise_for_status()
+                        lat.append(time.perf_counter() - t)
+                loads = sum_metric(agent.url, "flatmesh_model_load_seconds_count")
+            finally:
+                agent.stop()
+            lat.sort()
+            results[residency] = (loads, lat)
     n = len(trace)
-    lat.sort()
     print(f"Zipf s=1.0: {n} requests over {args.models} models, memory for {args.slots} "
           f"({size} bytes per copy), one client")
-    print(f"  hit ratio         {1 - loads / n:6.3f}   ({int(loads)} loads)")
-    print(f"  LRU (simulated)   {lru_hits(trace, args.slots) / n:6.3f}")
-    print(f"  Belady optimal    {belady_hits(trace, args.slots) / n:6.3f}")
-    print(f"  latency p50 {lat[n // 2] * 1000:7.2f} ms   p99 {lat[int(n * 0.99)] * 1000:7.2f} ms")
+    for residency, (loads, lat) in results.items():
+        print(f"  hit ratio, cache.residency = {residency:<6} {1 - loads / n:6.3f}   ({int(loads)} loads)   "
+              f"latency p50 {lat[n // 2] * 1000:7.2f} ms   p99 {lat[int(n * 0.99)] * 1000:7.2f} ms")
+    print(f"  LRU (simulated)                     {lru_hits(trace, args.slots) / n:6.3f}")
+    print(f"  Belady optimal                      {belady_hits(trace, args.slots) / n:6.3f}")
 
 
 def drop_from_page_cache(path):
@@ -183,10 +189,12 @@ def main():
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--models", type=int, default=120)
     ap.add_argument("--slots", type=int, default=12)
+    ap.add_argument("--debug", action="store_true", help="use the debug build (hit ratios only)")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-p", "flatmesh", "-p", "flatmesh-tests", "--bins"],
+    profile = [] if args.debug else ["--release"]
+    subprocess.run(["cargo", "build", *profile, "-p", "flatmesh", "-p", "flatmesh-tests", "--bins"],
                    cwd=ROOT, check=True)
-    bin_dir = ROOT / "target" / "release"
+    bin_dir = ROOT / "target" / ("debug" if args.debug else "release")
     conftest.BIN = bin_dir / "flatmesh"
     zipf_bench(args, bin_dir)
     page_in_bench()

@@ -5,6 +5,8 @@ use std::{collections::HashSet, path::Path, path::PathBuf};
 use flatmesh_runtime::Format;
 use serde::{Deserialize, Serialize};
 
+use super::residency::Residency;
+
 use crate::units::{Bytes, KeepAlive, Secs};
 
 /// Most copies one model may have on a node.
@@ -58,6 +60,9 @@ pub struct CacheConfig {
     /// after an eviction copies from memory instead of reading and converting the file again
     /// (`0` turns it off). Counted apart from the devices.
     pub warm_capacity: Bytes,
+    /// Which idle copies leave first when room is needed: `demand` (recent requests × reload
+    /// seconds per byte; the default) or `lru`.
+    pub residency: Residency,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +94,7 @@ impl Default for CacheConfig {
             pressure_wait: Secs(std::time::Duration::from_secs(30)),
             preload: true,
             warm_capacity: Bytes(1 << 30),
+            residency: Residency::default(),
         }
     }
 }

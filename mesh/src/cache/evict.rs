@@ -41,6 +41,7 @@ impl State {
         for copy in idle {
             self.evict(id, copy, now, "unregistered", metrics);
         }
+        self.demand.forget(id);
         let Some(entry) = self.models.remove(id) else {
             return Ok(());
         };

@@ -154,6 +154,7 @@ impl Cache {
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
         let mut state = State::new(&config.devices, config.keep_alive, &metrics);
+        state.residency = config.residency;
         let size = |m: &ModelConfig| match m.format {
             Some(f) => flatmesh_runtime::footprint(&m.path, f),
             None => Err(flatmesh_runtime::RuntimeError::InvalidRequest(
@@ -246,6 +247,13 @@ impl Cache {
         let started = Instant::now();
         let deadline = started + inner.config.pressure_wait.0;
         let mut missed = false;
+        {
+            // One request, counted once for the residency policy however long it waits.
+            let mut st = inner.lock();
+            if let Some(model) = st.resolve(id) {
+                st.demand.request(&model);
+            }
+        }
         loop {
             let notified = inner.changed.notified();
             tokio::pin!(notified);

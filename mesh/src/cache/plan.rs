@@ -1,4 +1,5 @@
-//! Placement of a new copy: which device, and which idle copies to evict for room (LRU).
+//! Placement of a new copy: which device, and which idle copies to evict for room — the
+//! least valuable first, as the residency policy values them (`residency.rs`).
 
 use std::time::Instant;
 
@@ -17,6 +18,9 @@ pub struct Resident<K> {
     pub device: usize,
     pub bytes: u64,
     pub last_used: Instant,
+    /// What keeping the copy is worth under the residency policy (0 for all under LRU):
+    /// lower leaves first; equal values leave least recently used first.
+    pub value: f64,
     /// False while leased, pinned, or younger than the minimum residency.
     pub evictable: bool,
 }
@@ -25,7 +29,7 @@ pub struct Resident<K> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan<K> {
     pub device: usize,
-    /// Least recently used first.
+    /// Least valuable first.
     pub victims: Vec<K>,
 }
 
@@ -42,7 +46,7 @@ pub fn fits_without_eviction(devices: &[DeviceRoom], need: u64) -> Option<usize>
 
 /// Choose a device for `need` bytes. A device that fits without eviction wins (the one with
 /// the most free bytes); otherwise the device whose evictions are least valuable, evicting
-/// least-recently-used idle copies until the new copy fits. `None` when no device can make
+/// its least valuable idle copies (by value, then recency) until the new copy fits. `None` when no device can make
 /// room now (everything evictable is leased or pinned).
 pub fn place<K: Clone>(
     devices: &[DeviceRoom],
@@ -56,7 +60,8 @@ pub fn place<K: Clone>(
             victims: Vec::new(),
         });
     }
-    let mut best: Option<(Instant, usize, Plan<K>)> = None;
+    // A device's cost is its most valuable victim (value, then recency), then how many leave.
+    let mut best: Option<((f64, Instant), usize, Plan<K>)> = None;
     for (i, d) in devices.iter().enumerate() {
         if d.capacity < need {
             continue;
@@ -65,32 +70,37 @@ pub fn place<K: Clone>(
             .iter()
             .filter(|r| r.device == i && r.evictable)
             .collect();
-        idle.sort_by_key(|r| r.last_used);
+        idle.sort_by(|a, b| rank(a).partial_cmp(&rank(b)).expect("values are not NaN"));
         let mut room = free(d);
         let mut victims = Vec::new();
-        let mut newest = None;
+        let mut dearest = None;
         for r in idle {
             if room >= need {
                 break;
             }
             room += r.bytes;
             victims.push(r.key.clone());
-            newest = Some(r.last_used);
+            dearest = Some(rank(r));
         }
         if room < need {
             continue;
         }
-        let newest = newest.expect("evicted at least one copy");
+        let dearest = dearest.expect("evicted at least one copy");
         let better = match &best {
             None => true,
-            Some((t, n, _)) => (newest, victims.len()) < (*t, *n),
+            Some((t, n, _)) => (dearest, victims.len()) < (*t, *n),
         };
         if better {
             let n = victims.len();
-            best = Some((newest, n, Plan { device: i, victims }));
+            best = Some((dearest, n, Plan { device: i, victims }));
         }
     }
     best.map(|(_, _, p)| p)
+}
+
+/// Which idle copy leaves first: the least valuable, then the least recently used.
+fn rank<K>(r: &Resident<K>) -> (f64, Instant) {
+    (if r.value.is_nan() { 0.0 } else { r.value }, r.last_used)
 }
 
 #[cfg(test)]
@@ -115,6 +125,7 @@ mod tests {
             device,
             bytes,
             last_used: last,
+            value: 0.0,
             evictable,
         }
     }
@@ -225,5 +236,23 @@ mod tests {
             used: 0,
         }];
         assert!(place::<&str>(&devices, &[], 101).is_none());
+    }
+
+    #[test]
+    fn the_least_valuable_copies_leave_first_whatever_their_recency() {
+        let t0 = Instant::now();
+        let devices = [DeviceRoom {
+            capacity: 100,
+            used: 100,
+        }];
+        let valued = |key, last, value| Resident {
+            value,
+            ..res(key, 0, 50, at(t0, last), true)
+        };
+        let residents = [valued("steady", 1, 9.0), valued("one-off", 20, 1.0)];
+        assert_eq!(
+            place(&devices, &residents, 50).unwrap().victims,
+            vec!["one-off"]
+        );
     }
 }

@@ -22,6 +22,16 @@ pub enum Residency {
     Demand,
 }
 
+impl Residency {
+    /// The reason evictions by this policy are counted under.
+    pub fn label(self) -> &'static str {
+        match self {
+            Residency::Lru => "lru",
+            Residency::Demand => "demand",
+        }
+    }
+}
+
 /// Requests to the cache after which a model's count halves.
 pub const HALF_LIFE: f64 = 100.0;
 

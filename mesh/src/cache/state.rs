@@ -11,6 +11,7 @@ use super::{
     copy::{CopyId, CopyState, Draining, ModelCopy, Ready},
     error::CacheError,
     plan::{fits_without_eviction, place, DeviceRoom, Resident},
+    residency::{Demand, Residency},
 };
 use crate::{metrics::Metrics, registry::Saved, units::KeepAlive};
 
@@ -27,6 +28,8 @@ pub struct Entry {
     /// The last load failed; no new copy is started before `retry_at`.
     pub failure: Option<Failure>,
     failures: u32,
+    /// Seconds the last load took (what a miss costs, for the residency policy).
+    pub load_seconds: Option<f64>,
 }
 
 pub struct Failure {
@@ -70,6 +73,10 @@ pub struct State {
     pub draining: BTreeMap<CopyId, Draining>,
     pub default_keep_alive: KeepAlive,
     next_copy: u64,
+    /// Which idle copies leave first when room is needed.
+    pub residency: Residency,
+    /// Recent demand of every model (used by `Residency::Demand`).
+    pub demand: Demand,
 }
 
 /// Failed loads are retried after 1 s, 2 s, 4 s ... up to a minute.
@@ -109,6 +116,8 @@ impl State {
             draining: BTreeMap::new(),
             default_keep_alive,
             next_copy: 0,
+            residency: Residency::default(),
+            demand: Demand::default(),
         }
     }
 
@@ -162,6 +171,7 @@ impl State {
             copies: Vec::new(),
             failure,
             failures: 0,
+            load_seconds: None,
         };
         self.models.insert(entry.config.id.clone(), entry);
         Ok(())
@@ -313,17 +323,25 @@ impl State {
                 used: d.used(),
             })
             .collect();
+        let (residency, demand) = (self.residency, &self.demand);
         let residents: Vec<Resident<(String, CopyId)>> = self
             .models
             .iter()
             .flat_map(|(k, e)| {
                 e.copies.iter().filter_map(move |c| {
                     let r = c.ready()?;
+                    // A tier's residency bonus outranks demand while it lasts.
+                    let value = match residency {
+                        Residency::Lru => 0.0,
+                        Residency::Demand if r.valued_until > now => f64::INFINITY,
+                        Residency::Demand => demand.value(k, r.bytes, e.load_seconds),
+                    };
                     Some(Resident {
                         key: (k.clone(), c.id),
                         device: c.device,
                         bytes: r.bytes,
                         last_used: r.last_used.max(r.valued_until).into_std(),
+                        value,
                         evictable: c.pins == 0 && !e.config.pinned,
                     })
                 })
@@ -333,7 +351,7 @@ impl State {
             return Ok(None);
         };
         for (model, copy) in &plan.victims {
-            self.evict(model, *copy, now, "lru", metrics);
+            self.evict(model, *copy, now, self.residency.label(), metrics);
         }
         let load = self.new_copy(id, plan.device, need);
         self.publish_device(plan.device, metrics);
@@ -402,6 +420,7 @@ impl State {
                     tracing::debug!(model = %id, predicted = load.reserved, measured = bytes, "Corrected copy size");
                 }
                 entry.predicted = Some(bytes);
+                entry.load_seconds = Some(seconds);
                 entry.failures = 0;
                 entry.failure = None;
                 let Some(copy) = entry.copies.get_mut(pos) else {
