@@ -330,7 +330,10 @@ fn eviction_by_demand_keeps_a_steady_model_over_recent_one_offs() {
         .map(String::from)
         .collect();
     assert_eq!(cold.len(), 1, "one one-off left for m3: {cold:?}");
-    assert_eq!(agent.metric("flatmesh_evictions_total{reason=\"demand\"}"), 1.0);
+    assert_eq!(
+        agent.metric("flatmesh_evictions_total{reason=\"demand\"}"),
+        1.0
+    );
 }
 
 #[test]
