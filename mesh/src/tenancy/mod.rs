@@ -143,6 +143,8 @@ impl TenancyConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut names = std::collections::HashSet::new();
         for (i, t) in self.tiers.iter().enumerate() {
+            crate::ids::check_id("tier", &t.name)
+                .map_err(|e| anyhow::anyhow!("tenancy.tiers[{i}].name: {e}"))?;
             if !names.insert(t.name.as_str()) {
                 anyhow::bail!("tenancy.tiers[{i}].name: {:?} is declared twice", t.name);
             }
@@ -151,6 +153,8 @@ impl TenancyConfig {
             }
         }
         for (i, t) in self.tenants.iter().enumerate() {
+            crate::ids::check_id("tenant", &t.id)
+                .map_err(|e| anyhow::anyhow!("tenancy.tenants[{i}].id: {e}"))?;
             if !names.contains(t.tier.as_str()) {
                 anyhow::bail!("tenancy.tenants[{i}].tier: no tier named {:?}", t.tier);
             }
@@ -386,6 +390,17 @@ mod tests {
                 tier: "basic".into(),
             }],
         }
+    }
+
+    #[test]
+    fn config_ids_follow_the_id_rule() {
+        let bad: TenancyConfig =
+            toml::from_str("[[tiers]]\nname = 'gold'\n[[tenants]]\nid = '../etc'\ntier = 'gold'\n")
+                .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.starts_with("tenancy.tenants[0].id:"), "{e}");
+        let bad: TenancyConfig = toml::from_str("[[tiers]]\nname = 'a b'\n").unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]
