@@ -2,7 +2,8 @@
 //! of LRU, the built-in demand policy (`cache::residency::Demand`, the code the agent runs)
 //! and Belady's offline optimum, on traces over 120 models of mixed sizes and load costs
 //! with room for about 12: Zipf s = 0.8, 1.0, 1.2; a popular set that moves every 300
-//! requests; and a scan (one-off models mixed into steady Zipf traffic).
+//! requests; and a scan (one-off models mixed into steady Zipf traffic). Rows marked `=`
+//! repeat a trace with every model the same size and load time.
 //!
 //! `cargo run --release -p flatmesh --example residency_bench [requests] [seeds]`
 
@@ -135,7 +136,15 @@ fn main() {
         "{:<10} {:>8} {:>8} {:>8}   {:>7} {:>7}   {:>8} {:>8} {:>8}",
         "trace", "LRU", "demand", "Belady", "d/B", "L/B", "LRU s", "demand s", "Belady s"
     );
-    let names = ["zipf-0.8", "zipf-1.0", "zipf-1.2", "shifting", "scan"];
+    let names = [
+        "zipf-0.8",
+        "zipf-1.0",
+        "zipf-1.2",
+        "shifting",
+        "scan",
+        "zipf-1.0 =",
+        "shifting =",
+    ];
     let mut sums = vec![[0.0f64; 6]; names.len()];
     for seed in 0..seeds {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -159,12 +168,18 @@ fn main() {
             let m = models[rng.random_range(0..n_models)];
             models.push(m);
         }
-        for (t, trace) in traces.iter().enumerate() {
+        // The last two rows: every model the same size and load time (room for exactly 12).
+        let same = vec![Model { gb: 1.0, load: 1.0 }; models.len()];
+        let runs = traces
+            .iter()
+            .map(|t| (t, &models, room))
+            .chain([(&traces[1], &same, 12.0), (&traces[3], &same, 12.0)]);
+        for (t, (trace, models, room)) in runs.enumerate() {
             for (p, policy) in [Policy::Lru, Policy::Demand, Policy::Belady]
                 .into_iter()
                 .enumerate()
             {
-                let (hit, secs) = run(trace, &models, room, policy);
+                let (hit, secs) = run(trace, models, room, policy);
                 sums[t][p] += hit / seeds as f64;
                 sums[t][p + 3] += secs / seeds as f64;
             }

@@ -27,14 +27,7 @@ fn bearer(value: Option<&str>) -> Option<&str> {
 /// Whether an `Authorization` value carries the admin token (compared in constant time).
 pub fn is_operator(admin_token: Option<&str>, authorization: Option<&str>) -> bool {
     match (admin_token, bearer(authorization)) {
-        (Some(token), Some(given)) => {
-            token.len() == given.len()
-                && token
-                    .bytes()
-                    .zip(given.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        }
+        (Some(token), Some(given)) => super::guard::same_secret(given, token),
         _ => false,
     }
 }

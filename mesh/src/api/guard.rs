@@ -78,6 +78,11 @@ pub fn has_bearer(h: &HeaderMap, token: &str) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
+    same_secret(given, token)
+}
+
+/// Whether two secrets are equal, in time that does not depend on where they differ.
+pub fn same_secret(given: &str, token: &str) -> bool {
     given.len() == token.len()
         && given
             .bytes()

@@ -33,7 +33,7 @@ impl Residency {
 }
 
 /// Requests to the cache after which a model's count halves.
-pub const HALF_LIFE: f64 = 100.0;
+pub const HALF_LIFE: f64 = 75.0;
 
 /// Load seconds assumed per byte before a model's load has been measured (1 GB/s).
 const SECONDS_PER_BYTE: f64 = 1e-9;

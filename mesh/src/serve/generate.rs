@@ -42,6 +42,15 @@ impl Generating {
         self.events.recv().await
     }
 
+    /// The next event, or `None` as soon as `to` (where a front door sends the events on)
+    /// closes: a client that leaves is noticed at once, not at the next token.
+    pub async fn next_for<T>(&mut self, to: &mpsc::Sender<T>) -> Option<Event> {
+        tokio::select! {
+            ev = self.events.recv() => ev,
+            _ = to.closed() => None,
+        }
+    }
+
     /// Wait for the whole generation.
     pub async fn collect(mut self) -> Result<Generation, ServeError> {
         while let Some(ev) = self.events.recv().await {

@@ -213,13 +213,7 @@ fn stream(shape: Shape, head: Head, mut generating: Generating, include_usage: b
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let send = |v: Value| Ok(Event::default().data(v.to_string()));
     tokio::spawn(async move {
-        loop {
-            // A client that leaves drops the body: stop at once, not at the next token.
-            let ev = tokio::select! {
-                ev = generating.next() => ev,
-                _ = tx.closed() => return,
-            };
-            let Some(ev) = ev else { break };
+        while let Some(ev) = generating.next_for(&tx).await {
             let chunks = match ev {
                 serve::Event::Text(t) => vec![shape.chunk(&head, Some(&t), None)],
                 serve::Event::Done(Ok(g)) => shape.tail(&head, &g, include_usage),

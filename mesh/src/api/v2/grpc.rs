@@ -503,13 +503,7 @@ async fn stream_one(
         Output::Text(g) => g,
     };
     let model = served.model;
-    loop {
-        // A client that leaves closes the stream: stop at once, not at the next token.
-        let ev = tokio::select! {
-            ev = generating.next() => ev,
-            _ = tx.closed() => return Ok(()),
-        };
-        let Some(ev) = ev else { break };
+    while let Some(ev) = generating.next_for(tx).await {
         let last = match ev {
             serve::Event::Text(t) => text_response(&model, &id, t, false),
             // The record is durable before the final response goes out.

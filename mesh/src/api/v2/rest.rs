@@ -402,13 +402,7 @@ async fn generate_stream(
         start_generate(&state, caller, &m, "v2_generate_stream", &body).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        loop {
-            // A client that leaves drops the body: stop at once, not at the next token.
-            let ev = tokio::select! {
-                ev = generating.next() => ev,
-                _ = tx.closed() => return,
-            };
-            let Some(ev) = ev else { break };
+        while let Some(ev) = generating.next_for(&tx).await {
             let data = match ev {
                 serve::Event::Text(t) => {
                     json!({"model_name": model, "model_version": "1", "text_output": t})
