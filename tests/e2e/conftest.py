@@ -86,3 +86,10 @@ def agent():
 def client(agent):
     from openai import OpenAI
     return OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def key_for(agent, tenant, admin_token="admin-secret"):
+    """A new API key of `tenant`, made through the admin API."""
+    r = httpx.post(f"{agent.url}/admin/tenants/{tenant}/keys", headers={"authorization": f"Bearer {admin_token}"})
+    assert r.status_code == 201, r.text
+    return r.json()["key"]

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import EMBED, LLM, Agent
+from conftest import EMBED, LLM, Agent, key_for
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 CONFIG = """
@@ -48,12 +48,6 @@ def mesh():
     a.keys = {t: key_for(a, t) for t in ["gold", "rpm", "embed-only"]}
     yield a
     a.stop()
-
-
-def key_for(agent, tenant):
-    r = httpx.post(f"{agent.url}/admin/tenants/{tenant}/keys", headers=ADMIN)
-    assert r.status_code == 201, r.text
-    return r.json()["key"]
 
 
 def bearer(key):

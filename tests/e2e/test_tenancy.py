@@ -6,7 +6,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import EMBED, LLM, Agent
+from conftest import EMBED, LLM, Agent, key_for
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 CONFIG = """
@@ -39,12 +39,6 @@ def tenanted():
     a = Agent(config=CONFIG)
     yield a
     a.stop()
-
-
-def key_for(agent, tenant):
-    r = httpx.post(f"{agent.url}/admin/tenants/{tenant}/keys", headers=ADMIN)
-    assert r.status_code == 201
-    return r.json()["key"]
 
 
 def client(agent, key):
