@@ -72,7 +72,7 @@ struct ServeArgs {
     /// Bearer token `/metrics` requires (server.metrics_token).
     #[arg(long, env = "FLATMESH_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
-    /// HTTP connections open at once (server.max_connections).
+    /// HTTP and gRPC connections open at once, each (server.max_connections).
     #[arg(long, env = "FLATMESH_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// How long a client may take to send request headers, e.g. `10s`
@@ -289,13 +289,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = preload.preload() => {}
         }
     });
+    // Keepalive pings close connections whose peer is gone.
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(api::v2::grpc::size_limit_status())
         .add_service(tonic::service::interceptor::InterceptedService::new(
             api::v2::grpc::service(state.clone(), config.server.grpc_max_message_bytes),
             api::auth::grpc(state.tenancy.clone(), state.admin_token.clone()),
         ))
-        .serve_with_incoming_shutdown(nodelay(grpc_listener), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(
+            api::v2::incoming::bounded(grpc_listener, config.server.max_connections),
+            stopped(stop_rx.clone()),
+        );
     let grpc = tokio::spawn(grpc);
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -316,19 +322,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("Stopped");
     Ok(())
-}
-
-/// Accepted gRPC connections without Nagle's algorithm: small unary calls otherwise wait
-/// for the peer's delayed ACK (~40 ms each, measured).
-fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

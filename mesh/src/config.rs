@@ -68,7 +68,8 @@ pub struct ServerConfig {
     pub header_read_timeout: Secs,
     /// How long a client may take to send a request's body; then 408.
     pub body_read_timeout: Secs,
-    /// HTTP connections open at once; more wait in the listen queue until one closes.
+    /// Connections open at once, on the HTTP and on the gRPC port each; more wait in the
+    /// listen queue until one closes.
     pub max_connections: usize,
 }
 

@@ -7,6 +7,7 @@
 
 mod codec;
 pub mod grpc;
+pub mod incoming;
 pub mod rest;
 
 use std::collections::BTreeMap;
