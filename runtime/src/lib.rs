@@ -7,6 +7,7 @@ pub mod device;
 mod engine;
 mod error;
 mod file;
+mod gguf;
 mod llama;
 mod load;
 pub mod sampling;

@@ -1,8 +1,7 @@
 //! LLM engine for llama-family GGUF models, on candle's quantized kernels.
 
 use std::{
-    fs::File,
-    io::{BufReader, Cursor, Read, Seek},
+    io::{Cursor, Read, Seek},
     ops::ControlFlow,
     path::Path,
     sync::Arc,
@@ -14,6 +13,7 @@ use candle_core::{
 };
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
+use crate::gguf::{bad_gguf, header_error, open_error, read_header};
 use crate::{
     device::{Device as MeshDevice, Lane},
     engine::{
@@ -370,41 +370,6 @@ fn measured_size(ct: &gguf_file::Content) -> u64 {
             (stored + dequantized) as u64
         })
         .sum()
-}
-
-fn open_error(path: &Path, e: std::io::Error) -> RuntimeError {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => RuntimeError::NotFound(path.to_path_buf()),
-        _ => bad_gguf(path, e.to_string()),
-    }
-}
-
-/// A header that does not parse. A wrong magic number is reported as "not a GGUF file",
-/// never with the bytes read: the file may be anything, and errors reach clients.
-fn header_error(path: &Path, e: candle_core::Error) -> RuntimeError {
-    let reason = e.to_string();
-    if reason.contains("magic") {
-        bad_gguf(path, "not a GGUF file".into())
-    } else {
-        bad_gguf(path, reason)
-    }
-}
-
-fn bad_gguf(path: &Path, reason: String) -> RuntimeError {
-    RuntimeError::BadFormat {
-        path: path.to_path_buf(),
-        format: "GGUF",
-        reason,
-    }
-}
-
-/// Open a GGUF file and read its header (metadata and tensor index), leaving the reader
-/// positioned for the tensor data.
-fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>)> {
-    let (file, _) = crate::file::open_regular(path).map_err(|e| open_error(path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let ct = gguf_file::Content::read(&mut reader).map_err(|e| header_error(path, e))?;
-    Ok((ct, reader))
 }
 
 /// What a GGUF model will need in memory, read from its header only.
