@@ -200,6 +200,12 @@ impl Cache {
         self.inner.lock().resolve(id)
     }
 
+    /// What a model (not a vmodel) does, known from its format without loading it.
+    pub fn kind(&self, model: &str) -> Option<flatmesh_runtime::ModelKind> {
+        let st = self.inner.lock();
+        st.models.get(model)?.config.format.map(|f| f.kind())
+    }
+
     /// A lease on a loaded copy of `id` (a model or vmodel), loading it first if needed.
     /// Waits for a concurrency slot of the model too. `keep_alive` overrides the model's
     /// idle time from this request on.

@@ -19,11 +19,7 @@ impl crate::policy::Embedder for CacheEmbedder {
             let id = cache
                 .resolve(&model)
                 .ok_or_else(|| format!("no model {model:?}"))?;
-            let kind = cache
-                .status()
-                .into_iter()
-                .find(|m| m.id == id)
-                .and_then(|m| m.kind);
+            let kind = cache.kind(&id);
             if kind != Some(ModelKind::Embedding) {
                 return Err(format!("{model:?} is not an embedding model"));
             }

@@ -338,10 +338,7 @@ impl Serve {
         Tenancy::check_model(&req.caller, &model)?;
         let kind = self
             .cache
-            .status()
-            .into_iter()
-            .find(|m| m.id == model)
-            .and_then(|m| m.kind)
+            .kind(&model)
             .ok_or_else(|| ServeError::not_found(format!("model {name:?} does not exist")))?;
         check_kind(&req.work, kind, name)?;
         Ok((model, kind))

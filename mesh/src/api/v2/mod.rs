@@ -165,7 +165,11 @@ pub fn infer_request(
     endpoint: &'static str,
     req: InferRequest,
 ) -> Result<Request, ServeError> {
-    let kind = model_status(state, name)?.kind.unwrap_or(ModelKind::Llm);
+    let kind = state
+        .cache
+        .resolve(name)
+        .and_then(|m| state.cache.kind(&m))
+        .ok_or_else(|| ServeError::not_found(format!("model {name:?} does not exist")))?;
     let (inputs, _) = signature(kind, None);
     let input = take_input(&req.inputs, inputs[0].name, name)?;
     let Data::Bytes(items) = &input.data else {
