@@ -8,6 +8,7 @@ use std::{
 };
 
 use flatmesh::{
+    cache::residency::{Candidate as Idle, Verdict},
     metrics::Metrics,
     policy::{
         Answer, CachePrompt, Candidate, PeriodUse, Policies, PolicyConfig, PromptFeatures,
@@ -100,6 +101,10 @@ async fn run(label: &str, instances: usize, n: usize) {
             "solidarity_pricing",
             json!({"budgets": {"gold": 1_000_000_000u64}}),
         ),
+        residency: slot(
+            "office_hours",
+            json!({"keep": ["m0", "m1"], "from_hour": 0, "to_hour": 24}),
+        ),
         ..PolicyConfig::default()
     };
     let policies = Policies::new(&config, None, Duration::from_secs(5), Metrics::new()).unwrap();
@@ -176,6 +181,28 @@ async fn run(label: &str, instances: usize, n: usize) {
     report(
         "pricing.charge",
         measure(n, |i| async move { p.charge(&request(i), *usage).await }).await,
+    );
+    // One eviction decision over the idle copies of a node holding 12 models.
+    let copies: Vec<Idle> = (0..12)
+        .map(|m| Idle {
+            model: format!("m{m}"),
+            device: "host0".into(),
+            bytes: 100 << 20,
+            idle_ms: 1000 * m,
+            age_ms: 60_000,
+            demand: m as f64,
+            load_ms: 300,
+            favoured: false,
+        })
+        .collect();
+    let copies = &copies;
+    report(
+        "residency.order (12 copies)",
+        measure(n, |_| async move {
+            let v = p.order(copies.clone()).await;
+            assert!(matches!(v, Verdict::Order(o) if o.len() == 12));
+        })
+        .await,
     );
     report(
         "all slots of one request",

@@ -73,7 +73,7 @@ enum PoliciesCommand {
     /// Load a plugin into a slot again, or a new file or config (the old one stays if the new
     /// one is rejected).
     Reload {
-        /// router, cache or pricing
+        /// router, cache, pricing or residency
         slot: String,
         /// A new component file (a path on the agent's machine).
         #[arg(long)]

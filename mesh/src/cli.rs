@@ -227,6 +227,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
     )?;
     policies.load_configured(&config.policy).await?;
+    cache.set_advisor(Arc::new(crate::policy::residency::PluginAdvisor(
+        policies.clone(),
+    )));
     if config.policy.watch {
         policies.watch(stopped(stop_rx.clone()));
     }

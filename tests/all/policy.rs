@@ -272,3 +272,63 @@ fn an_agent_does_not_start_with_a_plugin_that_rejects_its_config() {
         "{err}"
     );
 }
+
+/// An agent with four tiny models in room for three, under the `office-hours` residency
+/// plugin keeping `m0` resident all day (or a plugin file that is not one, with `on_failure`).
+fn residency_agent(plugin_config: &str) -> (Agent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut need = 0;
+    let mut models = String::new();
+    for i in 0..4 {
+        let path = dir.path().join(format!("m{i}.gguf"));
+        write_llama_gguf(&path, Size::TINY, i).unwrap();
+        need = flatmesh_runtime::footprint(&path, flatmesh_runtime::Format::Gguf)
+            .unwrap()
+            .with_sequences(1);
+        models += &format!(
+            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\nmax_concurrency = 1\n",
+            path.display()
+        );
+    }
+    let config = format!(
+        "[server]\nadmin_token = \"{ADMIN_TOKEN}\"\n\
+         [cache]\npreload = false\nkeep_alive = -1\nmin_residency = 0\nresidency = \"lru\"\n\
+         [[cache.devices]]\nname = \"host0\"\ncapacity = {}\n{models}\
+         [policy]\nwatch = false\n\
+         [policy.residency]\nplugin = \"{}\"\nconfig = {plugin_config}\n",
+        need * 3 + need / 2,
+        plugin("office_hours").display()
+    );
+    let agent = Agent::start(&config, &[]);
+    agent.wait_for("/readyz", Duration::from_secs(60));
+    (agent, dir)
+}
+
+#[test]
+fn a_residency_plugin_keeps_its_models_where_lru_would_evict_them() {
+    let keep_m0 = r#"{ keep = ["m0"], from_hour = 0, to_hour = 24 }"#;
+    let (agent, _dir) = residency_agent(keep_m0);
+    // m0 is the least recently used when m3 needs room: LRU alone would evict it.
+    for m in ["m0", "m1", "m2", "m3"] {
+        assert_eq!(complete(&agent, m).0, 200, "{m}");
+    }
+    assert_eq!(agent.model_state("m0"), "ready", "the plugin keeps m0");
+    assert_eq!(
+        agent.model_state("m1"),
+        "cold",
+        "the oldest other copy left"
+    );
+    assert_eq!(
+        agent.metric("flatmesh_evictions_total{reason=\"plugin\"}"),
+        1.0
+    );
+    assert!(agent.metric("flatmesh_policy_calls_total{result=\"ok\",slot=\"residency\"}") >= 1.0);
+    // Reloaded with nothing kept, the built-in order (LRU here) decides again: m0 leaves.
+    let r = agent.admin_post(
+        "/admin/policies/residency/reload",
+        json!({"config": r#"{"keep": [], "from_hour": 0, "to_hour": 0}"#}),
+    );
+    assert_eq!(r.status(), 200, "{:?}", r.text());
+    assert_eq!(complete(&agent, "m1").0, 200);
+    assert_eq!(agent.model_state("m0"), "cold", "LRU again");
+}

@@ -330,9 +330,10 @@ async fn reload_policy(
         "router" => reload_slot(&state.policies.router, r.plugin, config).await,
         "cache" => reload_slot(&state.policies.cache, r.plugin, config).await,
         "pricing" => reload_slot(&state.policies.pricing, r.plugin, config).await,
+        "residency" => reload_slot(&state.policies.residency, r.plugin, config).await,
         other => {
             return Err(ApiError::not_found(format!(
-                "no policy slot {other:?} (router, cache, pricing)"
+                "no policy slot {other:?} (router, cache, pricing, residency)"
             )))
         }
     };

@@ -5,6 +5,7 @@
 //! `Notify` that fires on every change and re-check. Loads run on the blocking pool, at most
 //! `max_parallel_loads` at a time, one per model however many requests want it.
 
+mod advice;
 pub mod config;
 mod copy;
 mod error;
@@ -61,6 +62,8 @@ struct Inner {
     /// Registry writes one at a time, in the order their changes were made; held across the
     /// write, never together with the state lock while awaiting.
     persist: tokio::sync::Mutex<()>,
+    /// Who is asked which idle copies leave first (a residency plugin), if anyone.
+    advisor: Mutex<Option<Arc<dyn residency::Advisor>>>,
 }
 
 /// A pin on a ready copy: while it lives the copy is not evicted. Dropping it unpins.
@@ -186,8 +189,14 @@ impl Cache {
                 config,
                 registry,
                 persist: tokio::sync::Mutex::new(()),
+                advisor: Mutex::new(None),
             }),
         })
+    }
+
+    /// Ask `advisor` which idle copies leave first whenever a load needs room.
+    pub fn set_advisor(&self, advisor: Arc<dyn residency::Advisor>) {
+        *self.inner.advisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(advisor);
     }
 
     /// Whether `id` names a model or a vmodel.
@@ -253,6 +262,7 @@ impl Cache {
         let started = Instant::now();
         let deadline = started + inner.config.pressure_wait.0;
         let mut missed = false;
+        let (mut asked, mut advice) = (false, plan::Advice::BuiltIn);
         {
             // One request, counted once for the residency policy however long it waits.
             let mut st = inner.lock();
@@ -264,7 +274,8 @@ impl Cache {
             let notified = inner.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
+            // What to ask a residency plugin, without the lock, before starting a load.
+            let ask = {
                 let mut st = inner.lock();
                 let model = st
                     .resolve(id)
@@ -294,7 +305,10 @@ impl Cache {
                             _permit: None,
                         });
                     }
-                    Pin::Loading => missed = true,
+                    Pin::Loading => {
+                        missed = true;
+                        None
+                    }
                     Pin::Gone => return Err(CacheError::NotFound(id.to_string())),
                     Pin::Failed(reason, retry_at) => {
                         return Err(CacheError::Failed {
@@ -305,22 +319,38 @@ impl Cache {
                     }
                     Pin::Cold => {
                         missed = true;
-                        match st.start_load(&model, now, &inner.metrics)? {
-                            Some(load) => {
-                                drop(st);
-                                self.spawn_load(load);
-                                continue;
+                        // A residency plugin is asked once per request, only when room
+                        // is needed; its advice is checked by key.
+                        let advisor = inner.advisor().filter(|a| a.is_active());
+                        match advisor {
+                            Some(a) if !asked && st.needs_room(&model, now, &inner.metrics) => {
+                                let (keys, candidates): (Vec<_>, Vec<_>) =
+                                    st.candidates(now).into_iter().unzip();
+                                Some((a, keys, candidates))
                             }
-                            None if now >= deadline => {
-                                return Err(CacheError::NoRoom {
-                                    id: model,
-                                    waited: now - started,
-                                });
-                            }
-                            None => {}
+                            _ => match st.start_load(&model, now, &inner.metrics, &advice)? {
+                                Some(load) => {
+                                    drop(st);
+                                    self.spawn_load(load);
+                                    continue;
+                                }
+                                None if now >= deadline => {
+                                    return Err(CacheError::NoRoom {
+                                        id: model,
+                                        waited: now - started,
+                                    });
+                                }
+                                None => None,
+                            },
                         }
                     }
                 }
+            };
+            if let Some((advisor, keys, candidates)) = ask {
+                asked = true;
+                let verdict = advisor.advise(candidates).await;
+                advice = advice::advice(&keys, verdict);
+                continue;
             }
             let _ = tokio::time::timeout_at(
                 deadline.max(Instant::now() + Duration::from_millis(50)),
@@ -564,6 +594,13 @@ impl Cache {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn advisor(&self) -> Option<Arc<dyn residency::Advisor>> {
+        self.advisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn warm(&self) -> MutexGuard<'_, warm::WarmTier> {

@@ -25,6 +25,17 @@ pub struct Resident<K> {
     pub evictable: bool,
 }
 
+/// What a residency plugin said about the idle copies, by key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Advice<K> {
+    /// Nothing: the built-in policy decides.
+    BuiltIn,
+    /// These leave first, in this order; the others after them, in the built-in order.
+    Order(Vec<K>),
+    /// Evict nothing (a plugin in a closed slot failed).
+    KeepAll,
+}
+
 /// Where a new copy goes and what leaves to make room.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan<K> {

@@ -32,6 +32,39 @@ impl Residency {
     }
 }
 
+/// An idle copy as a residency plugin sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub model: String,
+    pub device: String,
+    pub bytes: u64,
+    pub idle_ms: u64,
+    pub age_ms: u64,
+    /// The model's recent requests (`Demand::count`).
+    pub demand: f64,
+    /// Milliseconds the model's last load took (0 while unknown).
+    pub load_ms: u64,
+    /// Whether a tier's residency bonus protects it now.
+    pub favoured: bool,
+}
+
+/// A residency plugin's answer about a list of candidates.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    BuiltIn,
+    /// Indices into the candidates, the first to leave first.
+    Order(Vec<usize>),
+    KeepAll,
+}
+
+/// Who the cache asks which idle copies leave first (the policy layer's residency slot). The
+/// cache still enforces every rule: it offers only evictable copies and checks the answer.
+pub trait Advisor: Send + Sync + 'static {
+    /// Whether there is anything to ask (a plugin is loaded).
+    fn is_active(&self) -> bool;
+    fn advise(&self, copies: Vec<Candidate>) -> futures::future::BoxFuture<'static, Verdict>;
+}
+
 /// Requests to the cache after which a model's count halves.
 pub const HALF_LIFE: f64 = 75.0;
 

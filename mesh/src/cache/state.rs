@@ -10,7 +10,7 @@ use super::{
     config::{DeviceConfig, ModelConfig},
     copy::{CopyId, CopyState, Draining, ModelCopy, Ready},
     error::CacheError,
-    plan::{fits_without_eviction, place, DeviceRoom, Resident},
+    plan::{fits_without_eviction, place, Advice, DeviceRoom, Resident},
     residency::{Demand, Residency},
 };
 use crate::{metrics::Metrics, registry::Saved, units::KeepAlive};
@@ -306,26 +306,64 @@ impl State {
         })
     }
 
-    /// Reserve room for the first copy of `id`, evicting LRU idle copies, and mark it loading.
+    /// Reserve room for the first copy of `id`, evicting the least valuable idle copies (as
+    /// the residency policy, or a plugin's advice, values them), and mark it loading.
     /// `Ok(None)` when there is no room now.
     pub fn start_load(
         &mut self,
         id: &str,
         now: Instant,
         metrics: &Metrics,
+        advice: &Advice<(String, CopyId)>,
     ) -> Result<Option<Load>, CacheError> {
         let need = self.need(id, now, metrics)?;
-        let rooms: Vec<DeviceRoom> = self
-            .devices
+        let rooms = self.rooms();
+        let mut residents = self.residents(now);
+        let reason = match advice {
+            Advice::BuiltIn => self.residency.label(),
+            Advice::KeepAll => {
+                residents.iter_mut().for_each(|r| r.evictable = false);
+                "plugin"
+            }
+            Advice::Order(order) => {
+                // Named copies first, in the plugin's order; the rest after, as built in.
+                let n = order.len() as f64;
+                for r in &mut residents {
+                    r.value = match order.iter().position(|k| *k == r.key) {
+                        Some(i) => i as f64,
+                        None => n + 1.0 + r.value,
+                    };
+                }
+                "plugin"
+            }
+        };
+        let Some(plan) = place(&rooms, &residents, need) else {
+            return Ok(None);
+        };
+        for (model, copy) in &plan.victims {
+            self.evict(model, *copy, now, reason, metrics);
+        }
+        let load = self.new_copy(id, plan.device, need);
+        self.publish_device(plan.device, metrics);
+        load.map(Some)
+            .ok_or_else(|| CacheError::NotFound(id.to_string()))
+    }
+
+    /// The devices as placement sees them.
+    pub fn rooms(&self) -> Vec<DeviceRoom> {
+        self.devices
             .iter()
             .map(|d| DeviceRoom {
                 capacity: d.capacity(),
                 used: d.used(),
             })
-            .collect();
+            .collect()
+    }
+
+    /// The ready copies as placement sees them, valued by the residency policy.
+    pub fn residents(&self, now: Instant) -> Vec<Resident<(String, CopyId)>> {
         let (residency, demand) = (self.residency, &self.demand);
-        let residents: Vec<Resident<(String, CopyId)>> = self
-            .models
+        self.models
             .iter()
             .flat_map(|(k, e)| {
                 e.copies.iter().filter_map(move |c| {
@@ -346,21 +384,11 @@ impl State {
                     })
                 })
             })
-            .collect();
-        let Some(plan) = place(&rooms, &residents, need) else {
-            return Ok(None);
-        };
-        for (model, copy) in &plan.victims {
-            self.evict(model, *copy, now, self.residency.label(), metrics);
-        }
-        let load = self.new_copy(id, plan.device, need);
-        self.publish_device(plan.device, metrics);
-        load.map(Some)
-            .ok_or_else(|| CacheError::NotFound(id.to_string()))
+            .collect()
     }
 
     /// Bytes a copy of `id` needs, reading the header now if it could not be read before.
-    fn need(&mut self, id: &str, now: Instant, metrics: &Metrics) -> Result<u64, CacheError> {
+    pub fn need(&mut self, id: &str, now: Instant, metrics: &Metrics) -> Result<u64, CacheError> {
         let entry = self
             .models
             .get_mut(id)

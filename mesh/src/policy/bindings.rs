@@ -51,4 +51,11 @@ world!(pricing, "pricing", [
     "flatmesh:policy/counters" => counters
 ]);
 
+world!(residency, "residency", [
+    "flatmesh:policy/log" => log,
+    "flatmesh:policy/clock" => clock,
+    "flatmesh:policy/kv" => kv,
+    "flatmesh:policy/counters" => counters
+]);
+
 pub use imports::flatmesh::policy::{answers::Answer, types};

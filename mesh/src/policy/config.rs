@@ -36,6 +36,10 @@ pub struct PolicyConfig {
     pub cache: Option<SlotConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pricing: Option<SlotConfig>,
+    /// Which idle copies leave first when room is needed (the cache's built-in policy
+    /// without it, and on a failure unless `on_failure = "closed"`: then nothing is evicted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residency: Option<SlotConfig>,
 }
 
 impl Default for PolicyConfig {
@@ -52,6 +56,7 @@ impl Default for PolicyConfig {
             router: None,
             cache: None,
             pricing: None,
+            residency: None,
         }
     }
 }
@@ -174,6 +179,7 @@ impl PolicyConfig {
             ("router", &self.router),
             ("cache", &self.cache),
             ("pricing", &self.pricing),
+            ("residency", &self.residency),
         ]
         .into_iter()
         .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))

@@ -19,7 +19,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::state::{Answers, PluginState};
 
-pub use super::bindings::{cache, imports, pricing, router, types, Answer};
+pub use super::bindings::{cache, imports, pricing, residency, router, types, Answer};
 
 /// How long one tick of the epoch clock is.
 pub const TICK: Duration = Duration::from_millis(1);

@@ -1,4 +1,4 @@
-//! The three plugin kinds, one per WIT world: how each is linked, instantiated and
+//! The plugin kinds, one per WIT world: how each is linked, instantiated and
 //! initialised. The rest of the host is generic over them.
 
 use std::future::Future;
@@ -71,6 +71,13 @@ macro_rules! kind {
 kind!(RouterKind, "router", router, Router, RouterPre);
 kind!(CacheKind, "cache", cache, Cache, CachePre);
 kind!(PricingKind, "pricing", pricing, Pricing, PricingPre);
+kind!(
+    ResidencyKind,
+    "residency",
+    residency,
+    Residency,
+    ResidencyPre
+);
 
 /// An instance of a plugin, initialised with its config, ready for calls.
 pub struct Instance<K: Kind> {

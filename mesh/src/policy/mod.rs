@@ -1,4 +1,4 @@
-//! Policies as sandboxed WebAssembly components: the router, cache and pricing slots.
+//! Policies as sandboxed WebAssembly components: the router, cache, pricing and residency slots.
 //!
 //! Each slot holds at most one plugin (a component of its world in `wit/`). An empty slot
 //! means the built-in behaviour: no routing, no response cache, flat-rate pricing. When a
@@ -11,6 +11,7 @@ mod failure;
 pub mod host;
 pub mod kind;
 mod prompt;
+pub mod residency;
 pub mod slot;
 pub mod state;
 
@@ -27,7 +28,7 @@ pub use self::slot::SlotStatus;
 use self::{
     failure::Outcome,
     host::{cache as cache_world, pricing as pricing_world, router as router_world, Runtime},
-    kind::{CacheKind, PricingKind, RouterKind},
+    kind::{CacheKind, PricingKind, ResidencyKind, RouterKind},
     slot::{Settings, Slot},
 };
 use crate::metrics::Metrics;
@@ -57,12 +58,13 @@ const MAX_TEXT: usize = 4096;
 /// Longest cached answer.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// The three slots. Cheap to clone.
+/// The four slots. Cheap to clone.
 #[derive(Clone)]
 pub struct Policies {
     pub router: Arc<Slot<RouterKind>>,
     pub cache: Arc<Slot<CacheKind>>,
     pub pricing: Arc<Slot<PricingKind>>,
+    pub residency: Arc<Slot<ResidencyKind>>,
     default_target: Option<String>,
     /// Longest a pricing `wait` may hold a request in all.
     max_wait: Duration,
@@ -102,6 +104,7 @@ impl Policies {
             router: Slot::new(setup(&config.router))?,
             cache: Slot::new(setup(&config.cache))?,
             pricing: Slot::new(setup(&config.pricing))?,
+            residency: Slot::new(setup(&config.residency))?,
             default_target: config
                 .router
                 .as_ref()
@@ -131,16 +134,23 @@ impl Policies {
                 .await
                 .map_err(|e| anyhow::anyhow!("policy.pricing: {e}"))?;
         }
+        if let Some(s) = &config.residency {
+            self.residency
+                .load(&s.plugin, s.config_string())
+                .await
+                .map_err(|e| anyhow::anyhow!("policy.residency: {e}"))?;
+        }
         Ok(())
     }
 
     /// Reload plugins whose files change, until the process ends.
     pub fn watch(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
         let every = Duration::from_secs(1);
-        let all = futures::future::join3(
+        let all = futures::future::join4(
             self.router.clone().watch(every),
             self.cache.clone().watch(every),
             self.pricing.clone().watch(every),
+            self.residency.clone().watch(every),
         );
         tokio::spawn(async move {
             tokio::select! {
@@ -155,6 +165,7 @@ impl Policies {
             self.router.status(),
             self.cache.status(),
             self.pricing.status(),
+            self.residency.status(),
         ]
     }
 
