@@ -1,4 +1,4 @@
-"""The three example policy plugins loaded in the real agent, used with the real openai client."""
+"""The four example policy plugins loaded in the real agent, used with the real openai client."""
 import threading
 import time
 
@@ -81,12 +81,16 @@ config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
 [policy.pricing]
 plugin = "{PLUGINS / 'solidarity_pricing.wasm'}"
 config = {{ budgets = {{ trial = 60 }}, tokens_per_minute = {{ metered = 1 }}, pool_cost = 1500.0 }}
+
+[policy.residency]
+plugin = "{PLUGINS / 'office_hours.wasm'}"
+config = {{ keep = ["small"], from_hour = 0, to_hour = 24 }}
 """
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    for name in ("cost_router", "semantic_cache", "solidarity_pricing"):
+    for name in ("cost_router", "semantic_cache", "solidarity_pricing", "office_hours"):
         assert (PLUGINS / f"{name}.wasm").exists(), "run plugins/build first"
     a = Agent(config=CONFIG)
     keys = {}
@@ -116,9 +120,10 @@ def metric(mesh, series):
     return 0.0
 
 
-def test_all_three_slots_are_loaded(mesh):
+def test_all_four_slots_are_loaded(mesh):
     slots = httpx.get(f"{mesh.url}/admin/policies", headers=ADMIN).json()["slots"]
-    assert [(s["slot"], s["loaded"]) for s in slots] == [("router", True), ("cache", True), ("pricing", True)]
+    assert [(s["slot"], s["loaded"]) for s in slots] == [
+        ("router", True), ("cache", True), ("pricing", True), ("residency", True)]
     assert all(len(s["sha256"]) == 64 for s in slots)
 
 
