@@ -5,6 +5,7 @@ use tokio::time::Instant;
 
 use super::{
     copy::CopyId,
+    error::CacheError,
     plan::{fits_without_eviction, Advice},
     residency::{Candidate, Verdict},
     state::State,
@@ -12,12 +13,16 @@ use super::{
 use crate::metrics::Metrics;
 
 impl State {
-    /// Whether a new copy of `id` needs another copy evicted first.
-    pub fn needs_room(&mut self, id: &str, now: Instant, metrics: &Metrics) -> bool {
-        match self.need(id, now, metrics) {
-            Ok(need) => fits_without_eviction(&self.rooms(), need).is_none(),
-            Err(_) => false, // The load reports the failure.
-        }
+    /// Whether a new copy of `id` needs another copy evicted first (an error when its size
+    /// cannot be read: the model is marked failed once).
+    pub fn needs_room(
+        &mut self,
+        id: &str,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<bool, CacheError> {
+        let need = self.need(id, now, metrics)?;
+        Ok(fits_without_eviction(&self.rooms(), need).is_none())
     }
 
     /// The copies the cache may evict now, with what a plugin may weigh.
@@ -27,7 +32,9 @@ impl State {
             .iter()
             .flat_map(|(k, e)| {
                 e.copies.iter().filter_map(move |c| {
-                    let r = c.ready().filter(|_| c.pins == 0 && !e.config.pinned)?;
+                    let evictable =
+                        c.pins == 0 && !e.config.pinned && c.settled(now, self.min_residency);
+                    let r = c.ready().filter(|_| evictable)?;
                     let candidate = Candidate {
                         model: k.clone(),
                         device: self.devices[c.device].name().to_string(),

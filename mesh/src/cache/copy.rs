@@ -89,12 +89,15 @@ impl ModelCopy {
         let KeepAlive::For(keep) = r.keep_alive else {
             return None;
         };
-        let floor = if r.used {
-            min_residency
-        } else {
-            min_residency.max(Duration::from_secs(1))
-        };
-        Some((r.last_used + keep).max(r.loaded_at + floor))
+        Some((r.last_used + keep).max(r.loaded_at + floor(r, min_residency)))
+    }
+
+    /// Whether an idle copy may leave for room now: loaded at least `min_residency` ago (a
+    /// second for one nobody has used yet, so its waiters can pin it before another load
+    /// takes its room).
+    pub fn settled(&self, now: Instant, min_residency: Duration) -> bool {
+        self.ready()
+            .is_some_and(|r| now >= r.loaded_at + floor(r, min_residency))
     }
 
     pub fn phase(&self) -> CopyPhase {
@@ -155,4 +158,13 @@ pub struct Draining {
     pub device: usize,
     pub bytes: u64,
     pub pins: usize,
+}
+
+/// How long a copy stays at least, whatever else happens to it.
+fn floor(r: &Ready, min_residency: Duration) -> Duration {
+    if r.used {
+        min_residency
+    } else {
+        min_residency.max(Duration::from_secs(1))
+    }
 }

@@ -80,6 +80,14 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Take one of the model's `max_concurrency` slots if one is free now.
+    pub fn try_enter(&mut self) -> bool {
+        if self._permit.is_none() {
+            self._permit = self.gate.clone().try_acquire_owned().ok();
+        }
+        self._permit.is_some()
+    }
+
     /// Wait for one of the model's `max_concurrency` slots (once; later calls return at once).
     pub async fn enter(&mut self) {
         if self._permit.is_some() {
@@ -158,6 +166,7 @@ impl Cache {
     ) -> anyhow::Result<Self> {
         let mut state = State::new(&config.devices, config.keep_alive, &metrics);
         state.residency = config.residency;
+        state.min_residency = config.min_residency.0;
         let size = |m: &ModelConfig| match m.format {
             Some(f) => flatmesh_runtime::footprint(&m.path, f),
             None => Err(flatmesh_runtime::RuntimeError::InvalidRequest(
@@ -323,7 +332,7 @@ impl Cache {
                         // is needed; its advice is checked by key.
                         let advisor = inner.advisor().filter(|a| a.is_active());
                         match advisor {
-                            Some(a) if !asked && st.needs_room(&model, now, &inner.metrics) => {
+                            Some(a) if !asked && st.needs_room(&model, now, &inner.metrics)? => {
                                 let (keys, candidates): (Vec<_>, Vec<_>) =
                                     st.candidates(now).into_iter().unzip();
                                 Some((a, keys, candidates))

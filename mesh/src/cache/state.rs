@@ -75,6 +75,8 @@ pub struct State {
     next_copy: u64,
     /// Which idle copies leave first when room is needed.
     pub residency: Residency,
+    /// No copy leaves for room sooner than this after its load.
+    pub min_residency: Duration,
     /// Recent demand of every model (used by `Residency::Demand`).
     pub demand: Demand,
 }
@@ -117,6 +119,7 @@ impl State {
             default_keep_alive,
             next_copy: 0,
             residency: Residency::default(),
+            min_residency: Duration::ZERO,
             demand: Demand::default(),
         }
     }
@@ -380,7 +383,9 @@ impl State {
                         bytes: r.bytes,
                         last_used: r.last_used.max(r.valued_until).into_std(),
                         value,
-                        evictable: c.pins == 0 && !e.config.pinned,
+                        evictable: c.pins == 0
+                            && !e.config.pinned
+                            && c.settled(now, self.min_residency),
                     })
                 })
             })

@@ -95,8 +95,10 @@ pub async fn start(
     let deadline = Instant::now() + finish.limit;
     let overran = Arc::new(AtomicBool::new(false));
     let flag = overran.clone();
+    // `held` lives with the engine: lease, slot and admission go back when the engine returns,
+    // never while it still computes (a client that leaves mid-prefill included).
     let task = tokio::task::spawn_blocking(move || {
-        engine.generate(&gen, &mut |ev| {
+        let r = engine.generate(&gen, &mut |ev| {
             if Instant::now() >= deadline {
                 flag.store(true, Ordering::Relaxed);
                 return ControlFlow::Break(());
@@ -105,22 +107,33 @@ pub async fn start(
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
-        })
+        });
+        (r, held)
     });
-    let outcome = |r: Result<Result<Generation, flatmesh_runtime::RuntimeError>, _>| match r {
-        Ok(r) => r.map_err(ServeError::from),
-        Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
+    let timeout = |limit: Duration| {
+        ServeError::new(
+            ErrorKind::Timeout,
+            "request_timeout",
+            format!("the request ran past its limit of {limit:?}"),
+        )
     };
     match from_engine.recv().await {
         Some(GenerateEvent::Started { .. }) => {}
         _ => {
-            let e = match outcome(task.await) {
-                Err(e) => e,
-                Ok(_) => ServeError::internal("generation ended before it started"),
+            let e = match task.await {
+                Err(e) => ServeError::internal(format!("generation task failed: {e}")),
+                Ok((r, held)) => {
+                    let e = match r {
+                        Err(e) => ServeError::from(e),
+                        Ok(_) if overran.load(Ordering::Relaxed) => timeout(finish.limit),
+                        Ok(_) => ServeError::internal("generation ended before it started"),
+                    };
+                    if e.is_client_error() {
+                        held.refund();
+                    }
+                    e
+                }
             };
-            if e.is_client_error() {
-                held.refund();
-            }
             return Err((e, finish));
         }
     }
@@ -133,17 +146,30 @@ pub async fn start(
             remember,
             limit,
         } = finish;
-        // Until the engine ends, or the client leaves: then dropping the receiver stops the
-        // engine at its next token.
+        // Until the engine ends, the client leaves, or the time is up (a client that stops
+        // reading must not hold the slot): dropping the receiver stops the engine at its next
+        // token.
+        let until = tokio::time::Instant::from_std(deadline);
         loop {
             let ev = tokio::select! {
                 ev = from_engine.recv() => ev,
                 _ = to_client.closed() => break,
+                _ = tokio::time::sleep_until(until) => {
+                    overran.store(true, Ordering::Relaxed);
+                    break;
+                }
             };
             match ev {
                 Some(GenerateEvent::Text(t)) => {
                     tracker.first_token();
-                    if to_client.send(Event::Text(t)).await.is_err() {
+                    let sent = tokio::select! {
+                        r = to_client.send(Event::Text(t)) => r.is_ok(),
+                        _ = tokio::time::sleep_until(until) => {
+                            overran.store(true, Ordering::Relaxed);
+                            false
+                        }
+                    };
+                    if !sent {
                         break;
                     }
                 }
@@ -152,8 +178,11 @@ pub async fn start(
             }
         }
         drop(from_engine);
-        let result = outcome(task.await);
-        drop(held); // Lease, slot and admission go back before the ledger write.
+        // Lease, slot and admission went back with the engine, before the ledger write.
+        let result = match task.await {
+            Ok((r, _held)) => r.map_err(ServeError::from),
+            Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
+        };
         let result = match result {
             Ok(g) => {
                 // Whatever the end, the tokens computed are recorded.
@@ -162,11 +191,7 @@ pub async fn start(
                     .await
                 {
                     Err(e) => Err(e),
-                    Ok(()) if overran.load(Ordering::Relaxed) => Err(ServeError::new(
-                        ErrorKind::Timeout,
-                        "request_timeout",
-                        format!("the request ran past its limit of {limit:?}"),
-                    )),
+                    Ok(()) if overran.load(Ordering::Relaxed) => Err(timeout(limit)),
                     Ok(()) => {
                         tracker.tokens(g.prompt_tokens, g.completion_tokens);
                         if g.finish_reason != FinishReason::Cancelled {

@@ -219,12 +219,16 @@ impl Serve {
         if let Some(cp) = &mut remember {
             cp.target = model.clone(); // A fallback's answer belongs to its own namespace.
         }
-        let slot = self
-            .scheduler
-            .acquire(&req.caller.tier.name, req.caller.tier.weight)
-            .await?;
+        let (tier, weight) = (&req.caller.tier.name, req.caller.tier.weight);
+        let mut slot = self.scheduler.acquire(tier, weight).await?;
         let mut lease = lease;
-        lease.enter().await;
+        if !lease.try_enter() {
+            // The model runs as many requests as it may: wait for it without holding an
+            // execution slot that another model could use, then queue for one again.
+            drop(slot);
+            lease.enter().await;
+            slot = self.scheduler.acquire(tier, weight).await?;
+        }
         let engine = lease.engine.clone();
         let held = Held::new(admission, lease, slot);
         let output = match work {
@@ -380,16 +384,17 @@ impl Serve {
         }
     }
 
-    /// Embed on the blocking pool; `held` is given back as soon as this future ends, so a
-    /// client that leaves frees the lease and the slot at once.
+    /// Embed on the blocking pool.
     async fn embed(
         &self,
         engine: Arc<dyn Engine>,
         inputs: Vec<String>,
         held: Held,
     ) -> Result<Embeddings, ServeError> {
-        let task = tokio::task::spawn_blocking(move || engine.embed(&inputs));
-        let out = match tokio::time::timeout(self.max_run, task).await {
+        // `held` lives with the engine: an embedding cannot be stopped halfway, so its lease
+        // and slot go back when it ends, even if the client left or the time ran out.
+        let task = tokio::task::spawn_blocking(move || (engine.embed(&inputs), held));
+        let (out, held) = match tokio::time::timeout(self.max_run, task).await {
             Err(_) => {
                 return Err(ServeError::new(
                     ErrorKind::Timeout,

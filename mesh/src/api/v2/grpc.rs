@@ -484,7 +484,11 @@ async fn stream_one(
     let id = r.id.clone();
     let request = infer_request(state, caller.clone(), name, "v2_stream", decode(r)?)?;
     let client_id = request.client_id.clone();
-    let served = state.serve.run(request).await?;
+    // A client that leaves while the request waits or is prefilled is noticed at once.
+    let served = tokio::select! {
+        r = state.serve.run(request) => r?,
+        _ = tx.closed() => return Ok(()),
+    };
     let mut generating = match served.output {
         Output::Embeddings(out) => {
             let resp = super::InferResponse {

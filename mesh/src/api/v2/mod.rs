@@ -150,7 +150,11 @@ pub async fn metadata(
     state: &AppState,
     name: &str,
 ) -> Result<(String, Vec<Signature>, Vec<Signature>), ServeError> {
-    let lease = state.cache.acquire(name, None).await?;
+    // A pin, without one of the model's concurrency slots: only its facts are read.
+    let lease = state
+        .cache
+        .pin_for(name, None, std::time::Duration::ZERO)
+        .await?;
     let info = lease.engine.info().clone();
     let (i, o) = signature(info.kind, info.embedding_dims);
     Ok((lease.model.clone(), i, o))
