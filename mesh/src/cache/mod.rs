@@ -5,6 +5,7 @@
 //! `Notify` that fires on every change and re-check. Loads run on the blocking pool, at most
 //! `max_parallel_loads` at a time, one per model however many requests want it.
 
+mod admin;
 mod advice;
 pub mod config;
 mod copy;
@@ -484,119 +485,6 @@ impl Cache {
                 _ = notified => {}
             }
         }
-    }
-
-    /// Register a model (persisted). Errors when the id is taken or it cannot fit anywhere.
-    /// Its files are read and the registry written outside the state lock.
-    pub async fn register(&self, config: ModelConfig) -> Result<(), CacheError> {
-        let footprint = footprint(&config).await;
-        let _order = self.inner.persist.lock().await;
-        let saved = {
-            let mut st = self.inner.lock();
-            st.add(config, false, footprint)?;
-            st.registered()
-        };
-        self.save(saved).await
-    }
-
-    /// Unregister a model registered through the API (persisted). Idle copies are unloaded;
-    /// copies in use serve their leases and leave after the last one.
-    pub async fn unregister(&self, id: &str) -> Result<(), CacheError> {
-        let _order = self.inner.persist.lock().await;
-        let saved = {
-            let mut st = self.inner.lock();
-            st.remove(id, Instant::now(), &self.inner.metrics)?;
-            st.registered()
-        };
-        self.inner.warm().remove(id);
-        self.inner.changed.notify_waiters();
-        self.save(saved).await
-    }
-
-    /// Point vmodel `name` at `target`: the target is loaded first, then traffic moves.
-    pub async fn set_vmodel(&self, name: &str, target: &str) -> Result<(), CacheError> {
-        {
-            let st = self.inner.lock();
-            if st.models.contains_key(name) {
-                return Err(CacheError::Conflict(format!(
-                    "{name:?} is a model, not a vmodel"
-                )));
-            }
-            if !st.models.contains_key(target) {
-                return Err(CacheError::NotFound(target.to_string()));
-            }
-        }
-        self.load(target).await?;
-        let _order = self.inner.persist.lock().await;
-        let saved = {
-            let mut st = self.inner.lock();
-            if st.models.contains_key(name) {
-                return Err(CacheError::Conflict(format!(
-                    "{name:?} is a model, not a vmodel"
-                )));
-            }
-            if !st.models.contains_key(target) {
-                return Err(CacheError::NotFound(target.to_string()));
-            }
-            st.vmodels.insert(name.to_string(), target.to_string());
-            st.registered()
-        };
-        self.save(saved).await?;
-        tracing::info!(vmodel = %name, target = %target, "Switched vmodel");
-        Ok(())
-    }
-
-    pub async fn remove_vmodel(&self, name: &str) -> Result<(), CacheError> {
-        let _order = self.inner.persist.lock().await;
-        let saved = {
-            let mut st = self.inner.lock();
-            st.vmodels
-                .remove(name)
-                .ok_or_else(|| CacheError::NotFound(name.to_string()))?;
-            st.registered()
-        };
-        self.save(saved).await
-    }
-
-    pub fn status(&self) -> Vec<CopyStatus> {
-        self.inner.lock().status(Instant::now())
-    }
-
-    pub fn vmodels(&self) -> Vec<VmodelStatus> {
-        self.inner
-            .lock()
-            .vmodels
-            .iter()
-            .map(|(n, t)| VmodelStatus {
-                name: n.clone(),
-                target: t.clone(),
-            })
-            .collect()
-    }
-
-    /// Bytes in use on each device, by name: (name, used, capacity).
-    pub fn devices(&self) -> Vec<(String, u64, u64)> {
-        self.inner
-            .lock()
-            .devices
-            .iter()
-            .map(|d| (d.name().to_string(), d.used(), d.capacity()))
-            .collect()
-    }
-
-    /// Copies of unregistered models still serving their last leases, by model.
-    pub fn draining(&self) -> Vec<(String, CopyDetail)> {
-        self.inner.lock().draining()
-    }
-
-    /// Write `saved` to the registry; the caller holds `persist`, not the state lock.
-    async fn save(&self, saved: Saved) -> Result<(), CacheError> {
-        if let Some(reg) = &self.inner.registry {
-            reg.save(saved)
-                .await
-                .map_err(|e| CacheError::Invalid(format!("cannot save the registry: {e:#}")))?;
-        }
-        Ok(())
     }
 }
 
