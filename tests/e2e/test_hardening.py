@@ -1,5 +1,6 @@
 """Hostile input against the real agent: files that are not files, numbers out of range, leaks,
 cross-site admin calls, slow clients, and who may read /metrics."""
+import contextlib
 import os
 import re
 import socket
@@ -21,13 +22,25 @@ def files():
         yield Path(d)
 
 
+@contextlib.contextmanager
+def backtraces(value):
+    """RUST_BACKTRACE set for the agents started inside (they inherit the environment)."""
+    old = os.environ.get("RUST_BACKTRACE")
+    os.environ["RUST_BACKTRACE"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["RUST_BACKTRACE"]
+        else:
+            os.environ["RUST_BACKTRACE"] = old
+
+
 @pytest.fixture(scope="module")
 def hard(files):
     """An open (demo-style, no admin token) agent with tight timeouts and a metrics token,
     started with RUST_BACKTRACE set so that a leaked backtrace would show."""
-    old = os.environ.get("RUST_BACKTRACE")
-    os.environ["RUST_BACKTRACE"] = "1"
-    try:
+    with backtraces("1"):
         a = Agent(config=f"""
 [cache]
 preload = false
@@ -40,11 +53,6 @@ body_read_timeout = "1s"
 plugin_roots = ["{files}", "/dev"]
 max_plugin_bytes = "1KiB"
 """)
-    finally:
-        if old is None:
-            del os.environ["RUST_BACKTRACE"]
-        else:
-            os.environ["RUST_BACKTRACE"] = old
     yield a
     a.stop()
 
@@ -151,9 +159,7 @@ def test_errors_carry_no_file_contents_or_backtraces(hard, files):
 def test_a_trapping_plugin_answers_without_its_backtrace():
     hostile = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release" / "hostile.wasm"
     assert hostile.exists(), "run plugins/build first"
-    old = os.environ.get("RUST_BACKTRACE")
-    os.environ["RUST_BACKTRACE"] = "full"
-    try:
+    with backtraces("full"):
         a = Agent(config=f"""
 [cache]
 preload = false
@@ -164,11 +170,6 @@ plugin = "{hostile}"
 config = "panic"
 on_failure = "closed"
 """)
-    finally:
-        if old is None:
-            del os.environ["RUST_BACKTRACE"]
-        else:
-            os.environ["RUST_BACKTRACE"] = old
     try:
         for mode in ("panic", "trap"):
             r = httpx.post(a.url + "/admin/policies/router/reload", json={"config": mode})
