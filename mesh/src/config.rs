@@ -93,7 +93,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchedulerConfig {
-    /// Requests running at once on this node, all tiers together (default: CPU cores).
+    /// Requests running at once on this node, all tiers and models together (default 32):
+    /// an LLM copy batches the ones it holds into each step, so this is a count of sequences,
+    /// not of cores.
     pub slots: usize,
     /// Requests a tier may have waiting; more get 429.
     pub max_queue: usize,
@@ -106,7 +108,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            slots: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            slots: 32,
             max_queue: 256,
             max_wait: Secs(std::time::Duration::from_secs(60)),
             max_run: Secs(std::time::Duration::from_secs(600)),

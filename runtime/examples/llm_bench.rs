@@ -6,7 +6,8 @@
 use std::{ops::ControlFlow, path::Path, time::Instant};
 
 use flatmesh_runtime::{
-    device::Device, Engine, GenerateEvent, GenerateRequest, LlamaEngine, Prompt, SamplingParams,
+    device::Device, BatchConfig, Engine, GenerateEvent, GenerateRequest, LlmEngine, Prompt,
+    SamplingParams,
 };
 
 fn main() {
@@ -20,8 +21,8 @@ fn main() {
     let new_tokens: usize = args.get(3).map_or(128, |s| s.parse().expect("NEW_TOKENS"));
 
     let t = Instant::now();
-    let engine =
-        LlamaEngine::load(Path::new(path), &Device::host("host0", u64::MAX)).expect("load");
+    let device = Device::host("host0", u64::MAX);
+    let engine = LlmEngine::load(Path::new(path), &device, BatchConfig::default()).expect("load");
     let load_s = t.elapsed().as_secs_f64();
 
     // A prompt of exactly `prompt_tokens` tokens: " the" is one token in byte-level BPE vocabularies.
@@ -61,7 +62,8 @@ fn main() {
     let prefill_s = (prefilled - start).as_secs_f64();
     let decode_s = (end - prefilled).as_secs_f64();
     println!(
-        "{{\"engine\":\"flatmesh\",\"load_s\":{load_s:.3},\"prompt_tokens\":{},\"new_tokens\":{},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1}}}",
+        "{{\"engine\":\"flatmesh\",\"kernels\":\"{}\",\"load_s\":{load_s:.3},\"prompt_tokens\":{},\"new_tokens\":{},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1}}}",
+        engine.kernels(),
         g.prompt_tokens,
         g.completion_tokens,
         g.prompt_tokens as f64 / prefill_s,

@@ -6,7 +6,7 @@
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    Arc, Mutex, MutexGuard,
+    Arc, Mutex, MutexGuard, OnceLock,
 };
 
 use serde::Serialize;
@@ -21,12 +21,16 @@ pub enum DeviceKind {
     Cuda { ordinal: usize },
 }
 
-/// One forward pass at a time on an execution lane. On the host: candle's CPU kernels already
-/// use every core, and concurrent passes contend for its worker pool (8 concurrent streams
-/// measured 4x slower in total than one), so sequences interleave token by token instead.
-/// Host devices share one lane: they are memory pools over the same cores.
+/// One forward step at a time on an execution lane, computed by the lane's worker pool.
+/// On the host the pool has a thread per core, created once when the first step runs, and
+/// steps of different copies take turns: a copy batches its own sequences, so two copies
+/// stepping at once would only split the same cores. Host devices share one lane: they are
+/// memory pools over the same cores.
 #[derive(Clone, Default)]
-pub struct Lane(Arc<Mutex<()>>);
+pub struct Lane {
+    turn: Arc<Mutex<()>>,
+    workers: Arc<OnceLock<rayon::ThreadPool>>,
+}
 
 impl std::fmt::Debug for Lane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,12 +45,34 @@ impl Lane {
 
     /// Wait for the lane's turn; it is held until the guard drops.
     pub fn turn(&self) -> MutexGuard<'_, ()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.turn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The threads that compute on this lane (one per core).
+    pub fn threads(&self) -> usize {
+        self.workers().current_num_threads()
+    }
+
+    /// Run `f` in the lane's turn, on its worker pool (parallel work inside `f` uses it).
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let _turn = self.turn();
+        self.workers().install(f)
+    }
+
+    fn workers(&self) -> &rayon::ThreadPool {
+        self.workers.get_or_init(|| {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("flatmesh-cpu-{i}"))
+                .build()
+                .expect("the worker threads start")
+        })
     }
 
     /// Whether two handles are the same lane.
     pub fn same(&self, other: &Lane) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.turn, &other.turn)
     }
 }
 
@@ -201,9 +227,9 @@ mod tests {
         let other = lane.clone();
         assert!(lane.same(&other));
         let turn = lane.turn();
-        assert!(other.0.try_lock().is_err());
+        assert!(other.turn.try_lock().is_err());
         drop(turn);
-        assert!(other.0.try_lock().is_ok());
+        assert!(other.turn.try_lock().is_ok());
     }
 
     #[test]
@@ -212,7 +238,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../models/smollm2-135m-instruct/model.gguf");
         let device = Device::host("host0", u64::MAX);
-        let engine = crate::load(&path, Format::Gguf, &device).unwrap();
+        let engine = crate::load(&path, Format::Gguf, &device, Default::default()).unwrap();
         let turn = device.lane().turn();
         let (tx, rx) = std::sync::mpsc::channel();
         let worker = std::thread::spawn(move || {
@@ -239,7 +265,9 @@ mod tests {
             1 << 30,
             Lane::new(),
         );
-        let refused = crate::load(&path, Format::Gguf, &cuda).err().unwrap();
+        let refused = crate::load(&path, Format::Gguf, &cuda, Default::default())
+            .err()
+            .unwrap();
         assert_eq!(refused.kind(), "unsupported_operation");
     }
 

@@ -8,13 +8,12 @@ mod engine;
 mod error;
 mod file;
 mod gguf;
-mod llama;
+mod llm;
 mod load;
 pub mod sampling;
 mod stop;
 pub mod template;
 pub mod tokenizer;
-mod widen;
 
 pub use bert::BertEngine;
 pub use device::{Device, DeviceKind, Lane};
@@ -24,6 +23,6 @@ pub use engine::{
 };
 pub use error::{Result, RuntimeError};
 pub use file::{file_kind, open_regular, read_regular};
-pub use llama::LlamaEngine;
+pub use llm::{kernels, BatchConfig, LlmEngine};
 pub use load::{footprint, load, load_image, load_keeping_image, Footprint, Format, Image};
 pub use sampling::SamplingParams;

@@ -4,7 +4,7 @@ use std::{path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{device::Device, BertEngine, Engine, LlamaEngine, Result};
+use crate::{device::Device, BatchConfig, BertEngine, Engine, LlmEngine, Result};
 
 /// How a model is stored, which also picks the engine that runs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,12 +49,11 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// Weights plus a full KV cache for `sequences` concurrent sequences (saturating: a size
-    /// too large to count is `u64::MAX`, which fits no device, never a small wrapped number).
-    pub fn with_sequences(&self, sequences: usize) -> u64 {
+    /// Weights plus a KV pool of `kv_tokens` positions (saturating: a size too large to
+    /// count is `u64::MAX`, which fits no device, never a small wrapped number).
+    pub fn with_kv_tokens(&self, kv_tokens: usize) -> u64 {
         self.kv_bytes_per_token
-            .saturating_mul(self.context as u64)
-            .saturating_mul(sequences as u64)
+            .saturating_mul(kv_tokens as u64)
             .saturating_add(self.weights)
     }
 }
@@ -62,7 +61,7 @@ impl Footprint {
 /// Predict a model's footprint without loading it (reads headers only).
 pub fn footprint(path: &Path, format: Format) -> Result<Footprint> {
     match format {
-        Format::Gguf => crate::llama::footprint(path),
+        Format::Gguf => crate::llm::footprint(path),
         Format::BertSafetensors => {
             let weights = path.join("model.safetensors");
             let meta =
@@ -76,12 +75,12 @@ pub fn footprint(path: &Path, format: Format) -> Result<Footprint> {
     }
 }
 
-/// A model's prepared weights in host memory: a page-in from it skips the disk and any
-/// conversion (the warm tier keeps these). Only GGUF models have one.
+/// A model file's bytes in host memory: a page-in from it skips the disk, and the copy uses
+/// the weights where they are (the warm tier keeps these). Only GGUF models have one.
 #[derive(Clone)]
 pub struct Image {
     bytes: Arc<Vec<u8>>,
-    text: Option<crate::llama::TextParts>,
+    text: Option<crate::llm::TextParts>,
 }
 
 impl std::fmt::Debug for Image {
@@ -105,12 +104,13 @@ pub fn load_keeping_image(
     path: &Path,
     format: Format,
     device: &Device,
+    batch: BatchConfig,
 ) -> Result<(Arc<dyn Engine>, Option<Image>)> {
     Ok(match format {
         Format::Gguf => {
-            let (engine, bytes) = LlamaEngine::load_keeping_image(path, device)?;
+            let (engine, bytes) = LlmEngine::load_keeping_image(path, device, batch)?;
             let image = Image {
-                bytes: Arc::new(bytes),
+                bytes,
                 text: Some(engine.text_parts()),
             };
             (Arc::new(engine), Some(image))
@@ -122,19 +122,25 @@ pub fn load_keeping_image(
     })
 }
 
-/// Load a model onto `device` from its image (a memory copy and parse, no disk).
-pub fn load_image(image: &Image, device: &Device) -> Result<Arc<dyn Engine>> {
-    Ok(Arc::new(LlamaEngine::load_image(
-        &image.bytes,
+/// Load a model onto `device` from its image (a parse, no disk, no copy of the weights).
+pub fn load_image(image: &Image, device: &Device, batch: BatchConfig) -> Result<Arc<dyn Engine>> {
+    Ok(Arc::new(LlmEngine::load_image(
+        image.bytes.clone(),
         image.text.clone(),
         device,
+        batch,
     )?))
 }
 
 /// Load a model onto `device`. Blocks while it reads the weights.
-pub fn load(path: &Path, format: Format, device: &Device) -> Result<Arc<dyn Engine>> {
+pub fn load(
+    path: &Path,
+    format: Format,
+    device: &Device,
+    batch: BatchConfig,
+) -> Result<Arc<dyn Engine>> {
     Ok(match format {
-        Format::Gguf => Arc::new(LlamaEngine::load(path, device)?),
+        Format::Gguf => Arc::new(LlmEngine::load(path, device, batch)?),
         Format::BertSafetensors => {
             device.engine_lane()?;
             Arc::new(BertEngine::load(path)?)
@@ -153,7 +159,7 @@ mod tests {
             kv_bytes_per_token: 1 << 20,
             context: 1 << 13,
         };
-        assert_eq!(f.with_sequences(17_592_186_044_416), u64::MAX);
-        assert_eq!(f.with_sequences(1), (1 << 30) + (1 << 33));
+        assert_eq!(f.with_kv_tokens(usize::MAX), u64::MAX);
+        assert_eq!(f.with_kv_tokens(1 << 13), (1 << 30) + (1 << 33));
     }
 }

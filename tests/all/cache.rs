@@ -28,7 +28,7 @@ fn fixtures(n: usize) -> (tempfile::TempDir, Vec<PathBuf>, u64) {
         .collect();
     let need = footprint(&paths[0], Format::Gguf)
         .unwrap()
-        .with_sequences(1);
+        .with_kv_tokens(flatmesh_runtime::BatchConfig::default().kv_tokens);
     (dir, paths, need)
 }
 
@@ -230,7 +230,7 @@ fn registrations_survive_a_restart_and_too_large_models_are_refused() {
         assert_eq!(register(&agent, "extra", &paths[1]).status(), 409);
         let too_big = agent.post(
             "/admin/models",
-            json!({"id": "big", "path": paths[1], "max_concurrency": 64}),
+            json!({"id": "big", "path": paths[1], "kv_cache_tokens": 1 << 22}),
         );
         assert_eq!(too_big.status(), 400);
         assert!(too_big.text().unwrap().contains("largest device holds"));

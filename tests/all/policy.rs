@@ -284,7 +284,7 @@ fn residency_agent(plugin_config: &str) -> (Agent, tempfile::TempDir) {
         write_llama_gguf(&path, Size::TINY, i).unwrap();
         need = flatmesh_runtime::footprint(&path, flatmesh_runtime::Format::Gguf)
             .unwrap()
-            .with_sequences(1);
+            .with_kv_tokens(flatmesh_runtime::BatchConfig::default().kv_tokens);
         models += &format!(
             "[[models]]\nid = \"m{i}\"\npath = \"{}\"\nmax_concurrency = 1\n",
             path.display()

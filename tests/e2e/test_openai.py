@@ -138,7 +138,7 @@ def test_wrong_kind_of_model_is_400(client):
 def test_prompt_over_context_is_400(client):
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model=LLM, prompt="hello " * 5000, max_tokens=4, stream=stream)
+            client.completions.create(model=LLM, prompt="hello " * 9000, max_tokens=4, stream=stream)
         assert "maximum context length" in e.value.message
 
 

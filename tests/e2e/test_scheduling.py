@@ -58,7 +58,28 @@ def hammer(agent, tenant, seconds, counts, threads=6):
     return [threading.Thread(target=run) for _ in range(threads)]
 
 
-def test_weights_3_to_1_share_the_pool_within_10_percent_and_a_lone_tier_gets_it_all(agent2):
+# The same tiers with plenty of node slots, but a model that runs one request at a time: the
+# copy's own gate (its batch) is what binds, and it must give places out by weight too.
+GATE_CONFIG = CONFIG.replace("slots = 1", "slots = 16") + f"""
+[[models]]
+id = "{EMBED}"
+path = "all-minilm-l6-v2"
+max_concurrency = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def gated():
+    a = Agent(config=GATE_CONFIG)
+    a.keys = {t: httpx.post(f"{a.url}/admin/tenants/{t}/keys", headers=ADMIN).json()["key"]
+              for t in ["gold", "basic"]}
+    yield a
+    a.stop()
+
+
+@pytest.mark.parametrize("where", ["node slots", "copy gate"])
+def test_weights_3_to_1_share_the_pool_within_10_percent_and_a_lone_tier_gets_it_all(where, request):
+    agent2 = request.getfixturevalue("agent2" if where == "node slots" else "gated")
     counts = {}
     ts = hammer(agent2, "gold", 8, counts) + hammer(agent2, "basic", 8, counts)
     for t in ts:

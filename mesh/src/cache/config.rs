@@ -23,10 +23,15 @@ pub struct ModelConfig {
     /// Detected from the path when absent.
     #[serde(default)]
     pub format: Option<Format>,
-    /// Requests one copy runs at once; more wait their turn. Also the number of KV caches
-    /// reserved in memory for each copy.
+    /// Requests one copy runs at once (an LLM copy batches them into each step); more wait
+    /// their turn in the fair queue.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+    /// Positions of KV cache one LLM copy holds for all its sequences together, in blocks
+    /// taken as sequences grow (default 8192). Counted in the copy's bytes; one sequence
+    /// can use at most this many (its context is the smaller of this and the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_tokens: Option<usize>,
     /// How long a copy stays loaded when idle (default `cache.keep_alive`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<KeepAlive>,
@@ -140,12 +145,15 @@ fn default_host_capacity() -> u64 {
         .unwrap_or(4 << 30)
 }
 
-/// The most requests one model may run at once (each reserves a KV cache).
+/// The most requests one model may run at once.
 pub const MAX_CONCURRENCY: usize = 1024;
 
 pub fn default_max_concurrency() -> usize {
-    4
+    16
 }
+
+/// Bounds of `kv_cache_tokens`: one block, and 4 Mi positions.
+pub const KV_CACHE_TOKENS: std::ops::RangeInclusive<usize> = 16..=1 << 22;
 
 impl ModelConfig {
     /// A model with the default settings.
@@ -155,9 +163,19 @@ impl ModelConfig {
             path: path.into(),
             format,
             max_concurrency: default_max_concurrency(),
+            kv_cache_tokens: None,
             keep_alive: None,
             pinned: false,
             copies: 1,
+        }
+    }
+
+    /// How an LLM copy of this model batches.
+    pub fn batch(&self) -> flatmesh_runtime::BatchConfig {
+        let default = flatmesh_runtime::BatchConfig::default();
+        flatmesh_runtime::BatchConfig {
+            kv_tokens: self.kv_cache_tokens.unwrap_or(default.kv_tokens),
+            ..default
         }
     }
 
@@ -169,6 +187,16 @@ impl ModelConfig {
             return Err(format!(
                 "max_concurrency: {} is not in [1, {MAX_CONCURRENCY}]",
                 self.max_concurrency
+            ));
+        }
+        if let Some(n) = self
+            .kv_cache_tokens
+            .filter(|n| !KV_CACHE_TOKENS.contains(n))
+        {
+            return Err(format!(
+                "kv_cache_tokens: {n} is not in [{}, {}]",
+                KV_CACHE_TOKENS.start(),
+                KV_CACHE_TOKENS.end()
             ));
         }
         if !(1..=MAX_COPIES).contains(&self.copies) {

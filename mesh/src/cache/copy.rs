@@ -3,7 +3,9 @@
 use std::{sync::Arc, time::Duration};
 
 use flatmesh_runtime::Engine;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::time::Instant;
+
+use crate::scheduler::Scheduler;
 
 use crate::units::KeepAlive;
 
@@ -50,8 +52,8 @@ pub struct ModelCopy {
     pub device: usize,
     /// Leases on it (running, or waiting for one of its concurrency permits).
     pub pins: usize,
-    /// `max_concurrency` permits: the sequences the copy's KV reservation holds.
-    pub gate: Arc<Semaphore>,
+    /// `max_concurrency` places in the copy's batch, given out by the tiers' weights.
+    pub gate: Scheduler,
     pub state: CopyState,
 }
 
@@ -61,7 +63,7 @@ impl ModelCopy {
             id,
             device,
             pins: 0,
-            gate: Arc::new(Semaphore::new(concurrency)),
+            gate: Scheduler::gate(concurrency),
             state: CopyState::Loading { reserved },
         }
     }

@@ -26,7 +26,7 @@ use std::{
 
 use flatmesh_runtime::Engine;
 use tokio::{
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
+    sync::{Notify, Semaphore},
     time::Instant,
 };
 
@@ -42,6 +42,7 @@ pub use crate::registry::FileRegistry as Registry;
 use crate::{
     metrics::Metrics,
     registry::{ModelRegistry, Saved},
+    scheduler::{Scheduler, Slot},
     units::KeepAlive,
 };
 
@@ -75,28 +76,27 @@ pub struct Lease {
     /// The copy it is on, and that copy's device.
     pub copy: CopyId,
     pub device: String,
-    gate: Arc<Semaphore>,
+    gate: Scheduler,
     inner: Arc<Inner>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _place: Option<Slot>,
 }
 
 impl Lease {
-    /// Take one of the model's `max_concurrency` slots if one is free now.
-    pub fn try_enter(&mut self) -> bool {
-        if self._permit.is_none() {
-            self._permit = self.gate.clone().try_acquire_owned().ok();
+    /// Take one of the copy's `max_concurrency` places if one is free now and nobody waits.
+    pub fn try_enter(&mut self, tier: &str, weight: u32) -> bool {
+        if self._place.is_none() {
+            self._place = self.gate.try_acquire(tier, weight);
         }
-        self._permit.is_some()
+        self._place.is_some()
     }
 
-    /// Wait for one of the model's `max_concurrency` slots (once; later calls return at once).
-    pub async fn enter(&mut self) {
-        if self._permit.is_some() {
-            return;
+    /// Wait for one of the copy's places, in the tiers' fair order (once; later calls return
+    /// at once). The gate came with the pin: nothing is looked up again (the model may be
+    /// gone). Its wait has no bound of its own; were it to end, the lease would run without.
+    pub async fn enter(&mut self, tier: &str, weight: u32) {
+        if self._place.is_none() {
+            self._place = self.gate.acquire(tier, weight).await.ok();
         }
-        // The gate came with the pin: nothing is looked up again (the model may be gone).
-        // Gates are never closed; were one closed, the lease would run without a permit.
-        self._permit = self.gate.clone().acquire_owned().await.ok();
     }
 }
 
@@ -245,7 +245,9 @@ impl Cache {
         residency_bonus: Duration,
     ) -> Result<Lease, CacheError> {
         let mut lease = self.pin_for(id, keep_alive, residency_bonus).await?;
-        lease.enter().await;
+        // Outside the serve path (operators, a plugin's embedder on behalf of a request
+        // already admitted): one tier of its own in the copy's fair order.
+        lease.enter("", 1).await;
         Ok(lease)
     }
 
@@ -312,7 +314,7 @@ impl Cache {
                             device: pinned.device,
                             gate: pinned.gate,
                             inner: inner.clone(),
-                            _permit: None,
+                            _place: None,
                         });
                     }
                     Pin::Loading => {
@@ -382,11 +384,13 @@ impl Cache {
             };
             let source = if image.is_some() { "warm" } else { "disk" };
             tracing::info!(model = %load.config.id, copy = %load.copy, device = %load.device.name(), predicted_bytes = load.reserved, source, "Loading model");
-            let (from, device) = (path.clone(), load.device.clone());
+            let (from, device, batch) = (path.clone(), load.device.clone(), load.config.batch());
             let result = tokio::task::spawn_blocking(move || match image {
-                Some(image) => flatmesh_runtime::load_image(&image, &device).map(|e| (e, None)),
-                None if keep => flatmesh_runtime::load_keeping_image(&from, format, &device),
-                None => flatmesh_runtime::load(&from, format, &device).map(|e| (e, None)),
+                Some(image) => {
+                    flatmesh_runtime::load_image(&image, &device, batch).map(|e| (e, None))
+                }
+                None if keep => flatmesh_runtime::load_keeping_image(&from, format, &device, batch),
+                None => flatmesh_runtime::load(&from, format, &device, batch).map(|e| (e, None)),
             })
             .await
             .unwrap_or_else(|e| {

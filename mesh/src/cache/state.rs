@@ -4,7 +4,9 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use flatmesh_runtime::{Device, DeviceKind, Engine, Footprint, Format, Lane, RuntimeError};
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::time::Instant;
+
+use crate::scheduler::Scheduler;
 
 use super::{
     config::{DeviceConfig, ModelConfig},
@@ -19,11 +21,9 @@ pub struct Entry {
     pub config: ModelConfig,
     /// Declared in the config file (not removable through the API).
     pub from_config: bool,
-    /// Predicted bytes of one copy (weights + KV reservation), `None` while the header cannot
-    /// be read; measured once a copy has loaded.
+    /// Predicted bytes of one copy (weights + its KV block pool), `None` while the header
+    /// cannot be read; measured once a copy has loaded.
     pub predicted: Option<u64>,
-    /// KV cache reserved on top of the measured weights.
-    pub kv_reserve: u64,
     pub copies: Vec<ModelCopy>,
     /// The last load failed; no new copy is started before `retry_at`.
     pub failure: Option<Failure>,
@@ -42,7 +42,7 @@ pub struct Pinned {
     pub copy: CopyId,
     pub device: String,
     pub engine: Arc<dyn Engine>,
-    pub gate: Arc<Semaphore>,
+    pub gate: Scheduler,
 }
 
 /// What `try_pin` found.
@@ -142,9 +142,9 @@ impl State {
         if config.format.is_none() {
             return Err(CacheError::Invalid("format is not set".into()));
         }
-        let (predicted, kv_reserve, failure) = match footprint {
+        let (predicted, failure) = match footprint {
             Ok(f) => {
-                let total = f.with_sequences(config.max_concurrency);
+                let total = f.with_kv_tokens(config.batch().kv_tokens);
                 let largest = self.devices.iter().map(|d| d.capacity()).max();
                 let largest = largest.unwrap_or(0);
                 if total > largest {
@@ -154,11 +154,10 @@ impl State {
                         largest,
                     });
                 }
-                (Some(total), total - f.weights, None)
+                (Some(total), None)
             }
             Err(e) if from_config => (
                 None,
-                0,
                 Some(Failure {
                     reason: e.to_string(),
                     retry_at: Instant::now(),
@@ -170,7 +169,6 @@ impl State {
             config,
             from_config,
             predicted,
-            kv_reserve,
             copies: Vec::new(),
             failure,
             failures: 0,
@@ -407,9 +405,8 @@ impl State {
             .ok_or_else(|| CacheError::Invalid("format is not set".into()))?;
         match flatmesh_runtime::footprint(&entry.config.path, format) {
             Ok(f) => {
-                let total = f.with_sequences(entry.config.max_concurrency);
+                let total = f.with_kv_tokens(entry.config.batch().kv_tokens);
                 entry.predicted = Some(total);
-                entry.kv_reserve = total - f.weights;
                 Ok(total)
             }
             Err(err) => {
@@ -448,7 +445,7 @@ impl State {
         };
         match result {
             Ok(engine) => {
-                let bytes = engine.size_bytes() + entry.kv_reserve;
+                let bytes = engine.size_bytes();
                 if bytes != load.reserved {
                     tracing::debug!(model = %id, predicted = load.reserved, measured = bytes, "Corrected copy size");
                 }

@@ -27,6 +27,7 @@ fn model(
         path,
         format: Some(Format::Gguf),
         max_concurrency: 1,
+        kv_cache_tokens: None,
         keep_alive,
         pinned,
         copies: 1,
@@ -133,7 +134,7 @@ fn two_models_room_for_one() -> (tempfile::TempDir, Cache) {
     let b = model(dir.path(), "bb", None, false);
     let one = flatmesh_runtime::footprint(&a.path, Format::Gguf)
         .unwrap()
-        .with_sequences(1);
+        .with_kv_tokens(flatmesh_runtime::BatchConfig::default().kv_tokens);
     let c = cache(&[a, b], one + one / 2);
     (dir, c)
 }
@@ -175,7 +176,7 @@ async fn a_tier_residency_bonus_keeps_its_models_loaded_longer_under_pressure() 
         .collect();
     let one = flatmesh_runtime::footprint(&models[0].path, Format::Gguf)
         .unwrap()
-        .with_sequences(1);
+        .with_kv_tokens(flatmesh_runtime::BatchConfig::default().kv_tokens);
     let c = cache(&models, 2 * one + one / 2);
     // "a" is used first, by a tier with a 60 s residency bonus; "bb" later, without one.
     drop(
@@ -339,7 +340,7 @@ async fn a_busy_model_gets_a_second_copy_and_requests_pick_the_least_leased() {
     m.copies = 2;
     let one = flatmesh_runtime::footprint(&m.path, Format::Gguf)
         .unwrap()
-        .with_sequences(1);
+        .with_kv_tokens(flatmesh_runtime::BatchConfig::default().kv_tokens);
     let c = cache_on(&[m], &[one + one / 2, one + one / 2]);
     let first = c.acquire("m", None).await.unwrap();
     // Every copy is busy: the next request waits for the first copy, and a second one loads

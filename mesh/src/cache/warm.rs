@@ -104,7 +104,8 @@ mod tests {
         write_llama_gguf(&path, Size::TINY, id.len() as u64).unwrap();
         let device = Device::host("host0", u64::MAX);
         let (_, image) =
-            flatmesh_runtime::load_keeping_image(&path, Format::Gguf, &device).unwrap();
+            flatmesh_runtime::load_keeping_image(&path, Format::Gguf, &device, Default::default())
+                .unwrap();
         (path, image.unwrap())
     }
 

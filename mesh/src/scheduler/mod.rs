@@ -7,6 +7,10 @@
 //! max(virtual now, the tier's last finish), finish = start + 1/weight): busy tiers are served
 //! in proportion to their weights, and a tier coming back from idle gets its share at once,
 //! without banked credit.
+//!
+//! The same queue gates each copy (`Scheduler::gate`): a copy runs at most `max_concurrency`
+//! sequences in its batch, and when the batch is full the next to join is chosen by the
+//! tiers' weights too, so the shares hold whichever of the two limits binds.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -52,7 +56,8 @@ pub struct Scheduler {
     state: Arc<Mutex<State>>,
     max_queue: usize,
     max_wait: Duration,
-    metrics: Metrics,
+    /// The node's scheduler reports waits and rejections; a copy's gate does not.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A held execution slot; dropping it hands the slot to the next waiter.
@@ -66,6 +71,24 @@ impl Drop for Slot {
         st.free += 1;
         dispatch(&mut st);
     }
+}
+
+impl TierQueue {
+    /// Tags on arrival: a tier that was idle starts at virtual now, with no banked credit.
+    fn tag(&mut self, vnow: f64, weight: u32) -> (f64, f64) {
+        let start = self.finish.max(vnow);
+        self.finish = start + 1.0 / weight.max(1) as f64;
+        (start, self.finish)
+    }
+}
+
+fn queue<'a>(st: &'a mut State, tier: &str) -> &'a mut TierQueue {
+    st.tiers
+        .entry(tier.to_string())
+        .or_insert_with(|| TierQueue {
+            finish: 0.0,
+            waiting: VecDeque::new(),
+        })
 }
 
 /// Give free slots to waiters, smallest virtual finish tag first.
@@ -93,6 +116,26 @@ fn dispatch(st: &mut State) {
 
 impl Scheduler {
     pub fn new(slots: usize, max_queue: usize, max_wait: Duration, metrics: Metrics) -> Self {
+        Scheduler::with(slots, max_queue, max_wait, Some(Arc::new(metrics)))
+    }
+
+    /// The gate of one copy: `slots` sequences at once, waiting unbounded (the node's queue
+    /// bounds who can get here, and a request's `max_run` bounds how long it waits).
+    pub fn gate(slots: usize) -> Self {
+        Scheduler::with(
+            slots,
+            usize::MAX,
+            Duration::from_secs(10 * 365 * 86_400),
+            None,
+        )
+    }
+
+    fn with(
+        slots: usize,
+        max_queue: usize,
+        max_wait: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         Scheduler {
             state: Arc::new(Mutex::new(State {
                 free: slots,
@@ -110,6 +153,35 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A slot now, if one is free and nobody waits for one (tagged as `acquire` would).
+    pub fn try_acquire(&self, tier: &str, weight: u32) -> Option<Slot> {
+        let mut st = self.lock();
+        if st.free == 0 || st.tiers.values().any(|q| !q.waiting.is_empty()) {
+            return None;
+        }
+        let vnow = st.virtual_now;
+        let (start, _) = queue(&mut st, tier).tag(vnow, weight);
+        st.free -= 1;
+        st.virtual_now = start;
+        Some(Slot {
+            scheduler: self.clone(),
+        })
+    }
+
+    fn observe_wait(&self, tier: &str, seconds: f64) {
+        if let Some(m) = &self.metrics {
+            m.queue_wait_seconds
+                .with_label_values(&[tier])
+                .observe(seconds);
+        }
+    }
+
+    fn count_rejection(&self, tier: &str, why: &str) {
+        if let Some(m) = &self.metrics {
+            m.rejections.with_label_values(&[tier, why]).inc();
+        }
+    }
+
     /// Wait for a slot for a request of `tier` (with its weight).
     pub async fn acquire(&self, tier: &str, weight: u32) -> Result<Slot, Rejected> {
         let started = std::time::Instant::now();
@@ -118,33 +190,18 @@ impl Scheduler {
             let nobody_waits = st.tiers.values().all(|q| q.waiting.is_empty());
             let vnow = st.virtual_now;
             let at_once = nobody_waits && st.free > 0;
-            let q = st
-                .tiers
-                .entry(tier.to_string())
-                .or_insert_with(|| TierQueue {
-                    finish: 0.0,
-                    waiting: VecDeque::new(),
-                });
+            let q = queue(&mut st, tier);
             let queued = q.waiting.len();
             if !at_once && queued >= self.max_queue {
-                self.metrics
-                    .rejections
-                    .with_label_values(&[tier, "queue_full"])
-                    .inc();
+                self.count_rejection(tier, "queue_full");
                 return Err(Rejected::QueueFull(tier.to_string()));
             }
-            // Tags on arrival: a tier that was idle starts at virtual now, with no banked credit.
-            let start = q.finish.max(vnow);
-            let finish = start + 1.0 / weight.max(1) as f64;
-            q.finish = finish;
+            let (start, finish) = q.tag(vnow, weight);
             if at_once {
                 st.free -= 1;
                 st.virtual_now = start;
                 drop(st);
-                self.metrics
-                    .queue_wait_seconds
-                    .with_label_values(&[tier])
-                    .observe(0.0);
+                self.observe_wait(tier, 0.0);
                 return Ok(Slot {
                     scheduler: self.clone(),
                 });
@@ -179,18 +236,12 @@ impl Scheduler {
         };
         waiting.done = true;
         if granted {
-            self.metrics
-                .queue_wait_seconds
-                .with_label_values(&[tier])
-                .observe(started.elapsed().as_secs_f64());
+            self.observe_wait(tier, started.elapsed().as_secs_f64());
             Ok(Slot {
                 scheduler: self.clone(),
             })
         } else {
-            self.metrics
-                .rejections
-                .with_label_values(&[tier, "timeout"])
-                .inc();
+            self.count_rejection(tier, "timeout");
             Err(Rejected::Timeout(tier.to_string(), self.max_wait))
         }
     }

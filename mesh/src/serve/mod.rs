@@ -222,11 +222,12 @@ impl Serve {
         let (tier, weight) = (&req.caller.tier.name, req.caller.tier.weight);
         let mut slot = self.scheduler.acquire(tier, weight).await?;
         let mut lease = lease;
-        if !lease.try_enter() {
-            // The model runs as many requests as it may: wait for it without holding an
-            // execution slot that another model could use, then queue for one again.
+        if !lease.try_enter(tier, weight) {
+            // The copy's batch is full: wait for a place in it (given out by the tiers'
+            // weights) without holding an execution slot that another model could use, then
+            // queue for one again.
             drop(slot);
-            lease.enter().await;
+            lease.enter(tier, weight).await;
             slot = self.scheduler.acquire(tier, weight).await?;
         }
         let engine = lease.engine.clone();

@@ -1,0 +1,290 @@
+//! The CPU backend: the forward pass's operations on host memory, split over the device's
+//! worker pool, with the quantized kernels chosen for this CPU at run time.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::{
+    forward::{Backend, Batch, Buf},
+    kernels::{Act, Kernels},
+    kv::KvPool,
+    model::{Matrix, Model},
+};
+
+/// Rows of a matmul given to one task: enough work to amortise the hand-off, small enough
+/// to balance over the cores.
+const MIN_TASK_ROWS: usize = 16;
+
+/// Activations, quantized activations, the KV pool and scratch of one copy.
+pub struct Cpu {
+    kernels: &'static Kernels,
+    threads: usize,
+    tokens: usize,
+    bufs: [Vec<f32>; Buf::COUNT],
+    /// Rows of the input of the current matmul, quantized for each activation type in use.
+    quantized: Vec<(Act, Vec<u8>)>,
+    /// Matmul outputs laid out by weight row (`rows × tokens`), before the transpose.
+    transposed: Vec<Vec<f32>>,
+    pub kv: KvPool,
+    logits: Vec<f32>,
+    norm: Vec<f32>,
+}
+
+impl std::fmt::Debug for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cpu({}, {:?})", self.kernels.name(), self.kv)
+    }
+}
+
+impl Cpu {
+    pub fn new(kv: KvPool, threads: usize) -> Cpu {
+        Cpu {
+            kernels: Kernels::best(),
+            threads: threads.max(1),
+            tokens: 0,
+            bufs: Default::default(),
+            quantized: Vec::new(),
+            transposed: Vec::new(),
+            kv,
+            logits: Vec::new(),
+            norm: Vec::new(),
+        }
+    }
+
+    fn sized(&mut self, buf: Buf, width: usize) -> Vec<f32> {
+        let mut v = std::mem::take(&mut self.bufs[buf as usize]);
+        v.clear();
+        v.resize(self.tokens * width, 0.0);
+        v
+    }
+
+    /// Quantize the rows of `from` for activation type `act` (once per matmul input).
+    fn quantize(&mut self, from: &[f32], cols: usize, act: Act) -> usize {
+        if let Some(i) = self.quantized.iter().position(|(a, _)| *a == act) {
+            return i;
+        }
+        let rb = act.row_bytes(cols);
+        let mut out = vec![0u8; rb * self.tokens];
+        let k = self.kernels;
+        if self.tokens >= 8 {
+            out.par_chunks_mut(rb)
+                .zip(from.par_chunks(cols))
+                .for_each(|(o, x)| k.quantize_act(act, x, o));
+        } else {
+            for (o, x) in out.chunks_mut(rb).zip(from.chunks(cols)) {
+                k.quantize_act(act, x, o);
+            }
+        }
+        self.quantized.push((act, out));
+        self.quantized.len() - 1
+    }
+}
+
+/// Multiply rows `rows` of `w` by the quantized inputs, writing `out[r][t]`.
+fn matmul_rows(
+    k: &Kernels,
+    model: &Model,
+    w: &Matrix,
+    x: &[u8],
+    r0: usize,
+    out: &mut [f32],
+    t: usize,
+) {
+    for (i, o) in out.chunks_mut(t).enumerate() {
+        k.dot_many(w.qtype, model.row(w, r0 + i), x, w.cols, o);
+    }
+}
+
+impl Backend for Cpu {
+    fn begin(&mut self, tokens: usize) {
+        self.tokens = tokens;
+    }
+
+    fn embed(&mut self, model: &Model, ids: &[u32]) {
+        let d = model.shape.dim;
+        let mut x = self.sized(Buf::X, d);
+        for (row, &id) in x.chunks_mut(d).zip(ids) {
+            self.kernels.dequantize_row(
+                model.embed.qtype,
+                model.row(&model.embed, id as usize),
+                row,
+            );
+        }
+        self.bufs[Buf::X as usize] = x;
+    }
+
+    fn rms_norm(&mut self, from: Buf, weight: &[f32], eps: f32, to: Buf) {
+        let d = weight.len();
+        let mut out = self.sized(to, d);
+        for (o, x) in out.chunks_mut(d).zip(self.bufs[from as usize].chunks(d)) {
+            rms_norm(x, weight, eps, o);
+        }
+        self.bufs[to as usize] = out;
+    }
+
+    fn matmul(&mut self, model: &Model, from: Buf, outs: &[(&Matrix, Buf)]) {
+        let t = self.tokens;
+        let input = std::mem::take(&mut self.bufs[from as usize]);
+        let cols = outs[0].0.cols;
+        self.quantized.clear();
+        let which: Vec<usize> = outs
+            .iter()
+            .map(|(w, _)| self.quantize(&input, cols, w.qtype.act()))
+            .collect();
+        self.bufs[from as usize] = input;
+        let total: usize = outs.iter().map(|(w, _)| w.rows).sum();
+        let per = (total / (self.threads * 4)).max(MIN_TASK_ROWS);
+        let mut tmp = std::mem::take(&mut self.transposed);
+        tmp.resize_with(outs.len(), Vec::new);
+        let mut jobs = Vec::new();
+        for (((w, _), q), buf) in outs.iter().zip(&which).zip(tmp.iter_mut()) {
+            buf.clear();
+            buf.resize(w.rows * t, 0.0);
+            for (c, chunk) in buf.chunks_mut(per * t).enumerate() {
+                jobs.push((*w, &self.quantized[*q].1, c * per, chunk));
+            }
+        }
+        let k = self.kernels;
+        jobs.into_par_iter()
+            .for_each(|(w, x, r0, out)| matmul_rows(k, model, w, x, r0, out, t));
+        for ((w, to), src) in outs.iter().zip(&tmp) {
+            let mut out = self.sized(*to, w.rows);
+            if t == 1 {
+                out.copy_from_slice(src);
+            } else {
+                for (r, col) in src.chunks(t).enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        out[i * w.rows + r] = *v;
+                    }
+                }
+            }
+            self.bufs[*to as usize] = out;
+        }
+        self.transposed = tmp;
+    }
+
+    fn add_bias(&mut self, to: Buf, bias: &[f32]) {
+        for row in self.bufs[to as usize].chunks_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+    }
+
+    fn rope(&mut self, buf: Buf, head_dim: usize, base: f32, positions: &[usize]) {
+        let x = &mut self.bufs[buf as usize];
+        let width = x.len() / self.tokens.max(1);
+        let theta_scale = base.powf(-2.0 / head_dim as f32);
+        for (row, &pos) in x.chunks_mut(width).zip(positions) {
+            for head in row.chunks_mut(head_dim) {
+                let mut theta = pos as f32;
+                for pair in head.chunks_exact_mut(2) {
+                    let (sin, cos) = theta.sin_cos();
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos - x1 * sin;
+                    pair[1] = x0 * sin + x1 * cos;
+                    theta *= theta_scale;
+                }
+            }
+        }
+    }
+
+    fn attention(&mut self, model: &Model, layer: usize, batch: &Batch) {
+        let s = &model.shape;
+        let (hd, kv_dim) = (s.head_dim, s.kv_dim());
+        let k = std::mem::take(&mut self.bufs[Buf::K as usize]);
+        let v = std::mem::take(&mut self.bufs[Buf::V as usize]);
+        for (i, &pos) in batch.positions.iter().enumerate() {
+            let table = batch.tables[batch.seq_of[i]];
+            let (kd, vd) = self.kv.kv_mut(table, layer, pos);
+            self.kernels.to_f16(&k[i * kv_dim..(i + 1) * kv_dim], kd);
+            self.kernels.to_f16(&v[i * kv_dim..(i + 1) * kv_dim], vd);
+        }
+        self.bufs[Buf::K as usize] = k;
+        self.bufs[Buf::V as usize] = v;
+        let mut att = self.sized(Buf::Att, s.q_dim());
+        let q = &self.bufs[Buf::Q as usize];
+        let (kv, kern) = (&self.kv, self.kernels);
+        let group = s.heads / s.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        att.par_chunks_mut(hd).enumerate().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, qh), (idx, out)| {
+                let (t, h) = (idx / s.heads, idx % s.heads);
+                let (table, pos) = (batch.tables[batch.seq_of[t]], batch.positions[t]);
+                let g = (h / group) * hd;
+                // Q rounded to f16 and probabilities rounded to f16, as the reference
+                // engine's f16 KV matmuls do, so greedy outputs agree token for token.
+                qh.clear();
+                qh.extend(
+                    q[idx * hd..(idx + 1) * hd]
+                        .iter()
+                        .map(|x| f16::from_f32(*x).to_f32()),
+                );
+                scores.clear();
+                scores.extend(
+                    (0..=pos).map(|j| kern.dot_f16(&kv.k(table, layer, j)[g..g + hd], qh) * scale),
+                );
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+                let mut sum = 0f64;
+                for x in scores.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                out.fill(0.0);
+                for (j, p) in scores.iter().enumerate() {
+                    let p = f16::from_f32(p * inv).to_f32();
+                    kern.axpy_f16(out, p, &kv.v(table, layer, j)[g..g + hd]);
+                }
+            },
+        );
+        self.bufs[Buf::Att as usize] = att;
+    }
+
+    fn silu_mul(&mut self) {
+        let up = std::mem::take(&mut self.bufs[Buf::Up as usize]);
+        for (g, u) in self.bufs[Buf::Gate as usize].iter_mut().zip(&up) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        self.bufs[Buf::Up as usize] = up;
+    }
+
+    fn add(&mut self, to: Buf, from: Buf) {
+        let src = std::mem::take(&mut self.bufs[from as usize]);
+        self.bufs[to as usize]
+            .iter_mut()
+            .zip(&src)
+            .for_each(|(x, y)| *x += y);
+        self.bufs[from as usize] = src;
+    }
+
+    fn logits(&mut self, model: &Model, rows: &[usize]) -> &[f32] {
+        if rows.is_empty() {
+            return &[];
+        }
+        let d = model.shape.dim;
+        self.norm.clear();
+        self.norm.resize(rows.len() * d, 0.0);
+        let x = &self.bufs[Buf::X as usize];
+        for (o, &r) in self.norm.chunks_mut(d).zip(rows) {
+            rms_norm(&x[r * d..(r + 1) * d], &model.norm, model.shape.eps, o);
+        }
+        // The head runs over the selected rows only: borrow `H` as the input buffer.
+        let (tokens, h) = (self.tokens, std::mem::take(&mut self.norm));
+        self.tokens = rows.len();
+        let saved = std::mem::replace(&mut self.bufs[Buf::H as usize], h);
+        self.matmul(model, Buf::H, &[(&model.output, Buf::Gate)]);
+        self.norm = std::mem::replace(&mut self.bufs[Buf::H as usize], saved);
+        self.tokens = tokens;
+        self.logits = std::mem::take(&mut self.bufs[Buf::Gate as usize]);
+        &self.logits
+    }
+}
+
+/// RMSNorm with squares in f32 summed in f64, as the reference engine computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum: f64 = x.iter().map(|v| (v * v) as f64).sum();
+    let scale = 1.0 / ((sum / x.len() as f64) as f32 + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * w;
+    }
+}

@@ -1,0 +1,370 @@
+//! `LlmEngine`: a loaded llama-family copy. Callers block on their own sequence while the
+//! copy's step loop batches every sequence it holds.
+
+use std::{
+    ops::ControlFlow,
+    path::Path,
+    sync::{atomic::AtomicBool, mpsc, Arc, Mutex},
+};
+
+use candle_core::quantized::gguf_file;
+
+use super::{
+    batch::{BatchConfig, SeqEvent, StepLoop, Submit},
+    bytes::Bytes,
+    cpu::Cpu,
+    kv::KvPool,
+    model::Model,
+};
+use crate::gguf::{bad_gguf, open_error};
+use crate::{
+    device::Device,
+    engine::{
+        Engine, FinishReason, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind,
+        Prompt,
+    },
+    stop::{Step, StopMatcher},
+    template::ChatTemplate,
+    tokenizer::{GgufTokenizer, StreamDecoder},
+    Result, RuntimeError,
+};
+
+/// What an engine needs to read and write text, built from the GGUF metadata: kept with a
+/// warm image so that a page-in from it does not build the tokenizer again.
+#[derive(Clone, Debug)]
+pub struct TextParts {
+    tokenizer: Arc<GgufTokenizer>,
+    template: Option<Arc<ChatTemplate>>,
+}
+
+impl TextParts {
+    fn from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<TextParts> {
+        let tokenizer = GgufTokenizer::from_gguf(ct)?;
+        let template = match ct.metadata.get("tokenizer.chat_template") {
+            Some(v) => {
+                let src = v.to_string().map_err(|e| bad_gguf(path, e.to_string()))?;
+                let name =
+                    |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
+                Some(Arc::new(ChatTemplate::new(
+                    src,
+                    &name(&tokenizer.bos),
+                    &name(&tokenizer.eos),
+                )?))
+            }
+            None => None,
+        };
+        Ok(TextParts {
+            tokenizer: Arc::new(tokenizer),
+            template,
+        })
+    }
+}
+
+/// A loaded llama-family model: weights in place, a KV block pool, a step loop.
+pub struct LlmEngine {
+    model: Arc<Model>,
+    text: TextParts,
+    info: ModelInfo,
+    size_bytes: u64,
+    kv_bytes: u64,
+    submit: Mutex<mpsc::Sender<Submit>>,
+}
+
+impl std::fmt::Debug for LlmEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LlmEngine({}, {} bytes)",
+            self.model.arch, self.size_bytes
+        )
+    }
+}
+
+impl LlmEngine {
+    /// Map a GGUF file and load it onto `device`.
+    pub fn load(path: &Path, device: &Device, config: BatchConfig) -> Result<Self> {
+        let (file, _) = crate::file::open_regular(path).map_err(|e| open_error(path, e))?;
+        let bytes = Bytes::map(&file).map_err(|e| open_error(path, e))?;
+        Self::from_bytes(bytes, path, None, device, config)
+    }
+
+    /// Read a GGUF file into memory (the warm tier keeps those bytes) and load it from them.
+    pub fn load_keeping_image(
+        path: &Path,
+        device: &Device,
+        config: BatchConfig,
+    ) -> Result<(Self, Arc<Vec<u8>>)> {
+        let bytes =
+            Arc::new(crate::file::read_regular(path, u64::MAX).map_err(|e| open_error(path, e))?);
+        let engine = Self::from_bytes(Bytes::Shared(bytes.clone()), path, None, device, config)?;
+        Ok((engine, bytes))
+    }
+
+    /// Load from GGUF bytes already in memory: the weights are used where they are.
+    pub fn load_image(
+        image: Arc<Vec<u8>>,
+        text: Option<TextParts>,
+        device: &Device,
+        config: BatchConfig,
+    ) -> Result<Self> {
+        Self::from_bytes(
+            Bytes::Shared(image),
+            Path::new("<warm image>"),
+            text,
+            device,
+            config,
+        )
+    }
+
+    fn from_bytes(
+        bytes: Bytes,
+        path: &Path,
+        text: Option<TextParts>,
+        device: &Device,
+        config: BatchConfig,
+    ) -> Result<Self> {
+        let lane = device.engine_lane()?;
+        if config.block_tokens == 0 || config.step_tokens == 0 || config.kv_tokens == 0 {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "batch settings must be positive: {config:?}"
+            )));
+        }
+        let (model, ct) = Model::parse(bytes, path)?;
+        let text = match text {
+            Some(t) => t,
+            None => TextParts::from_gguf(&ct, path)?,
+        };
+        drop(ct);
+        let shape = &model.shape;
+        let kv = KvPool::new(
+            config.kv_tokens,
+            config.block_tokens,
+            shape.layers,
+            shape.kv_dim(),
+        );
+        let kv_bytes = kv.bytes();
+        let info = ModelInfo {
+            kind: ModelKind::Llm,
+            architecture: model.arch.clone(),
+            // One sequence may use the whole pool, but never more than the model was trained for.
+            context_length: shape.context.min(kv.capacity()),
+            embedding_dims: None,
+        };
+        let size_bytes = model.weight_bytes() + kv_bytes;
+        let model = Arc::new(model);
+        let (tx, rx) = mpsc::channel();
+        let cpu = Cpu::new(kv, lane.threads());
+        let eog = text.tokenizer.end_of_generation.clone();
+        let step = StepLoop::new(model.clone(), cpu, lane, config, eog);
+        std::thread::Builder::new()
+            .name("flatmesh-steps".into())
+            .spawn(move || step.run(rx))
+            .map_err(|e| RuntimeError::Inference(format!("the step loop did not start: {e}")))?;
+        Ok(LlmEngine {
+            model,
+            text,
+            info,
+            size_bytes,
+            kv_bytes,
+            submit: Mutex::new(tx),
+        })
+    }
+
+    /// The tokenizer and chat template, shared with whoever keeps them.
+    pub fn text_parts(&self) -> TextParts {
+        self.text.clone()
+    }
+
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.text.tokenizer
+    }
+
+    /// Bytes of the KV block pool (part of `size_bytes`).
+    pub fn kv_bytes(&self) -> u64 {
+        self.kv_bytes
+    }
+
+    /// The kernels this copy computes with ("avx512-vnni", "avx2", "scalar").
+    pub fn kernels(&self) -> &'static str {
+        super::kernels::Kernels::best().name()
+    }
+
+    /// The prompt's tokens, after the chat template where the prompt is a chat.
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let text = match prompt {
+            Prompt::Text(t) => std::borrow::Cow::Borrowed(t.as_str()),
+            Prompt::Chat(messages) => {
+                let template = self
+                    .text
+                    .template
+                    .as_ref()
+                    .ok_or(RuntimeError::InvalidRequest(
+                        "this model has no chat template; use /v1/completions".into(),
+                    ))?;
+                std::borrow::Cow::Owned(template.render(messages)?)
+            }
+        };
+        let ids = self.text.tokenizer.encode(&text)?;
+        if ids.is_empty() {
+            return Err(RuntimeError::InvalidRequest(
+                "prompt: must not be empty".into(),
+            ));
+        }
+        Ok(ids)
+    }
+
+    /// Hand a sequence to the step loop; its tokens come back on the returned channel.
+    pub fn start(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        sampling: crate::SamplingParams,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<mpsc::Receiver<SeqEvent>> {
+        let (events, rx) = mpsc::channel();
+        let submit = Submit {
+            prompt,
+            max_tokens,
+            sampling,
+            events,
+            cancel,
+        };
+        self.submit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(submit)
+            .map_err(|_| RuntimeError::Inference("the copy's step loop has stopped".into()))?;
+        Ok(rx)
+    }
+}
+
+/// Cancels the sequence when the caller leaves, however it leaves.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Engine for LlmEngine {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.text.tokenizer.encode(text)?.len())
+    }
+
+    fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_event: &mut dyn FnMut(GenerateEvent) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let prompt = self.prompt_tokens(&req.prompt)?;
+        let context = self.info.context_length;
+        let room = context.saturating_sub(prompt.len());
+        let max_tokens = req.max_tokens.unwrap_or(room);
+        if room == 0 || max_tokens > room {
+            return Err(RuntimeError::ContextOverflow {
+                prompt_tokens: prompt.len(),
+                max_tokens: req.max_tokens.unwrap_or(0),
+                context,
+            });
+        }
+        let mut result = Generation {
+            text: String::new(),
+            prompt_tokens: prompt.len(),
+            completion_tokens: 0,
+            finish_reason: FinishReason::Length,
+        };
+        if max_tokens == 0 {
+            return Ok(result);
+        }
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        let rx = self.start(prompt, max_tokens, req.sampling.clone(), cancel.0.clone())?;
+        let tokenizer = &self.text.tokenizer;
+        let mut decoder = StreamDecoder::default();
+        let mut stops = StopMatcher::new(&req.stop);
+        loop {
+            let token = match rx.recv() {
+                Ok(SeqEvent::Token(t)) => t,
+                Ok(SeqEvent::Done(reason)) => {
+                    result.finish_reason = reason;
+                    break;
+                }
+                Ok(SeqEvent::Failed(reason)) => return Err(RuntimeError::Inference(reason)),
+                Err(_) => {
+                    return Err(RuntimeError::Inference(
+                        "the copy's step loop has stopped".into(),
+                    ))
+                }
+            };
+            if result.completion_tokens == 0
+                && on_event(GenerateEvent::Started {
+                    prompt_tokens: result.prompt_tokens,
+                })
+                .is_break()
+            {
+                result.finish_reason = FinishReason::Cancelled;
+                break;
+            }
+            result.completion_tokens += 1;
+            if tokenizer.end_of_generation.contains(&token) {
+                continue;
+            }
+            if let Some(delta) = decoder.push(tokenizer, token)? {
+                let (text, stopped) = match stops.push(&delta) {
+                    Step::Emit(t) => (t, false),
+                    Step::Stop(t) => (t, true),
+                };
+                if !text.is_empty() && on_event(GenerateEvent::Text(text)).is_break() {
+                    result.finish_reason = FinishReason::Cancelled;
+                    break;
+                }
+                if stopped {
+                    result.finish_reason = FinishReason::Stop;
+                    break;
+                }
+            }
+        }
+        drop(cancel);
+        if result.finish_reason != FinishReason::Cancelled {
+            let rest = stops.flush();
+            if !rest.is_empty() {
+                let _ = on_event(GenerateEvent::Text(rest));
+            }
+        }
+        result.text = stops.into_text();
+        Ok(result)
+    }
+}
+
+/// What a GGUF model will need in memory, read from its header only: its weights as stored
+/// (they are used in place) and the KV bytes per token of its shape.
+pub fn footprint(path: &Path) -> Result<crate::Footprint> {
+    let (ct, _) = crate::gguf::read_header(path)?;
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad_gguf(path, "metadata key general.architecture is missing".into()))?;
+    let shape = super::model::shape(&ct, &arch, path)?;
+    let weights = ct
+        .tensor_infos
+        .values()
+        .map(|t| {
+            (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+        })
+        .sum();
+    Ok(crate::Footprint {
+        weights,
+        kv_bytes_per_token: shape.kv_bytes_per_token(),
+        context: shape.context,
+    })
+}

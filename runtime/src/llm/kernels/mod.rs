@@ -1,0 +1,385 @@
+//! Quantized CPU compute kernels for ggml block formats, with SIMD levels picked at run time.
+//!
+//! Weights are rows of ggml blocks (`Q4_0`, `Q4_1`, `Q5_0`, `Q5_1`, `Q8_0`, `Q4_K`, `Q5_K`,
+//! `Q6_K`) or plain `F32` / `F16` rows. A matrix-vector product takes one activation row,
+//! quantizes it once to the weight type's activation format ([`QType::act`], the same pairing
+//! as llama.cpp's `vec_dot_type`) and then takes [`Kernels::dot`] (or [`Kernels::dot_many`]
+//! for several activation rows at once) against every weight row.
+//!
+//! The integer parts of every dot product are exact and identical across levels; only the
+//! order of the final f32 accumulation differs between the scalar, AVX2 and AVX-512 levels.
+//! Activation quantization follows llama.cpp's x86 build (`quantize_row_q8_0` / `q8_1` with
+//! scale `amax / 127`, multiplier `127 / amax`, round-half-to-even; `quantize_row_q8_K_ref`
+//! for `Q8_K`) and is the same on every level.
+//!
+//! Kernels are chosen once with `is_x86_feature_detected!` ([`Kernels::best`]); nothing here
+//! needs `target-cpu=native`. The scalar level works on every architecture.
+#![allow(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod quantize;
+mod scalar;
+#[cfg(test)]
+mod tests;
+
+pub use quantize::quantize_weights;
+
+use std::sync::OnceLock;
+
+/// Elements in a K-quant super-block.
+pub const QK_K: usize = 256;
+
+/// A weight storage type (ggml type ids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    F32,
+    F16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl QType {
+    /// Every supported weight type.
+    pub const ALL: [QType; 10] = [
+        QType::F32,
+        QType::F16,
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q5_0,
+        QType::Q5_1,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+    ];
+
+    /// The type for a ggml type id, if supported.
+    pub fn from_ggml(id: u32) -> Option<QType> {
+        QType::ALL.into_iter().find(|t| t.ggml_id() == id)
+    }
+
+    /// The ggml type id.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QType::F32 => 0,
+            QType::F16 => 1,
+            QType::Q4_0 => 2,
+            QType::Q4_1 => 3,
+            QType::Q5_0 => 6,
+            QType::Q5_1 => 7,
+            QType::Q8_0 => 8,
+            QType::Q4K => 12,
+            QType::Q5K => 13,
+            QType::Q6K => 14,
+        }
+    }
+
+    /// The ggml name ("Q4_1", "Q4_K", "F16", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::F32 => "F32",
+            QType::F16 => "F16",
+            QType::Q4_0 => "Q4_0",
+            QType::Q4_1 => "Q4_1",
+            QType::Q5_0 => "Q5_0",
+            QType::Q5_1 => "Q5_1",
+            QType::Q8_0 => "Q8_0",
+            QType::Q4K => "Q4_K",
+            QType::Q5K => "Q5_K",
+            QType::Q6K => "Q6_K",
+        }
+    }
+
+    /// Values per block: 1 for F32/F16, 32 or 256.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QType::F32 | QType::F16 => 1,
+            QType::Q4K | QType::Q5K | QType::Q6K => QK_K,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QType::F32 => 4,
+            QType::F16 => 2,
+            QType::Q4_0 => 18,
+            QType::Q4_1 => 20,
+            QType::Q5_0 => 22,
+            QType::Q5_1 => 24,
+            QType::Q8_0 => 34,
+            QType::Q4K => 144,
+            QType::Q5K => 176,
+            QType::Q6K => 210,
+        }
+    }
+
+    /// Bytes in a row of `n` values; `n` must be a multiple of [`QType::block_elems`].
+    pub fn row_bytes(self, n: usize) -> usize {
+        assert!(
+            n.is_multiple_of(self.block_elems()),
+            "{n} is not a multiple of the {} block",
+            self.name()
+        );
+        n / self.block_elems() * self.block_bytes()
+    }
+
+    /// The activation format this weight type is multiplied with (llama.cpp's `vec_dot_type`).
+    pub fn act(self) -> Act {
+        match self {
+            QType::F32 => Act::F32,
+            QType::F16 => Act::F16,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => Act::Q8_0,
+            QType::Q4_1 | QType::Q5_1 => Act::Q8_1,
+            QType::Q4K | QType::Q5K | QType::Q6K => Act::Q8K,
+        }
+    }
+}
+
+/// An activation row format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// f16 d; i8 qs[32] (34 bytes per 32 values).
+    Q8_0,
+    /// f16 d; f16 s = d * sum(qs); i8 qs[32] (36 bytes per 32 values).
+    Q8_1,
+    /// f32 d; i8 qs[256]; i16 bsums[16] (292 bytes per 256 values).
+    Q8K,
+    /// Plain f16 values.
+    F16,
+    /// Plain f32 values.
+    F32,
+}
+
+impl Act {
+    /// Values per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            Act::Q8_0 | Act::Q8_1 => 32,
+            Act::Q8K => QK_K,
+            Act::F16 | Act::F32 => 1,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Act::Q8_0 => 34,
+            Act::Q8_1 => 36,
+            Act::Q8K => 292,
+            Act::F16 => 2,
+            Act::F32 => 4,
+        }
+    }
+
+    /// Bytes in a row of `n` values; `n` must be a multiple of the block.
+    pub fn row_bytes(self, n: usize) -> usize {
+        assert!(
+            n.is_multiple_of(self.block_elems()),
+            "{n} is not a multiple of the {self:?} block"
+        );
+        n / self.block_elems() * self.block_bytes()
+    }
+}
+
+/// SIMD level of a [`Kernels`] set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Level {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI, on top of the AVX2 level.
+    Avx512,
+}
+
+/// A set of kernels, chosen once at run time.
+#[derive(Debug)]
+pub struct Kernels {
+    level: Level,
+}
+
+static SCALAR: Kernels = Kernels {
+    level: Level::Scalar,
+};
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels { level: Level::Avx2 };
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = Kernels {
+    level: Level::Avx512,
+};
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+impl Kernels {
+    /// The fastest level this CPU supports: AVX-512 (+VNNI) > AVX2 (+FMA, F16C) > scalar.
+    pub fn best() -> &'static Kernels {
+        static BEST: OnceLock<&'static Kernels> = OnceLock::new();
+        BEST.get_or_init(|| Kernels::all().into_iter().last().unwrap_or(&SCALAR))
+    }
+
+    /// The portable reference level.
+    pub fn scalar() -> &'static Kernels {
+        &SCALAR
+    }
+
+    /// Every level this CPU supports, slowest first (for tests and benches).
+    pub fn all() -> Vec<&'static Kernels> {
+        #[allow(unused_mut)]
+        let mut v = vec![&SCALAR];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_avx2() {
+                v.push(&AVX2);
+            }
+            if has_avx512() {
+                v.push(&AVX512);
+            }
+        }
+        v
+    }
+
+    /// "avx512-vnni", "avx2" or "scalar".
+    pub fn name(&self) -> &'static str {
+        match self.level {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512-vnni",
+        }
+    }
+
+    /// Quantize one activation row `x` (length a multiple of the block) into `out`
+    /// (length `act.row_bytes(x.len())`).
+    pub fn quantize_act(&self, act: Act, x: &[f32], out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            act.row_bytes(x.len()),
+            "quantize_act: output length"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C.
+            if unsafe { avx2::quantize_act(act, x, out) } {
+                return;
+            }
+        }
+        scalar::quantize_act(act, x, out);
+    }
+
+    /// One weight row (`n` values stored as `qt`) · one activation row quantized as `qt.act()`.
+    pub fn dot(&self, qt: QType, w: &[u8], a: &[u8], n: usize) -> f32 {
+        let mut out = [0f32; 1];
+        self.dot_many(qt, w, a, n, &mut out);
+        out[0]
+    }
+
+    /// One weight row against `out.len()` activation rows laid out back to back (each
+    /// `qt.act().row_bytes(n)` bytes): `out[j] = dot(w, a_j)`. Each weight block is unpacked
+    /// once per tile of rows (up to 4 rows on AVX2, 8 on AVX-512).
+    pub fn dot_many(&self, qt: QType, w: &[u8], acts: &[u8], n: usize, out: &mut [f32]) {
+        let wb = qt.row_bytes(n);
+        let ab = qt.act().row_bytes(n);
+        assert!(
+            w.len() >= wb,
+            "dot: weight row has {} bytes, needs {wb}",
+            w.len()
+        );
+        assert!(
+            acts.len() >= ab * out.len(),
+            "dot: activations have {} bytes, need {}",
+            acts.len(),
+            ab * out.len()
+        );
+        let (w, acts) = (&w[..wb], &acts[..ab * out.len()]);
+        if out.is_empty() {
+            return;
+        }
+        let done = match self.level {
+            // SAFETY: this level exists only after `has_avx512()` detected AVX-512 F/BW/VL/VNNI,
+            // AVX2, FMA and F16C (a superset of the AVX2 level); slice lengths were checked above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe {
+                avx512::dot_many(qt, w, acts, n, out) || avx2::dot_many(qt, w, acts, n, out)
+            },
+            // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C;
+            // slice lengths were checked above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { avx2::dot_many(qt, w, acts, n, out) },
+            _ => false,
+        };
+        if !done {
+            scalar::dot_many(qt, w, acts, n, out);
+        }
+    }
+
+    /// Dequantize one weight row into `out` (its length is the row's value count).
+    pub fn dequantize_row(&self, qt: QType, w: &[u8], out: &mut [f32]) {
+        let wb = qt.row_bytes(out.len());
+        assert!(
+            w.len() >= wb,
+            "dequantize_row: weight row has {} bytes, needs {wb}",
+            w.len()
+        );
+        scalar::dequantize_row(qt, &w[..wb], out);
+    }
+
+    /// `sum_i k[i] * q[i]` over an f16 row.
+    pub fn dot_f16(&self, k: &[half::f16], q: &[f32]) -> f32 {
+        assert_eq!(k.len(), q.len(), "dot_f16: lengths differ");
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            return unsafe { avx2::dot_f16(k, q) };
+        }
+        scalar::dot_f16(k, q)
+    }
+
+    /// `y += a * v` over an f16 row.
+    pub fn axpy_f16(&self, y: &mut [f32], a: f32, v: &[half::f16]) {
+        assert_eq!(y.len(), v.len(), "axpy_f16: lengths differ");
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            unsafe { avx2::axpy_f16(y, a, v) };
+            return;
+        }
+        scalar::axpy_f16(y, a, v);
+    }
+
+    /// f32 → f16 row (round to nearest even).
+    pub fn to_f16(&self, x: &[f32], out: &mut [half::f16]) {
+        assert_eq!(x.len(), out.len(), "to_f16: lengths differ");
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            unsafe { avx2::to_f16(x, out) };
+            return;
+        }
+        scalar::to_f16(x, out);
+    }
+}

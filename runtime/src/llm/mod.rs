@@ -1,0 +1,23 @@
+//! The LLM engine: llama-family GGUF weights used in place, quantized SIMD kernels chosen at
+//! run time, a paged KV cache and continuous batching.
+//!
+//! Layers, top down: `engine` (the `Engine` a copy is) → `batch` (its step loop) →
+//! `forward` (one pass over a batch, over the `Backend` trait) → `cpu` (the host backend) →
+//! `kernels` (quantized dot products; the only unsafe code besides `bytes`' mmap).
+
+mod batch;
+mod bytes;
+mod cpu;
+mod engine;
+#[cfg(test)]
+mod fixture;
+mod forward;
+pub mod kernels;
+mod kv;
+mod model;
+
+pub use batch::BatchConfig;
+pub use engine::{footprint, LlmEngine, TextParts};
+
+#[cfg(test)]
+mod tests;
