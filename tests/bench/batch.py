@@ -12,7 +12,8 @@ prompt prefix is reused from the last request. For each N (and one lone stream),
   TTFT p50 / p99       time to the first content token (p99: nearest rank, the max below 100)
   decode tok/s (1)     one lone stream: (tokens - 1) / (last token - first token)
 
-`ignore_eos` is sent (llama-server honours it; flatmesh ignores it), and the tokens each
+The last column is flatmesh / llama-server: above 1 is flatmesh faster for tok/s, below 1 for
+TTFT. `ignore_eos` is sent (llama-server honours it; flatmesh ignores it), and the tokens each
 engine actually produced (from `usage`) are shown in the table.
 
     python3 tests/bench/batch.py [--streams 8,32] [--max-tokens 128] [--runs 1] [--parallel 8]
@@ -208,7 +209,7 @@ def measure(urls, streams, max_tokens, runs):
 
 def table(res, streams):
     names = list(res)
-    print(f"\n{'':35s}" + "".join(f"{n:>14s}" for n in names) + ("   flatmesh/llama" if len(names) == 2 else ""))
+    print(f"\n{'':35s}" + "".join(f"{n:>14s}" for n in names) + ("   flatmesh/llama-server" if len(names) == 2 else ""))
     rows = [(1, "decode tok/s (1 stream)", "single", 1), (1, "TTFT ms", "p50", 1000)]
     for n in streams:
         rows += [(n, "decode tok/s (all)", "all", 1), (n, "TTFT p50 ms", "p50", 1000),

@@ -1,13 +1,14 @@
 //! The paged KV cache of a copy: a fixed pool of f16 blocks that sequences take as they grow.
 
-use half::f16;
+use half::{f16, slice::HalfBitsSliceExt};
 
 /// Blocks of `block_tokens` positions, each holding K and V of every layer for those positions.
 pub struct KvPool {
     block_tokens: usize,
     layers: usize,
     kv_dim: usize,
-    data: Vec<f16>,
+    /// f16 values as their bits: a zeroed `u16` vector is allocated without touching it.
+    data: Vec<u16>,
     free: Vec<u32>,
     blocks: usize,
 }
@@ -39,7 +40,7 @@ impl KvPool {
             block_tokens,
             layers,
             kv_dim,
-            data: vec![f16::ZERO; blocks * layers * 2 * block_tokens * kv_dim],
+            data: vec![0u16; blocks * layers * 2 * block_tokens * kv_dim],
             free: (0..blocks as u32).rev().collect(),
             blocks,
         }
@@ -94,12 +95,12 @@ impl KvPool {
     /// K of `pos` in `layer` (V is `block_tokens` rows further).
     pub fn k(&self, table: &BlockTable, layer: usize, pos: usize) -> &[f16] {
         let at = self.base(table, layer, pos);
-        &self.data[at..at + self.kv_dim]
+        self.data[at..at + self.kv_dim].reinterpret_cast()
     }
 
     pub fn v(&self, table: &BlockTable, layer: usize, pos: usize) -> &[f16] {
         let at = self.base(table, layer, pos) + self.block_tokens * self.kv_dim;
-        &self.data[at..at + self.kv_dim]
+        self.data[at..at + self.kv_dim].reinterpret_cast()
     }
 
     /// Mutable K and V rows of `pos` in `layer`.
@@ -112,7 +113,10 @@ impl KvPool {
         let at = self.base(table, layer, pos);
         let vat = at + self.block_tokens * self.kv_dim;
         let (head, tail) = self.data.split_at_mut(vat);
-        (&mut head[at..at + self.kv_dim], &mut tail[..self.kv_dim])
+        (
+            head[at..at + self.kv_dim].reinterpret_cast_mut(),
+            tail[..self.kv_dim].reinterpret_cast_mut(),
+        )
     }
 }
 
