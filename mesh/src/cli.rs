@@ -195,12 +195,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let metrics = Metrics::new();
     let registry = Registry::open(&config.state_dir)?;
-    let cache = Cache::new(
-        config.cache.clone(),
-        &config.models,
-        Some(registry),
-        metrics.clone(),
-    )?;
+    // In a mesh the registry file is mirrored to etcd; alone it is the registry.
+    let (cache, mesh_registry) = match &config.mesh {
+        Some(mesh) => {
+            let shared = Arc::new(crate::cluster::MeshRegistry::new(registry, &mesh.prefix)?);
+            let store = shared.clone() as Arc<dyn crate::registry::ModelRegistry>;
+            let cache = Cache::open(
+                config.cache.clone(),
+                &config.models,
+                Some(store),
+                metrics.clone(),
+            )
+            .await?;
+            (cache, Some(shared))
+        }
+        None => {
+            let cache = Cache::new(
+                config.cache.clone(),
+                &config.models,
+                Some(registry),
+                metrics.clone(),
+            )?;
+            (cache, None)
+        }
+    };
     let ledger = crate::ledger::Ledger::open(&config.state_dir)?;
     let gpus = tokio::task::spawn_blocking(flatmesh_runtime::device::discover_cuda).await?;
     let gpus = match gpus {
@@ -271,9 +289,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ledger,
         limits,
         scheduler,
+        cluster: None,
     };
+    let mut state = state;
     let (listener, addr) = api::bind(config.http_addr()?).await?;
     let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;
+    if let (Some(mesh), Some(registry)) = (&config.mesh, mesh_registry) {
+        let http = mesh
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        state.cluster = Some(crate::cluster::Cluster::join(
+            mesh.clone(),
+            http,
+            cache.clone(),
+            registry,
+            metrics.clone(),
+        ));
+    }
     tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");
     if let Some(path) = &config.server.addr_file {
         let json = serde_json::json!({"http": addr.to_string(), "grpc": grpc_addr.to_string()});
@@ -306,8 +339,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         );
     let grpc = tokio::spawn(grpc);
+    let cluster = state.cluster.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
+        // Peers stop forwarding here before this node stops taking requests.
+        if let Some(c) = cluster {
+            c.leave().await;
+        }
         let _ = stop_tx.send(true);
     });
     let app = api::router(state.clone(), config.server.max_body_bytes);

@@ -32,6 +32,8 @@ pub struct Config {
     pub models_dir: PathBuf,
     /// The models this agent serves. When empty, the two demo models.
     pub models: Vec<ModelConfig>,
+    /// Join other agents through etcd; absent, the agent is a single node.
+    pub mesh: Option<crate::cluster::MeshConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +193,7 @@ impl Default for Config {
             state_dir: PathBuf::from("state"),
             models_dir: PathBuf::from("models"),
             models: Vec::new(),
+            mesh: None,
         }
     }
 }
@@ -232,6 +235,9 @@ impl Config {
         self.grpc_addr()?;
         self.tenancy.validate()?;
         self.policy.validate().map_err(anyhow::Error::msg)?;
+        if let Some(mesh) = &self.mesh {
+            mesh.validate()?;
+        }
         if self.scheduler.slots == 0 {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }

@@ -4,6 +4,7 @@ pub mod admin_client;
 pub mod api;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod files;
 pub mod ids;

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub response_cache: IntCounterVec,
     pub page_ins: IntCounterVec,
     pub warm_bytes: IntGauge,
+    pub mesh_nodes: IntGauge,
+    pub mesh_etcd_errors: IntCounterVec,
+    pub mesh_forwarded: IntCounterVec,
+    pub mesh_forward_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -237,6 +241,34 @@ impl Metrics {
             warm_bytes: register_int_gauge_with_registry!(
                 "flatmesh_warm_bytes",
                 "Bytes of prepared weights held in the warm tier.",
+                r
+            )
+            .expect("register"),
+            mesh_nodes: register_int_gauge_with_registry!(
+                "flatmesh_mesh_nodes",
+                "Live nodes of the mesh this node sees, itself included.",
+                r
+            )
+            .expect("register"),
+            mesh_etcd_errors: register_int_counter_vec_with_registry!(
+                "flatmesh_mesh_etcd_errors_total",
+                "etcd sessions that ended in an error (the node retries every second).",
+                &["node"],
+                r
+            )
+            .expect("register"),
+            mesh_forwarded: register_int_counter_vec_with_registry!(
+                "flatmesh_mesh_forwarded_total",
+                "Requests forwarded to a peer, by peer node URL and result (ok, error).",
+                &["peer", "result"],
+                r
+            )
+            .expect("register"),
+            mesh_forward_seconds: register_histogram_vec_with_registry!(
+                "flatmesh_mesh_forward_seconds",
+                "Time from forwarding a request to the peer's response headers.",
+                &["peer"],
+                exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
                 r
             )
             .expect("register"),

@@ -56,7 +56,8 @@ fn main() {
         mapped.push(t.elapsed().as_secs_f64());
 
         let t = Instant::now();
-        let engine = LlmEngine::load_image(image.clone(), Some(text.clone()), &device, config).expect("load");
+        let engine = LlmEngine::load_image(image.clone(), Some(text.clone()), &device, config)
+            .expect("load");
         first_token(&engine);
         warm.push(t.elapsed().as_secs_f64());
     }

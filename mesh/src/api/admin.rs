@@ -37,8 +37,21 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/invoice", get(invoice))
         .route("/admin/policies", get(policies))
         .route("/admin/policies/{slot}/reload", post(reload_policy))
+        .route("/admin/mesh", get(mesh))
         .layer(middleware::from_fn_with_state(state, authorize))
         .layer(middleware::from_fn(super::guard::same_origin_json))
+}
+
+/// The mesh as this node sees it: every live node's record (404 on a single node).
+async fn mesh(State(state): State<AppState>) -> Response {
+    match &state.cluster {
+        Some(c) => Json(c.status()).into_response(),
+        None => (
+            axum::http::StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": {"message": "this agent is a single node: no [mesh] is configured", "code": "not_found"}})),
+        )
+            .into_response(),
+    }
 }
 
 /// With `server.admin_token` set, every admin call needs `Authorization: Bearer <token>`.

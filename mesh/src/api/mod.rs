@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod forward;
 mod guard;
 mod health;
 mod openai;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub policies: crate::policy::Policies,
     /// CUDA GPUs found at start (reported only: engines run on host memory).
     pub gpus: Arc<Vec<flatmesh_runtime::device::GpuInfo>>,
+    /// The mesh this node belongs to, if any.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl AppState {
@@ -59,19 +62,32 @@ impl AppState {
 }
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    // Authenticated first, then (in a mesh) forwarded to the node that holds the model.
+    let forward =
+        || axum::middleware::from_fn_with_state((state.clone(), max_body_bytes), forward::forward);
     Router::new()
-        .merge(openai::routes().layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::openai,
-        )))
+        .merge(
+            openai::routes()
+                .layer(forward())
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    auth::openai,
+                )),
+        )
         .merge(health::routes())
         .merge(
-            v2::rest::routes().layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                auth::v2,
-            )),
+            v2::rest::routes()
+                .layer(forward())
+                .layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    auth::v2,
+                )),
         )
         .merge(admin::routes(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            forward::name_the_node,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }

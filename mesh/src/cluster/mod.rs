@@ -1,0 +1,338 @@
+//! The mesh: this node's record in etcd under a lease, the live peers' records, the shared
+//! registry, and where a request for a model should run.
+//!
+//! etcd holds the shared state; nothing here votes. A node publishes what it holds (models
+//! with ready copies, their leases, its devices) under `{prefix}/nodes/{node}`, tied to a
+//! lease it keeps alive: when the node dies its record leaves with the lease (≤ TTL). Every
+//! node watches the others' records. When etcd is unreachable a node keeps serving what it
+//! holds and forwarding to the peers it last saw, and joins again when etcd is back.
+
+pub mod config;
+mod registry;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+
+pub use self::config::MeshConfig;
+pub use self::registry::MeshRegistry;
+use crate::{cache::Cache, metrics::Metrics};
+
+/// A model with copies on a node, as that node publishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHere {
+    pub id: String,
+    /// Copies ready to serve.
+    pub ready: usize,
+    /// Requests holding a lease on its copies.
+    pub leases: usize,
+    pub bytes: u64,
+}
+
+/// A device of a node: capacity and bytes used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceHere {
+    pub name: String,
+    pub capacity: u64,
+    pub used: u64,
+}
+
+/// What a node publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: String,
+    /// Its HTTP front door, as peers reach it.
+    pub http: String,
+    /// Shutting down: finishing what it runs, taking nothing new.
+    pub draining: bool,
+    pub models: Vec<ModelHere>,
+    pub devices: Vec<DeviceHere>,
+}
+
+/// The mesh handle: cheap to clone.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: MeshConfig,
+    http: String,
+    cache: Cache,
+    /// Live records by node name, this node's included (as last published).
+    nodes: RwLock<BTreeMap<String, NodeRecord>>,
+    draining: std::sync::atomic::AtomicBool,
+    /// Whether the last etcd call worked.
+    connected: std::sync::atomic::AtomicBool,
+    registry: Arc<MeshRegistry>,
+    metrics: Metrics,
+}
+
+/// How often the node's record is rebuilt and, when it changed, published.
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+
+impl Cluster {
+    /// Join the mesh in the background: connect, publish, watch, and keep at it while etcd
+    /// comes and goes. `http` is this node's front door as peers reach it.
+    pub fn join(
+        config: MeshConfig,
+        http: String,
+        cache: Cache,
+        registry: Arc<MeshRegistry>,
+        metrics: Metrics,
+    ) -> Self {
+        let cluster = Cluster {
+            inner: Arc::new(Inner {
+                config,
+                http,
+                cache,
+                nodes: RwLock::default(),
+                draining: Default::default(),
+                connected: Default::default(),
+                registry,
+                metrics,
+            }),
+        };
+        let me = cluster.clone();
+        tokio::spawn(async move { me.run().await });
+        cluster
+    }
+
+    pub fn node(&self) -> &str {
+        &self.inner.config.node
+    }
+
+    /// Stop taking new work: peers stop forwarding here at the next publish.
+    pub fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Where a request for `model` (a model id, vmodels resolved) should run: `None` here,
+    /// or the front door of the peer to forward it to. Here when a copy is ready here;
+    /// else the least leased peer with a ready copy that is not draining; else here (the
+    /// model loads where the request arrived).
+    pub fn place(&self, model: &str) -> Option<String> {
+        let here = self
+            .inner
+            .cache
+            .status()
+            .into_iter()
+            .any(|m| m.id == model && m.copies.iter().any(|c| c.state == "ready"));
+        if here {
+            return None;
+        }
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .values()
+            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter_map(|n| {
+                let m = n.models.iter().find(|m| m.id == model && m.ready > 0)?;
+                Some((m.leases as f64 / m.ready as f64, &n.http))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, http)| http.clone())
+    }
+
+    /// Every live node's record, and whether etcd answers.
+    pub fn status(&self) -> serde_json::Value {
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        serde_json::json!({
+            "node": self.inner.config.node,
+            "etcd_connected": self.inner.connected.load(std::sync::atomic::Ordering::Relaxed),
+            "nodes": nodes.values().collect::<Vec<_>>(),
+        })
+    }
+
+    fn record(&self) -> NodeRecord {
+        let cache = &self.inner.cache;
+        let models = cache
+            .status()
+            .into_iter()
+            .filter_map(|m| {
+                let ready = m.copies.iter().filter(|c| c.state == "ready").count();
+                (ready > 0).then(|| ModelHere {
+                    id: m.id,
+                    ready,
+                    leases: m.copies.iter().map(|c| c.leases).sum(),
+                    bytes: m.copies.iter().map(|c| c.bytes).sum(),
+                })
+            })
+            .collect();
+        NodeRecord {
+            node: self.inner.config.node.clone(),
+            http: self.inner.http.clone(),
+            draining: self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed),
+            models,
+            devices: cache
+                .devices()
+                .into_iter()
+                .map(|(name, used, capacity)| DeviceHere {
+                    name,
+                    capacity,
+                    used,
+                })
+                .collect(),
+        }
+    }
+
+    fn key(&self, what: &str) -> String {
+        format!("{}/{what}", self.inner.config.prefix)
+    }
+
+    /// Connect, publish and watch until etcd fails; then wait a moment and start again.
+    async fn run(self) {
+        loop {
+            match self.session().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let was = self
+                        .inner
+                        .connected
+                        .swap(false, std::sync::atomic::Ordering::Relaxed);
+                    if was {
+                        tracing::warn!(error = %e, "Lost etcd; serving what this node holds and forwarding to known peers");
+                    } else {
+                        tracing::debug!(error = %e, "etcd still unreachable");
+                    }
+                    self.inner
+                        .metrics
+                        .mesh_etcd_errors
+                        .with_label_values(&[&self.inner.config.node])
+                        .inc();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One connected session: a fresh lease, the record under it, the registry synced, and
+    /// the peers watched, until an etcd call fails.
+    async fn session(&self) -> anyhow::Result<()> {
+        let cfg = &self.inner.config;
+        let connect = Client::connect(cfg.etcd.clone(), None);
+        let mut client = tokio::time::timeout(Duration::from_secs(3), connect).await??;
+        let ttl = cfg.lease_ttl.0.as_secs() as i64;
+        let lease = client.lease_grant(ttl, None).await?.id();
+        let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
+        let me = self.key(&format!("nodes/{}", cfg.node));
+        let mut published = self.record();
+        let put = |r: &NodeRecord| serde_json::to_vec(r).expect("a record serializes");
+        client
+            .put(
+                me.clone(),
+                put(&published),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        self.inner
+            .connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(node = %cfg.node, http = %self.inner.http, "Joined the mesh");
+        let registry_from = self
+            .inner
+            .registry
+            .sync(&mut client, &self.inner.cache)
+            .await?;
+
+        let prefix = self.key("nodes/");
+        let found = client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        {
+            let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
+            nodes.clear();
+            for kv in found.kvs() {
+                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                    nodes.insert(r.node.clone(), r);
+                }
+            }
+        }
+        let watch_from = found.header().map_or(0, |h| h.revision()) + 1;
+        let mut events = client
+            .watch(
+                prefix.clone(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(watch_from),
+                ),
+            )
+            .await?;
+        let mut registry_events = self
+            .inner
+            .registry
+            .watch(&mut client, registry_from)
+            .await?;
+        let mut tick = tokio::time::interval(PUBLISH_EVERY);
+        let keep_every = Duration::from_secs((ttl as u64 / 3).max(1));
+        let mut last_keep = Instant::now();
+        let mut last_put = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if last_keep.elapsed() >= keep_every {
+                        keeper.keep_alive().await?;
+                        last_keep = Instant::now();
+                    }
+                    let now = self.record();
+                    if now != published || last_put.elapsed() >= keep_every * 3 {
+                        client.put(me.clone(), put(&now), Some(PutOptions::new().with_lease(lease))).await?;
+                        last_put = Instant::now();
+                        published = now;
+                    }
+                }
+                ka = keep_stream.message() => {
+                    match ka? {
+                        Some(r) if r.ttl() > 0 => {}
+                        _ => anyhow::bail!("the node's lease expired"),
+                    }
+                }
+                ev = events.message() => {
+                    let Some(resp) = ev? else { anyhow::bail!("the watch of the nodes ended") };
+                    let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
+                    for e in resp.events() {
+                        let Some(kv) = e.kv() else { continue };
+                        let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&prefix).to_string();
+                        match e.event_type() {
+                            EventType::Put => {
+                                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                                    nodes.insert(r.node.clone(), r);
+                                }
+                            }
+                            EventType::Delete => {
+                                nodes.remove(&name);
+                            }
+                        }
+                    }
+                    self.inner.metrics.mesh_nodes.set(nodes.len() as i64);
+                }
+                ev = registry_events.message() => {
+                    let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };
+                    self.inner.registry.apply(&resp, &self.inner.cache).await;
+                }
+            }
+        }
+    }
+
+    /// Leave: publish the node as draining so peers stop forwarding here; its record goes
+    /// with its lease after the process ends.
+    pub async fn leave(&self) {
+        self.drain();
+        tokio::time::sleep(PUBLISH_EVERY * 2).await;
+    }
+
+    /// A metrics handle for the forwarding layer.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+}

@@ -1,0 +1,348 @@
+"""The mesh: three real agents ("a", "b", "c") joined through one real etcd.
+
+They list each other in `/admin/mesh`, share registrations and vmodels within a second,
+forward a request for a model that only another node holds to that node (one hop, the
+response naming the node in `x-flatmesh-node`), and drop a node killed with SIGKILL within
+its lease, serving its models themselves from then on.
+"""
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from conftest import BIN, EMBED, LLM, Agent, Etcd
+
+ADMIN = {"authorization": "Bearer admin-secret"}
+NODES = ("a", "b", "c")
+TTL = 2.0               # mesh.lease_ttl of every node
+PROPAGATION = 1.0       # a registration or vmodel made on one node is listed on the others by then
+LLM_B = "llm-b"         # a second id for the demo LLM's file, registered through node a
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+def mesh_config(etcd: Etcd, node: str) -> str:
+    # The demo models, nothing loaded at start (which node holds what is up to the tests),
+    # the open single-tenant demo (no keys), the admin API behind a token.
+    return f"""
+[server]
+admin_token = "admin-secret"
+
+[cache]
+preload = false
+
+[mesh]
+etcd = ["{etcd.endpoint}"]
+node = "{node}"
+prefix = "/flatmesh-e2e"
+lease_ttl = "2s"
+"""
+
+
+def wait_until(pred, timeout: float, what) -> float:
+    """Poll `pred` until it holds; the seconds that took, or an AssertionError after `timeout`."""
+    start = time.monotonic()
+    while True:
+        if pred():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        time.sleep(0.05)
+
+
+def view(agent) -> dict:
+    """The agent's `/admin/mesh`."""
+    r = httpx.get(agent.url + "/admin/mesh", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def nodes(agent) -> dict:
+    """The live nodes `agent` sees, by name."""
+    return {n["node"]: n for n in view(agent)["nodes"]}
+
+
+def holders(agent, model: str) -> set:
+    """The nodes `agent` sees with a ready copy of `model`."""
+    return {name for name, n in nodes(agent).items()
+            if any(m["id"] == model and m["ready"] > 0 for m in n["models"])}
+
+
+def listing(agent) -> dict:
+    """The agent's `GET /admin/models`."""
+    r = httpx.get(agent.url + "/admin/models", headers=ADMIN, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def served_by(r) -> str:
+    return r.headers.get("x-flatmesh-node")
+
+
+def embed(agent, texts, **extra):
+    return httpx.post(agent.url + "/v1/embeddings", timeout=180,
+                      json={"model": EMBED, "input": texts, **extra})
+
+
+def chat(agent, model, max_tokens=8, **extra):
+    return httpx.post(agent.url + "/v1/chat/completions", timeout=180, json={
+        "model": model, "messages": CHAT, "max_tokens": max_tokens, "temperature": 0, **extra})
+
+
+def sees(agent) -> set:
+    """The node names in `agent`'s view; none while it cannot answer (still joining)."""
+    try:
+        return set(nodes(agent))
+    except (AssertionError, httpx.HTTPError, ValueError, KeyError):
+        return set()
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
+    etcd = Etcd()
+    agents = {}
+    try:
+        for name in NODES:
+            agents[name] = Agent(config=mesh_config(etcd, name))
+            agents[name].node = name
+        try:
+            wait_until(lambda: all(sees(a) == set(NODES) for a in agents.values()), 30,
+                       lambda: {n: sorted(sees(a)) for n, a in agents.items()})
+        except AssertionError as e:
+            raise AssertionError(f"the nodes never saw each other: {e}\n"
+                                 + "\n".join(f"--- {n}\n{a.logs()}" for n, a in agents.items())) from None
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        etcd.close()
+
+
+def only_on_c(mesh, model, warm):
+    """Make `c` the one node with a ready copy of `model` (`warm(agent)` sends it a request),
+    and wait until `a` sees that."""
+    a, c = mesh["a"], mesh["c"]
+    if holders(a, model) != {"c"}:
+        assert not holders(a, model), f"{model} is already ready on {holders(a, model)}; the test needs it on c only"
+        r = warm(c)
+        assert r.status_code == 200, r.text
+        # Loaded nowhere: it loads on the node the request arrived at.
+        assert served_by(r) == "c"
+    wait_until(lambda: holders(a, model) == {"c"}, 10, lambda: f"a sees {model} on {holders(a, model)}: {view(a)}")
+
+
+def llm_b_only_on_c(mesh):
+    a, c = mesh["a"], mesh["c"]
+    r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=60,
+                   json={"id": LLM_B, "path": "smollm2-135m-instruct/model.gguf"})
+    assert r.status_code in (201, 409), r.text
+    wait_until(lambda: LLM_B in {m["id"] for m in listing(c)["models"]}, 10, f"c never listed {LLM_B}")
+    only_on_c(mesh, LLM_B, lambda node: chat(node, LLM_B, max_tokens=1, keep_alive=-1))
+
+
+# --- without [mesh] ---------------------------------------------------------------------------
+
+def test_without_a_mesh_table_the_agent_is_a_single_node():
+    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
+    single = Agent(config='[server]\nadmin_token = "admin-secret"\n[cache]\npreload = false\n')
+    try:
+        r = httpx.get(single.url + "/admin/mesh", headers=ADMIN)
+        assert r.status_code == 404, r.text
+        for path in ("/healthz", "/v1/models"):
+            r = httpx.get(single.url + path)
+            assert r.status_code == 200
+            assert "x-flatmesh-node" not in r.headers
+    finally:
+        single.stop()
+
+
+# --- membership --------------------------------------------------------------------------------
+
+def test_every_node_lists_all_three_including_itself(mesh):
+    for name, agent in mesh.items():
+        r = httpx.get(agent.url + "/admin/mesh", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert served_by(r) == name
+        v = r.json()
+        assert v["node"] == name
+        seen = {n["node"]: n for n in v["nodes"]}
+        assert set(seen) == set(NODES)
+        for other, record in seen.items():
+            assert record["http"].rstrip("/") == mesh[other].url, record
+            assert record["draining"] is False
+            assert isinstance(record["models"], list)
+
+
+def test_the_mesh_view_needs_the_admin_token(mesh):
+    r = httpx.get(mesh["a"].url + "/admin/mesh")
+    assert r.status_code == 401, r.text
+    r = httpx.get(mesh["a"].url + "/admin/mesh", headers={"authorization": "Bearer wrong"})
+    assert r.status_code == 401, r.text
+
+
+def test_every_response_names_the_node_that_served_it(mesh):
+    for name, agent in mesh.items():
+        assert served_by(httpx.get(agent.url + "/healthz")) == name
+        assert served_by(httpx.get(agent.url + "/v1/models")) == name
+        r = chat(agent, "gpt-9")
+        assert r.status_code == 404, r.text
+        assert served_by(r) == name
+
+
+# --- the shared registry ----------------------------------------------------------------------
+
+def test_a_model_registered_on_a_is_listed_on_b_and_c_within_a_second(mesh):
+    a, b, c = mesh["a"], mesh["b"], mesh["c"]
+    r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=60,
+                   json={"id": LLM_B, "path": "smollm2-135m-instruct/model.gguf"})
+    assert r.status_code == 201, r.text
+    took = wait_until(lambda: all(LLM_B in {m["id"] for m in listing(n)["models"]} for n in (b, c)),
+                      PROPAGATION, lambda: {n.node: [m["id"] for m in listing(n)["models"]] for n in (b, c)})
+    print(f"registration listed on b and c after {took:.3f} s")
+    # Registered, not loaded: no node holds it yet.
+    assert LLM_B not in {m["id"] for n in nodes(a).values() for m in n["models"]}
+
+
+def test_a_vmodel_set_on_a_resolves_on_b_within_a_second(mesh):
+    a, b = mesh["a"], mesh["b"]
+    r = httpx.put(a.url + "/admin/vmodels/chat-e2e", headers=ADMIN, json={"target": LLM}, timeout=180)
+    assert r.is_success, r.text
+    took = wait_until(lambda: any(v["name"] == "chat-e2e" and v["target"] == LLM for v in listing(b)["vmodels"]),
+                      PROPAGATION, lambda: listing(b)["vmodels"])
+    print(f"vmodel listed on b after {took:.3f} s")
+    r = chat(b, "chat-e2e", max_tokens=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == LLM
+    assert served_by(r) in NODES
+
+
+# --- forwarding to the node that holds the model ----------------------------------------------
+
+def test_embeddings_on_a_are_forwarded_to_c_which_holds_the_model(mesh):
+    a, c = mesh["a"], mesh["c"]
+    only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
+    texts = ["first text", "second text"]
+    r = embed(a, texts)
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "c"
+    got = [d["embedding"] for d in r.json()["data"]]
+    assert len(got) == 2 and all(len(e) == 384 for e in got)
+    direct = embed(c, texts)
+    assert served_by(direct) == "c"
+    np.testing.assert_allclose(got, [d["embedding"] for d in direct.json()["data"]], atol=1e-6)
+    # Forwarded, not loaded on a as well.
+    assert holders(a, EMBED) == {"c"}
+
+
+def test_v2_infer_on_a_is_forwarded_to_c_json_and_binary(mesh):
+    a, c = mesh["a"], mesh["c"]
+    only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
+    texts = ["A man plays guitar.", "Taxes are due."]
+    r = httpx.post(f"{a.url}/v2/models/{EMBED}/infer", timeout=120, json={
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": texts}]})
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "c"
+    out = r.json()["outputs"][0]
+    assert out["name"] == "embedding" and out["shape"] == [2, 384]
+    from_json = np.array(out["data"], dtype=np.float32).reshape(2, 384)
+
+    # The binary tensor data extension, encoded and decoded by tritonclient, through a to c.
+    inp = httpclient.InferInput("text", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_), binary_data=True)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(
+        [inp], outputs=[httpclient.InferRequestedOutput("embedding", binary_data=True)])
+    headers = {"content-type": "application/octet-stream"}
+    if json_size is not None:
+        headers["inference-header-content-length"] = str(json_size)
+    r = httpx.post(f"{a.url}/v2/models/{EMBED}/infer", content=body, headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "c"
+    length = r.headers.get("inference-header-content-length")
+    result = httpclient.InferenceServerClient.parse_response_body(
+        r.content, header_length=int(length) if length else None)
+    np.testing.assert_allclose(result.as_numpy("embedding"), from_json, atol=1e-6)
+    assert holders(a, EMBED) == {"c"}
+
+
+def test_chat_on_a_is_forwarded_to_c(mesh):
+    a = mesh["a"]
+    llm_b_only_on_c(mesh)
+    r = chat(a, LLM_B, max_tokens=8)
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "c"
+    body = r.json()
+    assert body["model"] == LLM_B
+    assert body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] >= 1
+
+
+def test_streamed_chat_on_a_is_forwarded_to_c(mesh):
+    a = mesh["a"]
+    llm_b_only_on_c(mesh)
+    with httpx.stream("POST", a.url + "/v1/chat/completions", timeout=180, json={
+            "model": LLM_B, "messages": CHAT, "max_tokens": 16, "temperature": 0, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert served_by(r) == "c"
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all("error" not in ch for ch in chunks), chunks
+    assert len(chunks) > 2
+    assert "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert holders(a, LLM_B) == {"c"}
+
+
+def test_streamed_chat_through_a_with_the_openai_client_keeps_the_node_and_every_chunk(mesh):
+    from openai import OpenAI
+    llm_b_only_on_c(mesh)
+
+    def stream(agent):
+        client = OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=180)
+        with client.chat.completions.with_streaming_response.create(
+                model=LLM_B, messages=CHAT, max_tokens=24, temperature=0, stream=True,
+                stream_options={"include_usage": True}) as resp:
+            return served_by(resp), list(resp.parse())
+
+    node, chunks = stream(mesh["a"])
+    assert node == "c"
+    direct_node, direct = stream(mesh["c"])
+    assert direct_node == "c"
+
+    def text(cs):
+        return "".join(ch.choices[0].delta.content or "" for ch in cs if ch.choices)
+
+    # The same copy, greedy: the forwarded stream is the direct one, chunk for chunk.
+    assert text(chunks) and text(chunks) == text(direct)
+    assert len(chunks) == len(direct)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].usage.completion_tokens == direct[-1].usage.completion_tokens
+
+
+# --- a node that dies -------------------------------------------------------------------------
+# Last in the module: it kills c.
+
+def test_a_killed_node_leaves_the_mesh_within_its_lease_and_the_others_serve_locally(mesh):
+    a, b, c = mesh["a"], mesh["b"], mesh["c"]
+    only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
+    llm_b_only_on_c(mesh)
+    assert "c" in nodes(b)
+
+    c.proc.kill()
+    c.proc.wait()
+    took = wait_until(lambda: "c" not in nodes(a) and "c" not in nodes(b), 2 * TTL + 1,
+                      lambda: {"a": sorted(nodes(a)), "b": sorted(nodes(b))})
+    print(f"c left the views of a and b {took:.2f} s after SIGKILL")
+    assert set(nodes(a)) == {"a", "b"} and set(nodes(b)) == {"a", "b"}
+
+    r = embed(a, "after c died")
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "a"
+    r = chat(b, LLM_B, max_tokens=2)
+    assert r.status_code == 200, r.text
+    assert served_by(r) == "b"
