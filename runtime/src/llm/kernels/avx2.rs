@@ -6,7 +6,7 @@
 //! `sum(m * s)` at the end.
 
 use super::scalar::KBlock;
-use super::{Act, QType};
+use super::types::{Act, QType};
 use half::f16;
 use std::arch::x86_64::*;
 

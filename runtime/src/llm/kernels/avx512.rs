@@ -6,7 +6,7 @@
 //! Integer sums are exact; each block's i32 partials are scaled by `d_w * d_a` in f32.
 
 use super::avx2::{kind, rd_u16, rd_u32};
-use super::QType;
+use super::types::QType;
 use std::arch::x86_64::*;
 
 const T_Q4_0: u8 = 0;

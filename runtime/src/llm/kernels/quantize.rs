@@ -6,7 +6,7 @@
 //! search, so they are valid but slightly less accurate than llama-quantize's output.
 
 use super::scalar::{nearest_int, scale_min_k4};
-use super::{QType, QK_K};
+use super::types::{QType, QK_K};
 use half::f16;
 
 fn f16_bytes(v: f32) -> [u8; 2] {

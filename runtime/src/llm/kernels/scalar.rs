@@ -1,6 +1,6 @@
 //! Portable reference kernels: activation quantization, dot products, dequantization.
 
-use super::{Act, QType, QK_K};
+use super::types::{Act, QType, QK_K};
 use half::f16;
 
 /// Read a little-endian f16 at `off` as f32.
