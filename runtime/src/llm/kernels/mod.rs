@@ -77,9 +77,19 @@ fn has_avx512() -> bool {
 
 impl Kernels {
     /// The fastest level this CPU supports: AVX-512 (+VNNI) > AVX2 (+FMA, F16C) > scalar.
+    ///
+    /// `FLATMESH_KERNELS=scalar|avx2|avx512-vnni` picks a lower level this CPU has instead
+    /// (comparisons, benchmarks); an unknown or unavailable name keeps the best.
     pub fn best() -> &'static Kernels {
         static BEST: OnceLock<&'static Kernels> = OnceLock::new();
-        BEST.get_or_init(|| Kernels::all().into_iter().last().unwrap_or(&SCALAR))
+        BEST.get_or_init(|| {
+            let all = Kernels::all();
+            let wanted = std::env::var("FLATMESH_KERNELS").ok();
+            wanted
+                .and_then(|w| all.iter().copied().find(|k| k.name() == w))
+                .or_else(|| all.last().copied())
+                .unwrap_or(&SCALAR)
+        })
     }
 
     /// The portable reference level.
