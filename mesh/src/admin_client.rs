@@ -1,4 +1,4 @@
-//! `flatmesh models|tenants|ledger|policies ...`: the admin API from the command line.
+//! `flatmesh models|tenants|ledger|policies|mesh ...`: the admin API from the command line.
 
 use std::process::ExitCode;
 
@@ -82,6 +82,26 @@ enum PoliciesCommand {
         #[arg(long)]
         config: Option<String>,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MeshArgs {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    command: MeshCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum MeshCommand {
+    /// Every live node as the agent sees it: front door, draining, devices, models ready.
+    Status,
+}
+
+pub fn mesh(args: MeshArgs) -> ExitCode {
+    match args.command {
+        MeshCommand::Status => send(&args.target, reqwest::Method::GET, "mesh", None),
+    }
 }
 
 pub fn policies(args: PoliciesArgs) -> ExitCode {

@@ -37,6 +37,8 @@ enum Command {
     Ledger(crate::admin_client::LedgerArgs),
     /// List and reload the policy plugins of a running agent.
     Policies(crate::admin_client::PoliciesArgs),
+    /// The mesh as a running agent sees it (`mesh status`).
+    Mesh(crate::admin_client::MeshArgs),
 }
 
 /// Every flag overrides the config file; every flag is also an environment variable.
@@ -144,6 +146,7 @@ pub fn main() -> ExitCode {
         Command::Tenants(t) => return crate::admin_client::tenants(t),
         Command::Ledger(l) => return crate::admin_client::ledger(l),
         Command::Policies(p) => return crate::admin_client::policies(p),
+        Command::Mesh(m) => return crate::admin_client::mesh(m),
     };
     let config = match args.config() {
         Ok(c) => c,
@@ -304,6 +307,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             http,
             cache.clone(),
             registry,
+            state.tenancy.clone(),
             metrics.clone(),
         ));
     }

@@ -324,6 +324,60 @@ def test_streamed_chat_through_a_with_the_openai_client_keeps_the_node_and_every
     assert chunks[-1].usage.completion_tokens == direct[-1].usage.completion_tokens
 
 
+# --- shared tenancy: two more nodes with tiers, on their own prefix -----------------------------
+
+TIERS = """
+[tenancy]
+[[tenancy.tiers]]
+name = "basic"
+"""
+
+
+@pytest.fixture(scope="module")
+def tenanted_pair():
+    etcd = Etcd()
+    agents = {}
+    try:
+        for name in ("t1", "t2"):
+            agents[name] = Agent(config=mesh_config(etcd, name) + TIERS)
+        wait_until(lambda: all(sees(a) == {"t1", "t2"} for a in agents.values()), 30,
+                   lambda: {n: sorted(sees(a)) for n, a in agents.items()})
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        etcd.close()
+
+
+def test_a_tenant_and_key_made_on_one_node_work_on_the_other_and_a_revocation_too(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    # The model is loaded on two first, so the second below measures the key, not a load.
+    assert httpx.post(two.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
+    assert httpx.post(one.url + "/admin/tenants", headers=ADMIN, json={"id": "city-x", "tier": "basic"}).status_code == 201
+    key = httpx.post(one.url + "/admin/tenants/city-x/keys", headers=ADMIN).json()["key"]
+
+    def status_on_two():
+        return httpx.post(two.url + "/v1/embeddings", timeout=120, headers={"authorization": f"Bearer {key}"},
+                          json={"model": EMBED, "input": "shared key"}).status_code
+
+    took = wait_until(lambda: status_on_two() == 200, 1.0, lambda: f"two answers {status_on_two()}")
+    print(f"a key made on t1 worked on t2 after {took:.2f} s")
+    assert ("city-x", "basic") in {(t["id"], t["tier"]) for t in
+                                   httpx.get(two.url + "/admin/tenants", headers=ADMIN).json()["tenants"]}
+    assert httpx.post(one.url + "/admin/keys/revoke", headers=ADMIN, json={"key": key}).status_code == 204
+    wait_until(lambda: status_on_two() == 401, 1.0, lambda: f"two still answers {status_on_two()}")
+
+
+def test_mesh_status_on_the_command_line(mesh):
+    import subprocess
+    out = subprocess.run([str(BIN), "mesh", "--url", mesh["b"].url, "--admin-token", "admin-secret", "status"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["node"] == "b" and status["etcd_connected"] is True
+    assert {n["node"] for n in status["nodes"]} == set(NODES)
+
+
 # --- a node that dies -------------------------------------------------------------------------
 # Last in the module: it kills c.
 
@@ -333,12 +387,33 @@ def test_a_killed_node_leaves_the_mesh_within_its_lease_and_the_others_serve_loc
     llm_b_only_on_c(mesh)
     assert "c" in nodes(b)
 
+    # Steady non-streaming traffic on a for c's model while c dies: none of it may fail
+    # (a peer that cannot be reached is skipped and the request served on a).
+    import threading
+    results, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(timeout=60) as h:
+            while not stop.is_set():
+                r = h.post(a.url + "/v1/embeddings", json={"model": EMBED, "input": "steady"})
+                results.append((r.status_code, served_by(r)))
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
     c.proc.kill()
     c.proc.wait()
     took = wait_until(lambda: "c" not in nodes(a) and "c" not in nodes(b), 2 * TTL + 1,
                       lambda: {"a": sorted(nodes(a)), "b": sorted(nodes(b))})
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
     print(f"c left the views of a and b {took:.2f} s after SIGKILL")
     assert set(nodes(a)) == {"a", "b"} and set(nodes(b)) == {"a", "b"}
+    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:5]
+    assert {node for _, node in results} == {"c", "a"}, "served by c before the kill and by a after"
 
     r = embed(a, "after c died")
     assert r.status_code == 200, r.text

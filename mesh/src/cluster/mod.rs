@@ -9,6 +9,7 @@
 
 pub mod config;
 mod registry;
+mod tenancy;
 
 use std::{
     collections::BTreeMap,
@@ -21,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub use self::config::MeshConfig;
 pub use self::registry::MeshRegistry;
-use crate::{cache::Cache, metrics::Metrics};
+use self::tenancy::SharedTenancy;
+use crate::{cache::Cache, metrics::Metrics, tenancy::Tenancy};
 
 /// A model with copies on a node, as that node publishes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +72,13 @@ struct Inner {
     /// Whether the last etcd call worked.
     connected: std::sync::atomic::AtomicBool,
     registry: Arc<MeshRegistry>,
+    tenancy: Tenancy,
+    shared_tenancy: SharedTenancy,
+    /// This node's own tenancy changes, to write to etcd.
+    tenancy_changes:
+        tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<crate::tenancy::Shared>>,
+    /// A change whose write failed (etcd went away): written first on reconnecting.
+    unwritten: std::sync::Mutex<Option<crate::tenancy::Shared>>,
     metrics: Metrics,
 }
 
@@ -84,8 +93,12 @@ impl Cluster {
         http: String,
         cache: Cache,
         registry: Arc<MeshRegistry>,
+        tenancy: Tenancy,
         metrics: Metrics,
     ) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tenancy.mirror_to(tx);
+        let shared_tenancy = SharedTenancy::new(&config.prefix);
         let cluster = Cluster {
             inner: Arc::new(Inner {
                 config,
@@ -95,6 +108,10 @@ impl Cluster {
                 draining: Default::default(),
                 connected: Default::default(),
                 registry,
+                tenancy,
+                shared_tenancy,
+                tenancy_changes: tokio::sync::Mutex::new(rx),
+                unwritten: Default::default(),
                 metrics,
             }),
         };
@@ -243,6 +260,18 @@ impl Cluster {
             .registry
             .sync(&mut client, &self.inner.cache)
             .await?;
+        // This node's tenancy changes made while etcd was away go out before what etcd holds
+        // comes in, so a key revoked here is not taken back from etcd.
+        let mut changes = self.inner.tenancy_changes.lock().await;
+        let shared = &self.inner.shared_tenancy;
+        let unwritten = self.take_unwritten();
+        for change in unwritten
+            .into_iter()
+            .chain(std::iter::from_fn(|| changes.try_recv().ok()))
+        {
+            self.write_shared(&mut client, change).await?;
+        }
+        let tenancy_from = shared.sync(&mut client, &self.inner.tenancy).await?;
 
         let prefix = self.key("nodes/");
         let found = client
@@ -273,6 +302,7 @@ impl Cluster {
             .registry
             .watch(&mut client, registry_from)
             .await?;
+        let mut tenancy_events = shared.watch(&mut client, tenancy_from).await?;
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         let keep_every = Duration::from_secs((ttl as u64 / 3).max(1));
         let mut last_keep = Instant::now();
@@ -320,8 +350,41 @@ impl Cluster {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };
                     self.inner.registry.apply(&resp, &self.inner.cache).await;
                 }
+                ev = tenancy_events.message() => {
+                    let Some(resp) = ev? else { anyhow::bail!("the watch of tenancy ended") };
+                    shared.apply(&resp, &self.inner.tenancy);
+                }
+                Some(change) = changes.recv() => {
+                    self.write_shared(&mut client, change).await?;
+                }
             }
         }
+    }
+
+    fn take_unwritten(&self) -> Option<crate::tenancy::Shared> {
+        self.inner
+            .unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Write one of this node's tenancy changes; a failed one is kept for the next session
+    /// (a revocation must never be lost, or the key would come back from etcd).
+    async fn write_shared(
+        &self,
+        client: &mut Client,
+        change: crate::tenancy::Shared,
+    ) -> anyhow::Result<()> {
+        let result = self.inner.shared_tenancy.write(client, &change).await;
+        if result.is_err() {
+            *self
+                .inner
+                .unwritten
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(change);
+        }
+        result
     }
 
     /// Leave: publish the node as draining so peers stop forwarding here; its record goes

@@ -54,7 +54,7 @@ fn all_models() -> Vec<String> {
     vec!["*".into()]
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub id: String,
@@ -109,11 +109,23 @@ struct Inner {
     open: bool,
 }
 
+/// A change made through the admin API on this node, for the mesh to share.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shared {
+    Tenant(TenantConfig),
+    /// A key's hash and its tenant.
+    Key(String, String),
+    /// A revoked key's hash.
+    Revoked(String),
+}
+
 /// The cloneable handle.
 #[derive(Clone)]
 pub struct Tenancy {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
+    /// In a mesh: where this node's own changes go to be shared.
+    mirror: Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Shared>>>>,
 }
 
 pub fn hash_key(key: &str) -> String {
@@ -229,7 +241,64 @@ impl Tenancy {
         Ok(Tenancy {
             inner: Arc::new(Mutex::new(inner)),
             path,
+            mirror: Arc::default(),
         })
+    }
+
+    /// Send this node's tenancy changes to `tx` from now on (the mesh shares them).
+    pub fn mirror_to(&self, tx: tokio::sync::mpsc::UnboundedSender<Shared>) {
+        *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+
+    fn share(&self, change: Shared) {
+        if let Some(tx) = &*self.mirror.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(change);
+        }
+    }
+
+    /// Tenants and keys made through the API (what a node shares with the mesh).
+    pub fn shared(&self) -> Vec<Shared> {
+        let inner = self.lock();
+        let tenants = inner
+            .tenants
+            .values()
+            .filter(|(_, from_config)| !from_config);
+        tenants
+            .map(|(t, _)| Shared::Tenant(t.clone()))
+            .chain(
+                inner
+                    .keys
+                    .iter()
+                    .map(|(h, t)| Shared::Key(h.clone(), t.clone())),
+            )
+            .collect()
+    }
+
+    /// Apply a change another node made (kept locally, not shared again). A tenant on a tier
+    /// this node does not have, or a key of a tenant it does not know, is skipped.
+    pub fn apply(&self, change: Shared) {
+        let mut inner = self.lock();
+        let changed = match change {
+            Shared::Tenant(t)
+                if inner.tiers.contains_key(&t.tier) && !inner.tenants.contains_key(&t.id) =>
+            {
+                inner.tenants.insert(t.id.clone(), (t, false));
+                true
+            }
+            Shared::Key(hash, tenant) if inner.tenants.contains_key(&tenant) => {
+                inner.keys.insert(hash, tenant.clone()) != Some(tenant)
+            }
+            Shared::Revoked(hash) => inner.keys.remove(&hash).is_some(),
+            other => {
+                tracing::debug!(?other, "Shared tenancy change not applied here");
+                false
+            }
+        };
+        if changed {
+            if let Err(e) = self.save(&inner) {
+                tracing::warn!(error = %e, "Could not save a shared tenancy change");
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -299,8 +368,10 @@ impl Tenancy {
                 t.id
             )));
         }
-        inner.tenants.insert(t.id.clone(), (t, false));
-        self.save(&inner)
+        inner.tenants.insert(t.id.clone(), (t.clone(), false));
+        self.save(&inner)?;
+        self.share(Shared::Tenant(t));
+        Ok(())
     }
 
     /// A new key for a tenant, returned once.
@@ -319,6 +390,7 @@ impl Tenancy {
         );
         inner.keys.insert(hash_key(&key), tenant.to_string());
         self.save(&inner)?;
+        self.share(Shared::Key(hash_key(&key), tenant.to_string()));
         Ok(key)
     }
 
@@ -328,7 +400,9 @@ impl Tenancy {
             .keys
             .remove(&hash_key(key))
             .ok_or_else(|| AuthError::NotFound("no such key".into()))?;
-        self.save(&inner)
+        self.save(&inner)?;
+        self.share(Shared::Revoked(hash_key(key)));
+        Ok(())
     }
 
     pub fn tenants(&self) -> Vec<(String, String)> {
