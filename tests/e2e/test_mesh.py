@@ -100,9 +100,15 @@ def sees(agent) -> set:
 
 
 @pytest.fixture(scope="module")
-def mesh():
+def etcd():
+    e = Etcd()
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def mesh(etcd):
     assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
-    etcd = Etcd()
     agents = {}
     try:
         for name in NODES:
@@ -118,7 +124,6 @@ def mesh():
     finally:
         for a in agents.values():
             a.stop()
-        etcd.close()
 
 
 def only_on_c(mesh, model, warm):
@@ -366,6 +371,29 @@ def test_a_tenant_and_key_made_on_one_node_work_on_the_other_and_a_revocation_to
                                    httpx.get(two.url + "/admin/tenants", headers=ADMIN).json()["tenants"]}
     assert httpx.post(one.url + "/admin/keys/revoke", headers=ADMIN, json={"key": key}).status_code == 204
     wait_until(lambda: status_on_two() == 401, 1.0, lambda: f"two still answers {status_on_two()}")
+
+
+def test_etcd_away_for_ten_seconds_nodes_keep_serving_forwarding_and_rejoin(mesh, etcd):
+    a, c = mesh["a"], mesh["c"]
+    only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
+    etcd.stop()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = embed(a, "etcd is away")
+            assert r.status_code == 200, r.text
+            assert served_by(r) == "c", "a forwards to the peer it last saw"
+            time.sleep(0.5)
+        # Admin writes need etcd in a mesh; they fail clearly and the node stays up.
+        r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=30,
+                       json={"id": "while-away", "path": "smollm2-135m-instruct/model.gguf"})
+        assert r.status_code == 503 and "etcd" in r.text, r.text
+        assert r.headers["retry-after"] == "1"
+    finally:
+        etcd.restart()
+    took = wait_until(lambda: all(view(n)["etcd_connected"] and set(nodes(n)) == set(NODES)
+                                  for n in mesh.values()), 15, lambda: {k: view(n) for k, n in mesh.items()})
+    print(f"all nodes rejoined {took:.2f} s after etcd came back")
 
 
 def test_mesh_status_on_the_command_line(mesh):

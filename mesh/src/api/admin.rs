@@ -68,6 +68,23 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
             return e.into_response();
         }
     }
+    // In a mesh, changes go to etcd: while it is away they are refused, not made on this
+    // node alone (reads and loads of this node's copies still work).
+    let shared_write = req.method() != axum::http::Method::GET
+        && !req.uri().path().ends_with("/load")
+        && !req.uri().path().ends_with("/unload");
+    if let Some(c) = state.cluster.as_ref().filter(|c| shared_write && !c.connected()) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "mesh_unavailable",
+            format!("etcd is unreachable from node {:?}: admin changes are refused until it is back", c.node()),
+        );
+        e.param = None;
+        let mut resp = e.into_response();
+        resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        return resp;
+    }
     next.run(req).await
 }
 

@@ -115,7 +115,7 @@ impl super::Cache {
         if let Some(reg) = &self.inner.registry {
             reg.save(saved)
                 .await
-                .map_err(|e| CacheError::Invalid(format!("cannot save the registry: {e:#}")))?;
+                .map_err(|e| CacheError::Unavailable(format!("cannot save the registry: {e:#}")))?;
         }
         Ok(())
     }

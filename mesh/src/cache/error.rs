@@ -21,6 +21,9 @@ pub enum CacheError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The shared store (etcd, in a mesh) cannot take the change now.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl CacheError {
@@ -29,6 +32,7 @@ impl CacheError {
         match self {
             CacheError::Failed { retry_after, .. } => Some(retry_after.as_secs().max(1)),
             CacheError::NoRoom { .. } => Some(5),
+            CacheError::Unavailable(_) => Some(1),
             _ => None,
         }
     }

@@ -124,6 +124,13 @@ impl Cluster {
         &self.inner.config.node
     }
 
+    /// Whether this node's etcd session is up.
+    pub fn connected(&self) -> bool {
+        self.inner
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Stop taking new work: peers stop forwarding here at the next publish.
     pub fn drain(&self) {
         self.inner

@@ -222,7 +222,18 @@ impl ModelRegistry for MeshRegistry {
         self.file.load().await
     }
 
+    /// The file first (this node's durable copy), then etcd, within two seconds (the admin
+    /// API refuses changes while etcd is away; one that loses it midway is shared when the
+    /// node reconnects).
     async fn save(&self, saved: Saved) -> anyhow::Result<()> {
+        tokio::time::timeout(std::time::Duration::from_secs(2), self.share(saved))
+            .await
+            .map_err(|_| anyhow::anyhow!("etcd did not answer within 2 s"))?
+    }
+}
+
+impl MeshRegistry {
+    async fn share(&self, saved: Saved) -> anyhow::Result<()> {
         self.file.save(saved.clone()).await?;
         let before = std::mem::replace(
             &mut *self.local.lock().unwrap_or_else(|e| e.into_inner()),

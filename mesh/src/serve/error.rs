@@ -218,7 +218,7 @@ impl From<CacheError> for ServeError {
                 err.param = Some("model".into());
                 err
             }
-            CacheError::Failed { .. } | CacheError::NoRoom { .. } => {
+            CacheError::Failed { .. } | CacheError::NoRoom { .. } | CacheError::Unavailable(_) => {
                 ServeError::unavailable(message, e.retry_after().unwrap_or(1))
             }
             CacheError::TooLarge { .. } | CacheError::Invalid(_) => ServeError::invalid(message),
