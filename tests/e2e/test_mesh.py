@@ -373,6 +373,23 @@ def test_a_tenant_and_key_made_on_one_node_work_on_the_other_and_a_revocation_to
     wait_until(lambda: status_on_two() == 401, 1.0, lambda: f"two still answers {status_on_two()}")
 
 
+def test_thirty_concurrent_requests_for_a_cold_model_over_three_nodes_load_it_once(mesh):
+    from concurrent.futures import ThreadPoolExecutor
+    a, b, c = mesh["a"], mesh["b"], mesh["c"]
+    r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=60,
+                   json={"id": "llm-cold", "path": "smollm2-135m-instruct/model.gguf"})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: all("llm-cold" in {m["id"] for m in listing(n)["models"]} for n in (b, c)), 10,
+               "b and c never listed llm-cold")
+    nodes_in_turn = [a, b, c] * 10
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(lambda n: chat(n, "llm-cold", max_tokens=1, keep_alive=-1), nodes_in_turn))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:3]
+    loaded_on = holders(a, "llm-cold")
+    assert len(loaded_on) == 1, f"loaded on {loaded_on}"
+    assert {served_by(r) for r in answers} == loaded_on, "every request was served by the one copy"
+
+
 def test_etcd_away_for_ten_seconds_nodes_keep_serving_forwarding_and_rejoin(mesh, etcd):
     a, c = mesh["a"], mesh["c"]
     only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))

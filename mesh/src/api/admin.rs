@@ -73,16 +73,24 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
     let shared_write = req.method() != axum::http::Method::GET
         && !req.uri().path().ends_with("/load")
         && !req.uri().path().ends_with("/unload");
-    if let Some(c) = state.cluster.as_ref().filter(|c| shared_write && !c.connected()) {
+    if let Some(c) = state
+        .cluster
+        .as_ref()
+        .filter(|c| shared_write && !c.connected())
+    {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "mesh_unavailable",
-            format!("etcd is unreachable from node {:?}: admin changes are refused until it is back", c.node()),
+            format!(
+                "etcd is unreachable from node {:?}: admin changes are refused until it is back",
+                c.node()
+            ),
         );
         e.param = None;
         let mut resp = e.into_response();
-        resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from_static("1"));
         return resp;
     }
     next.run(req).await

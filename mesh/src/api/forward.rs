@@ -85,9 +85,11 @@ pub async fn forward(
                 .into_response()
         }
     };
-    let peer = model_of(parts.uri.path(), &bytes)
-        .and_then(|m| state.cache.resolve(&m))
-        .and_then(|id| cluster.place(&id));
+    let model = model_of(parts.uri.path(), &bytes).and_then(|m| state.cache.resolve(&m));
+    let peer = match model {
+        Some(id) => cluster.place(&id).await,
+        None => None,
+    };
     if let Some(peer) = peer {
         let started = std::time::Instant::now();
         match proxy(&peer, &node, &parts, bytes.clone()).await {

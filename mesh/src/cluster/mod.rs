@@ -7,6 +7,7 @@
 //! node watches the others' records. When etcd is unreachable a node keeps serving what it
 //! holds and forwarding to the peers it last saw, and joins again when etcd is back.
 
+mod claim;
 pub mod config;
 mod registry;
 mod tenancy;
@@ -20,6 +21,7 @@ use std::{
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 
+use self::claim::{Claimed, Claims};
 pub use self::config::MeshConfig;
 pub use self::registry::MeshRegistry;
 use self::tenancy::SharedTenancy;
@@ -77,10 +79,21 @@ struct Inner {
     /// This node's own tenancy changes, to write to etcd.
     tenancy_changes:
         tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<crate::tenancy::Shared>>,
+    claims: Claims,
     /// A change whose write failed (etcd went away): written first on reconnecting.
     unwritten: std::sync::Mutex<Option<crate::tenancy::Shared>>,
     metrics: Metrics,
 }
+
+/// What this node has of a model.
+#[derive(Default)]
+struct Local {
+    ready: bool,
+    loading: bool,
+}
+
+/// How long a request waits for another node's claimed load before loading here.
+const CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 /// How often the node's record is rebuilt and, when it changed, published.
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
@@ -112,6 +125,7 @@ impl Cluster {
                 shared_tenancy,
                 tenancy_changes: tokio::sync::Mutex::new(rx),
                 unwritten: Default::default(),
+                claims: Claims::default(),
                 metrics,
             }),
         };
@@ -139,19 +153,44 @@ impl Cluster {
     }
 
     /// Where a request for `model` (a model id, vmodels resolved) should run: `None` here,
-    /// or the front door of the peer to forward it to. Here when a copy is ready here;
-    /// else the least leased peer with a ready copy that is not draining; else here (the
-    /// model loads where the request arrived).
-    pub fn place(&self, model: &str) -> Option<String> {
-        let here = self
-            .inner
-            .cache
-            .status()
-            .into_iter()
-            .any(|m| m.id == model && m.copies.iter().any(|c| c.state == "ready"));
-        if here {
+    /// or the front door of the peer to forward it to. Here when a copy is ready or loading
+    /// here; else the least leased peer with a ready copy that is not draining; else the
+    /// node that claims the load in etcd first loads it (one load in the mesh) and the
+    /// others wait for its copy and forward there (or load here if its claim goes away).
+    pub async fn place(&self, model: &str) -> Option<String> {
+        let here = self.local_state(model);
+        if here.ready || here.loading {
             return None;
         }
+        if let Some(peer) = self.holder(model) {
+            return Some(peer);
+        }
+        let key = self.key(&format!("loading/{model}"));
+        let me = self.inner.config.node.clone();
+        let Claimed::By(claimant) = self.inner.claims.claim(key.clone(), model, &me).await else {
+            return None;
+        };
+        tracing::debug!(%model, %claimant, "Another node is loading it; waiting for its copy");
+        let started = Instant::now();
+        let mut asked = Instant::now();
+        while started.elapsed() < CLAIM_WAIT {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if let Some(peer) = self.holder(model) {
+                return Some(peer);
+            }
+            if asked.elapsed() >= Duration::from_secs(1) {
+                asked = Instant::now();
+                match self.inner.claims.claim(key.clone(), model, &me).await {
+                    Claimed::By(_) => {}
+                    Claimed::Mine | Claimed::Unknown => return None,
+                }
+            }
+        }
+        None
+    }
+
+    /// The least leased peer (not this node, not draining) with a ready copy of `model`.
+    fn holder(&self, model: &str) -> Option<String> {
         let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
         nodes
             .values()
@@ -162,6 +201,29 @@ impl Cluster {
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, http)| http.clone())
+    }
+
+    fn local_state(&self, model: &str) -> Local {
+        let status = self.inner.cache.status();
+        let Some(m) = status.into_iter().find(|m| m.id == model) else {
+            return Local::default();
+        };
+        Local {
+            ready: m.copies.iter().any(|c| c.state == "ready"),
+            loading: m.copies.iter().any(|c| c.state == "loading"),
+        }
+    }
+
+    /// Give back the claims whose load is over: a ready copy here, or no load for a while.
+    async fn release_claims(&self, client: &mut Client) -> anyhow::Result<()> {
+        for (model, held) in self.inner.claims.held() {
+            let here = self.local_state(&model);
+            if here.ready || (!here.loading && held > Duration::from_secs(5)) {
+                let key = self.key(&format!("loading/{model}"));
+                self.inner.claims.release(client, key, &model).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Every live node's record, and whether etcd answers.
@@ -219,6 +281,7 @@ impl Cluster {
             match self.session().await {
                 Ok(()) => return,
                 Err(e) => {
+                    self.inner.claims.disconnect();
                     let was = self
                         .inner
                         .connected
@@ -248,6 +311,7 @@ impl Cluster {
         let ttl = cfg.lease_ttl.0.as_secs() as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
         let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
+        self.inner.claims.connect(client.clone(), lease);
         let me = self.key(&format!("nodes/{}", cfg.node));
         let mut published = self.record();
         let put = |r: &NodeRecord| serde_json::to_vec(r).expect("a record serializes");
@@ -321,6 +385,7 @@ impl Cluster {
                         keeper.keep_alive().await?;
                         last_keep = Instant::now();
                     }
+                    self.release_claims(&mut client).await?;
                     let now = self.record();
                     if now != published || last_put.elapsed() >= keep_every * 3 {
                         client.put(me.clone(), put(&now), Some(PutOptions::new().with_lease(lease))).await?;

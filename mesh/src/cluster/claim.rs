@@ -1,0 +1,107 @@
+//! One load in the whole mesh: the node that loads a cold model first claims it in etcd with
+//! a transaction (the key must not exist), tied to its lease; others that find the claim wait
+//! for the claimant's copy and forward to it. The claimant gives the claim back once its copy
+//! is ready (or failed), and a claimant that dies loses it with its lease.
+
+use std::{
+    collections::BTreeMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+
+/// This node's etcd handle for claims, and the claims it holds.
+#[derive(Default)]
+pub struct Claims {
+    session: Mutex<Option<(Client, i64)>>,
+    /// Models claimed by this node, and when.
+    held: Mutex<BTreeMap<String, Instant>>,
+}
+
+/// The outcome of claiming a model's load.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// This node loads it.
+    Mine,
+    /// Another node claimed it first.
+    By(String),
+    /// etcd cannot be asked now: load here.
+    Unknown,
+}
+
+impl Claims {
+    /// A new session's client and lease (claims made from now on live under it).
+    pub fn connect(&self, client: Client, lease: i64) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some((client, lease));
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    pub fn disconnect(&self) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Claim the load of `model` for node `me` under `key`.
+    pub async fn claim(&self, key: String, model: &str, me: &str) -> Claimed {
+        let Some((mut client, lease)) = self
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Claimed::Unknown;
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                me,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let answer = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
+        let Ok(Ok(resp)) = answer else {
+            return Claimed::Unknown;
+        };
+        if resp.succeeded() {
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(model.to_string(), Instant::now());
+            return Claimed::Mine;
+        }
+        let holder = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).to_string()),
+            _ => None,
+        });
+        match holder {
+            Some(node) if node == me => Claimed::Mine,
+            Some(node) => Claimed::By(node),
+            None => Claimed::Unknown,
+        }
+    }
+
+    /// The models this node holds claims on, with how long it has held each.
+    pub fn held(&self) -> Vec<(String, Duration)> {
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter().map(|(m, t)| (m.clone(), t.elapsed())).collect()
+    }
+
+    /// Give back the claim on `model` (its copy is ready, or its load failed).
+    pub async fn release(
+        &self,
+        client: &mut Client,
+        key: String,
+        model: &str,
+    ) -> anyhow::Result<()> {
+        client.delete(key, None).await?;
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(model);
+        Ok(())
+    }
+}
