@@ -308,6 +308,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             cache.clone(),
             registry,
             state.tenancy.clone(),
+            state.limits.clone(),
             metrics.clone(),
         ));
     }

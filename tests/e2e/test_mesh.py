@@ -335,23 +335,103 @@ TIERS = """
 [tenancy]
 [[tenancy.tiers]]
 name = "basic"
+[[tenancy.tiers]]
+name = "metered"
+token_budget = 30
 """
 
 
 @pytest.fixture(scope="module")
 def tenanted_pair():
     etcd = Etcd()
-    agents = {}
+    agents = {"etcd": etcd}
     try:
         for name in ("t1", "t2"):
             agents[name] = Agent(config=mesh_config(etcd, name) + TIERS)
-        wait_until(lambda: all(sees(a) == {"t1", "t2"} for a in agents.values()), 30,
-                   lambda: {n: sorted(sees(a)) for n, a in agents.items()})
+        pair = [agents["t1"], agents["t2"]]
+        wait_until(lambda: all(sees(a) == {"t1", "t2"} for a in pair), 30,
+                   lambda: {n: sorted(sees(a)) for n, a in zip(("t1", "t2"), pair)})
         yield agents
     finally:
-        for a in agents.values():
-            a.stop()
+        for name, a in agents.items():
+            if name != "etcd":
+                a.stop()
         etcd.close()
+
+
+def tenant_key(agent, tenant, tier):
+    r = httpx.post(agent.url + "/admin/tenants", headers=ADMIN, json={"id": tenant, "tier": tier})
+    assert r.status_code == 201, r.text
+    return httpx.post(agent.url + f"/admin/tenants/{tenant}/keys", headers=ADMIN).json()["key"]
+
+
+def embed_as(agent, key, text="budget words"):
+    return httpx.post(agent.url + "/v1/embeddings", timeout=120, headers={"authorization": f"Bearer {key}"},
+                      json={"model": EMBED, "input": text})
+
+
+def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    for agent in (one, two):  # a copy on each node: each serves its own requests
+        assert httpx.post(agent.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
+    key = tenant_key(one, "city-sum", "basic")
+    wait_until(lambda: embed_as(two, key).status_code == 200, 2, "the key never worked on t2")
+    for agent in (one, one, two):
+        assert embed_as(agent, key).status_code == 200
+    own = {n: httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": "city-sum"}).json()["records"]
+           for n, a in (("t1", one), ("t2", two))}
+    assert own["t1"] and own["t2"], "both nodes served some of it"
+    expected = sum(r["input_tokens"] + r["output_tokens"] for rs in own.values() for r in rs)
+    for agent in (one, two):
+        usage = httpx.get(agent.url + "/admin/usage", headers=ADMIN, params={"tenant": "city-sum"}).json()
+        assert usage["mesh"] == {"nodes": usage["mesh"]["nodes"], "unreachable": []}
+        assert sorted(usage["mesh"]["nodes"]) == ["t1", "t2"]
+        [line] = usage["usage"]
+        assert line["input_tokens"] + line["output_tokens"] == expected
+        assert line["requests"] == len(own["t1"]) + len(own["t2"])
+    a, b = (httpx.get(x.url + "/admin/invoice", headers=ADMIN).json() for x in (one, two))
+    assert a["total"] == b["total"] and a["lines"] == b["lines"]
+
+
+def test_an_invoice_names_a_node_it_could_not_reach(tenanted_pair):
+    import base64
+    etcd, one = tenanted_pair["etcd"], tenanted_pair["t1"]
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    ghost = json.dumps({"node": "ghost", "http": "http://127.0.0.1:9", "draining": False,
+                        "models": [], "devices": []})
+    key = "/flatmesh-e2e/nodes/ghost"
+    assert httpx.post(etcd.endpoint + "/v3/kv/put", json={"key": b64(key), "value": b64(ghost)}).status_code == 200
+    try:
+        wait_until(lambda: "ghost" in nodes(one), 5, "t1 never saw the ghost node")
+        inv = httpx.get(one.url + "/admin/invoice", headers=ADMIN).json()
+        assert inv["mesh"]["unreachable"] == ["ghost"]
+        csv = httpx.get(one.url + "/admin/invoice", headers=ADMIN, params={"format": "csv"})
+        assert csv.headers["x-flatmesh-unreachable"] == "ghost"
+    finally:
+        httpx.post(etcd.endpoint + "/v3/kv/deleterange", json={"key": b64(key)})
+
+
+def test_a_token_budget_holds_across_the_mesh(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    for agent in (one, two):
+        assert httpx.post(agent.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
+    key = tenant_key(one, "city-budget", "metered")
+    wait_until(lambda: embed_as(two, key, "x").status_code == 200, 2, "the key never worked on t2")
+    spent = 0
+    for _ in range(40):  # spend the budget on t1 alone
+        r = embed_as(one, key)
+        if r.status_code == 429:
+            break
+        assert r.status_code == 200, r.text
+        spent += r.json()["usage"]["total_tokens"]
+    else:
+        raise AssertionError("t1 never refused")
+    time.sleep(1.0)  # one publish interval and then some
+    r = embed_as(two, key)
+    assert r.status_code == 429, "t2 refuses too: its own ledger is under the budget, the mesh's is not"
+    assert "budget" in r.json()["error"]["message"]
+    mine = httpx.get(two.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": "city-budget"}).json()
+    assert sum(x["input_tokens"] + x["output_tokens"] for x in mine["records"]) < 30
 
 
 def test_a_tenant_and_key_made_on_one_node_work_on_the_other_and_a_revocation_too(tenanted_pair):

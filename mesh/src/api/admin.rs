@@ -38,6 +38,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/policies", get(policies))
         .route("/admin/policies/{slot}/reload", post(reload_policy))
         .route("/admin/mesh", get(mesh))
+        .route(
+            "/admin/ledger/records",
+            get(super::mesh_ledger::own_records),
+        )
         .layer(middleware::from_fn_with_state(state, authorize))
         .layer(middleware::from_fn(super::guard::same_origin_json))
 }
@@ -463,8 +467,12 @@ async fn usage(
     State(state): State<AppState>,
     axum::extract::Query(p): axum::extract::Query<Period>,
 ) -> Result<Json<Value>, ApiError> {
-    let recs = records(&state, p.tenant.as_deref(), &p)?;
-    Ok(Json(json!({"usage": crate::ledger::usage(&recs)})))
+    let got = super::mesh_ledger::gather(&state, p.tenant.as_deref(), &p).await?;
+    let mut answer = json!({"usage": crate::ledger::usage(&got.records)});
+    if state.cluster.is_some() {
+        answer["mesh"] = got.describe();
+    }
+    Ok(Json(answer))
 }
 
 /// The invoice of a period from the ledger, as JSON or `format=csv`: through the pricing
@@ -473,7 +481,8 @@ async fn invoice(
     State(state): State<AppState>,
     axum::extract::Query(p): axum::extract::Query<Period>,
 ) -> Result<Response, ApiError> {
-    let recs = records(&state, None, &p)?;
+    let got = super::mesh_ledger::gather(&state, None, &p).await?;
+    let recs = got.records.clone();
     let tenants = state.tenancy.tenants();
     let tiers = state.tenancy.tiers();
     let (lines, pricing) = match settle(&state, &p, &tenants, &tiers, &recs).await? {
@@ -484,14 +493,26 @@ async fn invoice(
         ),
     };
     Ok(match p.format.as_deref() {
-        Some("csv") => (
-            [(header::CONTENT_TYPE, "text/csv")],
-            crate::ledger::invoice_csv(&lines),
-        )
-            .into_response(),
+        Some("csv") => {
+            let mut resp = (
+                [(header::CONTENT_TYPE, "text/csv")],
+                crate::ledger::invoice_csv(&lines),
+            )
+                .into_response();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&got.unreachable.join(",")) {
+                if !got.unreachable.is_empty() {
+                    resp.headers_mut().insert("x-flatmesh-unreachable", v);
+                }
+            }
+            resp
+        }
         None | Some("json") => {
             let total: f64 = lines.iter().map(|l| l.amount).sum();
-            Json(json!({"pricing": pricing, "lines": lines, "total": total})).into_response()
+            let mut answer = json!({"pricing": pricing, "lines": lines, "total": total});
+            if state.cluster.is_some() {
+                answer["mesh"] = got.describe();
+            }
+            Json(answer).into_response()
         }
         Some(other) => {
             return Err(ApiError::bad_request(

@@ -6,6 +6,7 @@ pub mod error;
 pub mod forward;
 mod guard;
 mod health;
+mod mesh_ledger;
 mod openai;
 mod server;
 pub mod v2;

@@ -25,7 +25,11 @@ use self::claim::{Claimed, Claims};
 pub use self::config::MeshConfig;
 pub use self::registry::MeshRegistry;
 use self::tenancy::SharedTenancy;
-use crate::{cache::Cache, metrics::Metrics, tenancy::Tenancy};
+use crate::{
+    cache::Cache,
+    metrics::Metrics,
+    tenancy::{limits::Limits, Tenancy},
+};
 
 /// A model with copies on a node, as that node publishes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +50,15 @@ pub struct DeviceHere {
     pub used: u64,
 }
 
+/// A tenant's tokens on a node this month (tenants on tiers with a budget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    pub tenant: String,
+    /// Start of the month, Unix ms.
+    pub month: u64,
+    pub tokens: u64,
+}
+
 /// What a node publishes about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -56,6 +69,8 @@ pub struct NodeRecord {
     pub draining: bool,
     pub models: Vec<ModelHere>,
     pub devices: Vec<DeviceHere>,
+    #[serde(default)]
+    pub usage: Vec<TenantUsage>,
 }
 
 /// The mesh handle: cheap to clone.
@@ -75,6 +90,7 @@ struct Inner {
     connected: std::sync::atomic::AtomicBool,
     registry: Arc<MeshRegistry>,
     tenancy: Tenancy,
+    limits: Limits,
     shared_tenancy: SharedTenancy,
     /// This node's own tenancy changes, to write to etcd.
     tenancy_changes:
@@ -107,6 +123,7 @@ impl Cluster {
         cache: Cache,
         registry: Arc<MeshRegistry>,
         tenancy: Tenancy,
+        limits: Limits,
         metrics: Metrics,
     ) -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -122,6 +139,7 @@ impl Cluster {
                 connected: Default::default(),
                 registry,
                 tenancy,
+                limits,
                 shared_tenancy,
                 tenancy_changes: tokio::sync::Mutex::new(rx),
                 unwritten: Default::default(),
@@ -226,6 +244,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// The front doors of the other live nodes, by node name.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .values()
+            .filter(|n| n.node != self.inner.config.node)
+            .map(|n| (n.node.clone(), n.http.clone()))
+            .collect()
+    }
+
     /// Every live node's record, and whether etcd answers.
     pub fn status(&self) -> serde_json::Value {
         let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
@@ -268,7 +296,34 @@ impl Cluster {
                     used,
                 })
                 .collect(),
+            usage: self
+                .inner
+                .limits
+                .month_usage_here()
+                .into_iter()
+                .map(|(tenant, month, tokens)| TenantUsage {
+                    tenant,
+                    month,
+                    tokens,
+                })
+                .collect(),
         }
+    }
+
+    /// Sum what the other nodes publish per tenant this month, for the budgets here.
+    fn share_usage(&self, nodes: &BTreeMap<String, NodeRecord>) {
+        let mut sum: std::collections::HashMap<String, (u64, u64)> = Default::default();
+        for n in nodes.values().filter(|n| n.node != self.inner.config.node) {
+            for u in &n.usage {
+                let e = sum.entry(u.tenant.clone()).or_insert((u.month, 0));
+                if e.0 == u.month {
+                    e.1 += u.tokens;
+                } else if u.month > e.0 {
+                    *e = (u.month, u.tokens);
+                }
+            }
+        }
+        self.inner.limits.set_peer_usage(sum);
     }
 
     fn key(&self, what: &str) -> String {
@@ -356,6 +411,7 @@ impl Cluster {
                     nodes.insert(r.node.clone(), r);
                 }
             }
+            self.share_usage(&nodes);
         }
         let watch_from = found.header().map_or(0, |h| h.revision()) + 1;
         let mut events = client
@@ -417,6 +473,7 @@ impl Cluster {
                         }
                     }
                     self.inner.metrics.mesh_nodes.set(nodes.len() as i64);
+                    self.share_usage(&nodes);
                 }
                 ev = registry_events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };

@@ -40,6 +40,9 @@ pub struct Limits {
     /// as requests finish.
     tiers: Arc<Mutex<HashMap<String, TierMonth>>>,
     ledger: Ledger,
+    /// In a mesh: tokens the other nodes report for each tenant this month (their start of
+    /// month, tokens), counted against budgets beside this node's own.
+    peers: Arc<Mutex<HashMap<String, (u64, u64)>>>,
 }
 
 /// Counts toward the tenant's concurrency while held.
@@ -116,6 +119,7 @@ impl Limits {
             tenants: Arc::default(),
             tiers: Arc::default(),
             ledger,
+            peers: Arc::default(),
         }
     }
 
@@ -222,6 +226,7 @@ impl Limits {
                 _ => used,
             };
             w.budget = Some((month.0, used));
+            let used = used + self.peer_usage(&caller.tenant, month.0);
             if used >= tier.token_budget {
                 let secs = (month.1.saturating_sub(now_ms())) / 1000;
                 return Err(refuse(
@@ -301,6 +306,37 @@ impl Limits {
         w.tokens.push_back((Instant::now(), tokens));
         if let Some((_, used)) = &mut w.budget {
             *used += tokens;
+        }
+    }
+
+    /// This node's tokens per tenant in the current month, for tenants on tiers with a
+    /// budget that have been admitted here (what a node publishes to the mesh).
+    pub fn month_usage_here(&self) -> Vec<(String, u64, u64)> {
+        let start = month_bounds(now_ms()).0;
+        self.lock()
+            .iter()
+            .filter_map(|(t, w)| match w.budget {
+                Some((s, used)) if s == start => Some((t.clone(), s, used)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Replace what the other nodes report: (tenant, start of month, tokens), summed over
+    /// the nodes. Budgets then hold mesh-wide, late by at most one publish interval.
+    pub fn set_peer_usage(&self, usage: HashMap<String, (u64, u64)>) {
+        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = usage;
+    }
+
+    fn peer_usage(&self, tenant: &str, month_start: u64) -> u64 {
+        match self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+        {
+            Some((start, tokens)) if *start == month_start => *tokens,
+            _ => 0,
         }
     }
 

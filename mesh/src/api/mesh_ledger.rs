@@ -1,0 +1,111 @@
+//! Usage and invoices over the whole mesh: every node's ledger stays its own durable record;
+//! a query on any node gathers the records of every live node and says which it could not
+//! reach, instead of answering a silently short total.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{Query, State},
+    Json,
+};
+use serde_json::{json, Value};
+
+use super::{
+    admin::{records, Period},
+    error::ApiError,
+    AppState,
+};
+use crate::ledger::Record;
+
+/// What a mesh-wide query gathered.
+pub struct Gathered {
+    pub records: Vec<Record>,
+    /// Nodes whose records are in.
+    pub nodes: Vec<String>,
+    /// Live nodes that did not answer.
+    pub unreachable: Vec<String>,
+}
+
+impl Gathered {
+    /// The `nodes` and `unreachable` fields of an answer.
+    pub fn describe(&self) -> Value {
+        json!({"nodes": self.nodes, "unreachable": self.unreachable})
+    }
+}
+
+/// `GET /admin/ledger/records`: this node's own records of a period (what peers gather).
+pub async fn own_records(
+    State(state): State<AppState>,
+    Query(p): Query<Period>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"records": records(&state, p.tenant.as_deref(), &p)?}),
+    ))
+}
+
+/// The records of a period on this node and, in a mesh, on every other live node.
+pub async fn gather(
+    state: &AppState,
+    tenant: Option<&str>,
+    p: &Period,
+) -> Result<Gathered, ApiError> {
+    let mut all = records(state, tenant, p)?;
+    let Some(cluster) = &state.cluster else {
+        return Ok(Gathered {
+            records: all,
+            nodes: vec![],
+            unreachable: vec![],
+        });
+    };
+    let mut nodes = vec![cluster.node().to_string()];
+    let mut unreachable = Vec::new();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(f) = p.from {
+        query.push(("from", f.to_string()));
+    }
+    if let Some(t) = p.to {
+        query.push(("to", t.to_string()));
+    }
+    if let Some(t) = tenant {
+        query.push(("tenant", t.to_string()));
+    }
+    let asks = cluster.peers().into_iter().map(|(node, http)| {
+        let mut req = client
+            .get(format!(
+                "{}/admin/ledger/records",
+                http.trim_end_matches('/')
+            ))
+            .query(&query);
+        if let Some(token) = &state.admin_token {
+            req = req.bearer_auth(token);
+        }
+        async move {
+            let got = async { req.send().await?.error_for_status()?.json::<Value>().await }.await;
+            (node, got)
+        }
+    });
+    for (node, got) in futures::future::join_all(asks).await {
+        let recs = got
+            .ok()
+            .and_then(|v| serde_json::from_value::<Vec<Record>>(v["records"].clone()).ok());
+        match recs {
+            Some(recs) => {
+                all.extend(recs);
+                nodes.push(node);
+            }
+            None => unreachable.push(node),
+        }
+    }
+    // A record is one request, kept by the node that served it: never counted twice.
+    let mut seen = std::collections::HashSet::new();
+    all.retain(|r| seen.insert(r.id.clone()));
+    Ok(Gathered {
+        records: all,
+        nodes,
+        unreachable,
+    })
+}
