@@ -302,9 +302,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .advertise
             .clone()
             .unwrap_or_else(|| format!("http://{addr}"));
+        let grpc = mesh
+            .advertise_grpc
+            .clone()
+            .unwrap_or_else(|| format!("http://{grpc_addr}"));
         state.cluster = Some(crate::cluster::Cluster::join(
             mesh.clone(),
-            http,
+            (http, grpc),
             cache.clone(),
             registry,
             state.tenancy.clone(),
@@ -335,6 +339,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(api::v2::grpc::size_limit_status())
+        .layer(api::v2::grpc::name_the_node(
+            state.cluster.as_ref().map(|c| c.node().to_string()),
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             api::v2::grpc::service(state.clone(), config.server.grpc_max_message_bytes),
             api::auth::grpc(state.tenancy.clone(), state.admin_token.clone()),

@@ -272,6 +272,54 @@ def test_v2_infer_on_a_is_forwarded_to_c_json_and_binary(mesh):
     assert holders(a, EMBED) == {"c"}
 
 
+def own_records(agent, model):
+    r = httpx.get(agent.url + "/admin/ledger/records", headers=ADMIN, timeout=30)
+    return [x for x in r.json()["records"] if x["model"] == model]
+
+
+def test_grpc_infer_on_a_is_forwarded_to_c(mesh):
+    import grpc
+    import tritonclient.grpc.service_pb2 as pb
+    import tritonclient.grpc.service_pb2_grpc as svc
+    a, c = mesh["a"], mesh["c"]
+    only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
+    req = pb.ModelInferRequest(model_name=EMBED, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"A man plays guitar."]))])
+    with grpc.insecure_channel(a.grpc) as ch:
+        answer, call = svc.GRPCInferenceServiceStub(ch).ModelInfer.with_call(req, timeout=120)
+    assert dict(call.initial_metadata()).get("x-flatmesh-node") == "c"
+    assert list(answer.outputs[0].shape) == [1, 384]
+    assert holders(a, EMBED) == {"c"}
+
+
+def test_grpc_stream_on_a_is_forwarded_to_c(mesh):
+    import queue
+    import tritonclient.grpc as grpcclient
+    a, c = mesh["a"], mesh["c"]
+    llm_b_only_on_c(mesh)
+    before_a, before_c = len(own_records(a, LLM_B)), len(own_records(c, LLM_B))
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"The capital of France is"], dtype=np.object_))
+    client = grpcclient.InferenceServerClient(a.grpc)
+    got = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    client.async_stream_infer(LLM_B, [inp], parameters={"max_tokens": 8, "temperature": 0})
+    parts = []
+    while True:
+        result, error = got.get(timeout=120)
+        assert error is None, error
+        parts.append(result.as_numpy("text_output")[0].decode())
+        final = result.get_response().parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            break
+    client.stop_stream()
+    assert "".join(parts).startswith(" Paris")
+    # Served, and recorded, by c: a only relayed it.
+    wait_until(lambda: len(own_records(c, LLM_B)) == before_c + 1, 5, "c never recorded the stream")
+    assert len(own_records(a, LLM_B)) == before_a
+    assert holders(a, LLM_B) == {"c"}
+
+
 def test_chat_on_a_is_forwarded_to_c(mesh):
     a = mesh["a"]
     llm_b_only_on_c(mesh)

@@ -87,7 +87,7 @@ pub async fn forward(
     };
     let model = model_of(parts.uri.path(), &bytes).and_then(|m| state.cache.resolve(&m));
     let peer = match model {
-        Some(id) => cluster.place(&id).await,
+        Some(id) => cluster.place(&id).await.map(|p| p.http),
         None => None,
     };
     if let Some(peer) = peer {

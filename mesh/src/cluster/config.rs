@@ -15,6 +15,9 @@ pub struct MeshConfig {
     /// The URL peers reach this node's HTTP front door at (default: the bound HTTP address).
     #[serde(default)]
     pub advertise: Option<String>,
+    /// The URL peers reach this node's gRPC front door at (default: the bound gRPC address).
+    #[serde(default)]
+    pub advertise_grpc: Option<String>,
     /// Key prefix of this mesh in etcd.
     #[serde(default = "default_prefix")]
     pub prefix: String,

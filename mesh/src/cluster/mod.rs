@@ -65,12 +65,23 @@ pub struct NodeRecord {
     pub node: String,
     /// Its HTTP front door, as peers reach it.
     pub http: String,
+    /// Its gRPC front door, as peers reach it.
+    #[serde(default)]
+    pub grpc: String,
     /// Shutting down: finishing what it runs, taking nothing new.
     pub draining: bool,
     pub models: Vec<ModelHere>,
     pub devices: Vec<DeviceHere>,
     #[serde(default)]
     pub usage: Vec<TenantUsage>,
+}
+
+/// A peer to forward to: its front doors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node: String,
+    pub http: String,
+    pub grpc: String,
 }
 
 /// The mesh handle: cheap to clone.
@@ -82,6 +93,7 @@ pub struct Cluster {
 struct Inner {
     config: MeshConfig,
     http: String,
+    grpc: String,
     cache: Cache,
     /// Live records by node name, this node's included (as last published).
     nodes: RwLock<BTreeMap<String, NodeRecord>>,
@@ -119,7 +131,7 @@ impl Cluster {
     /// comes and goes. `http` is this node's front door as peers reach it.
     pub fn join(
         config: MeshConfig,
-        http: String,
+        (http, grpc): (String, String),
         cache: Cache,
         registry: Arc<MeshRegistry>,
         tenancy: Tenancy,
@@ -133,6 +145,7 @@ impl Cluster {
             inner: Arc::new(Inner {
                 config,
                 http,
+                grpc,
                 cache,
                 nodes: RwLock::default(),
                 draining: Default::default(),
@@ -175,7 +188,7 @@ impl Cluster {
     /// here; else the least leased peer with a ready copy that is not draining; else the
     /// node that claims the load in etcd first loads it (one load in the mesh) and the
     /// others wait for its copy and forward there (or load here if its claim goes away).
-    pub async fn place(&self, model: &str) -> Option<String> {
+    pub async fn place(&self, model: &str) -> Option<Peer> {
         let here = self.local_state(model);
         if here.ready || here.loading {
             return None;
@@ -208,17 +221,21 @@ impl Cluster {
     }
 
     /// The least leased peer (not this node, not draining) with a ready copy of `model`.
-    fn holder(&self, model: &str) -> Option<String> {
+    fn holder(&self, model: &str) -> Option<Peer> {
         let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
         nodes
             .values()
             .filter(|n| n.node != self.inner.config.node && !n.draining)
             .filter_map(|n| {
                 let m = n.models.iter().find(|m| m.id == model && m.ready > 0)?;
-                Some((m.leases as f64 / m.ready as f64, &n.http))
+                Some((m.leases as f64 / m.ready as f64, n))
             })
             .min_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, http)| http.clone())
+            .map(|(_, n)| Peer {
+                node: n.node.clone(),
+                http: n.http.clone(),
+                grpc: n.grpc.clone(),
+            })
     }
 
     fn local_state(&self, model: &str) -> Local {
@@ -282,6 +299,7 @@ impl Cluster {
         NodeRecord {
             node: self.inner.config.node.clone(),
             http: self.inner.http.clone(),
+            grpc: self.inner.grpc.clone(),
             draining: self
                 .inner
                 .draining

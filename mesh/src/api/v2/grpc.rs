@@ -66,6 +66,24 @@ fn resource_exhausted(
     resp
 }
 
+/// In a mesh, every gRPC answer names the node that served it (`x-flatmesh-node`), as HTTP
+/// answers do; a forwarded answer keeps the peer's name.
+pub fn name_the_node(
+    node: Option<String>,
+) -> tower::util::MapResponseLayer<
+    impl Fn(axum::http::Response<tonic::body::Body>) -> axum::http::Response<tonic::body::Body> + Clone,
+> {
+    let value = node.and_then(|n| axum::http::HeaderValue::from_str(&n).ok());
+    tower::util::MapResponseLayer::new(move |mut resp: axum::http::Response<tonic::body::Body>| {
+        if let Some(v) = &value {
+            if !resp.headers().contains_key("x-flatmesh-node") {
+                resp.headers_mut().insert("x-flatmesh-node", v.clone());
+            }
+        }
+        resp
+    })
+}
+
 pub struct Grpc {
     state: AppState,
 }
@@ -83,6 +101,14 @@ impl From<ServeError> for Status {
 }
 
 impl Grpc {
+    /// This node's name, sent to a peer with a forwarded call.
+    fn origin(&self) -> String {
+        self.state
+            .cluster
+            .as_ref()
+            .map_or(String::new(), |c| c.node().to_string())
+    }
+
     /// Repository load/unload: operator actions once tenancy is on.
     fn repository_change<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let ext = req.extensions();
@@ -311,6 +337,17 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let name = self.model(&req, &req.get_ref().model_name)?;
         let caller = caller_of(req.extensions())?;
+        if let Some(peer) = super::grpc_forward::peer_for(&self.state, req.metadata(), &name).await
+        {
+            let origin = self.origin();
+            let md = req.metadata().clone();
+            match super::grpc_forward::infer(&peer, &origin, &md, req.get_ref().clone()).await {
+                Err(s) if super::grpc_forward::unreachable(&s) => {
+                    tracing::warn!(%peer, error = %s, "Peer unreachable; serving here");
+                }
+                answer => return answer,
+            }
+        }
         let started = std::time::Instant::now();
         let request = decode(req.into_inner())
             .and_then(|r| infer_request(&self.state, caller, &name, "v2_infer", r))?;
@@ -351,6 +388,25 @@ impl GrpcInferenceService for Grpc {
                     }
                 };
                 let Ok(caller) = caller_of(&ext) else { return };
+                if let Some(peer) = super::grpc_forward::peer_for(&state, &md, &name).await {
+                    let origin = state
+                        .cluster
+                        .as_ref()
+                        .map_or(String::new(), |c| c.node().to_string());
+                    match super::grpc_forward::stream_one(&peer, &origin, &md, r.clone(), &tx).await
+                    {
+                        Err(s) if super::grpc_forward::unreachable(&s) => {
+                            tracing::warn!(%peer, error = %s, "Peer unreachable; serving here");
+                        }
+                        Err(s) => {
+                            if tx.send(Ok(error(s.message().to_string()))).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Ok(()) => continue,
+                    }
+                }
                 if let Err(e) = stream_one(&state, &caller, &name, r, &tx).await {
                     if tx.send(Ok(error(e.message))).await.is_err() {
                         return;

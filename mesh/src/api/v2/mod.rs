@@ -7,6 +7,7 @@
 
 mod codec;
 pub mod grpc;
+mod grpc_forward;
 pub mod incoming;
 pub mod rest;
 
