@@ -126,16 +126,14 @@ def mesh(etcd):
             a.stop()
 
 
-def only_on_c(mesh, model, warm):
-    """Make `c` the one node with a ready copy of `model` (`warm(agent)` sends it a request),
-    and wait until `a` sees that."""
+def only_on_c(mesh, model, warm=None):
+    """Make `c` the one node with a ready copy of `model` (loaded there by the operator
+    call, which acts on that node alone), and wait until `a` sees that."""
     a, c = mesh["a"], mesh["c"]
     if holders(a, model) != {"c"}:
         assert not holders(a, model), f"{model} is already ready on {holders(a, model)}; the test needs it on c only"
-        r = warm(c)
+        r = httpx.post(c.url + f"/admin/models/{model}/load", headers=ADMIN, timeout=180)
         assert r.status_code == 200, r.text
-        # Loaded nowhere: it loads on the node the request arrived at.
-        assert served_by(r) == "c"
     wait_until(lambda: holders(a, model) == {"c"}, 10, lambda: f"a sees {model} on {holders(a, model)}: {view(a)}")
 
 
@@ -554,7 +552,7 @@ def test_mesh_status_on_the_command_line(mesh):
 # --- a node that dies -------------------------------------------------------------------------
 # Last in the module: it kills c.
 
-def test_a_killed_node_leaves_the_mesh_within_its_lease_and_the_others_serve_locally(mesh):
+def test_a_killed_node_leaves_the_mesh_within_its_lease_and_no_request_fails(mesh):
     a, b, c = mesh["a"], mesh["b"], mesh["c"]
     only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
     llm_b_only_on_c(mesh)
@@ -586,11 +584,13 @@ def test_a_killed_node_leaves_the_mesh_within_its_lease_and_the_others_serve_loc
     print(f"c left the views of a and b {took:.2f} s after SIGKILL")
     assert set(nodes(a)) == {"a", "b"} and set(nodes(b)) == {"a", "b"}
     assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:5]
-    assert {node for _, node in results} == {"c", "a"}, "served by c before the kill and by a after"
+    served = [node for _, node in results]
+    assert served[0] == "c" and served[-1] in {"a", "b"}, "served by c before the kill, by a live node after"
 
+    # c's models load again on a live node (the best one by room, warm tier and loads).
     r = embed(a, "after c died")
     assert r.status_code == 200, r.text
-    assert served_by(r) == "a"
+    assert served_by(r) in {"a", "b"}
     r = chat(b, LLM_B, max_tokens=2)
     assert r.status_code == 200, r.text
-    assert served_by(r) == "b"
+    assert served_by(r) in {"a", "b"}

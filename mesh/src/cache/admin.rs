@@ -95,6 +95,11 @@ impl super::Cache {
             .collect()
     }
 
+    /// The models whose image is in the warm tier (a page-in from memory).
+    pub fn warm_models(&self) -> Vec<String> {
+        self.inner.warm().ids()
+    }
+
     /// Bytes in use on each device, by name: (name, used, capacity).
     pub fn devices(&self) -> Vec<(String, u64, u64)> {
         self.inner

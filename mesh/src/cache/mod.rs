@@ -504,7 +504,7 @@ impl Inner {
             .clone()
     }
 
-    fn warm(&self) -> MutexGuard<'_, warm::WarmTier> {
+    pub(super) fn warm(&self) -> MutexGuard<'_, warm::WarmTier> {
         self.warm.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -48,6 +48,11 @@ impl WarmTier {
         self.used
     }
 
+    /// The models with an image here.
+    pub fn ids(&self) -> Vec<String> {
+        self.images.iter().map(|(id, _)| id.clone()).collect()
+    }
+
     /// The image of `id` if it was made from `path` as it is now.
     pub fn get(&mut self, id: &str, path: &Path) -> Option<Image> {
         let fresh = self

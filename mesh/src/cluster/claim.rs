@@ -1,7 +1,7 @@
-//! One load in the whole mesh: the node that loads a cold model first claims it in etcd with
-//! a transaction (the key must not exist), tied to its lease; others that find the claim wait
-//! for the claimant's copy and forward to it. The claimant gives the claim back once its copy
-//! is ready (or failed), and a claimant that dies loses it with its lease.
+//! One load in the whole mesh: the node that places a cold model claims its load in etcd with
+//! a transaction (the key must not exist), naming the node that loads it, tied to its own
+//! lease; others that find the claim wait for that node's copy and forward to it. The claim is
+//! given back once a copy is ready (or the load is over), and lost with its claimant's lease.
 
 use std::{
     collections::BTreeMap,
@@ -19,13 +19,13 @@ pub struct Claims {
     held: Mutex<BTreeMap<String, Instant>>,
 }
 
-/// The outcome of claiming a model's load.
+/// The outcome of claiming a model's load for a node.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claimed {
-    /// This node loads it.
-    Mine,
-    /// Another node claimed it first.
-    By(String),
+    /// This node's claim went in: the node it named loads the model.
+    Won,
+    /// A claim was there already, naming the node that loads the model.
+    Taken(String),
     /// etcd cannot be asked now: load here.
     Unknown,
 }
@@ -41,8 +41,8 @@ impl Claims {
         *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Claim the load of `model` for node `me` under `key`.
-    pub async fn claim(&self, key: String, model: &str, me: &str) -> Claimed {
+    /// Claim the load of `model` under `key`, naming the node `loader` that loads it.
+    pub async fn claim(&self, key: String, model: &str, loader: &str) -> Claimed {
         let Some((mut client, lease)) = self
             .session
             .lock()
@@ -55,7 +55,7 @@ impl Claims {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(
                 key.clone(),
-                me,
+                loader,
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else([TxnOp::get(key, None)]);
@@ -68,7 +68,7 @@ impl Claims {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(model.to_string(), Instant::now());
-            return Claimed::Mine;
+            return Claimed::Won;
         }
         let holder = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => g
@@ -78,8 +78,7 @@ impl Claims {
             _ => None,
         });
         match holder {
-            Some(node) if node == me => Claimed::Mine,
-            Some(node) => Claimed::By(node),
+            Some(node) => Claimed::Taken(node),
             None => Claimed::Unknown,
         }
     }

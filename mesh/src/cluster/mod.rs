@@ -74,6 +74,23 @@ pub struct NodeRecord {
     pub devices: Vec<DeviceHere>,
     #[serde(default)]
     pub usage: Vec<TenantUsage>,
+    /// Models with a copy loading here.
+    #[serde(default)]
+    pub loading: Vec<String>,
+    /// Models whose image is in this node's warm tier.
+    #[serde(default)]
+    pub warm: Vec<String>,
+}
+
+impl NodeRecord {
+    /// The most free bytes on one of its devices.
+    fn free(&self) -> u64 {
+        self.devices
+            .iter()
+            .map(|d| d.capacity.saturating_sub(d.used))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// A peer to forward to: its front doors.
@@ -108,6 +125,9 @@ struct Inner {
     tenancy_changes:
         tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<crate::tenancy::Shared>>,
     claims: Claims,
+    /// Loads this node sent to each node since that node's last record: (count, bytes), so
+    /// a burst of placements does not pile onto the node that looked emptiest.
+    placed: std::sync::Mutex<std::collections::HashMap<String, (usize, u64)>>,
     /// A change whose write failed (etcd went away): written first on reconnecting.
     unwritten: std::sync::Mutex<Option<crate::tenancy::Shared>>,
     metrics: Metrics,
@@ -118,6 +138,8 @@ struct Inner {
 struct Local {
     ready: bool,
     loading: bool,
+    /// Bytes of one copy (measured, or predicted before a load).
+    bytes: u64,
 }
 
 /// How long a request waits for another node's claimed load before loading here.
@@ -157,6 +179,7 @@ impl Cluster {
                 tenancy_changes: tokio::sync::Mutex::new(rx),
                 unwritten: Default::default(),
                 claims: Claims::default(),
+                placed: Default::default(),
                 metrics,
             }),
         };
@@ -198,10 +221,19 @@ impl Cluster {
         }
         let key = self.key(&format!("loading/{model}"));
         let me = self.inner.config.node.clone();
-        let Claimed::By(claimant) = self.inner.claims.claim(key.clone(), model, &me).await else {
-            return None;
+        let loader = self.choose_loader(model, here.bytes);
+        let taken = match self.inner.claims.claim(key.clone(), model, &loader.node).await {
+            Claimed::Unknown => return None,
+            Claimed::Won => {
+                self.count_placement(&loader.node, here.bytes);
+                return (loader.node != me).then_some(loader);
+            }
+            Claimed::Taken(node) => node,
         };
-        tracing::debug!(%model, %claimant, "Another node is loading it; waiting for its copy");
+        if taken == me {
+            return None; // another node chose this one to load it
+        }
+        tracing::debug!(%model, loader = %taken, "Another node is loading it; waiting for its copy");
         let started = Instant::now();
         let mut asked = Instant::now();
         while started.elapsed() < CLAIM_WAIT {
@@ -211,13 +243,58 @@ impl Cluster {
             }
             if asked.elapsed() >= Duration::from_secs(1) {
                 asked = Instant::now();
+                // The claim gone without a copy (the load failed, or its claimant died):
+                // place it again.
                 match self.inner.claims.claim(key.clone(), model, &me).await {
-                    Claimed::By(_) => {}
-                    Claimed::Mine | Claimed::Unknown => return None,
+                    Claimed::Taken(_) => {}
+                    Claimed::Won | Claimed::Unknown => return None,
                 }
             }
         }
         None
+    }
+
+    /// The node that should load `model` (`need` bytes): one with room without evicting, then
+    /// one with the model in its warm tier, then the fewest loads in flight, then the most free
+    /// bytes — counting the loads this node sent each node since its last record; this node
+    /// on a tie (no hop).
+    fn choose_loader(&self, model: &str, need: u64) -> Peer {
+        let mine = self.record();
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let me = &self.inner.config.node;
+        let candidates = nodes
+            .values()
+            .filter(|n| n.node != *me && !n.draining)
+            .chain(std::iter::once(&mine));
+        let best = candidates
+            .map(|n| {
+                let (count, bytes) = placed.get(&n.node).copied().unwrap_or_default();
+                let free = n.free().saturating_sub(bytes);
+                let key = (
+                    free >= need,
+                    n.warm.iter().any(|w| w == model),
+                    std::cmp::Reverse(n.loading.len() + count),
+                    free,
+                    n.node == *me,
+                );
+                (key, n)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, n)| n)
+            .unwrap_or(&mine);
+        Peer {
+            node: best.node.clone(),
+            http: best.http.clone(),
+            grpc: best.grpc.clone(),
+        }
+    }
+
+    fn count_placement(&self, node: &str, bytes: u64) {
+        let mut placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let e = placed.entry(node.to_string()).or_default();
+        e.0 += 1;
+        e.1 += bytes;
     }
 
     /// The least leased peer (not this node, not draining) with a ready copy of `model`.
@@ -246,14 +323,22 @@ impl Cluster {
         Local {
             ready: m.copies.iter().any(|c| c.state == "ready"),
             loading: m.copies.iter().any(|c| c.state == "loading"),
+            bytes: m.bytes.unwrap_or(0),
         }
     }
 
-    /// Give back the claims whose load is over: a ready copy here, or no load for a while.
+    /// Give back the claims whose load is over: a copy ready anywhere, or no node loading it
+    /// for a while (the load failed, or never started).
     async fn release_claims(&self, client: &mut Client) -> anyhow::Result<()> {
         for (model, held) in self.inner.claims.held() {
             let here = self.local_state(&model);
-            if here.ready || (!here.loading && held > Duration::from_secs(5)) {
+            let (ready, loading) = {
+                let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+                let ready = nodes.values().any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
+                (ready, nodes.values().any(|n| n.loading.contains(&model)))
+            };
+            let over = here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(5));
+            if over {
                 let key = self.key(&format!("loading/{model}"));
                 self.inner.claims.release(client, key, &model).await?;
             }
@@ -314,6 +399,13 @@ impl Cluster {
                     used,
                 })
                 .collect(),
+            loading: cache
+                .status()
+                .into_iter()
+                .filter(|m| m.copies.iter().any(|c| c.state == "loading"))
+                .map(|m| m.id)
+                .collect(),
+            warm: cache.warm_models(),
             usage: self
                 .inner
                 .limits
@@ -482,6 +574,8 @@ impl Cluster {
                         match e.event_type() {
                             EventType::Put => {
                                 if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
+                                    // Its record now shows what was sent there.
+                                    self.inner.placed.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.node);
                                     nodes.insert(r.node.clone(), r);
                                 }
                             }
