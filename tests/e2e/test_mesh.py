@@ -539,6 +539,61 @@ def test_etcd_away_for_ten_seconds_nodes_keep_serving_forwarding_and_rejoin(mesh
     print(f"all nodes rejoined {took:.2f} s after etcd came back")
 
 
+# --- where cold models load: six small models, three nodes with room for two each ------------
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory):
+    import subprocess
+    models = tmp_path_factory.mktemp("fixtures")
+    maker = BIN.parent / "make-fixtures"
+    subprocess.run([str(maker), str(models), "6", "small"], check=True, capture_output=True)
+    etcd = Etcd()
+    agents = {}
+    config = "".join(f'[[models]]\nid = "m{i}"\npath = "{models}/model-{i:03}.gguf"\nkv_cache_tokens = 64\n'
+                     for i in range(6))
+    try:
+        for name in ("r1", "r2", "r3"):
+            agents[name] = Agent(config=mesh_config(etcd, name).replace(
+                "[cache]\npreload = false", "[cache]\npreload = false\nkeep_alive = -1\n"
+                "[[cache.devices]]\nname = \"host0\"\ncapacity = 1000000") + config)
+        wait_until(lambda: all(sees(a) == set(agents) for a in agents.values()), 30, "the nodes never met")
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        etcd.close()
+
+
+def test_cold_models_load_where_there_is_room_and_no_device_is_ever_over(roomy):
+    import threading
+    first = roomy["r1"]
+    over, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            for n in nodes(first).values():
+                for d in n["devices"]:
+                    if d["used"] > d["capacity"]:
+                        over.append((n["node"], d))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(6):  # all six arrive at r1, one after the other
+            r = httpx.post(first.url + "/v1/completions", timeout=120,
+                           json={"model": f"m{i}", "prompt": "hi", "max_tokens": 1})
+            assert r.status_code == 200, r.text
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        watcher.join()
+    assert not over, over[:3]
+    held = {name: sorted(m["id"] for m in n["models"] if m["ready"]) for name, n in nodes(first).items()}
+    assert all(len(ms) == 2 for ms in held.values()), held
+    assert sorted(sum(held.values(), [])) == [f"m{i}" for i in range(6)], "each model loaded once, nothing evicted"
+
+
 def test_mesh_status_on_the_command_line(mesh):
     import subprocess
     out = subprocess.run([str(BIN), "mesh", "--url", mesh["b"].url, "--admin-token", "admin-secret", "status"],

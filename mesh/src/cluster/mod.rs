@@ -222,7 +222,12 @@ impl Cluster {
         let key = self.key(&format!("loading/{model}"));
         let me = self.inner.config.node.clone();
         let loader = self.choose_loader(model, here.bytes);
-        let taken = match self.inner.claims.claim(key.clone(), model, &loader.node).await {
+        let taken = match self
+            .inner
+            .claims
+            .claim(key.clone(), model, &loader.node)
+            .await
+        {
             Claimed::Unknown => return None,
             Claimed::Won => {
                 self.count_placement(&loader.node, here.bytes);
@@ -334,10 +339,13 @@ impl Cluster {
             let here = self.local_state(&model);
             let (ready, loading) = {
                 let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
-                let ready = nodes.values().any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
+                let ready = nodes
+                    .values()
+                    .any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
                 (ready, nodes.values().any(|n| n.loading.contains(&model)))
             };
-            let over = here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(5));
+            let over =
+                here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(5));
             if over {
                 let key = self.key(&format!("loading/{model}"));
                 self.inner.claims.release(client, key, &model).await?;
