@@ -594,6 +594,32 @@ def test_cold_models_load_where_there_is_room_and_no_device_is_ever_over(roomy):
     assert sorted(sum(held.values(), [])) == [f"m{i}" for i in range(6)], "each model loaded once, nothing evicted"
 
 
+def test_a_hot_model_gets_a_copy_on_another_node_which_leaves_when_idle(mesh):
+    from concurrent.futures import ThreadPoolExecutor
+    a, c = mesh["a"], mesh["c"]
+    r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=60,
+                   json={"id": "hot", "path": "smollm2-135m-instruct/model.gguf", "max_concurrency": 1})
+    assert r.status_code == 201, r.text
+    wait_until(lambda: "hot" in {m["id"] for m in listing(c)["models"]}, 10, "c never listed hot")
+    only_on_c(mesh, "hot")
+
+    def c_leases():
+        m = [m for m in nodes(a)["c"]["models"] if m["id"] == "hot"]
+        return m[0]["leases"] if m else 0
+
+    with ThreadPoolExecutor(3) as pool:
+        # Three long generations through a: c's one copy runs one at a time, two queue.
+        busy = [pool.submit(chat, a, "hot", 160) for _ in range(3)]
+        wait_until(lambda: c_leases() >= 2, 20, lambda: f"c's leases: {c_leases()}")
+        r = chat(a, "hot", 2, keep_alive="2s")
+        assert r.status_code == 200, r.text
+        assert served_by(r) == "a", "every copy was queueing: a added its own"
+        assert all(f.result().status_code == 200 for f in busy)
+    assert holders(a, "hot") == {"a", "c"}
+    # Idle for its keep_alive, the extra copy leaves; c's stays.
+    wait_until(lambda: holders(a, "hot") == {"c"}, 15, lambda: f"holders: {holders(a, 'hot')}")
+
+
 def test_mesh_status_on_the_command_line(mesh):
     import subprocess
     out = subprocess.run([str(BIN), "mesh", "--url", mesh["b"].url, "--admin-token", "admin-secret", "status"],

@@ -95,6 +95,12 @@ impl super::Cache {
             .collect()
     }
 
+    /// How many requests one copy of `model` runs at once (`max_concurrency`).
+    pub fn max_concurrency(&self, model: &str) -> Option<usize> {
+        let st = self.inner.lock();
+        st.models.get(model).map(|e| e.config.max_concurrency)
+    }
+
     /// The models whose image is in the warm tier (a page-in from memory).
     pub fn warm_models(&self) -> Vec<String> {
         self.inner.warm().ids()

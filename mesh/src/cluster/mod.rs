@@ -217,6 +217,13 @@ impl Cluster {
             return None;
         }
         if let Some(peer) = self.holder(model) {
+            // Copies follow demand: when every copy in the mesh has more requests than its
+            // batch takes, and this node has room without evicting, a copy is added here
+            // (at most one a node; an idle one leaves after its keep_alive).
+            if self.all_queueing(model) && self.record().free() >= here.bytes {
+                tracing::info!(%model, "Every copy is queueing; adding one here");
+                return None;
+            }
             return Some(peer);
         }
         let key = self.key(&format!("loading/{model}"));
@@ -293,6 +300,20 @@ impl Cluster {
             http: best.http.clone(),
             grpc: best.grpc.clone(),
         }
+    }
+
+    /// Whether every live copy of `model` on other nodes holds more leases than its batch.
+    fn all_queueing(&self, model: &str) -> bool {
+        let Some(batch) = self.inner.cache.max_concurrency(model) else {
+            return false;
+        };
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut copies = nodes
+            .values()
+            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter_map(|n| n.models.iter().find(|m| m.id == model && m.ready > 0))
+            .peekable();
+        copies.peek().is_some() && copies.all(|m| m.leases > batch * m.ready)
     }
 
     fn count_placement(&self, node: &str, bytes: u64) {
