@@ -620,6 +620,53 @@ def test_a_hot_model_gets_a_copy_on_another_node_which_leaves_when_idle(mesh):
     wait_until(lambda: holders(a, "hot") == {"c"}, 15, lambda: f"holders: {holders(a, 'hot')}")
 
 
+def test_a_client_that_leaves_a_forwarded_stream_stops_the_generation_on_the_peer(mesh):
+    a, c = mesh["a"], mesh["c"]
+    llm_b_only_on_c(mesh)
+    before = len(own_records(c, LLM_B))
+    body = {"model": LLM_B, "messages": CHAT, "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", a.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert served_by(r) == "c"
+        chunks = 0
+        for line in r.iter_lines():
+            chunks += line.startswith("data: {")
+            if chunks == 3:
+                break  # leave after three chunks: closing the stream drops the connection
+    wait_until(lambda: len(own_records(c, LLM_B)) == before + 1, 10, "c never ended the generation")
+    record = own_records(c, LLM_B)[-1]
+    assert record["output_tokens"] < 100, record
+
+
+def test_a_node_told_to_stop_drains_first(etcd):
+    # Two nodes of their own: d holds the model, e forwards to it until d says it drains.
+    agents = {}
+    try:
+        for name in ("d", "e"):
+            agents[name] = Agent(config=mesh_config(etcd, name).replace("/flatmesh-e2e", "/flatmesh-drain"))
+        d, e = agents["d"], agents["e"]
+        wait_until(lambda: set(nodes(e)) == {"d", "e"}, 30, "d and e never met")
+        assert httpx.post(d.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
+        wait_until(lambda: EMBED in {m["id"] for m in nodes(e)["d"]["models"]}, 10, "e never saw the copy on d")
+        assert served_by(embed(e, "before")) == "d"
+        body = {"model": LLM, "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+                "ignore_eos": True}
+        with httpx.Client(timeout=120) as h, h.stream("POST", d.url + "/v1/completions",
+                                                       json={**body, "stream": True}) as long:
+            lines = long.iter_lines()
+            next(lines)  # d is generating
+            d.proc.send_signal(__import__("signal").SIGTERM)
+            wait_until(lambda: nodes(e).get("d", {}).get("draining", True), 2, "d never said it drains")
+            r = embed(e, "while d drains")
+            assert r.status_code == 200 and served_by(r) == "e"
+            rest = [line for line in lines if line.startswith("data: {")]
+            assert rest, "the stream d was running finished"
+        assert d.proc.wait(timeout=60) == 0
+    finally:
+        for x in agents.values():
+            x.stop()
+
+
 def test_mesh_status_on_the_command_line(mesh):
     import subprocess
     out = subprocess.run([str(BIN), "mesh", "--url", mesh["b"].url, "--admin-token", "admin-secret", "status"],
