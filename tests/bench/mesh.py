@@ -8,6 +8,9 @@ is forwarded to `b`. Interleaved, the same request goes to `b` directly and thro
   TTFT        a streamed chat (`max_tokens` 1 token after the first): time to the first
               content chunk, p50 and p99
 
+Then `b` is killed (SIGKILL) while `a` keeps sending embedding requests, and the time from the
+kill to the first request served by a new copy (on `a`) is printed; no request may fail.
+
     python3 tests/bench/mesh.py [--requests 200] [--bin target/release/flatmesh]
 
 Uses `target/release/flatmesh` when it exists (build it: `cargo build --release -p flatmesh`),
@@ -69,9 +72,10 @@ def main():
     try:
         a, b = Agent(config=config(etcd, "a")), Agent(config=config(etcd, "b"))
         with httpx.Client(timeout=120) as c:
-            # Warm both models on b, then wait until a sees them there.
-            embed(c, b.url)
-            ttft(c, b.url)
+            # Load both models on b (an operator load acts on that node alone), then wait
+            # until a sees them there.
+            for m in (EMBED, LLM):
+                c.post(b.url + f"/admin/models/{m}/load").raise_for_status()
             deadline = time.time() + 15
             while time.time() < deadline:
                 nodes = {n["node"]: n for n in c.get(a.url + "/admin/mesh").json()["nodes"]}
@@ -91,6 +95,19 @@ def main():
                     direct.append(d)
                     hop.append(h)
                 rows[name] = (direct, hop)
+            # Kill b, the one holder; a keeps asking.
+            failed, t = 0, time.perf_counter()
+            b.proc.kill()
+            b.proc.wait()
+            while True:
+                try:
+                    took, node = embed(c, a.url)
+                except httpx.HTTPError:
+                    failed += 1
+                    continue
+                if node == "a":
+                    recovered = time.perf_counter() - t
+                    break
         print(f"one forwarding hop on loopback, {args.requests} interleaved requests each, {BIN.name} "
               f"({'release' if 'release' in str(BIN) else 'debug'}), {os.cpu_count()} cores")
         print(f"  {'':10s} {'direct p50':>11s} {'via a p50':>10s} {'added p50':>10s} "
@@ -100,6 +117,8 @@ def main():
                                   pct(direct, 99), pct(hop, 99))
             print(f"  {name:10s} {d50 * 1e3:9.2f}ms {h50 * 1e3:8.2f}ms {(h50 - d50) * 1e3:8.2f}ms "
                   f"{d99 * 1e3:9.2f}ms {h99 * 1e3:8.2f}ms {(h99 - d99) * 1e3:8.2f}ms")
+        print(f"  kill -9 of the holder -> first request served by a new copy: {recovered * 1e3:.0f} ms "
+              f"({failed} failed requests)")
     finally:
         for agent in (a, b):
             if agent:

@@ -9,6 +9,7 @@ mod health;
 mod mesh_ledger;
 mod openai;
 mod server;
+mod status;
 pub mod v2;
 
 use std::{
@@ -76,6 +77,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
                 )),
         )
         .merge(health::routes())
+        .merge(status::routes())
         .merge(
             v2::rest::routes()
                 .layer(forward())

@@ -142,7 +142,8 @@ struct Local {
     bytes: u64,
 }
 
-/// How long a request waits for another node's claimed load before loading here.
+/// How long a request waits for another node's claimed load before loading here (the
+/// claim is asked about again every 250 ms: gone without a copy, the request places anew).
 const CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 /// How often the node's record is rebuilt and, when it changed, published.
@@ -253,9 +254,10 @@ impl Cluster {
             if let Some(peer) = self.holder(model) {
                 return Some(peer);
             }
-            if asked.elapsed() >= Duration::from_secs(1) {
+            if asked.elapsed() >= Duration::from_millis(250) {
                 asked = Instant::now();
-                // The claim gone without a copy (the load failed, or its claimant died):
+                // The claim gone without a copy (the load failed, the copy was evicted, or its
+                // claimant died):
                 // place it again.
                 match self.inner.claims.claim(key.clone(), model, &me).await {
                     Claimed::Taken(_) => {}
@@ -366,7 +368,7 @@ impl Cluster {
                 (ready, nodes.values().any(|n| n.loading.contains(&model)))
             };
             let over =
-                here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(5));
+                here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(1));
             if over {
                 let key = self.key(&format!("loading/{model}"));
                 self.inner.claims.release(client, key, &model).await?;

@@ -269,6 +269,11 @@ impl Limits {
         }
     }
 
+    /// Requests and tokens of `tier` in the current month (status page).
+    pub fn tier_this_month(&self, tier: &str) -> (u64, u64) {
+        self.tier_month(tier, month_bounds(now_ms()))
+    }
+
     fn tier_month(&self, tier: &str, (start, end): (u64, u64)) -> (u64, u64) {
         if let Some(&(s, r, t)) = self.lock_tiers().get(tier) {
             if s == start {
