@@ -607,15 +607,15 @@ def test_a_hot_model_gets_a_copy_on_another_node_which_leaves_when_idle(mesh):
         m = [m for m in nodes(a)["c"]["models"] if m["id"] == "hot"]
         return m[0]["leases"] if m else 0
 
-    with ThreadPoolExecutor(3) as pool:
-        # Three long generations through a: c's one copy runs one at a time, two queue.
-        busy = [pool.submit(chat, a, "hot", 160) for _ in range(3)]
-        wait_until(lambda: c_leases() >= 2, 20, lambda: f"c's leases: {c_leases()}")
-        r = chat(a, "hot", 2, keep_alive="2s")
+    with ThreadPoolExecutor(4) as pool:
+        # Four long generations through a: c's one copy runs one at a time, three queue.
+        busy = [pool.submit(chat, a, "hot", 160) for _ in range(4)]
+        wait_until(lambda: c_leases() >= 3, 20, lambda: f"c's leases: {c_leases()}")
+        r = chat(a, "hot", 2, keep_alive="3s")
         assert r.status_code == 200, r.text
         assert served_by(r) == "a", "every copy was queueing: a added its own"
+        wait_until(lambda: holders(a, "hot") == {"a", "c"}, 2, lambda: f"holders: {holders(a, 'hot')}")
         assert all(f.result().status_code == 200 for f in busy)
-    assert holders(a, "hot") == {"a", "c"}
     # Idle for its keep_alive, the extra copy leaves; c's stays.
     wait_until(lambda: holders(a, "hot") == {"c"}, 15, lambda: f"holders: {holders(a, 'hot')}")
 

@@ -218,8 +218,8 @@ impl Cluster {
             return None;
         }
         if let Some(peer) = self.holder(model) {
-            // Copies follow demand: when every copy in the mesh has more requests than its
-            // batch takes, and this node has room without evicting, a copy is added here
+            // Copies follow demand: when every copy in the mesh has more requests waiting
+            // than its batch runs, and this node has room without evicting, a copy is added here
             // (at most one a node; an idle one leaves after its keep_alive).
             if self.all_queueing(model) && self.record().free() >= here.bytes {
                 tracing::info!(%model, "Every copy is queueing; adding one here");
@@ -304,7 +304,8 @@ impl Cluster {
         }
     }
 
-    /// Whether every live copy of `model` on other nodes holds more leases than its batch.
+    /// Whether every live copy of `model` on other nodes has more requests waiting than its
+    /// batch runs (leases over twice `max_concurrency`).
     fn all_queueing(&self, model: &str) -> bool {
         let Some(batch) = self.inner.cache.max_concurrency(model) else {
             return false;
@@ -315,7 +316,7 @@ impl Cluster {
             .filter(|n| n.node != self.inner.config.node && !n.draining)
             .filter_map(|n| n.models.iter().find(|m| m.id == model && m.ready > 0))
             .peekable();
-        copies.peek().is_some() && copies.all(|m| m.leases > batch * m.ready)
+        copies.peek().is_some() && copies.all(|m| m.leases > 2 * batch * m.ready)
     }
 
     fn count_placement(&self, node: &str, bytes: u64) {
