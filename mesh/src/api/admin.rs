@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::{
     error::{ApiError, ApiJson},
+    mesh_ledger::Period,
     AppState,
 };
 use crate::{config::ModelConfig, files};
@@ -427,40 +428,6 @@ async fn reload_slot<K: crate::policy::kind::Kind>(
             slot.load(&plugin, config).await
         }
     }
-}
-
-/// A period in Unix seconds, `[from, to)`; defaults to everything.
-#[derive(Deserialize)]
-pub struct Period {
-    #[serde(default)]
-    pub from: Option<u64>,
-    #[serde(default)]
-    pub to: Option<u64>,
-    #[serde(default)]
-    pub tenant: Option<String>,
-    #[serde(default)]
-    pub format: Option<String>,
-}
-
-impl Period {
-    pub fn millis(&self) -> (u64, u64) {
-        (
-            self.from.map_or(0, |s| s.saturating_mul(1000)),
-            self.to.map_or(u64::MAX, |s| s.saturating_mul(1000)),
-        )
-    }
-}
-
-pub fn records(
-    state: &AppState,
-    tenant: Option<&str>,
-    p: &Period,
-) -> Result<Vec<crate::ledger::Record>, ApiError> {
-    let (from, to) = p.millis();
-    state
-        .ledger
-        .records(tenant, from, to)
-        .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e}")))
 }
 
 async fn usage(

@@ -1,4 +1,5 @@
-//! Usage and invoices over the whole mesh: every node's ledger stays its own durable record;
+//! The ledger's queries: a period, this node's records, and usage and invoices over the
+//! whole mesh: every node's ledger stays its own durable record;
 //! a query on any node gathers the records of every live node and says which it could not
 //! reach, instead of answering a silently short total.
 
@@ -8,14 +9,45 @@ use axum::{
     extract::{Query, State},
     Json,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{
-    admin::{records, Period},
-    error::ApiError,
-    AppState,
-};
+use super::{error::ApiError, AppState};
 use crate::ledger::Record;
+
+/// A period in Unix seconds, `[from, to)`; defaults to everything.
+#[derive(Deserialize)]
+pub struct Period {
+    #[serde(default)]
+    pub from: Option<u64>,
+    #[serde(default)]
+    pub to: Option<u64>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+impl Period {
+    pub fn millis(&self) -> (u64, u64) {
+        (
+            self.from.map_or(0, |s| s.saturating_mul(1000)),
+            self.to.map_or(u64::MAX, |s| s.saturating_mul(1000)),
+        )
+    }
+}
+
+pub fn records(
+    state: &AppState,
+    tenant: Option<&str>,
+    p: &Period,
+) -> Result<Vec<crate::ledger::Record>, ApiError> {
+    let (from, to) = p.millis();
+    state
+        .ledger
+        .records(tenant, from, to)
+        .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e}")))
+}
 
 /// What a mesh-wide query gathered.
 pub struct Gathered {

@@ -6,7 +6,7 @@ pub mod error;
 pub mod forward;
 mod guard;
 mod health;
-mod mesh_ledger;
+pub mod mesh_ledger;
 mod openai;
 mod server;
 mod status;

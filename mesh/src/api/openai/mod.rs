@@ -129,9 +129,9 @@ async fn embeddings(
 async fn own_usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    axum::extract::Query(p): axum::extract::Query<super::admin::Period>,
+    axum::extract::Query(p): axum::extract::Query<super::mesh_ledger::Period>,
 ) -> Result<Json<Value>, ApiError> {
-    let recs = super::admin::records(&state, Some(&caller.tenant), &p)?;
+    let recs = super::mesh_ledger::records(&state, Some(&caller.tenant), &p)?;
     Ok(Json(
         json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": crate::ledger::usage(&recs)}),
     ))

@@ -19,11 +19,7 @@ use crate::{
     tenancy::{AuthError, Caller, Tenancy},
 };
 
-pub mod pb {
-    tonic::include_proto!("inference");
-}
-
-use pb::{
+use super::pb::{
     grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
     infer_parameter::ParameterChoice,
     model_infer_response::InferOutputTensor,

@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use tonic::{metadata::MetadataMap, transport::Channel, Request, Status};
 
-use super::grpc::pb::{
+use super::pb::{
     grpc_inference_service_client::GrpcInferenceServiceClient, ModelInferRequest,
     ModelInferResponse, ModelStreamInferResponse,
 };

@@ -9,6 +9,7 @@ mod codec;
 pub mod grpc;
 mod grpc_forward;
 pub mod incoming;
+pub mod pb;
 pub mod rest;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,194 @@
+//! Placement in the mesh: here, forward to a holder, or claim the one load in the mesh for
+//! the node that should load it (chosen by room, warm tier, loads in flight, free bytes).
+
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+
+use super::{claim::Claimed, Cluster, Peer};
+
+/// What this node has of a model.
+#[derive(Default)]
+struct Local {
+    ready: bool,
+    loading: bool,
+    /// Bytes of one copy (measured, or predicted before a load).
+    bytes: u64,
+}
+
+/// How long a request waits for another node's claimed load before loading here (the
+/// claim is asked about again every 250 ms: gone without a copy, the request places anew).
+const CLAIM_WAIT: Duration = Duration::from_secs(120);
+
+impl Cluster {
+    /// Where a request for `model` (a model id, vmodels resolved) should run: `None` here,
+    /// or the front door of the peer to forward it to. Here when a copy is ready or loading
+    /// here; else the least leased peer with a ready copy that is not draining; else the
+    /// node that claims the load in etcd first loads it (one load in the mesh) and the
+    /// others wait for its copy and forward there (or load here if its claim goes away).
+    pub async fn place(&self, model: &str) -> Option<Peer> {
+        let here = self.local_state(model);
+        if here.ready || here.loading {
+            return None;
+        }
+        if let Some(peer) = self.holder(model) {
+            // Copies follow demand: when every copy in the mesh has more requests waiting
+            // than its batch runs, and this node has room without evicting, a copy is added here
+            // (at most one a node; an idle one leaves after its keep_alive).
+            if self.all_queueing(model) && self.record().free() >= here.bytes {
+                tracing::info!(%model, "Every copy is queueing; adding one here");
+                return None;
+            }
+            return Some(peer);
+        }
+        let key = self.key(&format!("loading/{model}"));
+        let me = self.inner.config.node.clone();
+        let loader = self.choose_loader(model, here.bytes);
+        let taken = match self
+            .inner
+            .claims
+            .claim(key.clone(), model, &loader.node)
+            .await
+        {
+            Claimed::Unknown => return None,
+            Claimed::Won => {
+                self.count_placement(&loader.node, here.bytes);
+                return (loader.node != me).then_some(loader);
+            }
+            Claimed::Taken(node) => node,
+        };
+        if taken == me {
+            return None; // another node chose this one to load it
+        }
+        tracing::debug!(%model, loader = %taken, "Another node is loading it; waiting for its copy");
+        let started = Instant::now();
+        let mut asked = Instant::now();
+        while started.elapsed() < CLAIM_WAIT {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            if let Some(peer) = self.holder(model) {
+                return Some(peer);
+            }
+            if asked.elapsed() >= Duration::from_millis(250) {
+                asked = Instant::now();
+                // The claim gone without a copy (the load failed, the copy was evicted, or its
+                // claimant died):
+                // place it again.
+                match self.inner.claims.claim(key.clone(), model, &me).await {
+                    Claimed::Taken(_) => {}
+                    Claimed::Won | Claimed::Unknown => return None,
+                }
+            }
+        }
+        None
+    }
+
+    /// The node that should load `model` (`need` bytes): one with room without evicting, then
+    /// one with the model in its warm tier, then the fewest loads in flight, then the most free
+    /// bytes — counting the loads this node sent each node since its last record; this node
+    /// on a tie (no hop).
+    fn choose_loader(&self, model: &str, need: u64) -> Peer {
+        let mine = self.record();
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let me = &self.inner.config.node;
+        let candidates = nodes
+            .values()
+            .filter(|n| n.node != *me && !n.draining)
+            .chain(std::iter::once(&mine));
+        let best = candidates
+            .map(|n| {
+                let (count, bytes) = placed.get(&n.node).copied().unwrap_or_default();
+                let free = n.free().saturating_sub(bytes);
+                let key = (
+                    free >= need,
+                    n.warm.iter().any(|w| w == model),
+                    std::cmp::Reverse(n.loading.len() + count),
+                    free,
+                    n.node == *me,
+                );
+                (key, n)
+            })
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, n)| n)
+            .unwrap_or(&mine);
+        Peer {
+            node: best.node.clone(),
+            http: best.http.clone(),
+            grpc: best.grpc.clone(),
+        }
+    }
+
+    /// Whether every live copy of `model` on other nodes has more requests waiting than its
+    /// batch runs (leases over twice `max_concurrency`).
+    fn all_queueing(&self, model: &str) -> bool {
+        let Some(batch) = self.inner.cache.max_concurrency(model) else {
+            return false;
+        };
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let mut copies = nodes
+            .values()
+            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter_map(|n| n.models.iter().find(|m| m.id == model && m.ready > 0))
+            .peekable();
+        copies.peek().is_some() && copies.all(|m| m.leases > 2 * batch * m.ready)
+    }
+
+    fn count_placement(&self, node: &str, bytes: u64) {
+        let mut placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let e = placed.entry(node.to_string()).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+
+    /// The least leased peer (not this node, not draining) with a ready copy of `model`.
+    fn holder(&self, model: &str) -> Option<Peer> {
+        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .values()
+            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter_map(|n| {
+                let m = n.models.iter().find(|m| m.id == model && m.ready > 0)?;
+                Some((m.leases as f64 / m.ready as f64, n))
+            })
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, n)| Peer {
+                node: n.node.clone(),
+                http: n.http.clone(),
+                grpc: n.grpc.clone(),
+            })
+    }
+
+    fn local_state(&self, model: &str) -> Local {
+        let status = self.inner.cache.status();
+        let Some(m) = status.into_iter().find(|m| m.id == model) else {
+            return Local::default();
+        };
+        Local {
+            ready: m.copies.iter().any(|c| c.state == "ready"),
+            loading: m.copies.iter().any(|c| c.state == "loading"),
+            bytes: m.bytes.unwrap_or(0),
+        }
+    }
+
+    /// Give back the claims whose load is over: a copy ready anywhere, or no node loading it
+    /// for a while (the load failed, or never started).
+    pub(super) async fn release_claims(&self, client: &mut Client) -> anyhow::Result<()> {
+        for (model, held) in self.inner.claims.held() {
+            let here = self.local_state(&model);
+            let (ready, loading) = {
+                let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+                let ready = nodes
+                    .values()
+                    .any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
+                (ready, nodes.values().any(|n| n.loading.contains(&model)))
+            };
+            let over =
+                here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(1));
+            if over {
+                let key = self.key(&format!("loading/{model}"));
+                self.inner.claims.release(client, key, &model).await?;
+            }
+        }
+        Ok(())
+    }
+}
