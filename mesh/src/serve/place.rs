@@ -1,4 +1,6 @@
-//! Placement: where a request runs. One node today; the mesh makes it answer "forward".
+//! Placement inside the serve path: always here. In a mesh the front doors decide first
+//! (`api::forward`, `cluster` placement) and forward whole requests to a peer; what reaches
+//! the serve path runs here.
 
 /// Where a request for a model is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -7,7 +9,7 @@ pub enum Place {
     Here,
 }
 
-/// Decide where a request for `model` runs. A single agent always serves it itself.
+/// Decide where a request for `model` runs: here (the mesh forwarded it earlier if needed).
 pub fn place(_model: &str) -> Place {
     Place::Here
 }
