@@ -49,7 +49,8 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// The node's pool. Default: one host-memory device with half of the machine's memory.
+    /// The node's pool. Default: one host-memory device with half of the machine's memory (or
+    /// of the container's memory limit, when it has a smaller one).
     pub devices: Vec<DeviceConfig>,
     /// Loads that run at once (loads of one model are always shared).
     pub max_parallel_loads: usize,
@@ -133,16 +134,28 @@ impl CacheConfig {
     }
 }
 
-/// Half of the machine's memory, from /proc/meminfo (4 GiB where that cannot be read).
+/// Half of the memory this process may use: the machine's (`/proc/meminfo`), or its cgroup's
+/// limit when that is smaller (in a container the machine's memory is not the pod's); 4 GiB
+/// where neither can be read.
 fn default_host_capacity() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024 / 2)
-        })
-        .unwrap_or(4 << 30)
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    // cgroup v2, then v1; "max" (or a huge v1 number) means no limit.
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok());
+    match (machine, limit) {
+        (Some(m), Some(l)) => m.min(l) / 2,
+        (Some(m), None) => m / 2,
+        (None, Some(l)) => l / 2,
+        (None, None) => 4 << 30,
+    }
 }
 
 /// The most requests one model may run at once.
