@@ -170,8 +170,8 @@ impl Cluster {
         }
     }
 
-    /// Give back the claims whose load is over: a copy ready anywhere, or no node loading it
-    /// for a while (the load failed, or never started).
+    /// Give back the claims whose load is over: a copy ready anywhere (as published), or no
+    /// node loading it for a while (the load failed, or never started).
     pub(super) async fn release_claims(&self, client: &mut Client) -> anyhow::Result<()> {
         for (model, held) in self.inner.claims.held() {
             let here = self.local_state(&model);
@@ -182,8 +182,11 @@ impl Cluster {
                     .any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
                 (ready, nodes.values().any(|n| n.loading.contains(&model)))
             };
-            let over =
-                here.ready || ready || (!here.loading && !loading && held > Duration::from_secs(1));
+            // A ready copy must be in the published records (this node's own included) before
+            // the claim goes, and have been there a moment: a node whose view lags must see
+            // the copy, not a free claim, or it would load a second one.
+            let over = (ready && held > Duration::from_millis(500))
+                || (!here.loading && !loading && held > Duration::from_secs(1));
             if over {
                 let key = self.key(&format!("loading/{model}"));
                 self.inner.claims.release(client, key, &model).await?;
