@@ -12,6 +12,7 @@ pub mod config;
 mod placement;
 mod registry;
 mod tenancy;
+mod watch;
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 
 use self::claim::Claims;
@@ -373,16 +374,7 @@ impl Cluster {
             self.share_usage(&nodes);
         }
         let watch_from = found.header().map_or(0, |h| h.revision()) + 1;
-        let mut events = client
-            .watch(
-                prefix.clone(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(watch_from),
-                ),
-            )
-            .await?;
+        let mut events = watch::watch_prefix(&mut client, &prefix, watch_from).await?;
         let mut registry_events = self
             .inner
             .registry

@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
+use etcd_client::{Client, EventType, GetOptions, WatchResponse, WatchStream};
 
 use crate::{
     cache::{config::ModelConfig, Cache},
@@ -70,10 +70,7 @@ impl MeshRegistry {
 
     /// Watch the registry keys from `revision` on.
     pub async fn watch(&self, client: &mut Client, revision: i64) -> anyhow::Result<WatchStream> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision);
-        Ok(client.watch(self.prefix.clone(), Some(opts)).await?)
+        super::watch::watch_prefix(client, &self.prefix, revision).await
     }
 
     /// Apply another node's changes to this node's cache.

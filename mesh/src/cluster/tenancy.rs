@@ -1,7 +1,7 @@
 //! Shared tenancy: tenants and key hashes made through the admin API on any node, one etcd
 //! key each, applied by every node (a key made on one node works on all within a second).
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
+use etcd_client::{Client, EventType, GetOptions, WatchResponse, WatchStream};
 
 use crate::tenancy::{Shared, Tenancy, TenantConfig};
 
@@ -70,10 +70,7 @@ impl SharedTenancy {
     }
 
     pub async fn watch(&self, client: &mut Client, revision: i64) -> anyhow::Result<WatchStream> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision);
-        Ok(client.watch(self.prefix.clone(), Some(opts)).await?)
+        super::watch::watch_prefix(client, &self.prefix, revision).await
     }
 
     /// Apply other nodes' changes.
