@@ -85,6 +85,21 @@ struct ServeArgs {
     /// (server.body_read_timeout).
     #[arg(long, env = "FLATMESH_BODY_READ_TIMEOUT", value_parser = parse_secs)]
     body_read_timeout: Option<Secs>,
+    /// Base URL of an OTLP/HTTP trace receiver (telemetry.otlp_endpoint).
+    #[arg(long, env = "FLATMESH_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// etcd endpoints, comma-separated; joins the mesh (mesh.etcd).
+    #[arg(long, env = "FLATMESH_MESH_ETCD", value_delimiter = ',')]
+    mesh_etcd: Option<Vec<String>>,
+    /// This node's name in the mesh (mesh.node).
+    #[arg(long, env = "FLATMESH_MESH_NODE")]
+    mesh_node: Option<String>,
+    /// The URL peers reach this node's HTTP front door at (mesh.advertise).
+    #[arg(long, env = "FLATMESH_MESH_ADVERTISE")]
+    mesh_advertise: Option<String>,
+    /// The URL peers reach this node's gRPC front door at (mesh.advertise_grpc).
+    #[arg(long, env = "FLATMESH_MESH_ADVERTISE_GRPC")]
+    mesh_advertise_grpc: Option<String>,
 }
 
 fn parse_secs(s: &str) -> Result<Secs, String> {
@@ -133,6 +148,40 @@ impl ServeArgs {
         if let Some(v) = self.body_read_timeout {
             c.server.body_read_timeout = v;
         }
+        if let Some(v) = self.otlp_endpoint {
+            c.telemetry.otlp_endpoint = Some(v);
+        }
+        if let Some(v) = self.mesh_etcd {
+            match &mut c.mesh {
+                Some(m) => m.etcd = v,
+                None => c.mesh = Some(crate::cluster::MeshConfig::new(v)),
+            }
+        }
+        let mesh_flags = [
+            ("--mesh-node", self.mesh_node.is_some()),
+            ("--mesh-advertise", self.mesh_advertise.is_some()),
+            ("--mesh-advertise-grpc", self.mesh_advertise_grpc.is_some()),
+        ];
+        match &mut c.mesh {
+            Some(m) => {
+                if let Some(v) = self.mesh_node {
+                    m.node = v;
+                }
+                if let Some(v) = self.mesh_advertise {
+                    m.advertise = Some(v);
+                }
+                if let Some(v) = self.mesh_advertise_grpc {
+                    m.advertise_grpc = Some(v);
+                }
+            }
+            None => {
+                if let Some((flag, _)) = mesh_flags.iter().find(|(_, set)| *set) {
+                    anyhow::bail!(
+                        "{flag} needs a mesh: give etcd endpoints ([mesh] etcd or --mesh-etcd)"
+                    );
+                }
+            }
+        }
         c.finish()
     }
 }
@@ -162,31 +211,61 @@ pub fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    init_logs(&config);
+    let telemetry = match init_logs(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("flatmesh: bad configuration: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(serve(config)) {
+    let code = match runtime.block_on(serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "Agent stopped");
             eprintln!("flatmesh: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    drop(runtime);
+    if let Some(t) = telemetry {
+        t.shutdown();
     }
+    code
 }
 
-fn init_logs(config: &Config) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to stderr, and spans to an OTLP receiver when one is configured.
+fn init_logs(config: &Config) -> anyhow::Result<Option<crate::telemetry::Telemetry>> {
+    use tracing_subscriber::{filter::filter_fn, prelude::*, EnvFilter, Layer};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log.format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let logs = fmt
+        .with_filter(filter)
+        .with_filter(filter_fn(crate::telemetry::logged));
+    let instance = config
+        .mesh
+        .as_ref()
+        .map_or_else(crate::cluster::host_name, |m| m.node.clone());
+    match crate::telemetry::Telemetry::start(&config.telemetry, &instance)? {
+        Some((telemetry, traces)) => {
+            tracing_subscriber::registry()
+                .with(logs)
+                .with(traces.with_filter(filter_fn(crate::telemetry::traced)))
+                .init();
+            Ok(Some(telemetry))
+        }
+        None => {
+            tracing_subscriber::registry().with(logs).init();
+            Ok(None)
+        }
     }
 }
 
@@ -336,6 +415,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     // Keepalive pings close connections whose peer is gone.
     let grpc = tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::grpc_span)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(api::v2::grpc::size_limit_status())

@@ -34,6 +34,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Join other agents through etcd; absent, the agent is a single node.
     pub mesh: Option<crate::cluster::MeshConfig>,
+    /// Traces over OTLP (off unless `otlp_endpoint` is set).
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +196,7 @@ impl Default for Config {
             models_dir: PathBuf::from("models"),
             models: Vec::new(),
             mesh: None,
+            telemetry: Default::default(),
         }
     }
 }
@@ -238,6 +241,7 @@ impl Config {
         if let Some(mesh) = &self.mesh {
             mesh.validate()?;
         }
+        self.telemetry.validate()?;
         if self.scheduler.slots == 0 {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }

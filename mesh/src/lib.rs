@@ -14,6 +14,7 @@ pub mod policy;
 pub mod registry;
 pub mod scheduler;
 pub mod serve;
+pub mod telemetry;
 pub mod tenancy;
 pub mod units;
 pub mod util;

@@ -92,7 +92,9 @@ pub async fn forward(
     };
     if let Some(peer) = peer {
         let started = std::time::Instant::now();
-        match proxy(&peer, &node, &parts, bytes.clone()).await {
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "forward", otel.name = "forward", otel.kind = "client", flatmesh.peer = %peer);
+        let sent = proxy(&peer, &node, &parts, bytes.clone(), &span);
+        match tracing::Instrument::instrument(sent, span.clone()).await {
             Ok(resp) => {
                 let m = cluster.metrics();
                 m.mesh_forwarded.with_label_values(&[&peer, "ok"]).inc();
@@ -102,6 +104,7 @@ pub async fn forward(
                 return resp;
             }
             Err(e) => {
+                crate::telemetry::failed(&span, "unreachable", &e.to_string());
                 cluster
                     .metrics()
                     .mesh_forwarded
@@ -121,15 +124,22 @@ async fn proxy(
     origin: &str,
     parts: &axum::http::request::Parts,
     body: bytes::Bytes,
+    span: &tracing::Span,
 ) -> anyhow::Result<Response> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut out = client().post(format!("{}{path}", peer.trim_end_matches('/')));
-    for (k, v) in &parts.headers {
-        if k != header::HOST && k != header::CONTENT_LENGTH && k != header::CONNECTION {
-            out = out.header(k, v);
-        }
+    let mut headers = parts.headers.clone();
+    for h in [header::HOST, header::CONTENT_LENGTH, header::CONNECTION] {
+        headers.remove(h);
     }
-    let resp = out.header(FORWARDED, origin).body(body).send().await?;
+    // When traced, the peer's spans are children of the forwarding span.
+    headers.extend(crate::telemetry::trace_headers(span));
+    let resp = client()
+        .post(format!("{}{path}", peer.trim_end_matches('/')))
+        .headers(headers)
+        .header(FORWARDED, origin)
+        .body(body)
+        .send()
+        .await?;
     let mut back = Response::builder().status(resp.status().as_u16());
     for (k, v) in resp.headers() {
         if k != header::TRANSFER_ENCODING && k != header::CONNECTION && k != header::CONTENT_LENGTH

@@ -92,6 +92,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             forward::name_the_node,
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(crate::telemetry::trace_http))
         .with_state(state)
 }
 

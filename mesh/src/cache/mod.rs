@@ -374,7 +374,9 @@ impl Cache {
 
     fn spawn_load(&self, load: Load) {
         let inner = self.inner.clone();
-        tokio::spawn(async move {
+        // A child of the request that needed the copy, when traced.
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "page-in", flatmesh.model = %load.config.id, flatmesh.copy = %load.copy, flatmesh.device = %load.device.name());
+        let work = async move {
             let _permit = inner.loads.clone().acquire_owned().await;
             let started = Instant::now();
             let (path, format) = (load.config.path.clone(), load.format);
@@ -383,6 +385,7 @@ impl Cache {
                 (warm.get(&load.config.id, &path), warm.enabled())
             };
             let source = if image.is_some() { "warm" } else { "disk" };
+            crate::telemetry::attr(&tracing::Span::current(), "flatmesh.source", source);
             tracing::info!(model = %load.config.id, copy = %load.copy, device = %load.device.name(), predicted_bytes = load.reserved, source, "Loading model");
             let (from, device, batch) = (path.clone(), load.device.clone(), load.config.batch());
             let result = tokio::task::spawn_blocking(move || match image {
@@ -411,12 +414,16 @@ impl Cache {
                 .page_ins
                 .with_label_values(&[source, if result.is_ok() { "ok" } else { "failed" }])
                 .inc();
+            if let Err(e) = &result {
+                crate::telemetry::failed(&tracing::Span::current(), "load_failed", &e.to_string());
+            }
             let seconds = started.elapsed().as_secs_f64();
             let mut st = inner.lock();
             st.finish_load(load, result, Instant::now(), seconds, &inner.metrics);
             drop(st);
             inner.changed.notify_waiters();
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(work, span));
     }
 
     /// Load `id` now if it is not loaded, and wait until it is (or fails).

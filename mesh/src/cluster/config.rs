@@ -28,6 +28,11 @@ pub struct MeshConfig {
 }
 
 fn default_node() -> String {
+    host_name()
+}
+
+/// This machine's host name ("node" when it has none).
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
@@ -44,6 +49,18 @@ fn default_ttl() -> Secs {
 }
 
 impl MeshConfig {
+    /// A mesh through `etcd` with every other setting at its default.
+    pub fn new(etcd: Vec<String>) -> Self {
+        MeshConfig {
+            etcd,
+            node: default_node(),
+            advertise: None,
+            advertise_grpc: None,
+            prefix: default_prefix(),
+            lease_ttl: default_ttl(),
+        }
+    }
+
     /// Errors start with the field name.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.etcd.is_empty() {

@@ -24,7 +24,7 @@ use etcd_client::{Client, EventType, GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 
 use self::claim::Claims;
-pub use self::config::MeshConfig;
+pub use self::config::{host_name, MeshConfig};
 pub use self::registry::MeshRegistry;
 use self::tenancy::SharedTenancy;
 use crate::{

@@ -310,6 +310,21 @@ impl<K: Kind> Slot<K> {
         let Some(loaded) = self.current() else {
             return Outcome::Absent;
         };
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "policy", otel.name = %format_args!("policy {}", K::SLOT), flatmesh.policy.slot = K::SLOT, flatmesh.policy.plugin = %loaded.path.display(), flatmesh.policy.version = loaded.version);
+        let outcome =
+            tracing::Instrument::instrument(self.call_loaded(loaded, tenant, f), span.clone())
+                .await;
+        if let Outcome::Failed(f) = &outcome {
+            crate::telemetry::failed(&span, f.kind.label(), &f.message);
+        }
+        outcome
+    }
+
+    async fn call_loaded<R, F, Fut>(&self, loaded: Arc<Loaded<K>>, tenant: &str, f: F) -> Outcome<R>
+    where
+        F: FnOnce(Instance<K>) -> Fut,
+        Fut: Future<Output = (Instance<K>, wasmtime::Result<Result<R, String>>)>,
+    {
         let started = Instant::now();
         let backoff_until = lock(&self.health).backoff_until;
         if let Some(until) = backoff_until {

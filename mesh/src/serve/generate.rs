@@ -138,7 +138,8 @@ pub async fn start(
         }
     }
     let (to_client, events) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let span = finish.tracker.span().clone();
+    let relay = async move {
         let Finish {
             bill,
             mut tracker,
@@ -211,6 +212,16 @@ pub async fn start(
             Err(e) => e.http_status(),
         };
         if let Ok(g) = &result {
+            crate::telemetry::attr(
+                tracker.span(),
+                "gen_ai.response.finish_reasons",
+                opentelemetry::Value::Array(
+                    vec![opentelemetry::StringValue::from(finish_reason(
+                        g.finish_reason,
+                    ))]
+                    .into(),
+                ),
+            );
             tracing::info!(
                 gen_ai.usage.input_tokens = g.prompt_tokens,
                 gen_ai.usage.output_tokens = g.completion_tokens,
@@ -222,7 +233,8 @@ pub async fn start(
         if to_client.send(Event::Done(result)).await.is_ok() {
             tracker.finish(status);
         }
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(relay, span));
     Ok(Generating { events })
 }
 

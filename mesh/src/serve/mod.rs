@@ -33,6 +33,7 @@ use crate::{
     metrics::Metrics,
     policy::{self, CachePrompt, Policies, RequestInfo},
     scheduler::Scheduler,
+    telemetry,
     tenancy::{
         limits::{Admission, Limits},
         Caller, Tenancy,
@@ -127,13 +128,18 @@ impl Serve {
     /// Serve one request.
     pub async fn run(&self, req: Request) -> Result<Served, ServeError> {
         let label = self.model_label(&req.model);
-        let mut tracker = Some(Tracker::new(&self.metrics, label, req.endpoint));
         let id = format!(
             "{}-{}",
             id_prefix(req.endpoint),
             uuid::Uuid::new_v4().simple()
         );
-        let span = tracing::info_span!("serve", otel.kind = "server", gen_ai.request.model = %req.model, endpoint = req.endpoint, request_id = %id);
+        let span = request_span(&req, &id);
+        let mut tracker = Some(Tracker::new(
+            &self.metrics,
+            label,
+            req.endpoint,
+            span.clone(),
+        ));
         let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
         // A running generation took the tracker with it; otherwise the request ends here.
         if let Some(t) = tracker {
@@ -162,6 +168,8 @@ impl Serve {
         // Resolve once; the tier check, the kind check and the lease are on that model.
         let (model, kind) = self.check(&req, &targets[0])?;
         let work = resolve_work(req.work.clone(), kind, &req.model)?;
+        let span = tracing::Span::current();
+        describe(&span, &req, &work);
         let admission = self.admit(&req.caller, &info).await?;
         let mut bill = Bill {
             ledger: self.ledger.clone(),
@@ -192,7 +200,9 @@ impl Serve {
                     .response_cache
                     .with_label_values(&[label])
                     .inc();
+                telemetry::attr(&span, "flatmesh.response_cache", label);
                 if let Some(answer) = hit {
+                    telemetry::attr(&span, "gen_ai.response.model", model.clone());
                     bill.cache_hit = true;
                     let g = cached_generation(answer, cp.request.prompt_tokens as usize);
                     bill.record(&model, g.prompt_tokens, g.completion_tokens)
@@ -216,20 +226,29 @@ impl Serve {
         }
         let cache = remember.as_ref().map(|_| "miss");
         let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
+        telemetry::attr(&span, "gen_ai.response.model", model.clone());
         if let Some(cp) = &mut remember {
             cp.target = model.clone(); // A fallback's answer belongs to its own namespace.
         }
         let (tier, weight) = (&req.caller.tier.name, req.caller.tier.weight);
-        let mut slot = self.scheduler.acquire(tier, weight).await?;
+        let queued = tracing::info_span!(target: telemetry::TARGET, "queue", otel.name = "queue wait", flatmesh.tier = %tier);
         let mut lease = lease;
-        if !lease.try_enter(tier, weight) {
-            // The copy's batch is full: wait for a place in it (given out by the tiers'
-            // weights) without holding an execution slot that another model could use, then
-            // queue for one again.
-            drop(slot);
-            lease.enter(tier, weight).await;
-            slot = self.scheduler.acquire(tier, weight).await?;
-        }
+        let slot = tracing::Instrument::instrument(
+            async {
+                let slot = self.scheduler.acquire(tier, weight).await?;
+                if lease.try_enter(tier, weight) {
+                    return Ok(slot);
+                }
+                // The copy's batch is full: wait for a place in it (given out by the tiers'
+                // weights) without holding an execution slot that another model could use,
+                // then queue for one again.
+                drop(slot);
+                lease.enter(tier, weight).await;
+                self.scheduler.acquire(tier, weight).await
+            },
+            queued,
+        )
+        .await?;
         let engine = lease.engine.clone();
         let held = Held::new(admission, lease, slot);
         let output = match work {
@@ -470,6 +489,56 @@ fn cached_generation(answer: policy::Answer, prompt_tokens: usize) -> Generation
             _ => FinishReason::Stop,
         },
         text: answer.text,
+    }
+}
+
+/// The span of one request on the serve path, named and typed as OpenTelemetry's GenAI
+/// conventions ask (`{operation} {model}`); the rest of its attributes come as they are known.
+fn request_span(req: &Request, id: &str) -> tracing::Span {
+    let op = match req.endpoint {
+        "v2_infer" => "infer", // named once the model says what it does
+        e => operation(e, &req.work),
+    };
+    let span = tracing::info_span!("serve", otel.name = %format_args!("{op} {}", req.model), endpoint = req.endpoint, request_id = %id);
+    telemetry::attr(&span, "gen_ai.provider.name", "flatmesh");
+    telemetry::attr(&span, "gen_ai.request.model", req.model.clone());
+    telemetry::attr(&span, "gen_ai.response.id", id.to_string());
+    if req.stream {
+        telemetry::attr(&span, "flatmesh.stream", true);
+    }
+    span
+}
+
+/// The attributes of a request known once its model says what the work is.
+fn describe(span: &tracing::Span, req: &Request, work: &Work) {
+    let op = operation(req.endpoint, work);
+    if req.endpoint == "v2_infer" {
+        telemetry::rename(span, format!("{op} {}", req.model));
+    }
+    telemetry::attr(span, "gen_ai.operation.name", op);
+    telemetry::attr(span, "flatmesh.tenant", req.caller.tenant.clone());
+    telemetry::attr(span, "flatmesh.tier", req.caller.tier.name.clone());
+    if let Work::Generate(g) = work {
+        if let Some(n) = g.max_tokens {
+            telemetry::attr(span, "gen_ai.request.max_tokens", n as i64);
+        }
+        telemetry::attr(
+            span,
+            "gen_ai.request.temperature",
+            f64::from(g.sampling.temperature),
+        );
+        if let Some(seed) = g.sampling.seed {
+            telemetry::attr(span, "gen_ai.request.seed", seed as i64);
+        }
+    }
+}
+
+/// The GenAI operation of the work (`chat`, `text_completion`, `embeddings`).
+fn operation(endpoint: &str, work: &Work) -> &'static str {
+    match (endpoint, work) {
+        (_, Work::Embed { .. }) => "embeddings",
+        ("chat_completions", _) => "chat",
+        _ => "text_completion",
     }
 }
 

@@ -1,8 +1,9 @@
-//! Per-request metrics: in flight, latency, time to first token, tokens and the final status.
+//! Per-request metrics and the request's span: in flight, latency, time to first token,
+//! tokens and the final status.
 
 use std::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::{metrics::Metrics, telemetry};
 
 /// Records one request in the metrics, once, however it ends.
 pub struct Tracker {
@@ -12,11 +13,18 @@ pub struct Tracker {
     started: Instant,
     first_token: bool,
     done: bool,
+    /// The serve span: it ends when the last handle (this one, for a stream) is dropped.
+    span: tracing::Span,
 }
 
 impl Tracker {
     /// `model` must already be bounded (a configured id or "unknown").
-    pub fn new(metrics: &Metrics, model: String, endpoint: &'static str) -> Self {
+    pub fn new(
+        metrics: &Metrics,
+        model: String,
+        endpoint: &'static str,
+        span: tracing::Span,
+    ) -> Self {
         metrics.in_flight.with_label_values(&[&model]).inc();
         Tracker {
             metrics: metrics.clone(),
@@ -25,7 +33,12 @@ impl Tracker {
             started: Instant::now(),
             first_token: false,
             done: false,
+            span,
         }
+    }
+
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub fn elapsed(&self) -> f64 {
@@ -35,14 +48,18 @@ impl Tracker {
     pub fn first_token(&mut self) {
         if !self.first_token {
             self.first_token = true;
+            let seconds = self.elapsed();
+            telemetry::attr(&self.span, "flatmesh.time_to_first_token_s", seconds);
             self.metrics
                 .time_to_first_token_seconds
                 .with_label_values(&[&self.model])
-                .observe(self.elapsed());
+                .observe(seconds);
         }
     }
 
     pub fn tokens(&self, input: usize, output: usize) {
+        telemetry::attr(&self.span, "gen_ai.usage.input_tokens", input as i64);
+        telemetry::attr(&self.span, "gen_ai.usage.output_tokens", output as i64);
         self.metrics
             .input_tokens
             .with_label_values(&[&self.model])
@@ -60,6 +77,13 @@ impl Tracker {
     fn record(&mut self, status: u16) {
         if std::mem::replace(&mut self.done, true) {
             return;
+        }
+        telemetry::attr(&self.span, "flatmesh.status", i64::from(status));
+        match status {
+            500.. => telemetry::failed(&self.span, &status.to_string(), "server error"),
+            499 => telemetry::attr(&self.span, "error.type", "cancelled"),
+            400.. => telemetry::attr(&self.span, "error.type", status.to_string()),
+            _ => {}
         }
         let labels = [self.model.as_str(), self.endpoint];
         self.metrics

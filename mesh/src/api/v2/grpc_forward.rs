@@ -4,7 +4,11 @@
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
-use tonic::{metadata::MetadataMap, transport::Channel, Request, Status};
+use tonic::{
+    metadata::{MetadataKey, MetadataMap, MetadataValue},
+    transport::Channel,
+    Request, Status,
+};
 
 use super::pb::{
     grpc_inference_service_client::GrpcInferenceServiceClient, ModelInferRequest,
@@ -51,7 +55,21 @@ fn request<T>(message: T, md: &MetadataMap, origin: &str) -> Request<T> {
     if let Ok(v) = origin.parse() {
         req.metadata_mut().insert(FORWARDED, v);
     }
+    // The peer's spans join this trace as children of the forwarding span.
+    for (k, v) in &crate::telemetry::trace_headers(&tracing::Span::current()) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(k.as_str().as_bytes()),
+            MetadataValue::try_from(v.as_bytes()),
+        ) {
+            req.metadata_mut().insert(k, v);
+        }
+    }
     req
+}
+
+/// The span of one call forwarded to `peer`.
+fn forward_span(peer: &str) -> tracing::Span {
+    tracing::info_span!(target: crate::telemetry::TARGET, "forward", otel.name = "forward", otel.kind = "client", flatmesh.peer = %peer)
 }
 
 /// Whether a failed call never reached the peer (so serving here is safe).
@@ -67,7 +85,8 @@ pub async fn infer(
     r: ModelInferRequest,
 ) -> Result<tonic::Response<ModelInferResponse>, Status> {
     let mut client = GrpcInferenceServiceClient::new(channel(peer)?);
-    client.model_infer(request(r, md, origin)).await
+    let call = async { client.model_infer(request(r, md, origin)).await };
+    tracing::Instrument::instrument(call, forward_span(peer)).await
 }
 
 /// Forward one request of a `ModelStreamInfer` as a stream of its own, relaying every
@@ -80,15 +99,18 @@ pub async fn stream_one(
     tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
 ) -> Result<(), Status> {
     let mut client = GrpcInferenceServiceClient::new(channel(peer)?);
-    let one = tokio_stream::once(r);
-    let mut answers = client
-        .model_stream_infer(request(one, md, origin))
-        .await?
-        .into_inner();
-    while let Some(a) = answers.message().await? {
-        if tx.send(Ok(a)).await.is_err() {
-            return Ok(()); // the client left: dropping the peer's stream stops it there
+    let relay = async {
+        let one = tokio_stream::once(r);
+        let mut answers = client
+            .model_stream_infer(request(one, md, origin))
+            .await?
+            .into_inner();
+        while let Some(a) = answers.message().await? {
+            if tx.send(Ok(a)).await.is_err() {
+                return Ok(()); // the client left: dropping the peer's stream stops it there
+            }
         }
-    }
-    Ok(())
+        Ok(())
+    };
+    tracing::Instrument::instrument(relay, forward_span(peer)).await
 }
