@@ -1,10 +1,10 @@
 //! Prometheus metrics of the agent, all under the `flatmesh_` prefix in base units.
 
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry, register_histogram_with_registry,
-    register_int_counter_vec_with_registry, register_int_gauge_vec_with_registry,
-    register_int_gauge_with_registry, Encoder, Histogram, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Registry, TextEncoder,
+    exponential_buckets, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
+    register_histogram_with_registry, register_int_counter_vec_with_registry,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, GaugeVec,
+    Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Every metric family, registered once in one registry.
@@ -27,10 +27,15 @@ pub struct Metrics {
     pub copies_loaded: IntGauge,
     pub device_used_bytes: IntGaugeVec,
     pub device_capacity_bytes: IntGaugeVec,
+    pub device_copies: IntGaugeVec,
     pub queue_wait_seconds: HistogramVec,
+    pub queue_depth: IntGaugeVec,
     pub rejections: IntCounterVec,
     pub tier_requests: IntCounterVec,
     pub tier_tokens: IntCounterVec,
+    pub tier_responses: IntCounterVec,
+    pub tier_token_budget: IntGaugeVec,
+    pub tier_budget_used_ratio: GaugeVec,
     pub policy_calls: IntCounterVec,
     pub policy_call_seconds: HistogramVec,
     pub policy_reloads: IntCounterVec,
@@ -166,6 +171,20 @@ impl Metrics {
                 r
             )
             .expect("register"),
+            device_copies: register_int_gauge_vec_with_registry!(
+                "flatmesh_device_copies",
+                "Copies of models on a device (loading or ready).",
+                &["device"],
+                r
+            )
+            .expect("register"),
+            queue_depth: register_int_gauge_vec_with_registry!(
+                "flatmesh_queue_depth",
+                "Requests waiting for an execution slot or a place in their copy's batch, by tier.",
+                &["tier"],
+                r
+            )
+            .expect("register"),
             queue_wait_seconds: register_histogram_vec_with_registry!(
                 "flatmesh_queue_wait_seconds",
                 "Time a request waited for an execution slot, by tier.",
@@ -192,6 +211,27 @@ impl Metrics {
                 "flatmesh_tier_tokens_total",
                 "Tokens processed, by tier and direction (input, output).",
                 &["tier", "direction"],
+                r
+            )
+            .expect("register"),
+            tier_responses: register_int_counter_vec_with_registry!(
+                "flatmesh_tier_responses_total",
+                "Requests answered on the serve path, by tier and HTTP status (499 = client went away).",
+                &["tier", "status"],
+                r
+            )
+            .expect("register"),
+            tier_token_budget: register_int_gauge_vec_with_registry!(
+                "flatmesh_tier_token_budget",
+                "Tokens a tenant of the tier may use per calendar month (tiers with a budget).",
+                &["tier"],
+                r
+            )
+            .expect("register"),
+            tier_budget_used_ratio: register_gauge_vec_with_registry!(
+                "flatmesh_tier_budget_used_ratio",
+                "The largest share of its monthly token budget any tenant of the tier has used (mesh-wide).",
+                &["tier"],
                 r
             )
             .expect("register"),

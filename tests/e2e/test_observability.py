@@ -63,6 +63,7 @@ max_queue = 0
 [[tenancy.tiers]]
 name = "gold"
 weight = 3
+token_budget = 100000   # the budget panel and gauge
 
 [[tenancy.tiers]]
 name = "basic"

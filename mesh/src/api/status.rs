@@ -1,5 +1,6 @@
 //! The status page for operators (`GET /status`): this node — or every node of its mesh —
-//! with devices, models and their copies, and tiers with this month's use; plain HTML,
+//! with devices, models and their copies, tiers with their queue and this month's use against
+//! their budget, and recent page-ins and evictions; plain HTML,
 //! refreshed every two seconds, no scripts. Protected like `/admin` (a bearer token, or the
 //! admin token as the password of HTTP Basic auth, so a browser can open it).
 
@@ -167,19 +168,57 @@ table{{border-collapse:collapse}} td,th{{padding:3px 10px;text-align:left;border
             );
         }
     }
-    h.push_str("</table><h2>Tiers (this month)</h2><table><tr><th>tier</th><th>weight</th><th>requests</th><th>tokens</th><th>budget per tenant</th></tr>");
+    let shares = state.limits.largest_budget_shares(&state.tenancy);
+    h.push_str("</table><h2>Tiers (this month)</h2><table><tr><th>tier</th><th>weight</th><th>waiting</th><th>requests</th><th>tokens</th><th>budget per tenant</th><th>most used by a tenant</th></tr>");
     for t in state.tenancy.tiers() {
         let (requests, tokens) = state.limits.tier_this_month(&t.name);
-        let budget = if t.token_budget > 0 {
-            t.token_budget.to_string()
+        let waiting = state
+            .metrics
+            .queue_depth
+            .with_label_values(&[&t.name])
+            .get();
+        let (budget, used) = if t.token_budget > 0 {
+            let share = shares.get(&t.name).copied().unwrap_or(0.0);
+            let used = (share * t.token_budget as f64).round() as u64;
+            (
+                t.token_budget.to_string(),
+                format!(
+                    r#"<div class="bar" title="{:.0}%"><div style="width:{:.1}%"></div></div> {used}"#,
+                    share * 100.0,
+                    (share * 100.0).min(100.0)
+                ),
+            )
         } else {
-            "—".into()
+            ("—".into(), "—".into())
         };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{requests}</td><td>{tokens}</td><td>{budget}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{waiting}</td><td>{requests}</td><td>{tokens}</td><td>{budget}</td><td>{used}</td></tr>",
             escape(&t.name),
             t.weight
+        );
+    }
+    h.push_str("</table><h2>Recent page-ins and evictions (this node)</h2><table><tr><th>when</th><th>event</th><th>model</th><th>copy</th><th>device</th><th>detail</th></tr>");
+    let now = crate::util::now_ms();
+    let events = state.cache.recent_events();
+    if events.is_empty() {
+        h.push_str(r#"<tr><td colspan="6">none yet</td></tr>"#);
+    }
+    for e in events {
+        let ago = now.saturating_sub(e.at_ms) / 1000;
+        let class = match e.kind {
+            "page-in" => "ready",
+            "page-in failed" => "failed",
+            _ => "cold",
+        };
+        let _ = write!(
+            h,
+            r#"<tr><td>{ago} s ago</td><td class="{class}">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
+            e.kind,
+            escape(&e.model),
+            escape(&e.copy),
+            escape(&e.device),
+            escape(&e.detail)
         );
     }
     h.push_str("</table></body></html>");

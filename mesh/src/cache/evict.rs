@@ -154,6 +154,21 @@ impl State {
         metrics.copies_loaded.dec();
         self.publish_model(id, metrics);
         self.publish_device(c.device, metrics);
+        let device = self
+            .devices
+            .get(c.device)
+            .map_or("", |d| d.name())
+            .to_string();
+        // For room (the residency policy's choice) it was evicted; otherwise it was let go.
+        let kind = match reason {
+            "demand" | "lru" => "evicted",
+            _ => "unloaded",
+        };
+        self.history.push(
+            kind,
+            (id, copy.to_string(), &device),
+            format!("{reason} after {age:.0} s"),
+        );
         tracing::info!(model = %id, copy = %copy, reason, age_seconds = age, "Unloaded model");
     }
 

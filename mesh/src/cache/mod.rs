@@ -11,6 +11,7 @@ pub mod config;
 mod copy;
 mod error;
 mod evict;
+mod history;
 mod plan;
 pub mod residency;
 mod state;
@@ -32,6 +33,7 @@ use tokio::{
 
 pub use self::copy::CopyId;
 pub use self::error::CacheError;
+pub use self::history::CacheEvent;
 use self::state::{Pin, State};
 pub use self::status::{CopyDetail, CopyStatus, VmodelStatus};
 use self::{
@@ -418,12 +420,28 @@ impl Cache {
                 crate::telemetry::failed(&tracing::Span::current(), "load_failed", &e.to_string());
             }
             let seconds = started.elapsed().as_secs_f64();
+            let (kind, detail) = match &result {
+                Ok(_) => ("page-in", format!("from {source} in {seconds:.2} s")),
+                Err(e) => ("page-in failed", e.to_string()),
+            };
+            let what = (
+                load.config.id.clone(),
+                load.copy.to_string(),
+                load.device.clone(),
+            );
             let mut st = inner.lock();
             st.finish_load(load, result, Instant::now(), seconds, &inner.metrics);
+            st.history
+                .push(kind, (&what.0, what.1, what.2.name()), detail);
             drop(st);
             inner.changed.notify_waiters();
         };
         tokio::spawn(tracing::Instrument::instrument(work, span));
+    }
+
+    /// The recent page-ins and evictions, newest first.
+    pub fn recent_events(&self) -> Vec<CacheEvent> {
+        self.inner.lock().history.recent()
     }
 
     /// Load `id` now if it is not loaded, and wait until it is (or fails).

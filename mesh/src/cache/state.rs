@@ -68,6 +68,8 @@ pub struct Load {
 
 pub struct State {
     pub models: BTreeMap<String, Entry>,
+    /// Recent page-ins and evictions.
+    pub history: super::history::History,
     pub devices: Vec<Arc<Device>>,
     pub vmodels: BTreeMap<String, String>,
     pub draining: BTreeMap<CopyId, Draining>,
@@ -110,9 +112,11 @@ impl State {
                 .device_used_bytes
                 .with_label_values(&[d.name()])
                 .set(0);
+            metrics.device_copies.with_label_values(&[d.name()]).set(0);
         }
         State {
             models: BTreeMap::new(),
+            history: Default::default(),
             devices,
             vmodels: BTreeMap::new(),
             draining: BTreeMap::new(),
@@ -515,6 +519,16 @@ impl State {
                 .device_used_bytes
                 .with_label_values(&[d.name()])
                 .set(d.used() as i64);
+            let copies = self
+                .models
+                .values()
+                .flat_map(|e| &e.copies)
+                .filter(|c| c.device == device)
+                .count();
+            metrics
+                .device_copies
+                .with_label_values(&[d.name()])
+                .set(copies as i64);
         }
     }
 

@@ -138,6 +138,7 @@ impl Serve {
             &self.metrics,
             label,
             req.endpoint,
+            req.caller.tier.name.clone(),
             span.clone(),
         ));
         let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
@@ -233,6 +234,7 @@ impl Serve {
         let (tier, weight) = (&req.caller.tier.name, req.caller.tier.weight);
         let queued = tracing::info_span!(target: telemetry::TARGET, "queue", otel.name = "queue wait", flatmesh.tier = %tier);
         let mut lease = lease;
+        let waiting = Waiting::new(&self.metrics, tier);
         let slot = tracing::Instrument::instrument(
             async {
                 let slot = self.scheduler.acquire(tier, weight).await?;
@@ -249,6 +251,7 @@ impl Serve {
             queued,
         )
         .await?;
+        drop(waiting);
         let engine = lease.engine.clone();
         let held = Held::new(admission, lease, slot);
         let output = match work {
@@ -489,6 +492,23 @@ fn cached_generation(answer: policy::Answer, prompt_tokens: usize) -> Generation
             _ => FinishReason::Stop,
         },
         text: answer.text,
+    }
+}
+
+/// Counts a request in its tier's queue depth while it waits.
+struct Waiting(prometheus::IntGauge);
+
+impl Waiting {
+    fn new(metrics: &Metrics, tier: &str) -> Self {
+        let gauge = metrics.queue_depth.with_label_values(&[tier]);
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

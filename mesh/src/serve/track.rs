@@ -10,6 +10,7 @@ pub struct Tracker {
     metrics: Metrics,
     model: String,
     endpoint: &'static str,
+    tier: String,
     started: Instant,
     first_token: bool,
     done: bool,
@@ -23,6 +24,7 @@ impl Tracker {
         metrics: &Metrics,
         model: String,
         endpoint: &'static str,
+        tier: String,
         span: tracing::Span,
     ) -> Self {
         metrics.in_flight.with_label_values(&[&model]).inc();
@@ -30,6 +32,7 @@ impl Tracker {
             metrics: metrics.clone(),
             model,
             endpoint,
+            tier,
             started: Instant::now(),
             first_token: false,
             done: false,
@@ -93,6 +96,10 @@ impl Tracker {
         self.metrics
             .requests
             .with_label_values(&[&self.model, self.endpoint, &status.to_string()])
+            .inc();
+        self.metrics
+            .tier_responses
+            .with_label_values(&[&self.tier, &status.to_string()])
             .inc();
         self.metrics
             .in_flight

@@ -327,6 +327,48 @@ impl Limits {
             .collect()
     }
 
+    /// Per budgeted tier, the largest share of its monthly budget a tenant of the tier has
+    /// used this month (this node's tokens and the peers' together). Tenants seen neither here
+    /// nor by a peer this month have used nothing.
+    pub fn largest_budget_shares(&self, tenancy: &super::Tenancy) -> HashMap<String, f64> {
+        let start = month_bounds(now_ms()).0;
+        let mut used: HashMap<String, u64> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (s, _))| *s == start)
+            .map(|(t, (_, n))| (t.clone(), *n))
+            .collect();
+        for (tenant, _, n) in self.month_usage_here() {
+            *used.entry(tenant).or_default() += n;
+        }
+        let mut most: HashMap<String, f64> = HashMap::new();
+        for (tenant, n) in used {
+            if let Some(tier) = tenancy.tier_of(&tenant).filter(|t| t.token_budget > 0) {
+                let share = n as f64 / tier.token_budget as f64;
+                let m = most.entry(tier.name.clone()).or_default();
+                *m = m.max(share);
+            }
+        }
+        most
+    }
+
+    /// Set the budget gauges: each budgeted tier's monthly budget and its largest share used.
+    pub fn publish_budgets(&self, tenancy: &super::Tenancy, metrics: &crate::metrics::Metrics) {
+        let most = self.largest_budget_shares(tenancy);
+        for tier in tenancy.tiers().iter().filter(|t| t.token_budget > 0) {
+            metrics
+                .tier_token_budget
+                .with_label_values(&[&tier.name])
+                .set(tier.token_budget as i64);
+            metrics
+                .tier_budget_used_ratio
+                .with_label_values(&[&tier.name])
+                .set(most.get(&tier.name).copied().unwrap_or(0.0));
+        }
+    }
+
     /// Replace what the other nodes report: (tenant, start of month, tokens), summed over
     /// the nodes. Budgets then hold mesh-wide, late by at most one publish interval.
     pub fn set_peer_usage(&self, usage: HashMap<String, (u64, u64)>) {
