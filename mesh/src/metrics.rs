@@ -47,6 +47,8 @@ pub struct Metrics {
     pub mesh_etcd_errors: IntCounterVec,
     pub mesh_forwarded: IntCounterVec,
     pub mesh_forward_seconds: HistogramVec,
+    pub mesh_placements: IntCounterVec,
+    pub mesh_copies: IntGaugeVec,
 }
 
 impl Metrics {
@@ -309,6 +311,20 @@ impl Metrics {
                 "Time from forwarding a request to the peer's response headers.",
                 &["peer"],
                 exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
+                r
+            )
+            .expect("register"),
+            mesh_placements: register_int_counter_vec_with_registry!(
+                "flatmesh_mesh_placements_total",
+                "Placement decisions of this node, by reason (here, holder, scale_out, load_here, load_peer, wait, pinned).",
+                &["reason"],
+                r
+            )
+            .expect("register"),
+            mesh_copies: register_int_gauge_vec_with_registry!(
+                "flatmesh_mesh_copies",
+                "Ready copies of a model on the live nodes of the mesh, as this node sees them.",
+                &["model"],
                 r
             )
             .expect("register"),

@@ -130,6 +130,8 @@ struct Inner {
     /// Loads this node sent to each node since that node's last record: (count, bytes), so
     /// a burst of placements does not pile onto the node that looked emptiest.
     placed: std::sync::Mutex<std::collections::HashMap<String, (usize, u64)>>,
+    /// Pinned models seen without a copy anywhere in the mesh, and since when.
+    orphans: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// A change whose write failed (etcd went away): written first on reconnecting.
     unwritten: std::sync::Mutex<Option<crate::tenancy::Shared>>,
     metrics: Metrics,
@@ -137,6 +139,9 @@ struct Inner {
 
 /// How often the node's record is rebuilt and, when it changed, published.
 const PUBLISH_EVERY: Duration = Duration::from_millis(200);
+
+/// How often pinned models are checked for a copy somewhere in the mesh.
+const KEEP_PINNED_EVERY: Duration = Duration::from_secs(1);
 
 impl Cluster {
     /// Join the mesh in the background: connect, publish, watch, and keep at it while etcd
@@ -170,6 +175,7 @@ impl Cluster {
                 unwritten: Default::default(),
                 claims: Claims::default(),
                 placed: Default::default(),
+                orphans: Default::default(),
                 metrics,
             }),
         };
@@ -286,6 +292,22 @@ impl Cluster {
         self.inner.limits.set_peer_usage(sum);
     }
 
+    /// Ready copies per model over the live nodes, for the metrics (every registered model,
+    /// so a model whose last copy left shows 0).
+    fn count_copies(&self, nodes: &BTreeMap<String, NodeRecord>) {
+        let mut copies: std::collections::HashMap<&str, usize> = Default::default();
+        for m in nodes.values().flat_map(|n| &n.models) {
+            *copies.entry(&m.id).or_default() += m.ready;
+        }
+        for m in self.inner.cache.status() {
+            self.inner
+                .metrics
+                .mesh_copies
+                .with_label_values(&[&m.id])
+                .set(copies.get(m.id.as_str()).copied().unwrap_or(0) as i64);
+        }
+    }
+
     fn key(&self, what: &str) -> String {
         format!("{}/{what}", self.inner.config.prefix)
     }
@@ -385,6 +407,7 @@ impl Cluster {
         let keep_every = Duration::from_secs((ttl as u64 / 3).max(1));
         let mut last_keep = Instant::now();
         let mut last_put = Instant::now();
+        let mut last_kept = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -393,6 +416,10 @@ impl Cluster {
                         last_keep = Instant::now();
                     }
                     self.release_claims(&mut client).await?;
+                    if last_kept.elapsed() >= KEEP_PINNED_EVERY {
+                        self.keep_pinned().await;
+                        last_kept = Instant::now();
+                    }
                     let now = self.record();
                     if now != published || last_put.elapsed() >= keep_every * 3 {
                         client.put(me.clone(), put(&now), Some(PutOptions::new().with_lease(lease))).await?;
@@ -427,6 +454,7 @@ impl Cluster {
                     }
                     self.inner.metrics.mesh_nodes.set(nodes.len() as i64);
                     self.share_usage(&nodes);
+                    self.count_copies(&nodes);
                 }
                 ev = registry_events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };

@@ -20,6 +20,9 @@ struct Local {
 /// claim is asked about again every 250 ms: gone without a copy, the request places anew).
 const CLAIM_WAIT: Duration = Duration::from_secs(120);
 
+/// How long a pinned model may go without a copy before any node, chosen or not, loads it.
+const ORPHAN_GRACE: Duration = Duration::from_secs(3);
+
 impl Cluster {
     /// Where a request for `model` (a model id, vmodels resolved) should run: `None` here,
     /// or the front door of the peer to forward it to. Here when a copy is ready or loading
@@ -29,6 +32,7 @@ impl Cluster {
     pub async fn place(&self, model: &str) -> Option<Peer> {
         let here = self.local_state(model);
         if here.ready || here.loading {
+            self.placed_by("here");
             return None;
         }
         if let Some(peer) = self.holder(model) {
@@ -37,8 +41,10 @@ impl Cluster {
             // (at most one a node; an idle one leaves after its keep_alive).
             if self.all_queueing(model) && self.record().free() >= here.bytes {
                 tracing::info!(%model, "Every copy is queueing; adding one here");
+                self.placed_by("scale_out");
                 return None;
             }
+            self.placed_by("holder");
             return Some(peer);
         }
         let key = self.key(&format!("loading/{model}"));
@@ -50,16 +56,23 @@ impl Cluster {
             .claim(key.clone(), model, &loader.node)
             .await
         {
-            Claimed::Unknown => return None,
+            Claimed::Unknown => {
+                self.placed_by("load_here");
+                return None;
+            }
             Claimed::Won => {
                 self.count_placement(&loader.node, here.bytes);
-                return (loader.node != me).then_some(loader);
+                let here = loader.node == me;
+                self.placed_by(if here { "load_here" } else { "load_peer" });
+                return (!here).then_some(loader);
             }
             Claimed::Taken(node) => node,
         };
         if taken == me {
+            self.placed_by("load_here");
             return None; // another node chose this one to load it
         }
+        self.placed_by("wait");
         tracing::debug!(%model, loader = %taken, "Another node is loading it; waiting for its copy");
         let started = Instant::now();
         let mut asked = Instant::now();
@@ -131,6 +144,70 @@ impl Cluster {
             .filter_map(|n| n.models.iter().find(|m| m.id == model && m.ready > 0))
             .peekable();
         copies.peek().is_some() && copies.all(|m| m.leases > 2 * batch * m.ready)
+    }
+
+    fn placed_by(&self, reason: &str) {
+        self.inner
+            .metrics
+            .mesh_placements
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Pinned models keep a copy somewhere in the mesh: a pinned model with no copy ready or
+    /// loading on any live node (its holder died, or it was registered pinned) is loaded at
+    /// once by the node placement would choose — or, when that node has not done it within
+    /// a few seconds, by any node — under the same one-load claim as a request's.
+    pub(super) async fn keep_pinned(&self) {
+        if self.inner.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let me = self.inner.config.node.clone();
+        let pinned: Vec<(String, u64)> = self
+            .inner
+            .cache
+            .status()
+            .into_iter()
+            .filter(|m| m.pinned)
+            .map(|m| (m.id, m.bytes.unwrap_or(0)))
+            .collect();
+        for (model, bytes) in pinned {
+            let here = self.local_state(&model);
+            let elsewhere = {
+                let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+                nodes.values().any(|n| {
+                    n.node != me
+                        && !n.draining
+                        && (n.loading.contains(&model)
+                            || n.models.iter().any(|m| m.id == model && m.ready > 0))
+                })
+            };
+            let since = {
+                let mut orphans = self.inner.orphans.lock().unwrap_or_else(|e| e.into_inner());
+                if here.ready || here.loading || elsewhere {
+                    orphans.remove(&model);
+                    None
+                } else {
+                    Some(*orphans.entry(model.clone()).or_insert_with(Instant::now))
+                }
+            };
+            let Some(since) = since else { continue };
+            let chosen = self.choose_loader(&model, bytes).node == me;
+            if !chosen && since.elapsed() < ORPHAN_GRACE {
+                continue;
+            }
+            let key = self.key(&format!("loading/{model}"));
+            if self.inner.claims.claim(key, &model, &me).await == Claimed::Won {
+                tracing::info!(%model, "A pinned model has no copy in the mesh; loading it here");
+                self.placed_by("pinned");
+                let cache = self.inner.cache.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = cache.load(&model).await {
+                        tracing::warn!(%model, error = %e, "Loading a pinned model failed");
+                    }
+                });
+            }
+        }
     }
 
     fn count_placement(&self, node: &str, bytes: u64) {
