@@ -348,6 +348,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ledger: ledger.clone(),
         metrics: metrics.clone(),
         max_run: config.scheduler.max_run.0,
+        mesh: Arc::default(),
     };
     let state = AppState {
         serve,
@@ -385,7 +386,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .advertise_grpc
             .clone()
             .unwrap_or_else(|| format!("http://{grpc_addr}"));
-        state.cluster = Some(crate::cluster::Cluster::join(
+        let cluster = crate::cluster::Cluster::join(
             mesh.clone(),
             (http, grpc),
             cache.clone(),
@@ -393,7 +394,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             state.tenancy.clone(),
             state.limits.clone(),
             metrics.clone(),
-        ));
+        );
+        let _ = state.serve.mesh.set(cluster.clone());
+        state.cluster = Some(cluster);
     }
     tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");
     if let Some(path) = &config.server.addr_file {

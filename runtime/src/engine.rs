@@ -32,7 +32,8 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Prompt {
     /// Raw text, tokenized as it is.
     Text(String),
@@ -40,7 +41,7 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
     /// At most this many new tokens; `None` means up to the end of the context.
@@ -59,7 +60,7 @@ pub enum GenerateEvent {
     Text(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// An end-of-generation token or a stop string.
@@ -71,7 +72,7 @@ pub enum FinishReason {
 }
 
 /// The outcome of one generation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Generation {
     pub text: String,
     pub prompt_tokens: usize,
@@ -79,7 +80,7 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Embeddings {
     /// One L2-normalised vector per input.
     pub vectors: Vec<Vec<f32>>,

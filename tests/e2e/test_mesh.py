@@ -387,13 +387,22 @@ token_budget = 30
 """
 
 
+ONLY_ON_T1 = """
+[[tenancy.tiers]]
+name = "lookup"
+weight = 2
+models = ["all-minilm-*"]
+"""
+
+
 @pytest.fixture(scope="module")
 def tenanted_pair():
     etcd = Etcd()
     agents = {"etcd": etcd}
     try:
-        for name in ("t1", "t2"):
-            agents[name] = Agent(config=mesh_config(etcd, name) + TIERS)
+        # t1 alone defines the tier `lookup` (embeddings only): t2 learns it from the mesh.
+        agents["t1"] = Agent(config=mesh_config(etcd, "t1") + TIERS + ONLY_ON_T1)
+        agents["t2"] = Agent(config=mesh_config(etcd, "t2") + TIERS)
         pair = [agents["t1"], agents["t2"]]
         wait_until(lambda: all(sees(a) == {"t1", "t2"} for a in pair), 30,
                    lambda: {n: sorted(sees(a)) for n, a in zip(("t1", "t2"), pair)})
@@ -414,6 +423,19 @@ def tenant_key(agent, tenant, tier):
 def embed_as(agent, key, text="budget words"):
     return httpx.post(agent.url + "/v1/embeddings", timeout=120, headers={"authorization": f"Bearer {key}"},
                       json={"model": EMBED, "input": text})
+
+
+def test_a_tier_one_node_defines_is_shared_with_the_mesh(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    key = tenant_key(one, "library", "lookup")
+    wait_until(lambda: embed_as(two, key).status_code == 200, PROPAGATION + 1,
+               lambda: f"t2 answered {embed_as(two, key).status_code}")
+    # t2 applies the tier it learnt: embeddings only, so the LLM is refused, not open.
+    r = httpx.post(two.url + "/v1/chat/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                   json={"model": LLM, "messages": CHAT, "max_tokens": 2})
+    assert r.status_code == 403 and "lookup" in r.text, r.text
+    tiers = {t["name"]: t for t in httpx.get(two.url + "/admin/tenants", headers=ADMIN).json()["tiers"]}
+    assert tiers["lookup"]["weight"] == 2
 
 
 def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):

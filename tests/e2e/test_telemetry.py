@@ -246,23 +246,29 @@ lease_ttl = "2s"
         r = httpx.post(a.url + "/v1/embeddings", headers={"traceparent": header}, timeout=60,
                        json={"model": EMBED, "input": "across the mesh"})
         assert r.status_code == 200 and r.headers["x-flatmesh-node"] == "trace-b", r.headers
-        spans = receiver.wait_for(trace_id, lambda ss: any(s.name == f"embeddings {EMBED}" for _, s in ss)
-                                  and any(s.name == "forward" for _, s in ss),
+        wanted = {"POST /v1/embeddings", f"embeddings {EMBED}", "forward", "POST /internal/v1/serve"}
+        spans = receiver.wait_for(trace_id, lambda ss: wanted <= {s.name for _, s in ss}
+                                  and sum(s.name == f"embeddings {EMBED}" for _, s in ss) == 2,
                                   "the mesh's spans never arrived")
         by_node = {}
         for res, s in spans:
             by_node.setdefault(res["service.instance.id"], []).append(s)
         assert set(by_node) == {"trace-a", "trace-b"}, {n: [s.name for s in ss] for n, ss in by_node.items()}
+        # a: the front door, the serve path (routing, cache, placement), the hop to b.
         a_root = next(s for s in by_node["trace-a"] if s.name == "POST /v1/embeddings")
+        a_serve = next(s for s in by_node["trace-a"] if s.name == f"embeddings {EMBED}")
         forward = next(s for s in by_node["trace-a"] if s.name == "forward")
-        assert a_root.parent_span_id == parent and forward.parent_span_id == a_root.span_id
+        assert a_root.parent_span_id == parent and a_serve.parent_span_id == a_root.span_id
+        assert forward.parent_span_id == a_serve.span_id
         assert forward.kind == Span.SPAN_KIND_CLIENT
         assert attrs(forward.attributes)["flatmesh.peer"] == b.url
-        b_root = next(s for s in by_node["trace-b"] if s.name == "POST /v1/embeddings")
+        # b: its front door for peers, a child of a's forward, and the serve path that ran it.
+        b_root = next(s for s in by_node["trace-b"] if s.name == "POST /internal/v1/serve")
         assert b_root.parent_span_id == forward.span_id, "b's span is a child of a's forward"
-        serve = next(s for s in by_node["trace-b"] if s.name == f"embeddings {EMBED}")
-        assert serve.parent_span_id == b_root.span_id
-        assert not any(s.name.startswith("embeddings") for s in by_node["trace-a"]), "served once, on b"
+        b_serve = next(s for s in by_node["trace-b"] if s.name == f"embeddings {EMBED}")
+        assert b_serve.parent_span_id == b_root.span_id
+        assert attrs(b_serve.attributes)["gen_ai.usage.input_tokens"] > 0
+        assert "gen_ai.usage.input_tokens" not in attrs(a_serve.attributes), "counted where it ran"
     finally:
         for ag in agents.values():
             ag.stop()

@@ -174,6 +174,7 @@ mod tests {
         let caller = on.tiers().into_iter().next().map(|tier| Caller {
             tenant: "a".into(),
             tier,
+            authorization: None,
         });
         let e = repository_change(&on, false, caller.as_ref()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Forbidden);

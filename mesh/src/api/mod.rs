@@ -64,27 +64,20 @@ impl AppState {
 }
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    // Authenticated first, then (in a mesh) forwarded to the node that holds the model.
-    let forward =
-        || axum::middleware::from_fn_with_state((state.clone(), max_body_bytes), forward::forward);
+    let openai_auth = || axum::middleware::from_fn_with_state(state.clone(), auth::openai);
     Router::new()
-        .merge(
-            openai::routes()
-                .layer(forward())
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    auth::openai,
-                )),
+        .merge(openai::routes().layer(openai_auth()))
+        .route(
+            crate::serve::peer::PATH,
+            axum::routing::post(forward::serve_forwarded).layer(openai_auth()),
         )
         .merge(health::routes())
         .merge(status::routes())
         .merge(
-            v2::rest::routes()
-                .layer(forward())
-                .layer(axum::middleware::from_fn_with_state(
-                    state.clone(),
-                    auth::v2,
-                )),
+            v2::rest::routes().layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                auth::v2,
+            )),
         )
         .merge(admin::routes(state.clone()))
         .layer(axum::middleware::from_fn_with_state(

@@ -159,7 +159,11 @@ impl Cluster {
     /// once by the node placement would choose — or, when that node has not done it within
     /// a few seconds, by any node — under the same one-load claim as a request's.
     pub(super) async fn keep_pinned(&self) {
-        if self.inner.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .inner
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         let me = self.inner.config.node.clone();

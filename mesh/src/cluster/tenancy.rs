@@ -1,7 +1,10 @@
-//! Shared tenancy: tenants and key hashes made through the admin API on any node, one etcd
-//! key each, applied by every node (a key made on one node works on all within a second).
+//! Shared tenancy: tiers, and tenants and key hashes made through the admin API on any node,
+//! one etcd key each, applied by every node (a key made on one node works on all within a
+//! second; a tenant on a tier only another node's config defines works here too).
 
-use etcd_client::{Client, EventType, GetOptions, WatchResponse, WatchStream};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchResponse, WatchStream,
+};
 
 use crate::tenancy::{Shared, Tenancy, TenantConfig};
 
@@ -20,6 +23,14 @@ impl SharedTenancy {
     /// Write one of this node's changes.
     pub async fn write(&self, client: &mut Client, change: &Shared) -> anyhow::Result<()> {
         match change {
+            Shared::Tier(t) => {
+                // The first definition in the mesh stays: written only where none is.
+                let key = format!("{}tiers/{}", self.prefix, t.name);
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key, serde_json::to_vec(t)?, None)]);
+                client.txn(txn).await?;
+            }
             Shared::Tenant(t) => {
                 let key = format!("{}tenants/{}", self.prefix, t.id);
                 client.put(key, serde_json::to_vec(t)?, None).await?;
@@ -53,16 +64,29 @@ impl SharedTenancy {
             .iter()
             .filter_map(|kv| self.read(kv.key(), Some(kv.value())))
             .collect();
-        // Tenants before keys: a key applies only to a tenant the node knows.
-        let (tenants, keys): (Vec<_>, Vec<_>) = remote
-            .iter()
-            .cloned()
-            .partition(|c| matches!(c, Shared::Tenant(_)));
-        for change in tenants.into_iter().chain(keys) {
+        // Tiers, then tenants, then keys: a tenant applies only on a tier the node knows, a
+        // key only to a tenant it knows.
+        let order = |c: &Shared| match c {
+            Shared::Tier(_) => 0,
+            Shared::Tenant(_) => 1,
+            _ => 2,
+        };
+        let mut ordered = remote.clone();
+        ordered.sort_by_key(order);
+        for change in ordered {
             tenancy.apply(change);
         }
+        let shared_tier = |name: &str| {
+            remote
+                .iter()
+                .any(|c| matches!(c, Shared::Tier(t) if t.name == name))
+        };
         for mine in tenancy.shared() {
-            if !remote.contains(&mine) {
+            let known = match &mine {
+                Shared::Tier(t) => shared_tier(&t.name),
+                other => remote.contains(other),
+            };
+            if !known {
                 self.write(client, &mine).await?;
             }
         }
@@ -91,6 +115,9 @@ impl SharedTenancy {
                 Some(v) => Shared::Key(hash.to_string(), String::from_utf8(v.to_vec()).ok()?),
                 None => Shared::Revoked(hash.to_string()),
             });
+        }
+        if let Some(_name) = key.strip_prefix("tiers/") {
+            return Some(Shared::Tier(serde_json::from_slice(value?).ok()?));
         }
         key.strip_prefix("tenants/")?;
         Some(Shared::Tenant(

@@ -63,6 +63,11 @@ impl Generating {
         ))
     }
 
+    /// The events another task sends (a generation relayed from a peer).
+    pub(super) fn from_events(events: mpsc::Receiver<Event>) -> Self {
+        Generating { events }
+    }
+
     /// A generation that is already complete (an answer from the response cache).
     pub fn ready(g: Generation) -> Self {
         let (tx, events) = mpsc::channel(2);
@@ -197,7 +202,7 @@ pub async fn start(
                         tracker.tokens(g.prompt_tokens, g.completion_tokens);
                         if g.finish_reason != FinishReason::Cancelled {
                             if let Some(cp) = &remember {
-                                store(&bill, cp, &g).await;
+                                offer(&bill.policies, cp, &g).await;
                             }
                         }
                         Ok(g)
@@ -246,11 +251,12 @@ pub fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-async fn store(bill: &Bill, cp: &CachePrompt, g: &Generation) {
+/// Offer a finished generation to the response cache.
+pub(super) async fn offer(policies: &policy::Policies, cp: &CachePrompt, g: &Generation) {
     let answer = policy::Answer {
         text: g.text.clone(),
         finish_reason: finish_reason(g.finish_reason).to_string(),
         completion_tokens: u32::try_from(g.completion_tokens).unwrap_or(u32::MAX),
     };
-    bill.policies.store(cp, &answer).await;
+    policies.store(cp, &answer).await;
 }

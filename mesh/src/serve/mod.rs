@@ -1,16 +1,20 @@
 //! The one serve path: every front door (OpenAI, v2 REST, v2 gRPC) hands a parsed, validated
 //! request to `Serve::run`, which takes it through
-//! route → resolve → tier check → admit → response cache → place → lease → slot → run →
+//! route → resolve → tier check → response cache → place → admit → lease → slot → run →
 //! record → charge, and gives back one result or a stream of text.
 //!
-//! Every check that can refuse a request for its own content runs before admission, so a
-//! bad request costs no quota; a prompt that turns out too long refunds the rate count.
+//! Routing, the response cache and placement run where the request arrives; when placement
+//! names a peer, the peer runs the rest (admission, fair scheduling, execution, the ledger
+//! record) and its answer streams back (`peer`). Every check that can refuse a request for
+//! its own content runs before admission, so a bad request costs no quota; a prompt that turns
+//! out too long refunds the rate count.
 
 mod bill;
 mod embedder;
 pub mod error;
 mod generate;
 mod held;
+pub mod peer;
 mod place;
 mod track;
 
@@ -24,7 +28,7 @@ pub use self::{
     embedder::CacheEmbedder,
     error::{ErrorKind, ServeError},
     generate::{finish_reason, Event, Generating},
-    place::{place, Place},
+    place::Place,
     track::Tracker,
 };
 use crate::{
@@ -55,6 +59,8 @@ pub struct Serve {
     pub metrics: Metrics,
     /// The longest one request may run once it has its slot.
     pub max_run: Duration,
+    /// The mesh, once this node has joined one.
+    pub mesh: Arc<std::sync::OnceLock<crate::cluster::Cluster>>,
 }
 
 /// What a request asks a model to do.
@@ -86,6 +92,8 @@ pub struct Request {
     /// The client's own id of the request, if it gave one.
     pub client_id: Option<String>,
     pub stream: bool,
+    /// Sent by a peer that routed, cached and placed it: served here, as it is.
+    pub forwarded: bool,
 }
 
 /// A served request.
@@ -98,6 +106,8 @@ pub struct Served {
     pub route: Option<String>,
     /// `hit` or `miss` when the response cache was asked.
     pub cache: Option<&'static str>,
+    /// The peer that served it, when it was not this node.
+    pub node: Option<String>,
     pub output: Output,
 }
 
@@ -146,7 +156,7 @@ impl Serve {
         if let Some(t) = tracker {
             match &result {
                 Ok(served) => {
-                    if let Output::Embeddings(e) = &served.output {
+                    if let (Output::Embeddings(e), None) = (&served.output, &served.node) {
                         t.tokens(e.prompt_tokens, 0);
                     }
                     t.finish(200);
@@ -165,31 +175,20 @@ impl Serve {
         tracker: &mut Option<Tracker>,
     ) -> Result<Served, ServeError> {
         let info = self.info(&id, &req);
-        let (targets, route) = self.route(&req, &info).await?;
+        let (targets, route) = match req.forwarded {
+            true => (vec![req.model.clone()], None), // routed where it arrived
+            false => self.route(&req, &info).await?,
+        };
         // Resolve once; the tier check, the kind check and the lease are on that model.
         let (model, kind) = self.check(&req, &targets[0])?;
         let work = resolve_work(req.work.clone(), kind, &req.model)?;
         let span = tracing::Span::current();
         describe(&span, &req, &work);
-        let admission = self.admit(&req.caller, &info).await?;
-        let mut bill = Bill {
-            ledger: self.ledger.clone(),
-            limits: self.limits.clone(),
-            metrics: self.metrics.clone(),
-            policies: self.policies.clone(),
-            caller: req.caller.clone(),
-            endpoint: req.endpoint,
-            info,
-            client_id: req.client_id.clone(),
-            cache_hit: false,
-            started_ms: now_ms(),
-            started: std::time::Instant::now(),
-        };
         let mut remember = None;
         if let Work::Generate(gen) = &work {
-            if self.policies.caches() {
+            if self.policies.caches() && !req.forwarded {
                 let cp = CachePrompt {
-                    request: bill.info.clone(),
+                    request: info.clone(),
                     target: model.clone(),
                     text: policy::prompt_text(&gen.prompt),
                     temperature: gen.sampling.temperature,
@@ -204,6 +203,8 @@ impl Serve {
                 telemetry::attr(&span, "flatmesh.response_cache", label);
                 if let Some(answer) = hit {
                     telemetry::attr(&span, "gen_ai.response.model", model.clone());
+                    let admission = self.admit(&req.caller, &info).await?;
+                    let mut bill = self.bill(&req, info);
                     bill.cache_hit = true;
                     let g = cached_generation(answer, cp.request.prompt_tokens as usize);
                     bill.record(&model, g.prompt_tokens, g.completion_tokens)
@@ -219,6 +220,7 @@ impl Serve {
                         model,
                         route,
                         cache: Some("hit"),
+                        node: None,
                         output,
                     });
                 }
@@ -226,6 +228,20 @@ impl Serve {
             }
         }
         let cache = remember.as_ref().map(|_| "miss");
+        if let Place::Peer(cluster, peer) = self.place(&req, &model).await {
+            let asked = (route.clone(), cache);
+            match self
+                .on_peer(
+                    &cluster, &peer, &req, &model, &work, asked, remember, tracker,
+                )
+                .await
+            {
+                Ok(served) => return served,
+                Err(kept) => remember = kept, // unreachable: served here
+            }
+        }
+        let admission = self.admit(&req.caller, &info).await?;
+        let bill = self.bill(&req, info);
         let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
         telemetry::attr(&span, "gen_ai.response.model", model.clone());
         if let Some(cp) = &mut remember {
@@ -290,8 +306,26 @@ impl Serve {
             model,
             route,
             cache,
+            node: None,
             output,
         })
+    }
+
+    /// The bill of a request admitted here.
+    fn bill(&self, req: &Request, info: RequestInfo) -> Bill {
+        Bill {
+            ledger: self.ledger.clone(),
+            limits: self.limits.clone(),
+            metrics: self.metrics.clone(),
+            policies: self.policies.clone(),
+            caller: req.caller.clone(),
+            endpoint: req.endpoint,
+            info,
+            client_id: req.client_id.clone(),
+            cache_hit: false,
+            started_ms: now_ms(),
+            started: std::time::Instant::now(),
+        }
     }
 
     fn info(&self, id: &str, req: &Request) -> RequestInfo {
@@ -391,7 +425,6 @@ impl Serve {
         let mut model = model;
         let mut rest = fallbacks.iter();
         loop {
-            let Place::Here = place(&model);
             match self.cache.pin_for(&model, req.keep_alive, bonus).await {
                 Ok(lease) => return Ok((lease, model)),
                 Err(e) => {

@@ -1,15 +1,94 @@
-//! Placement inside the serve path: always here. In a mesh the front doors decide first
-//! (`api::forward`, `cluster` placement) and forward whole requests to a peer; what reaches
-//! the serve path runs here.
+//! The place step: here, or the peer of the mesh that holds the model (or should load it),
+//! which then serves the request as it was routed and looked up in the cache here.
+
+use super::{
+    peer::{self, After, Call, WireRequest, WireWork},
+    CachePrompt, Serve, ServeError, Served, Tracker, Work,
+};
+use crate::cluster::{Cluster, Peer};
 
 /// Where a request for a model is served.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Place {
     /// On this node: a local copy (loaded now if needed).
     Here,
+    /// On a peer of the mesh.
+    Peer(Cluster, Peer),
 }
 
-/// Decide where a request for `model` runs: here (the mesh forwarded it earlier if needed).
-pub fn place(_model: &str) -> Place {
-    Place::Here
+/// What the serve path decided here and the answer keeps: the router's reason, the cache.
+pub(super) type Asked = (Option<String>, Option<&'static str>);
+
+impl Serve {
+    /// Here when there is no mesh, the request came from a peer (one hop at most), or the
+    /// mesh's placement says so; else the peer it names.
+    pub(super) async fn place(&self, req: &super::Request, model: &str) -> Place {
+        if req.forwarded {
+            return Place::Here;
+        }
+        let Some(cluster) = self.mesh.get() else {
+            return Place::Here;
+        };
+        match cluster.place(model).await {
+            Some(peer) => Place::Peer(cluster.clone(), peer),
+            None => Place::Here,
+        }
+    }
+
+    /// Serve the request on `peer`. `Err` (with the cache prompt given back) when the peer
+    /// could not be reached: nothing was sent to the client, the request is served here.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn on_peer(
+        &self,
+        cluster: &Cluster,
+        peer: &Peer,
+        req: &super::Request,
+        model: &str,
+        work: &Work,
+        (route, cache): Asked,
+        remember: Option<CachePrompt>,
+        tracker: &mut Option<Tracker>,
+    ) -> Result<Result<Served, ServeError>, Option<CachePrompt>> {
+        let work = match work {
+            Work::Generate(g) => WireWork::Generate(g.clone()),
+            Work::Embed { inputs, dimensions } => WireWork::Embed {
+                inputs: inputs.clone(),
+                dimensions: *dimensions,
+            },
+            Work::Infer { .. } => return Err(remember), // resolved before placement
+        };
+        let text = matches!(work, WireWork::Generate(_));
+        let wire = WireRequest {
+            model: model.to_string(),
+            endpoint: req.endpoint.to_string(),
+            work,
+            keep_alive: req.keep_alive,
+            client_id: req.client_id.clone(),
+            stream: req.stream,
+        };
+        let after = After {
+            remember: remember.map(|cp| (self.policies.clone(), cp)),
+            // A stream's metrics end with it, in the relay.
+            tracker: if text { tracker.take() } else { None },
+        };
+        let call = Call {
+            node: &peer.node,
+            url: &peer.http,
+            origin: cluster.node(),
+            authorization: req.caller.authorization.as_ref().map(|c| c.as_header()),
+        };
+        match peer::serve(call, &wire, &self.metrics, after).await {
+            Ok(result) => Ok(result.map(|mut served| {
+                served.route = route;
+                served.cache = cache;
+                served
+            })),
+            Err((e, after)) => {
+                tracing::warn!(peer = %peer.node, error = %e, "Peer unreachable; serving here");
+                if after.tracker.is_some() {
+                    *tracker = after.tracker;
+                }
+                Err(after.remember.map(|(_, cp)| cp))
+            }
+        }
+    }
 }

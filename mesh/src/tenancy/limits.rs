@@ -417,6 +417,7 @@ mod tests {
         let caller = Caller {
             tenant: "t".into(),
             tier: std::sync::Arc::new(tier),
+            authorization: None,
         };
         limits.admit(&caller).unwrap().refund();
         let kept = limits.admit(&caller).unwrap();

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// A flat-rate plan.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tier {
     pub name: String,
@@ -77,6 +77,25 @@ pub struct TenancyConfig {
 pub struct Caller {
     pub tenant: String,
     pub tier: Arc<Tier>,
+    /// The `Authorization` the caller sent, passed to a peer that serves its request (the
+    /// peer authenticates the caller itself). `None` for anonymous callers.
+    pub authorization: Option<Credential>,
+}
+
+/// A caller's `Authorization` value; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(String);
+
+impl Credential {
+    pub fn as_header(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(..)")
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -109,9 +128,13 @@ struct Inner {
     open: bool,
 }
 
-/// A change made through the admin API on this node, for the mesh to share.
+/// What this node shares with the mesh: its tiers, and the tenants and keys made through its
+/// admin API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Shared {
+    /// A tier of this node's config (first come in the mesh: a tier of the same name already
+    /// shared is not replaced).
+    Tier(Tier),
     Tenant(TenantConfig),
     /// A key's hash and its tenant.
     Key(String, String),
@@ -263,8 +286,9 @@ impl Tenancy {
             .tenants
             .values()
             .filter(|(_, from_config)| !from_config);
-        tenants
-            .map(|(t, _)| Shared::Tenant(t.clone()))
+        let tiers = inner.tiers.values().map(|t| Shared::Tier((**t).clone()));
+        tiers
+            .chain(tenants.map(|(t, _)| Shared::Tenant(t.clone())))
             .chain(
                 inner
                     .keys
@@ -274,11 +298,25 @@ impl Tenancy {
             .collect()
     }
 
-    /// Apply a change another node made (kept locally, not shared again). A tenant on a tier
+    /// Apply a change another node made (kept locally, not shared again). A tier this node
+    /// lacks is adopted (this node's own definition of a tier wins here); a tenant on a tier
     /// this node does not have, or a key of a tenant it does not know, is skipped.
     pub fn apply(&self, change: Shared) {
         let mut inner = self.lock();
         let changed = match change {
+            Shared::Tier(t) => {
+                match inner.tiers.get(&t.name) {
+                    None => {
+                        tracing::info!(tier = %t.name, "Adopted a tier another node of the mesh defines");
+                        inner.tiers.insert(t.name.clone(), Arc::new(t));
+                    }
+                    Some(mine) if **mine != t => {
+                        tracing::warn!(tier = %t.name, "This node's tier differs from the one the mesh shares; keeping this node's (give every node the same tiers)");
+                    }
+                    Some(_) => {}
+                }
+                false // tiers come from config and the mesh, never from the state file
+            }
             Shared::Tenant(t)
                 if inner.tiers.contains_key(&t.tier) && !inner.tenants.contains_key(&t.id) =>
             {
@@ -320,6 +358,7 @@ impl Tenancy {
                 .map(|tier| Caller {
                     tenant: "anonymous".into(),
                     tier,
+                    authorization: None,
                 })
                 .ok_or(AuthError::Missing);
         };
@@ -329,6 +368,7 @@ impl Tenancy {
                 (Some(tier), true) => Ok(Caller {
                     tenant: "anonymous".into(),
                     tier: tier.clone(),
+                    authorization: None,
                 }),
                 _ => Err(AuthError::Invalid),
             };
@@ -342,6 +382,7 @@ impl Tenancy {
         Ok(Caller {
             tenant: tenant.clone(),
             tier,
+            authorization: Some(Credential(value.to_string())),
         })
     }
 

@@ -149,6 +149,7 @@ fn request(
         keep_alive: common.keep_alive,
         client_id: None,
         stream: common.stream,
+        forwarded: false,
     })
 }
 
@@ -191,6 +192,7 @@ async fn run(
             Err(e) => ApiError::from(e).into_response(),
         }
     };
+    super::super::forward::served_by(&mut response, served.node);
     let headers = response.headers_mut();
     if let Some(c) = served.cache {
         headers.insert("x-flatmesh-cache", HeaderValue::from_static(c));

@@ -67,7 +67,7 @@ async fn embeddings(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let parsed = body.and_then(|ApiJson(req)| {
         let inputs = req.inputs()?;
         let base64 = match req.encoding_format.as_deref() {
@@ -98,6 +98,7 @@ async fn embeddings(
             keep_alive: req.keep_alive,
             client_id: None,
             stream: false,
+            forwarded: false,
         })
         .await?;
     let Output::Embeddings(out) = served.output else {
@@ -120,9 +121,11 @@ async fn embeddings(
         })
         .collect();
     let usage = json!({"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens});
-    Ok(Json(
+    let mut resp = axum::response::IntoResponse::into_response(Json(
         json!({"id": served.id, "object": "list", "data": data, "model": served.model, "usage": usage}),
-    ))
+    ));
+    super::forward::served_by(&mut resp, served.node);
+    Ok(resp)
 }
 
 /// A tenant's own usage (never anybody else's), `?from=&to=` in Unix seconds.

@@ -97,14 +97,6 @@ impl From<ServeError> for Status {
 }
 
 impl Grpc {
-    /// This node's name, sent to a peer with a forwarded call.
-    fn origin(&self) -> String {
-        self.state
-            .cluster
-            .as_ref()
-            .map_or(String::new(), |c| c.node().to_string())
-    }
-
     /// Repository load/unload: operator actions once tenancy is on.
     fn repository_change<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let ext = req.extensions();
@@ -333,17 +325,6 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<ModelInferResponse>, Status> {
         let name = self.model(&req, &req.get_ref().model_name)?;
         let caller = caller_of(req.extensions())?;
-        if let Some(peer) = super::grpc_forward::peer_for(&self.state, req.metadata(), &name).await
-        {
-            let origin = self.origin();
-            let md = req.metadata().clone();
-            match super::grpc_forward::infer(&peer, &origin, &md, req.get_ref().clone()).await {
-                Err(s) if super::grpc_forward::unreachable(&s) => {
-                    tracing::warn!(%peer, error = %s, "Peer unreachable; serving here");
-                }
-                answer => return answer,
-            }
-        }
         let started = std::time::Instant::now();
         let request = decode(req.into_inner())
             .and_then(|r| infer_request(&self.state, caller, &name, "v2_infer", r))?;
@@ -352,7 +333,13 @@ impl GrpcInferenceService for Grpc {
         self.state
             .v2_stats
             .record(&model, result.is_ok(), started.elapsed());
-        Ok(Response::new(encode(result?)))
+        let result = result?;
+        let node = result.node.clone();
+        let mut resp = Response::new(encode(result));
+        if let Some(v) = node.and_then(|n| n.parse().ok()) {
+            resp.metadata_mut().insert("x-flatmesh-node", v);
+        }
+        Ok(resp)
     }
 
     type ModelStreamInferStream = StreamOf<ModelStreamInferResponse>;
@@ -384,25 +371,6 @@ impl GrpcInferenceService for Grpc {
                     }
                 };
                 let Ok(caller) = caller_of(&ext) else { return };
-                if let Some(peer) = super::grpc_forward::peer_for(&state, &md, &name).await {
-                    let origin = state
-                        .cluster
-                        .as_ref()
-                        .map_or(String::new(), |c| c.node().to_string());
-                    match super::grpc_forward::stream_one(&peer, &origin, &md, r.clone(), &tx).await
-                    {
-                        Err(s) if super::grpc_forward::unreachable(&s) => {
-                            tracing::warn!(%peer, error = %s, "Peer unreachable; serving here");
-                        }
-                        Err(s) => {
-                            if tx.send(Ok(error(s.message().to_string()))).await.is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        Ok(()) => continue,
-                    }
-                }
                 if let Err(e) = stream_one(&state, &caller, &name, r, &tx).await {
                     if tx.send(Ok(error(e.message))).await.is_err() {
                         return;
@@ -547,6 +515,7 @@ async fn stream_one(
                 model: served.model,
                 id: client_id,
                 outputs: vec![embedding_tensor(out)],
+                node: served.node,
             };
             let _ = tx
                 .send(Ok(ModelStreamInferResponse {

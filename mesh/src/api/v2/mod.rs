@@ -7,7 +7,6 @@
 
 mod codec;
 pub mod grpc;
-mod grpc_forward;
 pub mod incoming;
 pub mod pb;
 pub mod rest;
@@ -53,6 +52,8 @@ pub struct InferResponse {
     pub model: String,
     pub id: Option<String>,
     pub outputs: Vec<Tensor>,
+    /// The peer that served it, when not this node.
+    pub node: Option<String>,
 }
 
 /// Per-model counts and total nanoseconds of v2 inferences (Triton's statistics extension).
@@ -210,6 +211,7 @@ pub fn infer_request(
         keep_alive: None,
         client_id: check_id(req.id.as_deref())?,
         stream: false,
+        forwarded: false,
     })
 }
 
@@ -247,6 +249,7 @@ pub async fn infer(state: &AppState, request: Request) -> Result<InferResponse, 
         model: served.model,
         id: client_id,
         outputs,
+        node: served.node,
     })
 }
 

@@ -236,6 +236,7 @@ async fn infer_rest(
         started.elapsed(),
     );
     let resp = result?;
+    let node = resp.node.clone();
     let mut binary = Vec::new();
     let outputs: Vec<Value> = resp
         .outputs
@@ -257,23 +258,26 @@ async fn infer_rest(
         out["id"] = json!(id);
     }
     let head = serde_json::to_vec(&out).expect("JSON");
-    if binary.is_empty() {
-        return Ok(([(header::CONTENT_TYPE, "application/json")], head).into_response());
-    }
-    let len = head.len();
-    let mut body = head;
-    body.extend_from_slice(&binary);
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::HeaderName::from_static(HEADER_LENGTH),
-                len.to_string(),
-            ),
-        ],
-        body,
-    )
-        .into_response())
+    let mut resp = if binary.is_empty() {
+        ([(header::CONTENT_TYPE, "application/json")], head).into_response()
+    } else {
+        let len = head.len();
+        let mut body = head;
+        body.extend_from_slice(&binary);
+        (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static(HEADER_LENGTH),
+                    len.to_string(),
+                ),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    crate::api::forward::served_by(&mut resp, node);
+    Ok(resp)
 }
 
 /// The models the caller's tier may use, with their states.
@@ -356,7 +360,7 @@ async fn start_generate(
     model: &str,
     endpoint: &'static str,
     body: &[u8],
-) -> Result<(String, String, Generating), V2Error> {
+) -> Result<(String, String, Generating, Option<String>), V2Error> {
     let (text, params) = parse_generate(body)?;
     let gen = generate_request(text, &params)?;
     let served = state
@@ -369,10 +373,11 @@ async fn start_generate(
             keep_alive: None,
             client_id: None,
             stream: endpoint == "v2_generate_stream",
+            forwarded: false,
         })
         .await?;
     match served.output {
-        Output::Text(g) => Ok((served.id, served.model, g)),
+        Output::Text(g) => Ok((served.id, served.model, g, served.node)),
         Output::Embeddings(_) => Err(ServeError::internal("generate produced embeddings").into()),
     }
 }
@@ -382,12 +387,15 @@ async fn generate(
     Extension(caller): Extension<Caller>,
     Path(m): Path<String>,
     body: Bytes,
-) -> Result<Json<Value>, V2Error> {
-    let (id, model, generating) = start_generate(&state, caller, &m, "v2_generate", &body).await?;
+) -> Result<Response, V2Error> {
+    let (id, model, generating, node) =
+        start_generate(&state, caller, &m, "v2_generate", &body).await?;
     let g = generating.collect().await?;
-    Ok(Json(
-        json!({"id": id, "model_name": model, "model_version": "1", "text_output": g.text}),
-    ))
+    let mut resp =
+        Json(json!({"id": id, "model_name": model, "model_version": "1", "text_output": g.text}))
+            .into_response();
+    crate::api::forward::served_by(&mut resp, node);
+    Ok(resp)
 }
 
 /// Server-sent events, one per text delta; an error ends the stream as `{"error": ...}`.
@@ -398,7 +406,7 @@ async fn generate_stream(
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
-    let (_, model, mut generating) =
+    let (_, model, mut generating, node) =
         start_generate(&state, caller, &m, "v2_generate_stream", &body).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
@@ -419,5 +427,7 @@ async fn generate_stream(
             }
         }
     });
-    Ok(Sse::new(ReceiverStream::new(rx)).into_response())
+    let mut resp = Sse::new(ReceiverStream::new(rx)).into_response();
+    crate::api::forward::served_by(&mut resp, node);
+    Ok(resp)
 }

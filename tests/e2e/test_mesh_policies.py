@@ -1,0 +1,102 @@
+"""Policies in the mesh: routing and the response cache run on the node where a request
+arrives; the node that serves it only admits, schedules, runs and records it (real etcd, two
+real agents with the real router and cache plugins)."""
+import httpx
+import pytest
+
+from conftest import BIN, EMBED, LLM, ROOT, Agent, Etcd
+from test_mesh import ADMIN, holders, served_by, wait_until
+
+PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
+PROMPT = [{"role": "user", "content": "Hi!"}]
+
+
+def config(etcd: Etcd, node: str) -> str:
+    return f"""
+[server]
+admin_token = "admin-secret"
+
+[cache]
+preload = false
+
+[[models]]
+id = "small"
+path = "{LLM}/model.gguf"
+
+[[models]]
+id = "large"
+path = "{LLM}/model.gguf"
+
+[[models]]
+id = "{EMBED}"
+path = "{EMBED}"
+
+[policy.router]
+plugin = "{PLUGINS / 'cost_router.wasm'}"
+config = {{ alias = "auto", models = ["small", "large"], long_prompt_tokens = 30 }}
+
+[policy.cache]
+plugin = "{PLUGINS / 'semantic_cache.wasm'}"
+config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
+
+[mesh]
+etcd = ["{etcd.endpoint}"]
+node = "{node}"
+prefix = "/flatmesh-policies"
+lease_ttl = "2s"
+"""
+
+
+@pytest.fixture(scope="module")
+def pair():
+    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
+    for name in ("cost_router", "semantic_cache"):
+        assert (PLUGINS / f"{name}.wasm").exists(), "run plugins/build first"
+    etcd = Etcd()
+    agents = {}
+    try:
+        for name in ("front", "back"):
+            agents[name] = Agent(config=config(etcd, name))
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        etcd.close()
+
+
+def records(agent, model):
+    r = httpx.get(agent.url + "/admin/ledger/records", headers=ADMIN, timeout=30)
+    return [x for x in r.json()["records"] if x["model"] == model]
+
+
+def ask(agent):
+    return httpx.post(agent.url + "/v1/chat/completions", timeout=180, json={
+        "model": "auto", "messages": PROMPT, "max_tokens": 6, "temperature": 0})
+
+
+def test_an_alias_is_routed_where_it_arrives_and_served_where_the_model_is(pair):
+    front, back = pair["front"], pair["back"]
+    r = httpx.post(back.url + "/admin/models/small/load", headers=ADMIN, timeout=180)
+    assert r.status_code == 200, r.text
+    wait_until(lambda: holders(front, "small") == {"back"}, 10, "front never saw back's copy of small")
+
+    first = ask(front)
+    assert first.status_code == 200, first.text
+    # Routed on front (the alias is no model), then placed where `small` is: back.
+    assert first.json()["model"] == "small"
+    assert "cheapest" in first.headers["x-flatmesh-route"]
+    assert first.headers["x-flatmesh-cache"] == "miss"
+    assert served_by(first) == "back"
+    assert len(records(back, "small")) == 1 and not records(front, "small"), "recorded where it ran"
+
+    # The same prompt again: front's response cache answers, nothing reaches back.
+    again = ask(front)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-flatmesh-cache"] == "hit" and served_by(again) == "front"
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert len(records(back, "small")) == 1
+    hits = [x for x in records(front, "small") if x.get("cache_hit")]
+    assert len(hits) == 1, records(front, "small")
+    # front never loaded an LLM of its own for either request.
+    view = httpx.get(front.url + "/admin/models", headers=ADMIN).json()
+    assert all(m["state"] != "ready" for m in view["models"] if m["id"] in ("small", "large"))
