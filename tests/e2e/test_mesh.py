@@ -702,6 +702,50 @@ def test_mesh_status_on_the_command_line(mesh):
 # --- a node that dies -------------------------------------------------------------------------
 # Last in the module: it kills c.
 
+def test_a_vmodel_switch_on_a_moves_traffic_on_every_node_with_no_failed_request(mesh):
+    import threading
+    a = mesh["a"]
+    # Two ids of the demo embedding model (EMBED itself stays where other tests put it).
+    for id in ("embed-one", "embed-two"):
+        r = httpx.post(a.url + "/admin/models", headers=ADMIN, timeout=60, json={"id": id, "path": EMBED})
+        assert r.status_code in (201, 409), r.text
+    wait_until(lambda: all("embed-two" in {m["id"] for m in listing(n)["models"]} for n in mesh.values()),
+               PROPAGATION + 1, "embed-two was not listed everywhere")
+    r = httpx.put(a.url + "/admin/vmodels/lookup-e2e", headers=ADMIN, json={"target": "embed-one"}, timeout=180)
+    assert r.is_success, r.text
+    wait_until(lambda: all(embed(n, "x", model="lookup-e2e").json().get("model") == "embed-one" for n in mesh.values()),
+               PROPAGATION + 5, "the vmodel did not resolve everywhere")
+    seen, stop = {name: [] for name in mesh}, threading.Event()
+
+    def traffic(name):
+        with httpx.Client(timeout=120) as h:
+            while not stop.is_set():
+                r = h.post(mesh[name].url + "/v1/embeddings", json={"model": "lookup-e2e", "input": "switch"})
+                seen[name].append((r.status_code, r.json().get("model") if r.status_code == 200 else r.text))
+
+    threads = [threading.Thread(target=traffic, args=(name,)) for name in mesh]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        r = httpx.put(a.url + "/admin/vmodels/lookup-e2e", headers=ADMIN, json={"target": "embed-two"}, timeout=180)
+        assert r.is_success, r.text
+        wait_until(lambda: all(v and v[-1][1] == "embed-two" for v in seen.values()), 30,
+                   lambda: {n: v[-1:] for n, v in seen.items()})
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for name, results in seen.items():
+        assert results and all(code == 200 for code, _ in results), (name, [x for x in results if x[0] != 200][:3])
+        models = [m for _, m in results]
+        assert models[0] == "embed-one" and models[-1] == "embed-two", (name, models[:2], models[-2:])
+        # Once moved, traffic stays on the new target.
+        first_new = models.index("embed-two")
+        assert set(models[first_new:]) == {"embed-two"}, (name, models)
+
+
 def test_a_killed_node_leaves_the_mesh_within_its_lease_and_no_request_fails(mesh):
     a, b, c = mesh["a"], mesh["b"], mesh["c"]
     only_on_c(mesh, EMBED, lambda node: embed(node, "warm up", keep_alive=-1))
