@@ -16,11 +16,12 @@ mod generate;
 mod held;
 pub mod peer;
 mod place;
+mod request;
 mod track;
 
 use std::{sync::Arc, time::Duration};
 
-use flatmesh_runtime::{Embeddings, Engine, FinishReason, GenerateRequest, Generation, ModelKind};
+use flatmesh_runtime::{Embeddings, Engine, FinishReason, Generation, ModelKind};
 
 use self::{bill::Bill, generate::Finish, held::Held};
 pub use self::{
@@ -29,6 +30,7 @@ pub use self::{
     error::{ErrorKind, ServeError},
     generate::{finish_reason, Event, Generating},
     place::Place,
+    request::{Output, Request, Served, Work},
     track::Tracker,
 };
 use crate::{
@@ -42,7 +44,6 @@ use crate::{
         limits::{Admission, Limits},
         Caller, Tenancy,
     },
-    units::KeepAlive,
 };
 
 /// Most inputs one request may embed (as OpenAI's embeddings API allows).
@@ -61,59 +62,6 @@ pub struct Serve {
     pub max_run: Duration,
     /// The mesh, once this node has joined one.
     pub mesh: Arc<std::sync::OnceLock<crate::cluster::Cluster>>,
-}
-
-/// What a request asks a model to do.
-#[derive(Debug, Clone)]
-pub enum Work {
-    Generate(GenerateRequest),
-    /// Embed the inputs; `dimensions`, when given, must be the model's width.
-    Embed {
-        inputs: Vec<String>,
-        dimensions: Option<u32>,
-    },
-    /// v2 `infer`: an embedding model embeds the texts; an LLM generates from the one text.
-    Infer {
-        texts: Vec<String>,
-        generate: GenerateRequest,
-    },
-}
-
-/// A request, as every protocol hands it over.
-#[derive(Debug, Clone)]
-pub struct Request {
-    pub caller: Caller,
-    /// The model or vmodel the client named.
-    pub model: String,
-    /// Where it came in (ledger and metric label): `chat_completions`, `v2_infer`, ...
-    pub endpoint: &'static str,
-    pub work: Work,
-    pub keep_alive: Option<KeepAlive>,
-    /// The client's own id of the request, if it gave one.
-    pub client_id: Option<String>,
-    pub stream: bool,
-    /// Sent by a peer that routed, cached and placed it: served here, as it is.
-    pub forwarded: bool,
-}
-
-/// A served request.
-pub struct Served {
-    /// The agent's own id of the request (the ledger's).
-    pub id: String,
-    /// The model that served it (a vmodel resolved; a router's choice).
-    pub model: String,
-    /// The router's reason, when a router chose the model.
-    pub route: Option<String>,
-    /// `hit` or `miss` when the response cache was asked.
-    pub cache: Option<&'static str>,
-    /// The peer that served it, when it was not this node.
-    pub node: Option<String>,
-    pub output: Output,
-}
-
-pub enum Output {
-    Embeddings(Embeddings),
-    Text(Generating),
 }
 
 impl Serve {
@@ -228,9 +176,13 @@ impl Serve {
             }
         }
         let cache = remember.as_ref().map(|_| "miss");
-        if let Place::Peer(cluster, peer) = self.place(&req, &model).await {
+        if let Place::Peer(cluster, peer) = place::place(self.mesh.get(), &req, &model).await {
             let asked = (route.clone(), cache);
-            match self
+            let here = place::Here {
+                policies: &self.policies,
+                metrics: &self.metrics,
+            };
+            match here
                 .on_peer(
                     &cluster, &peer, &req, &model, &work, asked, remember, tracker,
                 )

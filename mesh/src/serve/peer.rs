@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use super::{
     error::{ErrorKind, ServeError},
     generate::{Event, Generating},
+    request::{Output, Served, Work},
     track::Tracker,
-    Output, Served, Work,
 };
 use crate::{
     metrics::Metrics,
@@ -181,8 +181,9 @@ pub struct After {
     pub tracker: Option<Tracker>,
 }
 
-/// Serve `wire` on the peer. `Err` when the peer could not be reached or sent nothing (with
-/// `after` given back): nothing has reached the client, so the caller serves it itself.
+/// Serve `wire` on the peer. `Err` when the peer could not be reached, or went away before
+/// its first token or its embeddings (with `after` given back): nothing has reached the
+/// client, so the caller serves the request itself.
 pub async fn serve(
     call: Call<'_>,
     wire: &WireRequest,
@@ -219,13 +220,27 @@ pub async fn serve(
         }
         other => return Err((anyhow::anyhow!("the peer answered {other:?} first"), after)),
     };
-    let output = match wire.work {
-        WireWork::Embed { .. } => match lines.next().await {
-            Some(Ok(WireEvent::Embeddings(e))) => Output::Embeddings(e),
-            Some(Ok(WireEvent::Error(e))) => return Ok(Err(e.into())),
-            _ => return Ok(Err(gone(&node))),
-        },
-        WireWork::Generate(_) => Output::Text(relay(lines, node.clone(), after)),
+    // The next line decides: the peer gone before it (nothing has reached the client) means
+    // the request is served here after all.
+    let next = match lines.next().await {
+        Some(Ok(line)) => line,
+        Some(Err(e)) => return Err((e, after)),
+        None => return Err((anyhow::anyhow!("node {node:?} went away"), after)),
+    };
+    let output = match (&wire.work, next) {
+        (_, WireEvent::Error(e)) => {
+            let e = ServeError::from(e);
+            if let Some(t) = after.tracker {
+                t.finish(e.http_status());
+            }
+            return Ok(Err(e));
+        }
+        (WireWork::Embed { .. }, WireEvent::Embeddings(e)) => Output::Embeddings(e),
+        (WireWork::Generate(_), first @ (WireEvent::Text(_) | WireEvent::Done(_))) => {
+            let lines = futures::stream::once(async { Ok(first) }).chain(lines).boxed();
+            Output::Text(relay(lines, node.clone(), after))
+        }
+        (_, other) => return Err((anyhow::anyhow!("the peer sent {other:?}"), after)),
     };
     Ok(Ok(Served {
         id,
@@ -415,6 +430,60 @@ mod tests {
         assert_eq!(back.retry_after, Some(7));
         assert_eq!(back.headers, e.headers);
         assert_eq!(back.http_status(), 429);
+    }
+
+    /// A peer that answers `served` and then dies.
+    async fn dying_peer() -> String {
+        let app = axum::Router::new().route(
+            PATH,
+            axum::routing::post(|| async {
+                let head = serde_json::to_vec(&WireEvent::Served {
+                    id: "x".into(),
+                    model: "m".into(),
+                    node: "dying".into(),
+                })
+                .unwrap();
+                let lines = futures::stream::iter(vec![
+                    Ok::<_, std::io::Error>([head, b"\n".to_vec()].concat()),
+                    Err(std::io::Error::other("killed")),
+                ]);
+                axum::body::Body::from_stream(lines)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
+        let url = dying_peer().await;
+        let call = Call {
+            node: "dying",
+            url: &url,
+            origin: "here",
+            authorization: None,
+        };
+        let wire = WireRequest {
+            model: "m".into(),
+            endpoint: "chat_completions".into(),
+            work: WireWork::Generate(GenerateRequest {
+                prompt: flatmesh_runtime::Prompt::Text("hi".into()),
+                max_tokens: Some(4),
+                sampling: Default::default(),
+                stop: Vec::new(),
+            }),
+            keep_alive: None,
+            client_id: None,
+            stream: true,
+        };
+        let after = After {
+            remember: None,
+            tracker: None,
+        };
+        let got = serve(call, &wire, &Metrics::new(), after).await;
+        assert!(got.is_err(), "the caller serves it: nothing reached the client");
     }
 
     #[tokio::test]

@@ -2,10 +2,16 @@
 //! which then serves the request as it was routed and looked up in the cache here.
 
 use super::{
+    error::ServeError,
     peer::{self, After, Call, WireRequest, WireWork},
-    CachePrompt, Serve, ServeError, Served, Tracker, Work,
+    request::{Request, Served, Work},
+    track::Tracker,
 };
-use crate::cluster::{Cluster, Peer};
+use crate::{
+    cluster::{Cluster, Peer},
+    metrics::Metrics,
+    policy::{CachePrompt, Policies},
+};
 
 /// Where a request for a model is served.
 pub enum Place {
@@ -18,22 +24,28 @@ pub enum Place {
 /// What the serve path decided here and the answer keeps: the router's reason, the cache.
 pub(super) type Asked = (Option<String>, Option<&'static str>);
 
-impl Serve {
-    /// Here when there is no mesh, the request came from a peer (one hop at most), or the
-    /// mesh's placement says so; else the peer it names.
-    pub(super) async fn place(&self, req: &super::Request, model: &str) -> Place {
-        if req.forwarded {
-            return Place::Here;
-        }
-        let Some(cluster) = self.mesh.get() else {
-            return Place::Here;
-        };
-        match cluster.place(model).await {
-            Some(peer) => Place::Peer(cluster.clone(), peer),
-            None => Place::Here,
-        }
+/// Here when there is no mesh, the request came from a peer (one hop at most), or the mesh's
+/// placement says so; else the peer it names.
+pub(super) async fn place(mesh: Option<&Cluster>, req: &Request, model: &str) -> Place {
+    if req.forwarded {
+        return Place::Here;
     }
+    let Some(cluster) = mesh else {
+        return Place::Here;
+    };
+    match cluster.place(model).await {
+        Some(peer) => Place::Peer(cluster.clone(), peer),
+        None => Place::Here,
+    }
+}
 
+/// What serving on a peer needs of this node: its policies (the response cache) and metrics.
+pub(super) struct Here<'a> {
+    pub policies: &'a Policies,
+    pub metrics: &'a Metrics,
+}
+
+impl Here<'_> {
     /// Serve the request on `peer`. `Err` (with the cache prompt given back) when the peer
     /// could not be reached: nothing was sent to the client, the request is served here.
     #[allow(clippy::too_many_arguments)]
@@ -41,7 +53,7 @@ impl Serve {
         &self,
         cluster: &Cluster,
         peer: &Peer,
-        req: &super::Request,
+        req: &Request,
         model: &str,
         work: &Work,
         (route, cache): Asked,
@@ -76,7 +88,7 @@ impl Serve {
             origin: cluster.node(),
             authorization: req.caller.authorization.as_ref().map(|c| c.as_header()),
         };
-        match peer::serve(call, &wire, &self.metrics, after).await {
+        match peer::serve(call, &wire, self.metrics, after).await {
             Ok(result) => Ok(result.map(|mut served| {
                 served.route = route;
                 served.cache = cache;
