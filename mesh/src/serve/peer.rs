@@ -237,7 +237,9 @@ pub async fn serve(
         }
         (WireWork::Embed { .. }, WireEvent::Embeddings(e)) => Output::Embeddings(e),
         (WireWork::Generate(_), first @ (WireEvent::Text(_) | WireEvent::Done(_))) => {
-            let lines = futures::stream::once(async { Ok(first) }).chain(lines).boxed();
+            let lines = futures::stream::once(async { Ok(first) })
+                .chain(lines)
+                .boxed();
             Output::Text(relay(lines, node.clone(), after))
         }
         (_, other) => return Err((anyhow::anyhow!("the peer sent {other:?}"), after)),
@@ -483,7 +485,10 @@ mod tests {
             tracker: None,
         };
         let got = serve(call, &wire, &Metrics::new(), after).await;
-        assert!(got.is_err(), "the caller serves it: nothing reached the client");
+        assert!(
+            got.is_err(),
+            "the caller serves it: nothing reached the client"
+        );
     }
 
     #[tokio::test]
