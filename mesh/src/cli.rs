@@ -395,7 +395,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             state.limits.clone(),
             metrics.clone(),
         );
-        let _ = state.serve.mesh.set(cluster.clone());
+        let _ = state.serve.mesh.set(crate::serve::Mesh {
+            cluster: cluster.clone(),
+            token: config.server.admin_token.clone(),
+        });
         state.cluster = Some(cluster);
     }
     tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");

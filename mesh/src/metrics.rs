@@ -308,7 +308,7 @@ impl Metrics {
             .expect("register"),
             mesh_forward_seconds: register_histogram_vec_with_registry!(
                 "flatmesh_mesh_forward_seconds",
-                "Time from forwarding a request to the peer's response headers.",
+                "Time from forwarding a request to the peer's first answer line (it has admitted the request and holds a copy).",
                 &["peer"],
                 exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
                 r

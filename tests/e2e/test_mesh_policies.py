@@ -100,3 +100,28 @@ def test_an_alias_is_routed_where_it_arrives_and_served_where_the_model_is(pair)
     # front never loaded an LLM of its own for either request.
     view = httpx.get(front.url + "/admin/models", headers=ADMIN).json()
     assert all(m["state"] != "ready" for m in view["models"] if m["id"] in ("small", "large"))
+
+
+def test_the_peer_endpoint_is_for_the_nodes_of_the_mesh_only(pair, agent):
+    import json
+    front = pair["front"]
+    wire = {"model": EMBED, "endpoint": "embeddings",
+            "work": {"embed": {"inputs": ["from a peer"], "dimensions": None}}}
+    # A client cannot use it to skip routing, the cache or the front doors' checks.
+    r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=60)
+    assert r.status_code == 403 and "nodes of the mesh" in r.text, r.text
+    r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=60,
+                   headers={"x-flatmesh-mesh-token": "wrong"})
+    assert r.status_code == 403
+    # A node (the mesh's admin token) gets the answer as JSON lines.
+    r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=120,
+                   headers={"x-flatmesh-mesh-token": "admin-secret"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson", r.text
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines[0]["served"]["node"] == "front" and len(lines[1]["embeddings"]["vectors"][0]) == 384
+    # A bad line is a clear 400, not a crash.
+    r = httpx.post(front.url + "/internal/v1/serve", content=b"{not json", timeout=60,
+                   headers={"x-flatmesh-mesh-token": "admin-secret", "content-type": "application/json"})
+    assert r.status_code == 400 and "forwarded request" in r.text
+    # Without a mesh there is no such endpoint.
+    assert httpx.post(agent.url + "/internal/v1/serve", json=wire, timeout=30).status_code == 404

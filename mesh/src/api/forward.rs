@@ -17,7 +17,10 @@ use futures::StreamExt;
 
 use super::AppState;
 use crate::{
-    serve::peer::{self, WireRequest},
+    serve::{
+        peer::{self, WireRequest},
+        Forwarded,
+    },
     tenancy::Caller,
 };
 
@@ -56,19 +59,33 @@ pub fn served_by(resp: &mut Response, node: Option<String>) {
     }
 }
 
-/// Serve a request a peer sent here (authenticated here with the caller's own key).
+/// Serve a request a peer sent here: the peer proves it is a node of the mesh with the
+/// mesh's admin token, and the caller is authenticated here with its own key. Only mounted
+/// in a mesh.
 pub async fn serve_forwarded(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let bad = |m: String| {
+    let refuse = |status: StatusCode, code: &str, m: String| {
         (
-            StatusCode::BAD_REQUEST,
-            axum::Json(serde_json::json!({"error": {"message": m, "code": "invalid_forward"}})),
+            status,
+            axum::Json(serde_json::json!({"error": {"message": m, "code": code}})),
         )
             .into_response()
     };
+    if let Some(token) = &state.admin_token {
+        let given = headers.get(peer::MESH_TOKEN).and_then(|v| v.to_str().ok());
+        if !given.is_some_and(|g| super::guard::same_secret(g, token)) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "not_a_peer",
+                format!("{} is for the nodes of the mesh", peer::PATH),
+            );
+        }
+    }
+    let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "invalid_forward", m);
     let wire: WireRequest = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => return bad(format!("a forwarded request: {e}")),
@@ -82,9 +99,11 @@ pub async fn serve_forwarded(
         endpoint,
         work: wire.work.into(),
         keep_alive: wire.keep_alive,
-        client_id: wire.client_id,
+        client_id: crate::serve::client_id(wire.client_id.as_deref()),
         stream: wire.stream,
-        forwarded: true,
+        forwarded: Some(Forwarded {
+            fallbacks: wire.fallbacks,
+        }),
     };
     let result = state.serve.run(request).await;
     let node = state.cluster.as_ref().map_or("", |c| c.node());

@@ -65,12 +65,15 @@ impl AppState {
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let openai_auth = || axum::middleware::from_fn_with_state(state.clone(), auth::openai);
-    Router::new()
-        .merge(openai::routes().layer(openai_auth()))
-        .route(
+    let mut router = Router::new().merge(openai::routes().layer(openai_auth()));
+    if state.cluster.is_some() {
+        // Requests other nodes of the mesh place here.
+        router = router.route(
             crate::serve::peer::PATH,
             axum::routing::post(forward::serve_forwarded).layer(openai_auth()),
-        )
+        );
+    }
+    router
         .merge(health::routes())
         .merge(status::routes())
         .merge(

@@ -181,6 +181,18 @@ impl Cluster {
         };
         let me = cluster.clone();
         tokio::spawn(async move { me.run().await });
+        // Pinned models are looked after on their own task: a slow etcd answering their
+        // claims must not hold up the lease's keep-alive.
+        let me = cluster.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KEEP_PINNED_EVERY);
+            loop {
+                tick.tick().await;
+                if me.connected() {
+                    me.keep_pinned().await;
+                }
+            }
+        });
         cluster
     }
 
@@ -407,7 +419,6 @@ impl Cluster {
         let keep_every = Duration::from_secs((ttl as u64 / 3).max(1));
         let mut last_keep = Instant::now();
         let mut last_put = Instant::now();
-        let mut last_kept = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -416,10 +427,6 @@ impl Cluster {
                         last_keep = Instant::now();
                     }
                     self.release_claims(&mut client).await?;
-                    if last_kept.elapsed() >= KEEP_PINNED_EVERY {
-                        self.keep_pinned().await;
-                        last_kept = Instant::now();
-                    }
                     let now = self.record();
                     if now != published || last_put.elapsed() >= keep_every * 3 {
                         client.put(me.clone(), put(&now), Some(PutOptions::new().with_lease(lease))).await?;

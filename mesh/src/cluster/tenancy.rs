@@ -31,6 +31,7 @@ impl SharedTenancy {
                     .and_then([TxnOp::put(key, serde_json::to_vec(t)?, None)]);
                 client.txn(txn).await?;
             }
+            Shared::TierGone(_) => {} // an operator's deletion in etcd; nodes never write it
             Shared::Tenant(t) => {
                 let key = format!("{}tenants/{}", self.prefix, t.id);
                 client.put(key, serde_json::to_vec(t)?, None).await?;
@@ -67,7 +68,7 @@ impl SharedTenancy {
         // Tiers, then tenants, then keys: a tenant applies only on a tier the node knows, a
         // key only to a tenant it knows.
         let order = |c: &Shared| match c {
-            Shared::Tier(_) => 0,
+            Shared::Tier(_) | Shared::TierGone(_) => 0,
             Shared::Tenant(_) => 1,
             _ => 2,
         };
@@ -116,8 +117,11 @@ impl SharedTenancy {
                 None => Shared::Revoked(hash.to_string()),
             });
         }
-        if let Some(_name) = key.strip_prefix("tiers/") {
-            return Some(Shared::Tier(serde_json::from_slice(value?).ok()?));
+        if let Some(name) = key.strip_prefix("tiers/") {
+            return Some(match value {
+                Some(v) => Shared::Tier(serde_json::from_slice(v).ok()?),
+                None => Shared::TierGone(name.to_string()),
+            });
         }
         key.strip_prefix("tenants/")?;
         Some(Shared::Tenant(

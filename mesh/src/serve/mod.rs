@@ -29,7 +29,8 @@ pub use self::{
     embedder::CacheEmbedder,
     error::{ErrorKind, ServeError},
     generate::{finish_reason, Event, Generating},
-    place::Place,
+    place::{Mesh, Place},
+    request::Forwarded,
     request::{Output, Request, Served, Work},
     track::Tracker,
 };
@@ -61,7 +62,7 @@ pub struct Serve {
     /// The longest one request may run once it has its slot.
     pub max_run: Duration,
     /// The mesh, once this node has joined one.
-    pub mesh: Arc<std::sync::OnceLock<crate::cluster::Cluster>>,
+    pub mesh: Arc<std::sync::OnceLock<Mesh>>,
 }
 
 impl Serve {
@@ -123,18 +124,27 @@ impl Serve {
         tracker: &mut Option<Tracker>,
     ) -> Result<Served, ServeError> {
         let info = self.info(&id, &req);
-        let (targets, route) = match req.forwarded {
-            true => (vec![req.model.clone()], None), // routed where it arrived
-            false => self.route(&req, &info).await?,
+        let (targets, route) = match &req.forwarded {
+            // Routed where it arrived.
+            Some(f) => (
+                std::iter::once(req.model.clone())
+                    .chain(f.fallbacks.iter().cloned())
+                    .collect(),
+                None,
+            ),
+            None => self.route(&req, &info).await?,
         };
         // Resolve once; the tier check, the kind check and the lease are on that model.
         let (model, kind) = self.check(&req, &targets[0])?;
         let work = resolve_work(req.work.clone(), kind, &req.model)?;
         let span = tracing::Span::current();
         describe(&span, &req, &work);
+        // Admitted before the response cache is asked: a caller over its limits costs no
+        // plugin call (nor the embedding a semantic cache computes).
+        let admission = self.admit(&req.caller, &info).await?;
         let mut remember = None;
         if let Work::Generate(gen) = &work {
-            if self.policies.caches() && !req.forwarded {
+            if self.policies.caches() && req.forwarded.is_none() {
                 let cp = CachePrompt {
                     request: info.clone(),
                     target: model.clone(),
@@ -151,7 +161,6 @@ impl Serve {
                 telemetry::attr(&span, "flatmesh.response_cache", label);
                 if let Some(answer) = hit {
                     telemetry::attr(&span, "gen_ai.response.model", model.clone());
-                    let admission = self.admit(&req.caller, &info).await?;
                     let mut bill = self.bill(&req, info);
                     bill.cache_hit = true;
                     let g = cached_generation(answer, cp.request.prompt_tokens as usize);
@@ -176,23 +185,29 @@ impl Serve {
             }
         }
         let cache = remember.as_ref().map(|_| "miss");
-        if let Place::Peer(cluster, peer) = place::place(self.mesh.get(), &req, &model).await {
+        let mut admission = admission;
+        let mesh = self.mesh.get();
+        if let Place::Peer(cluster, peer) = place::place(mesh, &req, &model).await {
+            // The peer admits it against its own limits: out of this node's window.
+            admission.refund();
             let asked = (route.clone(), cache);
             let here = place::Here {
                 policies: &self.policies,
                 metrics: &self.metrics,
+                token: mesh.and_then(|m| m.token.as_deref()),
             };
+            let chosen = (model.as_str(), &targets[1..]);
             match here
                 .on_peer(
-                    &cluster, &peer, &req, &model, &work, asked, remember, tracker,
+                    &cluster, &peer, &req, chosen, &work, asked, remember, tracker,
                 )
                 .await
             {
                 Ok(served) => return served,
                 Err(kept) => remember = kept, // unreachable: served here
             }
+            admission = self.admit(&req.caller, &info).await?;
         }
-        let admission = self.admit(&req.caller, &info).await?;
         let bill = self.bill(&req, info);
         let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
         telemetry::attr(&span, "gen_ai.response.model", model.clone());

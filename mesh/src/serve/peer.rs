@@ -28,13 +28,21 @@ use crate::{
 
 /// The path peers serve forwarded requests on.
 pub const PATH: &str = "/internal/v1/serve";
-/// Set on a forwarded request (to the node it came from): it is never forwarded again.
+/// The node a forwarded request came from (for the peer's logs).
 pub const FORWARDED: &str = "x-flatmesh-forwarded";
+/// Proves a forwarded request comes from a node of the mesh: the admin token, which every
+/// node of a mesh shares.
+pub const MESH_TOKEN: &str = "x-flatmesh-mesh-token";
+/// The longest line of an answer (an embeddings answer is one line).
+const MAX_LINE: usize = 256 << 20;
 
 /// A request as one node hands it to another: the model is the one routing chose here.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireRequest {
     pub model: String,
+    /// The router's next choices, tried in turn where the first cannot be loaded.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
     pub endpoint: String,
     pub work: WireWork,
     #[serde(default)]
@@ -81,6 +89,19 @@ pub enum WireEvent {
     Error(WireError),
 }
 
+impl WireEvent {
+    /// The line's kind, for messages (never its content: generated text stays out of logs).
+    fn kind(&self) -> &'static str {
+        match self {
+            WireEvent::Served { .. } => "served",
+            WireEvent::Text(_) => "text",
+            WireEvent::Done(_) => "done",
+            WireEvent::Embeddings(_) => "embeddings",
+            WireEvent::Error(_) => "error",
+        }
+    }
+}
+
 /// A serve error as it crosses to another node.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireError {
@@ -121,22 +142,35 @@ impl From<WireError> for ServeError {
             .into_iter()
             .find(|k| k.as_str() == w.kind)
             .unwrap_or(ErrorKind::Internal);
-        let mut e = ServeError::new(kind, intern(&w.code), w.message);
+        let mut e = ServeError::new(kind, code(&w.code), w.message);
         e.param = w.param;
         e.retry_after = w.retry_after;
+        // Only the rate-limit headers the serve path itself sets cross over.
         e.headers = w
             .headers
             .into_iter()
-            .map(|(k, v)| (intern(&k), v))
+            .filter_map(|(k, v)| RATE_HEADERS.iter().find(|h| **h == k).map(|h| (*h, v)))
             .collect();
-        e.status = w.status;
+        e.status = w
+            .status
+            .filter(|s| kind == ErrorKind::PolicyDenied && (400..600).contains(s));
         e
     }
 }
 
-/// The same `&'static str` for the same text: error codes and header names are a small,
-/// fixed set, so each is leaked once.
-fn intern(s: &str) -> &'static str {
+/// The headers an error may carry from a peer.
+const RATE_HEADERS: [&str; 6] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
+/// An error code from a peer as a `&'static str`: the codes are a small set, each kept once;
+/// past 256 distinct ones (a misbehaving peer), `peer_error`.
+fn code(s: &str) -> &'static str {
     static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
     let mut seen = SEEN
         .get_or_init(Default::default)
@@ -144,6 +178,10 @@ fn intern(s: &str) -> &'static str {
         .unwrap_or_else(|e| e.into_inner());
     if let Some(k) = seen.get(s) {
         return k;
+    }
+    let fits = s.len() <= 64 && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    if seen.len() >= 256 || !fits {
+        return "peer_error";
     }
     let k: &'static str = Box::leak(s.to_string().into_boxed_str());
     seen.insert(k);
@@ -158,6 +196,8 @@ fn client() -> &'static reqwest::Client {
         reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(1))
             .pool_idle_timeout(Duration::from_secs(60))
+            // A peer gone without a reset (power, network) is noticed by the kernel.
+            .tcp_keepalive(Duration::from_secs(10))
             .build()
             .expect("the peer client builds")
     })
@@ -172,6 +212,8 @@ pub struct Call<'a> {
     pub origin: &'a str,
     /// The caller's `Authorization` header: the peer authenticates the caller itself.
     pub authorization: Option<&'a str>,
+    /// The mesh's shared admin token, proving the request comes from a node.
+    pub mesh_token: Option<&'a str>,
 }
 
 /// What the answer does once it is here: offer a generation to this node's response cache,
@@ -218,14 +260,25 @@ pub async fn serve(
             }
             return Ok(Err(e));
         }
-        other => return Err((anyhow::anyhow!("the peer answered {other:?} first"), after)),
+        other => {
+            let e = anyhow::anyhow!("the peer answered {} first", other.kind());
+            return Err((e, after));
+        }
     };
-    // The next line decides: the peer gone before it (nothing has reached the client) means
-    // the request is served here after all.
+    // The next line decides: the connection lost before it (nothing has reached the client)
+    // means the request is served here after all. (A peer still alive then records the
+    // cancelled prompt as well: a rare double record, preferred to a failed request.)
     let next = match lines.next().await {
         Some(Ok(line)) => line,
-        Some(Err(e)) => return Err((e, after)),
+        Some(Err(Broken::Transport(e))) => return Err((e, after)),
         None => return Err((anyhow::anyhow!("node {node:?} went away"), after)),
+        Some(Err(Broken::Malformed(e))) => {
+            let e = ServeError::internal(format!("node {node:?} answered badly: {e}"));
+            if let Some(t) = after.tracker {
+                t.finish(e.http_status());
+            }
+            return Ok(Err(e));
+        }
     };
     let output = match (&wire.work, next) {
         (_, WireEvent::Error(e)) => {
@@ -242,7 +295,13 @@ pub async fn serve(
                 .boxed();
             Output::Text(relay(lines, node.clone(), after))
         }
-        (_, other) => return Err((anyhow::anyhow!("the peer sent {other:?}"), after)),
+        (_, other) => {
+            let e = ServeError::internal(format!("node {node:?} sent {} first", other.kind()));
+            if let Some(t) = after.tracker {
+                t.finish(e.http_status());
+            }
+            return Ok(Err(e));
+        }
     };
     Ok(Ok(Served {
         id,
@@ -254,7 +313,15 @@ pub async fn serve(
     }))
 }
 
-type Lines = futures::stream::BoxStream<'static, anyhow::Result<WireEvent>>;
+type Lines = futures::stream::BoxStream<'static, Result<WireEvent, Broken>>;
+
+/// Why a line could not be read.
+enum Broken {
+    /// The connection failed: the peer may be gone.
+    Transport(anyhow::Error),
+    /// The peer sent something that is not a line of the format.
+    Malformed(anyhow::Error),
+}
 
 /// Send the request; the first line of the answer and the rest as a stream.
 async fn send(
@@ -270,37 +337,47 @@ async fn send(
     if let Some(auth) = call.authorization {
         req = req.header(reqwest::header::AUTHORIZATION, auth);
     }
+    if let Some(token) = call.mesh_token {
+        req = req.header(MESH_TOKEN, token);
+    }
     let resp = req.send().await?;
     if !resp.status().is_success() {
         // Not the serve path's answer (an old or misconfigured peer): serve here.
         anyhow::bail!("the peer answered {}", resp.status());
     }
     let mut lines = json_lines(resp.bytes_stream());
-    let first = lines
-        .next()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("the peer closed the answer before its first line"))??;
-    Ok((first, lines))
+    match lines.next().await {
+        Some(Ok(first)) => Ok((first, lines)),
+        Some(Err(Broken::Transport(e) | Broken::Malformed(e))) => Err(e),
+        None => anyhow::bail!("the peer closed the answer before its first line"),
+    }
 }
 
-/// The JSON lines of a byte stream.
+/// The JSON lines of a byte stream (each at most `MAX_LINE` bytes).
 fn json_lines<S, B, E>(bytes: S) -> Lines
 where
     S: futures::Stream<Item = Result<B, E>> + Send + 'static,
     B: AsRef<[u8]>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let state = (Box::pin(bytes), Vec::<u8>::new());
-    futures::stream::unfold(state, |(mut bytes, mut buf)| async move {
+    // The buffer, and how much of it is known to hold no newline.
+    let state = (Box::pin(bytes), Vec::<u8>::new(), 0usize);
+    futures::stream::unfold(state, |(mut bytes, mut buf, mut scanned)| async move {
         loop {
-            if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=end).collect();
-                let parsed = serde_json::from_slice::<WireEvent>(&line).map_err(Into::into);
-                return Some((parsed, (bytes, buf)));
+            if let Some(at) = buf[scanned..].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=scanned + at).collect();
+                let parsed = serde_json::from_slice::<WireEvent>(&line)
+                    .map_err(|e| Broken::Malformed(e.into()));
+                return Some((parsed, (bytes, buf, 0)));
+            }
+            scanned = buf.len();
+            if buf.len() > MAX_LINE {
+                let e = anyhow::anyhow!("a line of more than {MAX_LINE} bytes");
+                return Some((Err(Broken::Malformed(e)), (bytes, Vec::new(), 0)));
             }
             match bytes.next().await {
                 Some(Ok(chunk)) => buf.extend_from_slice(chunk.as_ref()),
-                Some(Err(e)) => return Some((Err(e.into()), (bytes, buf))),
+                Some(Err(e)) => return Some((Err(Broken::Transport(e.into())), (bytes, buf, 0))),
                 None => return None,
             }
         }
@@ -346,7 +423,8 @@ fn relay(mut lines: Lines, node: String, after: After) -> Generating {
                 Some(Ok(WireEvent::Error(e))) => break Err(ServeError::from(e)),
                 Some(Ok(other)) => {
                     break Err(ServeError::internal(format!(
-                        "the peer sent {other:?} in a generation"
+                        "node {node:?} sent {} in a generation",
+                        other.kind()
                     )))
                 }
                 Some(Err(_)) | None => break Err(gone(&node)),
@@ -413,92 +491,4 @@ pub fn answer(result: Result<Served, ServeError>, node: &str) -> mpsc::Receiver<
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_error_crosses_with_its_kind_code_and_headers() {
-        let mut e = ServeError::new(ErrorKind::RateLimited, "rate_limited", "slow down");
-        e.retry_after = Some(7);
-        e.headers = vec![("x-ratelimit-limit-requests", "10".into())];
-        let back = ServeError::from(
-            serde_json::from_str::<WireError>(
-                &serde_json::to_string(&WireError::from(&e)).unwrap(),
-            )
-            .unwrap(),
-        );
-        assert_eq!(back.kind, ErrorKind::RateLimited);
-        assert_eq!(back.code, "rate_limited");
-        assert_eq!(back.retry_after, Some(7));
-        assert_eq!(back.headers, e.headers);
-        assert_eq!(back.http_status(), 429);
-    }
-
-    /// A peer that answers `served` and then dies.
-    async fn dying_peer() -> String {
-        let app = axum::Router::new().route(
-            PATH,
-            axum::routing::post(|| async {
-                let head = serde_json::to_vec(&WireEvent::Served {
-                    id: "x".into(),
-                    model: "m".into(),
-                    node: "dying".into(),
-                })
-                .unwrap();
-                let lines = futures::stream::iter(vec![
-                    Ok::<_, std::io::Error>([head, b"\n".to_vec()].concat()),
-                    Err(std::io::Error::other("killed")),
-                ]);
-                axum::body::Body::from_stream(lines)
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        url
-    }
-
-    #[tokio::test]
-    async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
-        let url = dying_peer().await;
-        let call = Call {
-            node: "dying",
-            url: &url,
-            origin: "here",
-            authorization: None,
-        };
-        let wire = WireRequest {
-            model: "m".into(),
-            endpoint: "chat_completions".into(),
-            work: WireWork::Generate(GenerateRequest {
-                prompt: flatmesh_runtime::Prompt::Text("hi".into()),
-                max_tokens: Some(4),
-                sampling: Default::default(),
-                stop: Vec::new(),
-            }),
-            keep_alive: None,
-            client_id: None,
-            stream: true,
-        };
-        let after = After {
-            remember: None,
-            tracker: None,
-        };
-        let got = serve(call, &wire, &Metrics::new(), after).await;
-        assert!(
-            got.is_err(),
-            "the caller serves it: nothing reached the client"
-        );
-    }
-
-    #[tokio::test]
-    async fn lines_split_across_chunks_are_joined() {
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
-            Ok(br#"{"text":"he"#.to_vec()),
-            Ok(b"llo\"}\n{\"text\":\"!\"}\n".to_vec()),
-        ];
-        let got: Vec<_> = json_lines(futures::stream::iter(chunks)).collect().await;
-        assert_eq!(got.len(), 2);
-        assert!(matches!(&got[0], Ok(WireEvent::Text(t)) if t == "hello"));
-    }
-}
+mod tests;

@@ -13,6 +13,14 @@ use crate::{
     policy::{CachePrompt, Policies},
 };
 
+/// This node's part in a mesh, for the place step.
+pub struct Mesh {
+    pub cluster: Cluster,
+    /// The admin token every node of the mesh shares: it proves to a peer that a forwarded
+    /// request comes from a node.
+    pub token: Option<String>,
+}
+
 /// Where a request for a model is served.
 pub enum Place {
     /// On this node: a local copy (loaded now if needed).
@@ -26,15 +34,15 @@ pub(super) type Asked = (Option<String>, Option<&'static str>);
 
 /// Here when there is no mesh, the request came from a peer (one hop at most), or the mesh's
 /// placement says so; else the peer it names.
-pub(super) async fn place(mesh: Option<&Cluster>, req: &Request, model: &str) -> Place {
-    if req.forwarded {
+pub(super) async fn place(mesh: Option<&Mesh>, req: &Request, model: &str) -> Place {
+    if req.forwarded.is_some() {
         return Place::Here;
     }
-    let Some(cluster) = mesh else {
+    let Some(mesh) = mesh else {
         return Place::Here;
     };
-    match cluster.place(model).await {
-        Some(peer) => Place::Peer(cluster.clone(), peer),
+    match mesh.cluster.place(model).await {
+        Some(peer) => Place::Peer(mesh.cluster.clone(), peer),
         None => Place::Here,
     }
 }
@@ -43,6 +51,7 @@ pub(super) async fn place(mesh: Option<&Cluster>, req: &Request, model: &str) ->
 pub(super) struct Here<'a> {
     pub policies: &'a Policies,
     pub metrics: &'a Metrics,
+    pub token: Option<&'a str>,
 }
 
 impl Here<'_> {
@@ -54,7 +63,7 @@ impl Here<'_> {
         cluster: &Cluster,
         peer: &Peer,
         req: &Request,
-        model: &str,
+        (model, fallbacks): (&str, &[String]),
         work: &Work,
         (route, cache): Asked,
         remember: Option<CachePrompt>,
@@ -66,11 +75,15 @@ impl Here<'_> {
                 inputs: inputs.clone(),
                 dimensions: *dimensions,
             },
-            Work::Infer { .. } => return Err(remember), // resolved before placement
+            Work::Infer { .. } => {
+                tracing::warn!("a v2 infer reached placement unresolved; serving it here");
+                return Err(remember);
+            }
         };
         let text = matches!(work, WireWork::Generate(_));
         let wire = WireRequest {
             model: model.to_string(),
+            fallbacks: fallbacks.to_vec(),
             endpoint: req.endpoint.to_string(),
             work,
             keep_alive: req.keep_alive,
@@ -87,6 +100,7 @@ impl Here<'_> {
             url: &peer.http,
             origin: cluster.node(),
             authorization: req.caller.authorization.as_ref().map(|c| c.as_header()),
+            mesh_token: self.token,
         };
         match peer::serve(call, &wire, self.metrics, after).await {
             Ok(result) => Ok(result.map(|mut served| {

@@ -36,7 +36,14 @@ pub struct Request {
     pub client_id: Option<String>,
     pub stream: bool,
     /// Sent by a peer that routed, cached and placed it: served here, as it is.
-    pub forwarded: bool,
+    pub forwarded: Option<Forwarded>,
+}
+
+/// What a peer decided for a request it sent here.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded {
+    /// The router's next choices after the model, tried in turn where it cannot be loaded.
+    pub fallbacks: Vec<String>,
 }
 
 /// A served request.

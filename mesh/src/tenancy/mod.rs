@@ -121,6 +121,8 @@ struct Saved {
 
 struct Inner {
     tiers: BTreeMap<String, Arc<Tier>>,
+    /// The tiers of this node's config (shared with the mesh; the others were adopted).
+    configured: std::collections::BTreeSet<String>,
     tenants: BTreeMap<String, (TenantConfig, bool)>,
     keys: BTreeMap<String, String>,
     anonymous: Option<Arc<Tier>>,
@@ -135,6 +137,8 @@ pub enum Shared {
     /// A tier of this node's config (first come in the mesh: a tier of the same name already
     /// shared is not replaced).
     Tier(Tier),
+    /// A shared tier removed from the mesh (by an operator, in etcd).
+    TierGone(String),
     Tenant(TenantConfig),
     /// A key's hash and its tenant.
     Key(String, String),
@@ -240,6 +244,7 @@ impl Tenancy {
             .map(|t| (t.id.clone(), (t.clone(), true)))
             .collect();
         let mut inner = Inner {
+            configured: config.tiers.iter().map(|t| t.name.clone()).collect(),
             tiers,
             tenants,
             keys: BTreeMap::new(),
@@ -286,7 +291,11 @@ impl Tenancy {
             .tenants
             .values()
             .filter(|(_, from_config)| !from_config);
-        let tiers = inner.tiers.values().map(|t| Shared::Tier((**t).clone()));
+        let tiers = inner
+            .tiers
+            .values()
+            .filter(|t| inner.configured.contains(&t.name))
+            .map(|t| Shared::Tier((**t).clone()));
         tiers
             .chain(tenants.map(|(t, _)| Shared::Tenant(t.clone())))
             .chain(
@@ -304,6 +313,16 @@ impl Tenancy {
     pub fn apply(&self, change: Shared) {
         let mut inner = self.lock();
         let changed = match change {
+            Shared::Tier(t) if crate::ids::check_id("tier", &t.name).is_err() || t.weight == 0 => {
+                tracing::warn!(tier = %t.name, "Ignoring a shared tier that is not valid");
+                false
+            }
+            Shared::TierGone(name) => {
+                if !inner.configured.contains(&name) && inner.tiers.remove(&name).is_some() {
+                    tracing::info!(tier = %name, "A tier adopted from the mesh was removed");
+                }
+                false
+            }
             Shared::Tier(t) => {
                 match inner.tiers.get(&t.name) {
                     None => {
@@ -483,95 +502,4 @@ impl Tenancy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> TenancyConfig {
-        TenancyConfig {
-            anonymous_tier: None,
-            tiers: vec![Tier {
-                name: "basic".into(),
-                price: 100.0,
-                weight: 1,
-                max_concurrency: 0,
-                models: vec!["small-*".into()],
-                requests_per_minute: 0,
-                tokens_per_minute: 0,
-                token_budget: 0,
-                residency_bonus: Default::default(),
-            }],
-            tenants: vec![TenantConfig {
-                id: "city-a".into(),
-                tier: "basic".into(),
-            }],
-        }
-    }
-
-    #[test]
-    fn config_ids_follow_the_id_rule() {
-        let bad: TenancyConfig =
-            toml::from_str("[[tiers]]\nname = 'gold'\n[[tenants]]\nid = '../etc'\ntier = 'gold'\n")
-                .unwrap();
-        let e = bad.validate().unwrap_err().to_string();
-        assert!(e.starts_with("tenancy.tenants[0].id:"), "{e}");
-        let bad: TenancyConfig = toml::from_str("[[tiers]]\nname = 'a b'\n").unwrap();
-        assert!(bad.validate().is_err());
-    }
-
-    #[test]
-    fn glob_patterns() {
-        assert!(glob("*", "anything"));
-        assert!(glob("small-*", "small-llm"));
-        assert!(!glob("small-*", "large-llm"));
-        assert!(glob("*-v2", "minilm-v2"));
-        assert!(glob("a*b*c", "aXXbYYc"));
-        assert!(!glob("exact", "exactly"));
-    }
-
-    #[test]
-    fn keys_authenticate_and_are_stored_hashed() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Tenancy::new(&config(), Some(dir.path())).unwrap();
-        assert_eq!(t.authenticate(None).unwrap_err(), AuthError::Missing);
-        assert_eq!(
-            t.authenticate(Some("Bearer nope")).unwrap_err(),
-            AuthError::Invalid
-        );
-        let key = t.create_key("city-a").unwrap();
-        let caller = t.authenticate(Some(&format!("Bearer {key}"))).unwrap();
-        assert_eq!(caller.tenant, "city-a");
-        assert!(Tenancy::check_model(&caller, "small-llm").is_ok());
-        assert!(matches!(
-            Tenancy::check_model(&caller, "large-llm"),
-            Err(AuthError::Forbidden { .. })
-        ));
-        let stored = std::fs::read_to_string(dir.path().join("tenancy.json")).unwrap();
-        assert!(!stored.contains(&key) && stored.contains(&hash_key(&key)));
-        // Keys survive a restart; a revoked key stops working.
-        let again = Tenancy::new(&config(), Some(dir.path())).unwrap();
-        assert!(again.authenticate(Some(&format!("Bearer {key}"))).is_ok());
-        again.revoke_key(&key).unwrap();
-        assert_eq!(
-            again
-                .authenticate(Some(&format!("Bearer {key}")))
-                .unwrap_err(),
-            AuthError::Invalid
-        );
-    }
-
-    #[test]
-    fn without_tiers_everyone_is_anonymous_and_with_tiers_only_if_configured() {
-        let open = Tenancy::new(&TenancyConfig::default(), None).unwrap();
-        assert_eq!(open.authenticate(None).unwrap().tier.name, "open");
-        let mut c = config();
-        c.anonymous_tier = Some("basic".into());
-        assert_eq!(
-            Tenancy::new(&c, None)
-                .unwrap()
-                .authenticate(None)
-                .unwrap()
-                .tenant,
-            "anonymous"
-        );
-    }
-}
+mod tests;

@@ -149,7 +149,7 @@ fn request(
         keep_alive: common.keep_alive,
         client_id: None,
         stream: common.stream,
-        forwarded: false,
+        forwarded: None,
     })
 }
 

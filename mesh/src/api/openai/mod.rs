@@ -98,7 +98,7 @@ async fn embeddings(
             keep_alive: req.keep_alive,
             client_id: None,
             stream: false,
-            forwarded: false,
+            forwarded: None,
         })
         .await?;
     let Output::Embeddings(out) = served.output else {

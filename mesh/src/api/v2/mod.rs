@@ -211,7 +211,7 @@ pub fn infer_request(
         keep_alive: None,
         client_id: check_id(req.id.as_deref())?,
         stream: false,
-        forwarded: false,
+        forwarded: None,
     })
 }
 

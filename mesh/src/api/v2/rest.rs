@@ -373,7 +373,7 @@ async fn start_generate(
             keep_alive: None,
             client_id: None,
             stream: endpoint == "v2_generate_stream",
-            forwarded: false,
+            forwarded: None,
         })
         .await?;
     match served.output {
