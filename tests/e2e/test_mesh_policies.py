@@ -69,6 +69,19 @@ def records(agent, model):
     return [x for x in r.json()["records"] if x["model"] == model]
 
 
+def requests_counted(agent, **labels) -> float:
+    """flatmesh_requests_total summed over the series with these labels."""
+    total = 0.0
+    for line in httpx.get(agent.url + "/metrics").text.splitlines():
+        if not line.startswith("flatmesh_requests_total{"):
+            continue
+        inside, value = line[len("flatmesh_requests_total{"):].rsplit("} ", 1)
+        have = dict(kv.split("=", 1) for kv in inside.split(","))
+        if all(have.get(k) == f'"{v}"' for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def ask(agent):
     return httpx.post(agent.url + "/v1/chat/completions", timeout=180, json={
         "model": "auto", "messages": PROMPT, "max_tokens": 6, "temperature": 0})
@@ -97,6 +110,11 @@ def test_an_alias_is_routed_where_it_arrives_and_served_where_the_model_is(pair)
     assert len(records(back, "small")) == 1
     hits = [x for x in records(front, "small") if x.get("cache_hit")]
     assert len(hits) == 1, records(front, "small")
+    # Each request counted once in the mesh, where it was served, under the model it became
+    # (not the alias): the forwarded one on back, the cache hit on front.
+    for node, expected in ((front, 1), (back, 1)):
+        assert requests_counted(node, model="small", endpoint="chat_completions") == expected
+        assert requests_counted(node, model="unknown", endpoint="chat_completions") == 0
     # front never loaded an LLM of its own for either request.
     view = httpx.get(front.url + "/admin/models", headers=ADMIN).json()
     assert all(m["state"] != "ready" for m in view["models"] if m["id"] in ("small", "large"))

@@ -136,6 +136,9 @@ impl Serve {
         };
         // Resolve once; the tier check, the kind check and the lease are on that model.
         let (model, kind) = self.check(&req, &targets[0])?;
+        if let Some(t) = tracker {
+            t.relabel(self.model_label(&model)); // an alias or vmodel counts as what it became
+        }
         let work = resolve_work(req.work.clone(), kind, &req.model)?;
         let span = tracing::Span::current();
         describe(&span, &req, &work);
@@ -210,6 +213,9 @@ impl Serve {
         }
         let bill = self.bill(&req, info);
         let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
+        if let Some(t) = tracker {
+            t.relabel(self.model_label(&model)); // a router's fallback
+        }
         telemetry::attr(&span, "gen_ai.response.model", model.clone());
         if let Some(cp) = &mut remember {
             cp.target = model.clone(); // A fallback's answer belongs to its own namespace.

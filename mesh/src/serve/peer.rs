@@ -18,7 +18,6 @@ use super::{
     error::{ErrorKind, ServeError},
     generate::{Event, Generating},
     request::{Output, Served, Work},
-    track::Tracker,
 };
 use crate::{
     metrics::Metrics,
@@ -217,10 +216,10 @@ pub struct Call<'a> {
 }
 
 /// What the answer does once it is here: offer a generation to this node's response cache,
-/// and finish this node's request metrics with it.
+/// and keep this node's serve span open until the stream ends.
 pub struct After {
     pub remember: Option<(Policies, CachePrompt)>,
-    pub tracker: Option<Tracker>,
+    pub span: tracing::Span,
 }
 
 /// Serve `wire` on the peer. `Err` when the peer could not be reached, or went away before
@@ -255,9 +254,6 @@ pub async fn serve(
         WireEvent::Served { id, model, node } => (id, model, node),
         WireEvent::Error(e) => {
             let e = ServeError::from(e);
-            if let Some(t) = after.tracker {
-                t.finish(e.http_status());
-            }
             return Ok(Err(e));
         }
         other => {
@@ -274,18 +270,12 @@ pub async fn serve(
         None => return Err((anyhow::anyhow!("node {node:?} went away"), after)),
         Some(Err(Broken::Malformed(e))) => {
             let e = ServeError::internal(format!("node {node:?} answered badly: {e}"));
-            if let Some(t) = after.tracker {
-                t.finish(e.http_status());
-            }
             return Ok(Err(e));
         }
     };
     let output = match (&wire.work, next) {
         (_, WireEvent::Error(e)) => {
             let e = ServeError::from(e);
-            if let Some(t) = after.tracker {
-                t.finish(e.http_status());
-            }
             return Ok(Err(e));
         }
         (WireWork::Embed { .. }, WireEvent::Embeddings(e)) => Output::Embeddings(e),
@@ -297,9 +287,6 @@ pub async fn serve(
         }
         (_, other) => {
             let e = ServeError::internal(format!("node {node:?} sent {} first", other.kind()));
-            if let Some(t) = after.tracker {
-                t.finish(e.http_status());
-            }
             return Ok(Err(e));
         }
     };
@@ -400,21 +387,15 @@ fn gone(node: &str) -> ServeError {
 /// to the peer, which stops the generation there.
 fn relay(mut lines: Lines, node: String, after: After) -> Generating {
     let (tx, events) = mpsc::channel(64);
-    let After {
-        remember,
-        mut tracker,
-    } = after;
+    let After { remember, span } = after;
     tokio::spawn(async move {
         let done = loop {
             let line = tokio::select! {
                 l = lines.next() => l,
-                _ = tx.closed() => return, // the client left; `tracker` records 499
+                _ = tx.closed() => return, // the client left
             };
             match line {
                 Some(Ok(WireEvent::Text(t))) => {
-                    if let Some(t) = &mut tracker {
-                        t.first_token();
-                    }
                     if tx.send(Event::Text(t)).await.is_err() {
                         return;
                     }
@@ -435,16 +416,8 @@ fn relay(mut lines: Lines, node: String, after: After) -> Generating {
                 super::generate::offer(policies, cp, g).await;
             }
         }
-        let status = match &done {
-            Ok(g) if g.finish_reason == FinishReason::Cancelled => 499,
-            Ok(_) => 200,
-            Err(e) => e.http_status(),
-        };
-        if tx.send(Event::Done(done)).await.is_ok() {
-            if let Some(t) = tracker {
-                t.finish(status);
-            }
-        }
+        let _ = tx.send(Event::Done(done)).await;
+        drop(span); // this node's part of the trace ends with the stream
     });
     Generating::from_events(events)
 }

@@ -80,7 +80,6 @@ impl Here<'_> {
                 return Err(remember);
             }
         };
-        let text = matches!(work, WireWork::Generate(_));
         let wire = WireRequest {
             model: model.to_string(),
             fallbacks: fallbacks.to_vec(),
@@ -92,8 +91,7 @@ impl Here<'_> {
         };
         let after = After {
             remember: remember.map(|cp| (self.policies.clone(), cp)),
-            // A stream's metrics end with it, in the relay.
-            tracker: if text { tracker.take() } else { None },
+            span: tracing::Span::current(),
         };
         let call = Call {
             node: &peer.node,
@@ -103,16 +101,19 @@ impl Here<'_> {
             mesh_token: self.token,
         };
         match peer::serve(call, &wire, self.metrics, after).await {
-            Ok(result) => Ok(result.map(|mut served| {
-                served.route = route;
-                served.cache = cache;
-                served
-            })),
+            Ok(result) => {
+                // The peer answered: it counts the request, in the mesh's sums once.
+                if let Some(t) = tracker {
+                    t.hand_off();
+                }
+                Ok(result.map(|mut served| {
+                    served.route = route;
+                    served.cache = cache;
+                    served
+                }))
+            }
             Err((e, after)) => {
                 tracing::warn!(peer = %peer.node, error = %e, "Peer unreachable; serving here");
-                if after.tracker.is_some() {
-                    *tracker = after.tracker;
-                }
                 Err(after.remember.map(|(_, cp)| cp))
             }
         }

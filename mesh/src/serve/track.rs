@@ -14,6 +14,8 @@ pub struct Tracker {
     started: Instant,
     first_token: bool,
     done: bool,
+    /// A peer of the mesh served it and counts it: here it only leaves the in-flight gauge.
+    handed_off: bool,
     /// The serve span: it ends when the last handle (this one, for a stream) is dropped.
     span: tracing::Span,
 }
@@ -36,8 +38,27 @@ impl Tracker {
             started: Instant::now(),
             first_token: false,
             done: false,
+            handed_off: false,
             span,
         }
+    }
+
+    /// Count the request under the model it resolved to (a vmodel's target, a router's
+    /// choice) rather than the name it asked for; `model` must be bounded.
+    pub fn relabel(&mut self, model: String) {
+        if model != self.model && !self.done {
+            self.metrics
+                .in_flight
+                .with_label_values(&[&self.model])
+                .dec();
+            self.metrics.in_flight.with_label_values(&[&model]).inc();
+            self.model = model;
+        }
+    }
+
+    /// A peer serves the request and counts it there (once in the mesh's sums).
+    pub fn hand_off(&mut self) {
+        self.handed_off = true;
     }
 
     pub fn span(&self) -> &tracing::Span {
@@ -53,6 +74,9 @@ impl Tracker {
             self.first_token = true;
             let seconds = self.elapsed();
             telemetry::attr(&self.span, "flatmesh.time_to_first_token_s", seconds);
+            if self.handed_off {
+                return;
+            }
             self.metrics
                 .time_to_first_token_seconds
                 .with_label_values(&[&self.model])
@@ -88,6 +112,13 @@ impl Tracker {
             400.. => telemetry::attr(&self.span, "error.type", status.to_string()),
             _ => {}
         }
+        self.metrics
+            .in_flight
+            .with_label_values(&[&self.model])
+            .dec();
+        if self.handed_off {
+            return;
+        }
         let labels = [self.model.as_str(), self.endpoint];
         self.metrics
             .request_seconds
@@ -101,10 +132,6 @@ impl Tracker {
             .tier_responses
             .with_label_values(&[&self.tier, &status.to_string()])
             .inc();
-        self.metrics
-            .in_flight
-            .with_label_values(&[&self.model])
-            .dec();
     }
 }
 

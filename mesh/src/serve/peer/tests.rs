@@ -68,7 +68,7 @@ async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
     };
     let after = After {
         remember: None,
-        tracker: None,
+        span: tracing::Span::none(),
     };
     let got = serve(call, &wire, &Metrics::new(), after).await;
     assert!(
