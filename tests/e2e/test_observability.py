@@ -39,6 +39,8 @@ MESH_PANELS = {
     "Forwarded requests/s by peer and result",
     "Forward latency p50 / p95 / p99 by peer",
     "etcd errors/s by node",
+    "Placements/s by reason",
+    "Ready copies per model in the mesh",
 }
 # How the dashboard's Grafana variables are replaced in the queries sent to Prometheus.
 RATE_INTERVAL = "30s"
