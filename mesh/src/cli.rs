@@ -205,9 +205,19 @@ pub fn main() -> ExitCode {
         }
     };
     if print_only {
+        // Tokens are shown as set, never printed (an init container's log keeps this).
+        let mut shown = config.clone();
+        for token in [
+            &mut shown.server.admin_token,
+            &mut shown.server.metrics_token,
+        ] {
+            if token.is_some() {
+                *token = Some("<set>".into());
+            }
+        }
         print!(
             "{}",
-            toml::to_string_pretty(&config).expect("config serializes")
+            toml::to_string_pretty(&shown).expect("config serializes")
         );
         return ExitCode::SUCCESS;
     }

@@ -240,6 +240,13 @@ impl Config {
         self.policy.validate().map_err(anyhow::Error::msg)?;
         if let Some(mesh) = &self.mesh {
             mesh.validate()?;
+            if self.server.admin_token.is_none() {
+                // The nodes prove to each other with it that a forwarded request or a ledger
+                // query comes from the mesh.
+                anyhow::bail!(
+                    "mesh: server.admin_token (FLATMESH_ADMIN_TOKEN) must be set, the same on every node of the mesh"
+                );
+            }
         }
         self.telemetry.validate()?;
         if self.scheduler.slots == 0 {

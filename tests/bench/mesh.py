@@ -33,9 +33,12 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from conftest import BIN, EMBED, LLM, Agent, Etcd  # noqa: E402
 
 
+ADMIN = {"authorization": "Bearer bench-secret"}   # a mesh needs an admin token
+
+
 def config(etcd, name):
-    return (f'[cache]\npreload = false\n[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "{name}"\n'
-            'lease_ttl = "5s"\n')
+    return (f'[server]\nadmin_token = "bench-secret"\n[cache]\npreload = false\n'
+            f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "{name}"\nlease_ttl = "5s"\n')
 
 
 def embed(client, url):
@@ -75,10 +78,10 @@ def main():
             # Load both models on b (an operator load acts on that node alone), then wait
             # until a sees them there.
             for m in (EMBED, LLM):
-                c.post(b.url + f"/admin/models/{m}/load").raise_for_status()
+                c.post(b.url + f"/admin/models/{m}/load", headers=ADMIN).raise_for_status()
             deadline = time.time() + 15
             while time.time() < deadline:
-                nodes = {n["node"]: n for n in c.get(a.url + "/admin/mesh").json()["nodes"]}
+                nodes = {n["node"]: n for n in c.get(a.url + "/admin/mesh", headers=ADMIN).json()["nodes"]}
                 ready = {m["id"] for m in nodes.get("b", {}).get("models", []) if m["ready"]}
                 if {EMBED, LLM} <= ready:
                     break

@@ -77,10 +77,11 @@ def main():
             for i in range(nodes):
                 agents.append(Agent(config=base + f'[[cache.devices]]\nname = "host0"\ncapacity = {cap}\n'
                                     + f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "n{i}"\nlease_ttl = "5s"\n'
+                                    + '[server]\nadmin_token = "bench-secret"\n'
                                     + models_config(d, args.models), extra_args=["--log-level", "warn"]))
             deadline = time.time() + 30
             while time.time() < deadline and any(
-                    len(httpx.get(a.url + "/admin/mesh").json()["nodes"]) < nodes for a in agents):
+                    len(httpx.get(a.url + "/admin/mesh", headers={"authorization": "Bearer bench-secret"}).json()["nodes"]) < nodes for a in agents):
                 time.sleep(0.2)
             results[f"mesh, {nodes} nodes x {args.per_node} copies"] = run(agents, trace, seed=7)
         finally:

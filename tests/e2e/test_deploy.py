@@ -531,9 +531,12 @@ def test_the_init_container_renders_a_config_the_agent_accepts(tmp_path):
     pool = sum(parse_bytes(d["capacity"]) for d in config["cache"]["devices"]) + parse_bytes(config["cache"]["warm_capacity"])
     assert pool + (1 << 30) <= parse_bytes(agent["resources"]["limits"]["memory"])
     # The real binary agrees: `flatmesh config` on the rendered file, as in the init container.
-    shown = subprocess.run([str(BIN), "config", "--config", str(out)], capture_output=True, text=True)
+    # (The tokens come from the Secret, as in the pod; a mesh needs the admin token.)
+    shown = subprocess.run([str(BIN), "config", "--config", str(out)], capture_output=True, text=True,
+                           env={**os.environ, **tokens})
     assert shown.returncode == 0, shown.stderr
     assert 'advertise = "http://flatmesh-1.flatmesh-peers.flatmesh.svc:8000"' in shown.stdout
+    assert "a" * 32 not in shown.stdout, "flatmesh config shows that a token is set, not the token"
 
 
 def parse_bytes(q):

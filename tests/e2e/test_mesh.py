@@ -164,6 +164,18 @@ def test_without_a_mesh_table_the_agent_is_a_single_node():
 
 # --- membership --------------------------------------------------------------------------------
 
+def test_a_mesh_without_an_admin_token_is_refused_at_start(tmp_path):
+    import subprocess
+    cfg = tmp_path / "flatmesh.toml"
+    cfg.write_text('[mesh]\netcd = ["http://127.0.0.1:2379"]\n')
+    out = subprocess.run([str(BIN), "config", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "server.admin_token" in out.stderr, out.stderr
+    # With one, `flatmesh config` shows that it is set, never the token itself.
+    out = subprocess.run([str(BIN), "config", "--config", str(cfg), "--admin-token", "s3cret-value"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and 'admin_token = "<set>"' in out.stdout and "s3cret-value" not in out.stdout
+
+
 def test_every_node_lists_all_three_including_itself(mesh):
     for name, agent in mesh.items():
         r = httpx.get(agent.url + "/admin/mesh", headers=ADMIN)

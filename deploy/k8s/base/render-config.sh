@@ -3,7 +3,7 @@
 #
 # Writes /etc/flatmesh/flatmesh.toml from the template /etc/flatmesh-template/flatmesh.toml,
 # replacing ${POD_NAME} and ${POD_NAMESPACE} with this pod's (the agent expands no variables in
-# its config, and [mesh] node/advertise have no flag or environment variable), then checks the
+# its config), then checks the
 # result with `flatmesh config`, so a bad config stops the pod here with a message that names
 # the key. It also refuses to start while a token in the Secret flatmesh-tokens is still the
 # placeholder of deploy/k8s/base/kustomization.yaml: /admin is reachable by every client of
@@ -34,7 +34,7 @@ if grep -q '\${' "$OUTPUT.tmp"; then
   fail "a \${...} is left in $OUTPUT after rendering: only \${POD_NAME} and \${POD_NAMESPACE} are replaced"
 fi
 mv "$OUTPUT.tmp" "$OUTPUT"
-# `flatmesh config` prints the merged config, tokens included: never to the log.
+# `flatmesh config` prints the merged config (tokens only as "<set>"): not needed in the log.
 if ! flatmesh config --config "$OUTPUT" > /dev/null; then
   fail "flatmesh config rejected $OUTPUT (the message above names the key)"
 fi

@@ -474,7 +474,8 @@ async fn invoice(
             resp
         }
         None | Some("json") => {
-            let total: f64 = lines.iter().map(|l| l.amount).sum();
+            // + 0.0: an empty sum is -0.0, which would print as "-0.0".
+            let total: f64 = lines.iter().map(|l| l.amount).sum::<f64>() + 0.0;
             let mut answer = json!({"pricing": pricing, "lines": lines, "total": total});
             if state.cluster.is_some() {
                 answer["mesh"] = got.describe();

@@ -34,6 +34,14 @@ enum Shape {
 }
 
 impl Shape {
+    /// An error about the prompt names this shape's field (`messages` or `prompt`).
+    fn name_the_prompt(self, mut e: serve::ServeError) -> serve::ServeError {
+        if let (Shape::Completion, Some("messages")) = (self, e.param.as_deref()) {
+            e.param = Some("prompt".into());
+        }
+        e
+    }
+
     fn endpoint(self) -> &'static str {
         match self {
             Shape::Chat => "chat_completions",
@@ -171,7 +179,7 @@ async fn run(
     };
     let served = match state.serve.run(r).await {
         Ok(s) => s,
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return ApiError::from(shape.name_the_prompt(e)).into_response(),
     };
     let Output::Text(generating) = served.output else {
         return ApiError::internal("a generation request produced embeddings".into())
@@ -189,7 +197,7 @@ async fn run(
     } else {
         match generating.collect().await {
             Ok(g) => Json(shape.full(&head, &g)).into_response(),
-            Err(e) => ApiError::from(e).into_response(),
+            Err(e) => ApiError::from(shape.name_the_prompt(e)).into_response(),
         }
     };
     super::super::forward::served_by(&mut response, served.node);

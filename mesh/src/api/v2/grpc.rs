@@ -355,7 +355,9 @@ impl GrpcInferenceService for Grpc {
         let mut incoming = req.into_inner();
         let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
-        tokio::spawn(async move {
+        // The stream's requests are children of the call's span (its trace).
+        let span = tracing::Span::current();
+        let relay = async move {
             while let Ok(Some(r)) = incoming.message().await {
                 let error = |m: String| ModelStreamInferResponse {
                     error_message: m,
@@ -377,7 +379,8 @@ impl GrpcInferenceService for Grpc {
                     }
                 }
             }
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(relay, span));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
