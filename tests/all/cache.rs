@@ -267,6 +267,13 @@ fn registrations_survive_a_restart_and_too_large_models_are_refused() {
         409,
         "models from the config file cannot be unregistered"
     );
+    let gone = reqwest::blocking::Client::new()
+        .delete(format!("{}/admin/vmodels/nope", agent.url))
+        .send()
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let body: serde_json::Value = gone.json().unwrap();
+    assert_eq!(body["error"]["message"], "vmodel \"nope\" does not exist");
 }
 
 #[test]

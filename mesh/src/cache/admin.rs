@@ -73,7 +73,7 @@ impl super::Cache {
             let mut st = self.inner.lock();
             st.vmodels
                 .remove(name)
-                .ok_or_else(|| CacheError::NotFound(name.to_string()))?;
+                .ok_or_else(|| CacheError::VmodelNotFound(name.to_string()))?;
             st.registered()
         };
         self.save(saved).await

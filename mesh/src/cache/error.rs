@@ -7,6 +7,8 @@ use std::time::Duration;
 pub enum CacheError {
     #[error("model {0:?} does not exist")]
     NotFound(String),
+    #[error("vmodel {0:?} does not exist")]
+    VmodelNotFound(String),
     #[error("model {id:?} failed to load: {reason}")]
     Failed {
         id: String,

@@ -218,6 +218,7 @@ impl From<CacheError> for ServeError {
                 err.param = Some("model".into());
                 err
             }
+            CacheError::VmodelNotFound(_) => ServeError::not_found(message),
             CacheError::Failed { .. } | CacheError::NoRoom { .. } | CacheError::Unavailable(_) => {
                 ServeError::unavailable(message, e.retry_after().unwrap_or(1))
             }
