@@ -17,6 +17,7 @@ mod held;
 pub mod peer;
 mod place;
 mod request;
+mod span;
 mod track;
 
 use std::{sync::Arc, time::Duration};
@@ -33,6 +34,10 @@ pub use self::{
     request::Forwarded,
     request::{Output, Request, Served, Work},
     track::Tracker,
+};
+use self::{
+    span::{describe, request_span},
+    track::Waiting,
 };
 use crate::{
     cache::{Cache, Lease},
@@ -124,16 +129,7 @@ impl Serve {
         tracker: &mut Option<Tracker>,
     ) -> Result<Served, ServeError> {
         let info = self.info(&id, &req);
-        let (targets, route) = match &req.forwarded {
-            // Routed where it arrived.
-            Some(f) => (
-                std::iter::once(req.model.clone())
-                    .chain(f.fallbacks.iter().cloned())
-                    .collect(),
-                None,
-            ),
-            None => self.route(&req, &info).await?,
-        };
+        let (targets, route) = self.targets(&req, &info).await?;
         // Resolve once; the tier check, the kind check and the lease are on that model.
         let (model, kind) = self.check(&req, &targets[0])?;
         if let Some(t) = tracker {
@@ -145,69 +141,56 @@ impl Serve {
         // Admitted before the response cache is asked: a caller over its limits costs no
         // plugin call (nor the embedding a semantic cache computes).
         let admission = self.admit(&req.caller, &info).await?;
-        let mut remember = None;
-        if let Work::Generate(gen) = &work {
-            if self.policies.caches() && req.forwarded.is_none() {
-                let cp = CachePrompt {
-                    request: info.clone(),
-                    target: model.clone(),
-                    text: policy::prompt_text(&gen.prompt),
-                    temperature: gen.sampling.temperature,
-                    seed: gen.sampling.seed,
-                };
-                let hit = self.policies.lookup(&cp).await?;
-                let label = if hit.is_some() { "hit" } else { "miss" };
-                self.metrics
-                    .response_cache
-                    .with_label_values(&[label])
-                    .inc();
-                telemetry::attr(&span, "flatmesh.response_cache", label);
-                if let Some(answer) = hit {
-                    telemetry::attr(&span, "gen_ai.response.model", model.clone());
-                    let mut bill = self.bill(&req, info);
-                    bill.cache_hit = true;
-                    let g = cached_generation(answer, cp.request.prompt_tokens as usize);
-                    bill.record(&model, g.prompt_tokens, g.completion_tokens)
-                        .await?;
-                    if let Some(t) = tracker {
-                        t.first_token();
-                        t.tokens(g.prompt_tokens, g.completion_tokens);
-                    }
-                    drop(admission);
-                    let output = Output::Text(Generating::ready(g));
-                    return Ok(Served {
-                        id,
-                        model,
-                        route,
-                        cache: Some("hit"),
-                        node: None,
-                        output,
-                    });
+        let mut remember = match self.look_up(&req, &info, &model, &work).await? {
+            Lookup::Hit(g) => {
+                telemetry::attr(&span, "gen_ai.response.model", model.clone());
+                let mut bill = self.bill(&req, info);
+                bill.cache_hit = true;
+                bill.record(&model, g.prompt_tokens, g.completion_tokens)
+                    .await?;
+                if let Some(t) = tracker {
+                    t.first_token();
+                    t.tokens(g.prompt_tokens, g.completion_tokens);
                 }
-                remember = Some(cp);
+                drop(admission);
+                let output = Output::Text(Generating::ready(g));
+                return Ok(Served {
+                    id,
+                    model,
+                    route,
+                    cache: Some("hit"),
+                    node: None,
+                    output,
+                });
             }
-        }
+            Lookup::Miss(cp) => Some(cp),
+            Lookup::NotAsked => None,
+        };
         let cache = remember.as_ref().map(|_| "miss");
         let mut admission = admission;
         let mesh = self.mesh.get();
         if let Place::Peer(cluster, peer) = place::place(mesh, &req, &model).await {
             // The peer admits it against its own limits: out of this node's window.
             admission.refund();
-            let asked = (route.clone(), cache);
             let here = place::Here {
                 policies: &self.policies,
                 metrics: &self.metrics,
                 token: mesh.and_then(|m| m.token.as_deref()),
             };
-            let chosen = (model.as_str(), &targets[1..]);
+            let decided = place::Decided {
+                model: &model,
+                fallbacks: &targets[1..],
+                work: &work,
+                route: route.clone(),
+                cache,
+                remember,
+            };
             match here
-                .on_peer(
-                    &cluster, &peer, &req, chosen, &work, asked, remember, tracker,
-                )
+                .on_peer((&cluster, &peer), &req, decided, tracker)
                 .await
             {
-                Ok(served) => return served,
-                Err(kept) => remember = kept, // unreachable: served here
+                place::OnPeer::Answered(served) => return served,
+                place::OnPeer::ServeHere(kept) => remember = kept,
             }
             admission = self.admit(&req.caller, &info).await?;
         }
@@ -281,6 +264,61 @@ impl Serve {
             cache,
             node: None,
             output,
+        })
+    }
+
+    /// The models to try in turn and the router's reason: as a peer decided them for a
+    /// forwarded request, else as the router decides.
+    async fn targets(
+        &self,
+        req: &Request,
+        info: &RequestInfo,
+    ) -> Result<(Vec<String>, Option<String>), ServeError> {
+        match &req.forwarded {
+            Some(f) => {
+                let targets = std::iter::once(req.model.clone())
+                    .chain(f.fallbacks.iter().cloned())
+                    .collect();
+                Ok((targets, None))
+            }
+            None => self.route(req, info).await,
+        }
+    }
+
+    /// The response cache, for a generation that arrived here (a forwarded one was looked up
+    /// where it arrived).
+    async fn look_up(
+        &self,
+        req: &Request,
+        info: &RequestInfo,
+        model: &str,
+        work: &Work,
+    ) -> Result<Lookup, ServeError> {
+        let Work::Generate(gen) = work else {
+            return Ok(Lookup::NotAsked);
+        };
+        if !self.policies.caches() || req.forwarded.is_some() {
+            return Ok(Lookup::NotAsked);
+        }
+        let cp = CachePrompt {
+            request: info.clone(),
+            target: model.to_string(),
+            text: policy::prompt_text(&gen.prompt),
+            temperature: gen.sampling.temperature,
+            seed: gen.sampling.seed,
+        };
+        let hit = self.policies.lookup(&cp).await?;
+        let label = if hit.is_some() { "hit" } else { "miss" };
+        self.metrics
+            .response_cache
+            .with_label_values(&[label])
+            .inc();
+        telemetry::attr(&tracing::Span::current(), "flatmesh.response_cache", label);
+        Ok(match hit {
+            Some(answer) => {
+                Lookup::Hit(cached_generation(answer, cp.request.prompt_tokens as usize))
+            }
+            None => Lookup::Miss(cp),
         })
     }
 
@@ -501,71 +539,14 @@ fn cached_generation(answer: policy::Answer, prompt_tokens: usize) -> Generation
     }
 }
 
-/// Counts a request in its tier's queue depth while it waits.
-struct Waiting(prometheus::IntGauge);
-
-impl Waiting {
-    fn new(metrics: &Metrics, tier: &str) -> Self {
-        let gauge = metrics.queue_depth.with_label_values(&[tier]);
-        gauge.inc();
-        Waiting(gauge)
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// The span of one request on the serve path, named and typed as OpenTelemetry's GenAI
-/// conventions ask (`{operation} {model}`); the rest of its attributes come as they are known.
-fn request_span(req: &Request, id: &str) -> tracing::Span {
-    let op = match req.endpoint {
-        "v2_infer" => "infer", // named once the model says what it does
-        e => operation(e, &req.work),
-    };
-    let span = tracing::info_span!("serve", otel.name = %format_args!("{op} {}", req.model), endpoint = req.endpoint, request_id = %id);
-    telemetry::attr(&span, "gen_ai.provider.name", "flatmesh");
-    telemetry::attr(&span, "gen_ai.request.model", req.model.clone());
-    telemetry::attr(&span, "gen_ai.response.id", id.to_string());
-    if req.stream {
-        telemetry::attr(&span, "flatmesh.stream", true);
-    }
-    span
-}
-
-/// The attributes of a request known once its model says what the work is.
-fn describe(span: &tracing::Span, req: &Request, work: &Work) {
-    let op = operation(req.endpoint, work);
-    if req.endpoint == "v2_infer" {
-        telemetry::rename(span, format!("{op} {}", req.model));
-    }
-    telemetry::attr(span, "gen_ai.operation.name", op);
-    telemetry::attr(span, "flatmesh.tenant", req.caller.tenant.clone());
-    telemetry::attr(span, "flatmesh.tier", req.caller.tier.name.clone());
-    if let Work::Generate(g) = work {
-        if let Some(n) = g.max_tokens {
-            telemetry::attr(span, "gen_ai.request.max_tokens", n as i64);
-        }
-        telemetry::attr(
-            span,
-            "gen_ai.request.temperature",
-            f64::from(g.sampling.temperature),
-        );
-        if let Some(seed) = g.sampling.seed {
-            telemetry::attr(span, "gen_ai.request.seed", seed as i64);
-        }
-    }
-}
-
-/// The GenAI operation of the work (`chat`, `text_completion`, `embeddings`).
-fn operation(endpoint: &str, work: &Work) -> &'static str {
-    match (endpoint, work) {
-        (_, Work::Embed { .. }) => "embeddings",
-        ("chat_completions", _) => "chat",
-        _ => "text_completion",
-    }
+/// What the response cache said.
+enum Lookup {
+    /// An answer (a generation that is already complete).
+    Hit(Generation),
+    /// No answer: the prompt to store the answer under.
+    Miss(CachePrompt),
+    /// Not asked (no cache plugin, not a generation, or asked where it arrived).
+    NotAsked,
 }
 
 fn id_prefix(endpoint: &str) -> &'static str {

@@ -29,8 +29,27 @@ pub enum Place {
     Peer(Cluster, Peer),
 }
 
-/// What the serve path decided here and the answer keeps: the router's reason, the cache.
-pub(super) type Asked = (Option<String>, Option<&'static str>);
+/// What the serve path decided here: for the peer, and for the answer.
+pub(super) struct Decided<'a> {
+    pub model: &'a str,
+    /// The router's next choices.
+    pub fallbacks: &'a [String],
+    pub work: &'a Work,
+    /// The router's reason and the response cache's `miss`, for the answer.
+    pub route: Option<String>,
+    pub cache: Option<&'static str>,
+    /// The prompt to store the answer under, in this node's response cache.
+    pub remember: Option<CachePrompt>,
+}
+
+/// How serving on a peer went.
+pub(super) enum OnPeer {
+    /// The peer answered: its answer, or its error.
+    Answered(Result<Served, ServeError>),
+    /// The peer could not be reached and nothing reached the client: serve it here (the cache
+    /// prompt given back).
+    ServeHere(Option<CachePrompt>),
+}
 
 /// Here when there is no mesh, the request came from a peer (one hop at most), or the mesh's
 /// placement says so; else the peer it names.
@@ -55,20 +74,22 @@ pub(super) struct Here<'a> {
 }
 
 impl Here<'_> {
-    /// Serve the request on `peer`. `Err` (with the cache prompt given back) when the peer
-    /// could not be reached: nothing was sent to the client, the request is served here.
-    #[allow(clippy::too_many_arguments)]
+    /// Serve the request on `peer`, as decided here.
     pub(super) async fn on_peer(
         &self,
-        cluster: &Cluster,
-        peer: &Peer,
+        (cluster, peer): (&Cluster, &Peer),
         req: &Request,
-        (model, fallbacks): (&str, &[String]),
-        work: &Work,
-        (route, cache): Asked,
-        remember: Option<CachePrompt>,
+        decided: Decided<'_>,
         tracker: &mut Option<Tracker>,
-    ) -> Result<Result<Served, ServeError>, Option<CachePrompt>> {
+    ) -> OnPeer {
+        let Decided {
+            model,
+            fallbacks,
+            work,
+            route,
+            cache,
+            remember,
+        } = decided;
         let work = match work {
             Work::Generate(g) => WireWork::Generate(g.clone()),
             Work::Embed { inputs, dimensions } => WireWork::Embed {
@@ -77,7 +98,7 @@ impl Here<'_> {
             },
             Work::Infer { .. } => {
                 tracing::warn!("a v2 infer reached placement unresolved; serving it here");
-                return Err(remember);
+                return OnPeer::ServeHere(remember);
             }
         };
         let wire = WireRequest {
@@ -106,7 +127,7 @@ impl Here<'_> {
                 if let Some(t) = tracker {
                     t.hand_off();
                 }
-                Ok(result.map(|mut served| {
+                OnPeer::Answered(result.map(|mut served| {
                     served.route = route;
                     served.cache = cache;
                     served
@@ -114,7 +135,7 @@ impl Here<'_> {
             }
             Err((e, after)) => {
                 tracing::warn!(peer = %peer.node, error = %e, "Peer unreachable; serving here");
-                Err(after.remember.map(|(_, cp)| cp))
+                OnPeer::ServeHere(after.remember.map(|(_, cp)| cp))
             }
         }
     }

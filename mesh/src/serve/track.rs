@@ -141,3 +141,20 @@ impl Drop for Tracker {
         self.record(499);
     }
 }
+
+/// Counts a request in its tier's queue depth while it waits.
+pub(super) struct Waiting(prometheus::IntGauge);
+
+impl Waiting {
+    pub(super) fn new(metrics: &Metrics, tier: &str) -> Self {
+        let gauge = metrics.queue_depth.with_label_values(&[tier]);
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
