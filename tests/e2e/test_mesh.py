@@ -5,6 +5,7 @@ forward a request for a model that only another node holds to that node (one hop
 response naming the node in `x-flatmesh-node`), and drop a node killed with SIGKILL within
 its lease, serving its models themselves from then on.
 """
+import contextlib
 import json
 import time
 
@@ -23,7 +24,7 @@ LLM_B = "llm-b"         # a second id for the demo LLM's file, registered throug
 CHAT = [{"role": "user", "content": "Name three colours."}]
 
 
-def mesh_config(etcd: Etcd, node: str) -> str:
+def mesh_config(etcd: Etcd, node: str, prefix: str = "/flatmesh-e2e") -> str:
     # The demo models, nothing loaded at start (which node holds what is up to the tests),
     # the open single-tenant demo (no keys), the admin API behind a token.
     return f"""
@@ -36,9 +37,26 @@ preload = false
 [mesh]
 etcd = ["{etcd.endpoint}"]
 node = "{node}"
-prefix = "/flatmesh-e2e"
+prefix = "{prefix}"
 lease_ttl = "2s"
 """
+
+
+@contextlib.contextmanager
+def mesh_of(names, config):
+    """A real etcd of its own and one agent per name, started with `config(etcd, name)`;
+    every process stopped afterwards."""
+    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
+    etcd = Etcd()
+    agents = {}
+    try:
+        for name in names:
+            agents[name] = Agent(config=config(etcd, name))
+        yield agents
+    finally:
+        for a in agents.values():
+            a.stop()
+        etcd.close()
 
 
 def wait_until(pred, timeout: float, what) -> float:

@@ -6,42 +6,17 @@ import time
 import httpx
 import pytest
 
-from conftest import BIN, EMBED, Agent, Etcd
-from test_mesh import ADMIN, TTL, holders, served_by, wait_until
+from conftest import EMBED
+from test_mesh import ADMIN, TTL, holders, mesh_config, mesh_of, served_by, wait_until
 
 PINNED = "pinned-embed"
 NAMES = ("p1", "p2", "p3")
 
 
-def config(etcd: Etcd, node: str) -> str:
-    return f"""
-[server]
-admin_token = "admin-secret"
-
-[cache]
-preload = false
-
-[mesh]
-etcd = ["{etcd.endpoint}"]
-node = "{node}"
-prefix = "/flatmesh-pinned"
-lease_ttl = "2s"
-"""
-
-
 @pytest.fixture(scope="module")
 def trio():
-    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
-    etcd = Etcd()
-    agents = {}
-    try:
-        for name in NAMES:
-            agents[name] = Agent(config=config(etcd, name))
+    with mesh_of(NAMES, lambda etcd, name: mesh_config(etcd, name, "/flatmesh-pinned")) as agents:
         yield agents
-    finally:
-        for a in agents.values():
-            a.stop()
-        etcd.close()
 
 
 def test_a_pinned_model_gets_one_copy_in_the_mesh_and_is_replaced_at_once_when_its_node_dies(trio):

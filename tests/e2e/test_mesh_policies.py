@@ -4,21 +4,15 @@ real agents with the real router and cache plugins)."""
 import httpx
 import pytest
 
-from conftest import BIN, EMBED, LLM, ROOT, Agent, Etcd
-from test_mesh import ADMIN, holders, served_by, wait_until
+from conftest import EMBED, LLM, ROOT, Etcd
+from test_mesh import ADMIN, holders, mesh_config, mesh_of, served_by, wait_until
 
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
 PROMPT = [{"role": "user", "content": "Hi!"}]
 
 
 def config(etcd: Etcd, node: str) -> str:
-    return f"""
-[server]
-admin_token = "admin-secret"
-
-[cache]
-preload = false
-
+    return mesh_config(etcd, node, "/flatmesh-policies") + f"""
 [[models]]
 id = "small"
 path = "{LLM}/model.gguf"
@@ -38,30 +32,15 @@ config = {{ alias = "auto", models = ["small", "large"], long_prompt_tokens = 30
 [policy.cache]
 plugin = "{PLUGINS / 'semantic_cache.wasm'}"
 config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
-
-[mesh]
-etcd = ["{etcd.endpoint}"]
-node = "{node}"
-prefix = "/flatmesh-policies"
-lease_ttl = "2s"
 """
 
 
 @pytest.fixture(scope="module")
 def pair():
-    assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
     for name in ("cost_router", "semantic_cache"):
         assert (PLUGINS / f"{name}.wasm").exists(), "run plugins/build first"
-    etcd = Etcd()
-    agents = {}
-    try:
-        for name in ("front", "back"):
-            agents[name] = Agent(config=config(etcd, name))
+    with mesh_of(("front", "back"), config) as agents:
         yield agents
-    finally:
-        for a in agents.values():
-            a.stop()
-        etcd.close()
 
 
 def records(agent, model):

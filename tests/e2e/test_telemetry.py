@@ -2,7 +2,6 @@
 with the official OTLP protobuf definitions (`opentelemetry-proto`), and one trace spans the mesh.
 """
 import http.server
-import os
 import secrets
 import threading
 import time
@@ -11,10 +10,10 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest, ExportTraceServiceResponse)
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from conftest import BIN, EMBED, LLM, ROOT, Agent, Etcd
-from test_mesh import ADMIN, wait_until
+from conftest import BIN, EMBED, LLM, ROOT, Agent
+from test_mesh import ADMIN, mesh_config, mesh_of, wait_until
 
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
 
@@ -215,23 +214,10 @@ def test_without_a_traceparent_a_request_starts_its_own_trace(traced, receiver):
 
 
 def test_one_trace_spans_the_mesh_through_a_forwarded_request(receiver):
-    etcd = Etcd()
-    agents = {}
-    try:
-        for name in ("a", "b"):
-            agents[name] = Agent(config=f"""
-[server]
-admin_token = "admin-secret"
+    def config(etcd, name):
+        return mesh_config(etcd, f"trace-{name}", "/flatmesh-trace") + telemetry_config(receiver)
 
-[cache]
-preload = false
-
-[mesh]
-etcd = ["{etcd.endpoint}"]
-node = "trace-{name}"
-prefix = "/flatmesh-trace"
-lease_ttl = "2s"
-""" + telemetry_config(receiver))
+    with mesh_of(("a", "b"), config) as agents:
         a, b = agents["a"], agents["b"]
         r = httpx.post(b.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=180)
         assert r.status_code == 200, r.text
@@ -269,10 +255,6 @@ lease_ttl = "2s"
         assert b_serve.parent_span_id == b_root.span_id
         assert attrs(b_serve.attributes)["gen_ai.usage.input_tokens"] > 0
         assert "gen_ai.usage.input_tokens" not in attrs(a_serve.attributes), "counted where it ran"
-    finally:
-        for ag in agents.values():
-            ag.stop()
-        etcd.close()
 
 
 def test_spans_still_buffered_are_sent_when_the_agent_stops(receiver):
