@@ -4,7 +4,8 @@ real agents with the real router and cache plugins)."""
 import httpx
 import pytest
 
-from conftest import EMBED, LLM, ROOT, Etcd
+from conftest import EMBED, ROOT, Etcd
+from test_policies import ROUTED
 from test_mesh import ADMIN, holders, mesh_config, mesh_of, served_by, wait_until
 
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
@@ -12,27 +13,7 @@ PROMPT = [{"role": "user", "content": "Hi!"}]
 
 
 def config(etcd: Etcd, node: str) -> str:
-    return mesh_config(etcd, node, "/flatmesh-policies") + f"""
-[[models]]
-id = "small"
-path = "{LLM}/model.gguf"
-
-[[models]]
-id = "large"
-path = "{LLM}/model.gguf"
-
-[[models]]
-id = "{EMBED}"
-path = "{EMBED}"
-
-[policy.router]
-plugin = "{PLUGINS / 'cost_router.wasm'}"
-config = {{ alias = "auto", models = ["small", "large"], long_prompt_tokens = 30 }}
-
-[policy.cache]
-plugin = "{PLUGINS / 'semantic_cache.wasm'}"
-config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
-"""
+    return mesh_config(etcd, node, "/flatmesh-policies") + ROUTED
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,30 @@ from conftest import EMBED, LLM, ROOT, Agent
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
+# Two ids of the demo LLM behind the alias `auto`, the embedding model, the router and the
+# semantic cache (also the mesh's policy test, tests/e2e/test_mesh_policies.py).
+ROUTED = f"""
+[[models]]
+id = "small"
+path = "{LLM}/model.gguf"
+
+[[models]]
+id = "large"
+path = "{LLM}/model.gguf"
+
+[[models]]
+id = "{EMBED}"
+path = "{EMBED}"
+
+[policy.router]
+plugin = "{PLUGINS / 'cost_router.wasm'}"
+config = {{ alias = "auto", models = ["small", "large"], long_prompt_tokens = 30 }}
+on_failure = "closed"
+
+[policy.cache]
+plugin = "{PLUGINS / 'semantic_cache.wasm'}"
+config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
+"""
 CONFIG = f"""
 [server]
 admin_token = "admin-secret"
@@ -57,27 +81,7 @@ tier = "metered"
 [scheduler]
 max_wait = "3s"
 
-[[models]]
-id = "small"
-path = "{LLM}/model.gguf"
-
-[[models]]
-id = "large"
-path = "{LLM}/model.gguf"
-
-[[models]]
-id = "{EMBED}"
-path = "{EMBED}"
-
-[policy.router]
-plugin = "{PLUGINS / 'cost_router.wasm'}"
-config = {{ alias = "auto", models = ["small", "large"], long_prompt_tokens = 30 }}
-on_failure = "closed"
-
-[policy.cache]
-plugin = "{PLUGINS / 'semantic_cache.wasm'}"
-config = {{ embedding_model = "{EMBED}", threshold = 0.95 }}
-
+{ROUTED}
 [policy.pricing]
 plugin = "{PLUGINS / 'solidarity_pricing.wasm'}"
 config = {{ budgets = {{ trial = 60 }}, tokens_per_minute = {{ metered = 1 }}, pool_cost = 1500.0 }}

@@ -251,6 +251,7 @@ def test_one_trace_spans_the_mesh_through_a_forwarded_request(receiver):
         # b: its front door for peers, a child of a's forward, and the serve path that ran it.
         b_root = next(s for s in by_node["trace-b"] if s.name == "POST /internal/v1/serve")
         assert b_root.parent_span_id == forward.span_id, "b's span is a child of a's forward"
+        assert attrs(b_root.attributes)["flatmesh.origin"] == "trace-a"
         b_serve = next(s for s in by_node["trace-b"] if s.name == f"embeddings {EMBED}")
         assert b_serve.parent_span_id == b_root.span_id
         assert attrs(b_serve.attributes)["gen_ai.usage.input_tokens"] > 0

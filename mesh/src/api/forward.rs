@@ -86,6 +86,13 @@ pub async fn serve_forwarded(
         }
     }
     let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "invalid_forward", m);
+    if let Some(origin) = headers.get(peer::FORWARDED).and_then(|v| v.to_str().ok()) {
+        crate::telemetry::attr(
+            &tracing::Span::current(),
+            "flatmesh.origin",
+            origin.to_string(),
+        );
+    }
     let wire: WireRequest = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => return bad(format!("a forwarded request: {e}")),

@@ -27,7 +27,7 @@ use crate::{
 
 /// The path peers serve forwarded requests on.
 pub const PATH: &str = "/internal/v1/serve";
-/// The node a forwarded request came from (for the peer's logs).
+/// The node a forwarded request came from (the peer's trace names it: `flatmesh.origin`).
 pub const FORWARDED: &str = "x-flatmesh-forwarded";
 /// Proves a forwarded request comes from a node of the mesh: the admin token, which every
 /// node of a mesh shares.
