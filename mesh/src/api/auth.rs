@@ -1,6 +1,7 @@
 //! Authentication at the edge: `Authorization: Bearer <key>` → tenant → tier, for HTTP
-//! (middleware) and gRPC (interceptor); the admin token marks an operator. Each front end
-//! answers failures through its own mapping of `ServeError`.
+//! (middleware) and gRPC (interceptor); the admin token marks an operator; the client's
+//! deadline is read here too. Each front end answers failures through its own mapping of
+//! `ServeError`.
 
 use axum::{
     extract::{Request, State},
@@ -9,7 +10,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{error::ApiError, v2::rest::V2Error, AppState};
+use super::{deadline::Deadline, error::ApiError, v2::rest::V2Error, AppState};
 use crate::{
     serve::ServeError,
     tenancy::{AuthError, Caller, Tenancy},
@@ -58,11 +59,22 @@ fn authorization(req: &Request) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The client's deadline (`x-request-timeout`); a value that is not text is no number either.
+fn deadline(req: &Request) -> Result<Deadline, ServeError> {
+    let value = req.headers().get(super::deadline::HTTP);
+    Deadline::http(value.map(|v| v.to_str().unwrap_or("?")))
+}
+
 /// For `/v1`: OpenAI-shaped 401s; the serve path checks the model (it is in the body).
 pub async fn openai(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    match state.tenancy.authenticate(authorization(&req)) {
-        Ok(caller) => {
+    let caller = match state.tenancy.authenticate(authorization(&req)) {
+        Ok(c) => c,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match deadline(&req) {
+        Ok(d) => {
             req.extensions_mut().insert(caller);
+            req.extensions_mut().insert(d);
             next.run(req).await
         }
         Err(e) => ApiError::from(e).into_response(),
@@ -101,6 +113,10 @@ pub async fn v2(State(state): State<AppState>, mut req: Request, next: Next) -> 
             return V2Error::from(e).into_response();
         }
     }
+    match deadline(&req) {
+        Ok(d) => req.extensions_mut().insert(d),
+        Err(e) => return V2Error(e).into_response(),
+    };
     req.extensions_mut().insert(caller);
     next.run(req).await
 }
@@ -119,13 +135,17 @@ pub fn check(state: &AppState, caller: &Caller, model: &str) -> Result<(), AuthE
 }
 
 /// The gRPC interceptor: UNAUTHENTICATED for a wrong key; the caller (or the operator mark)
-/// rides in the request's extensions. A call without a key passes without a caller, so server
-/// health and metadata stay open; every other call requires one (`grpc::caller_of`).
+/// and the call's deadline (`grpc-timeout`) ride in the request's extensions. A call without
+/// a key passes without a caller, so server health and metadata stay open; every other call
+/// requires one (`grpc::caller_of`).
 pub fn grpc(
     tenancy: Tenancy,
     admin_token: Option<String>,
 ) -> impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
     move |mut req: tonic::Request<()>| {
+        let timeout = req.metadata().get(super::deadline::GRPC);
+        let deadline = Deadline::grpc(timeout.map(|v| v.to_str().unwrap_or("?")))?;
+        req.extensions_mut().insert(deadline);
         let value = req
             .metadata()
             .get("authorization")

@@ -111,6 +111,10 @@ pub async fn serve_forwarded(
         forwarded: Some(Forwarded {
             fallbacks: wire.fallbacks,
         }),
+        // The peer's clock is not ours: what was left, from now.
+        deadline: wire.timeout_ms.and_then(|ms| {
+            std::time::Instant::now().checked_add(std::time::Duration::from_millis(ms))
+        }),
     };
     let result = state.serve.run(request).await;
     let node = state.cluster.as_ref().map_or("", |c| c.node());

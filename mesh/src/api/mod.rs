@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod deadline;
 pub mod error;
 pub mod forward;
 mod guard;

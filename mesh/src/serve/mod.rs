@@ -105,7 +105,9 @@ impl Serve {
             req.caller.tier.name.clone(),
             span.clone(),
         ));
-        let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
+        let deadline = req.deadline;
+        let serving = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span);
+        let result = until(deadline, serving).await;
         // A running generation took the tracker with it; otherwise the request ends here.
         if let Some(t) = tracker {
             match &result {
@@ -246,7 +248,7 @@ impl Serve {
                     tracker: tracker.take().expect("taken once"),
                     model: model.clone(),
                     remember,
-                    limit: self.max_run,
+                    limit: self.run_limit(req.deadline),
                 };
                 match generate::start(engine, gen, held, finish).await {
                     Ok(g) => Output::Text(g),
@@ -451,6 +453,15 @@ impl Serve {
         }
     }
 
+    /// How long the engine may run: the node's limit, or less where the client's deadline
+    /// is nearer.
+    fn run_limit(&self, deadline: Option<std::time::Instant>) -> Duration {
+        deadline.map_or(self.max_run, |d| {
+            self.max_run
+                .min(d.saturating_duration_since(std::time::Instant::now()))
+        })
+    }
+
     /// Embed on the blocking pool.
     async fn embed(
         &self,
@@ -482,6 +493,25 @@ impl Serve {
                 Err(e)
             }
         }
+    }
+}
+
+/// `serving`, unless the client's deadline passes before it has an answer to give (queued,
+/// paging in, on a peer): the caller gets a timeout, and what was held goes back.
+async fn until<T>(
+    deadline: Option<std::time::Instant>,
+    serving: impl std::future::Future<Output = Result<T, ServeError>>,
+) -> Result<T, ServeError> {
+    let Some(d) = deadline else {
+        return serving.await;
+    };
+    match tokio::time::timeout_at(d.into(), serving).await {
+        Ok(r) => r,
+        Err(_) => Err(ServeError::new(
+            ErrorKind::Timeout,
+            "deadline_exceeded",
+            "the client's deadline (x-request-timeout, grpc-timeout) passed before the answer began",
+        )),
     }
 }
 

@@ -50,6 +50,9 @@ pub struct WireRequest {
     pub client_id: Option<String>,
     #[serde(default)]
     pub stream: bool,
+    /// What was left of the client's deadline when the request was sent, in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// The work, resolved for the model's kind (v2 `infer` is already embed or generate).

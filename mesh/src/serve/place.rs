@@ -109,6 +109,10 @@ impl Here<'_> {
             keep_alive: req.keep_alive,
             client_id: req.client_id.clone(),
             stream: req.stream,
+            timeout_ms: req.deadline.map(|d| {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+            }),
         };
         let after = After {
             remember: remember.map(|cp| (self.policies.clone(), cp)),

@@ -1,6 +1,8 @@
 //! What the serve path takes and gives: a request as every protocol hands it over, and what
 //! came of it.
 
+use std::time::Instant;
+
 use flatmesh_runtime::{Embeddings, GenerateRequest};
 
 use super::generate::Generating;
@@ -37,6 +39,9 @@ pub struct Request {
     pub stream: bool,
     /// Sent by a peer that routed, cached and placed it: served here, as it is.
     pub forwarded: Option<Forwarded>,
+    /// When the client stops waiting (`x-request-timeout`, `grpc-timeout`): past it the
+    /// request fails as timed out wherever it is, and a peer serving it gets what is left.
+    pub deadline: Option<Instant>,
 }
 
 /// What a peer decided for a request it sent here.

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::types::{ChatRequest, Common, CompletionRequest, Usage};
 use crate::{
     api::{
+        deadline::Deadline,
         error::{parse, ApiError, ApiJson},
         AppState,
     },
@@ -111,6 +112,7 @@ struct Head {
 pub async fn chat(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
     let req = body.and_then(|ApiJson(v)| {
@@ -119,12 +121,13 @@ pub async fn chat(
         let max_tokens = r.max_completion_tokens.or(common.max_tokens);
         Ok((Prompt::Chat(r.messages()?), max_tokens, common))
     });
-    run(state, caller, Shape::Chat, req).await
+    run(state, (caller, deadline), Shape::Chat, req).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     body: Result<ApiJson<Value>, ApiError>,
 ) -> Response {
     let req = body.and_then(|ApiJson(v)| {
@@ -132,12 +135,12 @@ pub async fn completions(
         let r: CompletionRequest = parse(&v)?;
         Ok((Prompt::Text(r.prompt()?), common.max_tokens, common))
     });
-    run(state, caller, Shape::Completion, req).await
+    run(state, (caller, deadline), Shape::Completion, req).await
 }
 
 /// A validated request on the serve path.
 fn request(
-    caller: Caller,
+    (caller, deadline): (Caller, Deadline),
     shape: Shape,
     prompt: Prompt,
     max_tokens: Option<u32>,
@@ -158,17 +161,18 @@ fn request(
         client_id: None,
         stream: common.stream,
         forwarded: None,
+        deadline: deadline.0,
     })
 }
 
 async fn run(
     state: AppState,
-    caller: Caller,
+    client: (Caller, Deadline),
     shape: Shape,
     req: Result<(Prompt, Option<u32>, Common), ApiError>,
 ) -> Response {
     let parsed = req.and_then(|(prompt, max_tokens, common)| {
-        Ok((request(caller, shape, prompt, max_tokens, &common)?, common))
+        Ok((request(client, shape, prompt, max_tokens, &common)?, common))
     });
     let (r, common) = match parsed {
         Ok(p) => p,

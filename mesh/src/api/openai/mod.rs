@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use self::types::EmbeddingRequest;
 use super::{
+    deadline::Deadline,
     error::{ApiError, ApiJson},
     AppState,
 };
@@ -66,6 +67,7 @@ async fn list_models(
 async fn embeddings(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     body: Result<ApiJson<EmbeddingRequest>, ApiError>,
 ) -> Result<axum::response::Response, ApiError> {
     let parsed = body.and_then(|ApiJson(req)| {
@@ -99,6 +101,7 @@ async fn embeddings(
             client_id: None,
             stream: false,
             forwarded: None,
+            deadline: deadline.0,
         })
         .await?;
     let Output::Embeddings(out) = served.output else {

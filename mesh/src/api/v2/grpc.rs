@@ -14,7 +14,7 @@ use super::{
     Data, InferRequest, Tensor,
 };
 use crate::{
-    api::{auth::Operator, AppState},
+    api::{auth::Operator, deadline::Deadline, AppState},
     serve::{self, Output, ServeError},
     tenancy::{AuthError, Caller, Tenancy},
 };
@@ -121,6 +121,11 @@ fn caller_of(ext: &tonic::Extensions) -> Result<Caller, Status> {
     ext.get::<Caller>()
         .cloned()
         .ok_or_else(|| ServeError::from(AuthError::Missing).into())
+}
+
+/// The call's deadline (`grpc-timeout`), read by the interceptor.
+fn deadline_of(ext: &tonic::Extensions) -> Deadline {
+    ext.get::<Deadline>().copied().unwrap_or_default()
 }
 
 fn authorize(state: &AppState, ext: &tonic::Extensions, model: &str) -> Result<(), Status> {
@@ -324,10 +329,10 @@ impl GrpcInferenceService for Grpc {
         req: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let name = self.model(&req, &req.get_ref().model_name)?;
-        let caller = caller_of(req.extensions())?;
+        let client = (caller_of(req.extensions())?, deadline_of(req.extensions()));
         let started = std::time::Instant::now();
         let request = decode(req.into_inner())
-            .and_then(|r| infer_request(&self.state, caller, &name, "v2_infer", r))?;
+            .and_then(|r| infer_request(&self.state, client, &name, "v2_infer", r))?;
         let result = infer(&self.state, request).await;
         let model = self.state.cache.resolve(&name).unwrap_or_default();
         self.state
@@ -373,7 +378,8 @@ impl GrpcInferenceService for Grpc {
                     }
                 };
                 let Ok(caller) = caller_of(&ext) else { return };
-                if let Err(e) = stream_one(&state, &caller, &name, r, &tx).await {
+                let client = (caller, deadline_of(&ext));
+                if let Err(e) = stream_one(&state, client, &name, r, &tx).await {
                     if tx.send(Ok(error(e.message))).await.is_err() {
                         return;
                     }
@@ -499,13 +505,13 @@ impl GrpcInferenceService for Grpc {
 /// model answers once. A client that leaves drops the generation, which cancels it.
 async fn stream_one(
     state: &AppState,
-    caller: &Caller,
+    client: (Caller, Deadline),
     name: &str,
     r: ModelInferRequest,
     tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
 ) -> Result<(), ServeError> {
     let id = r.id.clone();
-    let request = infer_request(state, caller.clone(), name, "v2_stream", decode(r)?)?;
+    let request = infer_request(state, client, name, "v2_stream", decode(r)?)?;
     let client_id = request.client_id.clone();
     // A client that leaves while the request waits or is prefilled is noticed at once.
     let served = tokio::select! {

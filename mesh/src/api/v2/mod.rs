@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use flatmesh_runtime::{Embeddings, GenerateRequest, ModelKind, Prompt, SamplingParams};
 use serde_json::Value;
 
-use super::AppState;
+use super::{deadline::Deadline, AppState};
 use crate::{
     cache::CopyStatus,
     serve::{Output, Request, ServeError, Work, MAX_INPUTS},
@@ -167,7 +167,7 @@ pub async fn metadata(
 /// model's kind expects (at most `MAX_INPUTS` texts, UTF-8) and valid parameters.
 pub fn infer_request(
     state: &AppState,
-    caller: Caller,
+    (caller, deadline): (Caller, Deadline),
     name: &str,
     endpoint: &'static str,
     req: InferRequest,
@@ -212,6 +212,7 @@ pub fn infer_request(
         client_id: check_id(req.id.as_deref())?,
         stream: false,
         forwarded: None,
+        deadline: deadline.0,
     })
 }
 

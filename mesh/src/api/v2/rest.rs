@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::codec::{data_json, decode_request, encode_binary};
 use super::{generate_request, infer, infer_request, is_ready, metadata, model_status};
 use crate::{
+    api::deadline::Deadline,
     api::AppState,
     serve::{self, Generating, Output, Request, ServeError, Work},
     tenancy::{Caller, Tenancy},
@@ -178,11 +179,12 @@ async fn model_stats(
 async fn model_infer(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    deadline: Extension<Deadline>,
     Path(m): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match infer_rest(&state, &caller, &m, &headers, &body).await {
+    match infer_rest(&state, (caller, deadline.0), &m, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -191,16 +193,17 @@ async fn model_infer(
 async fn model_infer_v(
     state: State<AppState>,
     caller: Extension<Caller>,
+    deadline: Extension<Deadline>,
     Path((m, _v)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    model_infer(state, caller, Path(m), headers, body).await
+    model_infer(state, caller, deadline, Path(m), headers, body).await
 }
 
 async fn infer_rest(
     state: &AppState,
-    caller: &Caller,
+    client: (Caller, Deadline),
     model: &str,
     headers: &HeaderMap,
     body: &[u8],
@@ -227,7 +230,7 @@ async fn infer_rest(
     let json: Value = serde_json::from_slice(&body[..header_len])
         .map_err(|e| ServeError::invalid(format!("request body is not valid JSON: {e}")))?;
     let (req, binary_out) = decode_request(&json, &body[header_len..])?;
-    let request = infer_request(state, caller.clone(), model, "v2_infer", req)?;
+    let request = infer_request(state, client, model, "v2_infer", req)?;
     let started = std::time::Instant::now();
     let result = infer(state, request).await;
     state.v2_stats.record(
@@ -356,7 +359,7 @@ fn parse_generate(body: &[u8]) -> Result<(String, BTreeMap<String, Value>), Serv
 /// A generate request on the serve path, its text streaming back.
 async fn start_generate(
     state: &AppState,
-    caller: Caller,
+    (caller, deadline): (Caller, Deadline),
     model: &str,
     endpoint: &'static str,
     body: &[u8],
@@ -374,6 +377,7 @@ async fn start_generate(
             client_id: None,
             stream: endpoint == "v2_generate_stream",
             forwarded: None,
+            deadline: deadline.0,
         })
         .await?;
     match served.output {
@@ -385,11 +389,12 @@ async fn start_generate(
 async fn generate(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
     let (id, model, generating, node) =
-        start_generate(&state, caller, &m, "v2_generate", &body).await?;
+        start_generate(&state, (caller, deadline), &m, "v2_generate", &body).await?;
     let g = generating.collect().await?;
     let mut resp =
         Json(json!({"id": id, "model_name": model, "model_version": "1", "text_output": g.text}))
@@ -403,11 +408,12 @@ async fn generate(
 async fn generate_stream(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(deadline): Extension<Deadline>,
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
     let (_, model, mut generating, node) =
-        start_generate(&state, caller, &m, "v2_generate_stream", &body).await?;
+        start_generate(&state, (caller, deadline), &m, "v2_generate_stream", &body).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         while let Some(ev) = generating.next_for(&tx).await {

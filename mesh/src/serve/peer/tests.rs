@@ -65,6 +65,7 @@ async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
         keep_alive: None,
         client_id: None,
         stream: true,
+        timeout_ms: None,
     };
     let after = After {
         remember: None,
