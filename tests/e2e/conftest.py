@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -115,7 +116,7 @@ class Etcd:
     and removes the data. Skips the test when the etcd binary (Debian `etcd-server`) is missing.
     """
 
-    def __init__(self, ready_timeout: float = 60.0):
+    def __init__(self, ready_timeout: float = 60.0, tls=None):
         if not ETCD.exists():
             pytest.skip(f"{ETCD} is missing: apt-get install etcd-server (./tests/run installs it)")
         self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-etcd-")
@@ -123,7 +124,11 @@ class Etcd:
         self.client_port, self.peer_port = free_port(), free_port()
         while self.peer_port == self.client_port:
             self.peer_port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        # `tls`: {"ca", "cert", "key", "client_cert", "client_key"} paths: clients must present
+        # a certificate signed by the CA, over https.
+        self.tls = tls
+        scheme = "https" if tls else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
         self.peer = f"http://127.0.0.1:{self.peer_port}"
         self.ready_timeout = ready_timeout
         self.log = open(Path(self.dir.name) / "etcd.log", "a+")
@@ -136,7 +141,9 @@ class Etcd:
              "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
              "--listen-peer-urls", self.peer, "--initial-advertise-peer-urls", self.peer,
              "--initial-cluster", f"default={self.peer}", "--initial-cluster-state", "new",
-             "--logger", "zap", "--log-outputs", "stderr"],
+             "--logger", "zap", "--log-outputs", "stderr",
+             *(["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"] if self.tls else [])],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + self.ready_timeout
         while True:
@@ -150,8 +157,12 @@ class Etcd:
 
     def healthy(self) -> bool:
         """etcd 3.4 answers `{"health":"true"}` (3.5 adds a `reason`) once it has a leader."""
+        verify = True
+        if self.tls:
+            verify = ssl.create_default_context(cafile=self.tls["ca"])
+            verify.load_cert_chain(self.tls["client_cert"], self.tls["client_key"])
         try:
-            r = httpx.get(self.endpoint + "/health", timeout=2)
+            r = httpx.get(self.endpoint + "/health", timeout=2, verify=verify)
             return r.status_code == 200 and r.json().get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False

@@ -1,5 +1,7 @@
 //! The `[mesh]` table: how this agent joins other agents through etcd.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::units::Secs;
@@ -7,8 +9,11 @@ use crate::units::Secs;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshConfig {
-    /// etcd endpoints (`http://host:2379`).
+    /// etcd endpoints (`http://host:2379`; `https://` with `etcd_tls`).
     pub etcd: Vec<String>,
+    /// TLS to etcd: the CA that signed its certificate, and this node's client certificate.
+    #[serde(default)]
+    pub etcd_tls: Option<EtcdTls>,
     /// This node's name in the mesh (default: the host name).
     #[serde(default = "default_node")]
     pub node: String,
@@ -25,6 +30,46 @@ pub struct MeshConfig {
     /// routing within it.
     #[serde(default = "default_ttl")]
     pub lease_ttl: Secs,
+}
+
+/// `[mesh.etcd_tls]`: the files are read again at every connection, so a renewed
+/// certificate is used from the next one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// The CA certificate (PEM) etcd's certificate must be signed by.
+    pub ca: PathBuf,
+    /// This node's client certificate (PEM), for an etcd started with `--client-cert-auth`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The name etcd's certificate is checked against (default: the endpoint's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl EtcdTls {
+    /// The TLS settings of a connection, from the files as they are now.
+    pub fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
+        let read = |what: &str, p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("mesh.etcd_tls.{what}: {}: {e}", p.display()))
+        };
+        let mut tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca", &self.ca)?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read("cert", cert)?,
+                read("key", key)?,
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
 }
 
 fn default_node() -> String {
@@ -53,6 +98,7 @@ impl MeshConfig {
     pub fn new(etcd: Vec<String>) -> Self {
         MeshConfig {
             etcd,
+            etcd_tls: None,
             node: default_node(),
             advertise: None,
             advertise_grpc: None,
@@ -66,6 +112,23 @@ impl MeshConfig {
         if self.etcd.is_empty() {
             anyhow::bail!("mesh.etcd: at least one endpoint is needed");
         }
+        for e in &self.etcd {
+            match (e.starts_with("https://"), &self.etcd_tls) {
+                (true, None) => {
+                    anyhow::bail!("mesh.etcd: {e} is https: set mesh.etcd_tls (at least its ca)")
+                }
+                (false, Some(_)) => anyhow::bail!(
+                    "mesh.etcd: {e} is not https, but mesh.etcd_tls is set: use https:// endpoints"
+                ),
+                _ => {}
+            }
+        }
+        if let Some(tls) = &self.etcd_tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                anyhow::bail!("mesh.etcd_tls: cert and key go together");
+            }
+            tls.options()?; // every file there and readable now
+        }
         crate::ids::check_id("mesh.node", &self.node)
             .map_err(|e| anyhow::anyhow!("mesh.node: {e}"))?;
         if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
@@ -76,5 +139,46 @@ impl MeshConfig {
             anyhow::bail!("mesh.lease_ttl: {ttl}s is not in [1s, 300s]");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(etcd: &str, tls: Option<EtcdTls>) -> anyhow::Result<()> {
+        let mut c = MeshConfig::new(vec![etcd.into()]);
+        c.node = "n".into();
+        c.etcd_tls = tls;
+        c.validate()
+    }
+
+    #[test]
+    fn https_and_tls_settings_go_together() {
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let tls = |cert: Option<&std::path::Path>, key: Option<&std::path::Path>| EtcdTls {
+            ca: ca.path().into(),
+            cert: cert.map(Into::into),
+            key: key.map(Into::into),
+            server_name: None,
+        };
+        assert!(with("http://e:2379", None).is_ok());
+        assert!(with("https://e:2379", Some(tls(None, None))).is_ok());
+        let e = with("https://e:2379", None).unwrap_err().to_string();
+        assert!(e.contains("set mesh.etcd_tls"), "{e}");
+        let e = with("http://e:2379", Some(tls(None, None)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use https://"), "{e}");
+        let e = with("https://e:2379", Some(tls(Some(ca.path()), None)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cert and key go together"), "{e}");
+        let missing = std::path::Path::new("/nowhere/key.pem");
+        let e = with("https://e:2379", Some(tls(Some(ca.path()), Some(missing))))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("mesh.etcd_tls.key: /nowhere/key.pem"), "{e}");
     }
 }

@@ -326,6 +326,8 @@ impl Cluster {
 
     /// Connect, publish and watch until etcd fails; then wait a moment and start again.
     async fn run(self) {
+        // The first failure after a success (or at start) is told; the retries are not.
+        let mut told = false;
         loop {
             match self.session().await {
                 Ok(()) => return,
@@ -335,11 +337,18 @@ impl Cluster {
                         .inner
                         .connected
                         .swap(false, std::sync::atomic::Ordering::Relaxed);
+                    told &= !was;
                     if was {
-                        tracing::warn!(error = %e, "Lost etcd; serving what this node holds and forwarding to known peers");
+                        tracing::warn!(
+                            error = format!("{e:#}"),
+                            "Lost etcd; serving what this node holds and forwarding to known peers"
+                        );
+                    } else if !told {
+                        tracing::warn!(error = format!("{e:#}"), "Cannot join the mesh through etcd; serving alone and trying again every second");
                     } else {
-                        tracing::debug!(error = %e, "etcd still unreachable");
+                        tracing::debug!(error = format!("{e:#}"), "etcd still unreachable");
                     }
+                    told = true;
                     self.inner
                         .metrics
                         .mesh_etcd_errors
@@ -355,7 +364,11 @@ impl Cluster {
     /// the peers watched, until an etcd call fails.
     async fn session(&self) -> anyhow::Result<()> {
         let cfg = &self.inner.config;
-        let connect = Client::connect(cfg.etcd.clone(), None);
+        let options = match &cfg.etcd_tls {
+            Some(tls) => Some(etcd_client::ConnectOptions::new().with_tls(tls.options()?)),
+            None => None,
+        };
+        let connect = Client::connect(cfg.etcd.clone(), options);
         let mut client = tokio::time::timeout(Duration::from_secs(3), connect).await??;
         let ttl = cfg.lease_ttl.0.as_secs() as i64;
         let lease = client.lease_grant(ttl, None).await?.id();
