@@ -9,6 +9,10 @@ use crate::serve::ServeError;
 pub const HTTP: &str = "x-request-timeout";
 /// gRPC's deadline header: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 pub const GRPC: &str = "grpc-timeout";
+/// gRPC's transport ends a call at its deadline by itself (as CANCELLED); the serve path's
+/// deadline comes this much sooner, so the client gets DEADLINE_EXCEEDED from the agent and
+/// the agent counts a timeout.
+const GRPC_MARGIN: Duration = Duration::from_millis(10);
 
 /// When the client stops waiting, if it said; rides in a request's extensions.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,7 +54,7 @@ impl Deadline {
             "n" => Duration::from_nanos(n),
             _ => return Err(invalid(GRPC, v, GRPC_FORM)),
         };
-        Ok(Deadline::after(timeout))
+        Ok(Deadline::after(timeout.saturating_sub(GRPC_MARGIN)))
     }
 
     /// `timeout` from now (none where it lies beyond what the clock can say).

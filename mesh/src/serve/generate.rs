@@ -7,18 +7,16 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use flatmesh_runtime::{Engine, FinishReason, GenerateEvent, GenerateRequest, Generation};
-use tokio::sync::mpsc;
-
-use super::{
-    bill::Bill,
-    error::{ErrorKind, ServeError},
-    held::Held,
-    track::Tracker,
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
 };
+
+use super::{bill::Bill, error::ServeError, held::Held, track::Tracker};
 use crate::policy::{self, CachePrompt};
 
 /// What a generation reports to its front door.
@@ -77,6 +75,14 @@ impl Generating {
     }
 }
 
+/// When the engine must stop — the node's `scheduler.max_run`, or the client's deadline where
+/// that is nearer — and the error the request gets then.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub until: Instant,
+    pub error: ServeError,
+}
+
 /// What happens after the engine has finished.
 pub struct Finish {
     pub bill: Bill,
@@ -84,27 +90,30 @@ pub struct Finish {
     pub model: String,
     /// Offer the answer to the response cache.
     pub remember: Option<CachePrompt>,
-    /// The longest the engine may run.
-    pub limit: Duration,
+    pub limit: Limit,
 }
 
+type EngineTask = JoinHandle<(flatmesh_runtime::Result<Generation>, Held)>;
+
 /// Start generating on `engine`. Returns once the prompt is prefilled, so prompt errors (too
-/// long, bad template) come back as errors rather than as a broken stream.
+/// long, bad template) come back as errors rather than as a broken stream — or as soon as the
+/// limit passes while the prompt is still being prefilled. What the engine computed is
+/// recorded when it ends, whether or not the client is still there.
 pub async fn start(
     engine: Arc<dyn Engine>,
     gen: GenerateRequest,
     held: Held,
     finish: Finish,
-) -> Result<Generating, (ServeError, Finish)> {
-    let (tx, mut from_engine) = mpsc::channel(64);
-    let deadline = Instant::now() + finish.limit;
+) -> Result<Generating, ServeError> {
+    let (tx, from_engine) = mpsc::channel(64);
+    let until = finish.limit.until;
     let overran = Arc::new(AtomicBool::new(false));
     let flag = overran.clone();
     // `held` lives with the engine: lease, slot and admission go back when the engine returns,
     // never while it still computes (a client that leaves mid-prefill included).
     let task = tokio::task::spawn_blocking(move || {
         let r = engine.generate(&gen, &mut |ev| {
-            if Instant::now() >= deadline {
+            if Instant::now() >= until {
                 flag.store(true, Ordering::Relaxed);
                 return ControlFlow::Break(());
             }
@@ -115,132 +124,180 @@ pub async fn start(
         });
         (r, held)
     });
-    let timeout = |limit: Duration| {
-        ServeError::new(
-            ErrorKind::Timeout,
-            "request_timeout",
-            format!("the request ran past its limit of {limit:?}"),
-        )
+    let (ready, answer) = oneshot::channel();
+    let span = finish.tracker.span().clone();
+    let follow = follow(task, from_engine, overran, finish, ready);
+    tokio::spawn(tracing::Instrument::instrument(follow, span));
+    answer.await.unwrap_or_else(|_| {
+        Err(ServeError::internal(
+            "the generation ended without an answer",
+        ))
+    })
+}
+
+/// Who hears how a generation ends.
+enum Waiter {
+    /// The front door, still waiting for the prompt to be prefilled.
+    Start(oneshot::Sender<Result<Generating, ServeError>>),
+    /// The front door, reading the text.
+    Stream(mpsc::Sender<Event>),
+    /// Nobody: the client left, or was told its time was up.
+    Told { status: u16 },
+}
+
+/// A generation from its prompt to its record: the answer to `start` once the engine has
+/// started (or why it has not), the text relayed until the engine ends, the client leaves or
+/// the time is up, and then the record of what the engine computed.
+async fn follow(
+    task: EngineTask,
+    mut from_engine: mpsc::Receiver<GenerateEvent>,
+    overran: Arc<AtomicBool>,
+    finish: Finish,
+    mut ready: oneshot::Sender<Result<Generating, ServeError>>,
+) {
+    let Finish {
+        bill,
+        mut tracker,
+        model,
+        remember,
+        limit,
+    } = finish;
+    let until = tokio::time::Instant::from_std(limit.until);
+    let time_up = || {
+        overran.store(true, Ordering::Relaxed);
+        Waiter::Told {
+            status: limit.error.http_status(),
+        }
     };
-    match from_engine.recv().await {
-        Some(GenerateEvent::Started { .. }) => {}
-        _ => {
-            let e = match task.await {
-                Err(e) => ServeError::internal(format!("generation task failed: {e}")),
-                Ok((r, held)) => {
-                    let e = match r {
-                        Err(e) => ServeError::from(e),
-                        Ok(_) if overran.load(Ordering::Relaxed) => timeout(finish.limit),
-                        Ok(_) => ServeError::internal("generation ended before it started"),
-                    };
-                    if e.is_client_error() {
-                        held.refund();
-                    }
-                    e
-                }
+    let started = tokio::select! {
+        ev = from_engine.recv() => matches!(ev, Some(GenerateEvent::Started { .. })),
+        _ = ready.closed() => false,
+        _ = tokio::time::sleep_until(until) => false,
+    };
+    let mut waiter = if started {
+        let (to_client, events) = mpsc::channel(64);
+        match ready.send(Ok(Generating { events })) {
+            Ok(()) => Waiter::Stream(to_client),
+            Err(_) => Waiter::Told { status: 499 },
+        }
+    } else if ready.is_closed() {
+        Waiter::Told { status: 499 }
+    } else if tokio::time::Instant::now() >= until {
+        // Still prefilling: the client hears it now; the record follows when the engine ends.
+        let _ = ready.send(Err(limit.error.clone()));
+        time_up()
+    } else {
+        Waiter::Start(ready)
+    };
+    // Until the engine ends, the client leaves, or the time is up (a client that stops
+    // reading must not hold the slot): dropping the receiver stops the engine at its next
+    // token. Past the limit the client is told at once, before the engine has stopped.
+    while let Waiter::Stream(to_client) = &waiter {
+        let ev = tokio::select! {
+            ev = from_engine.recv() => ev,
+            _ = to_client.closed() => break,
+            _ = tokio::time::sleep_until(until) => None,
+        };
+        let text = match ev {
+            Some(GenerateEvent::Text(t)) => t,
+            Some(GenerateEvent::Started { .. }) => continue,
+            None if tokio::time::Instant::now() >= until => {
+                let _ = to_client.send(Event::Done(Err(limit.error.clone()))).await;
+                waiter = time_up();
+                break;
+            }
+            None => break,
+        };
+        tracker.first_token();
+        let sent = tokio::select! {
+            r = to_client.send(Event::Text(text)) => r.is_ok(),
+            _ = tokio::time::sleep_until(until) => false,
+        };
+        if !sent {
+            waiter = match tokio::time::Instant::now() >= until {
+                true => time_up(),
+                false => Waiter::Told { status: 499 },
             };
-            return Err((e, finish));
         }
     }
-    let (to_client, events) = mpsc::channel(64);
-    let span = finish.tracker.span().clone();
-    let relay = async move {
-        let Finish {
-            bill,
-            mut tracker,
-            model,
-            remember,
-            limit,
-        } = finish;
-        // Until the engine ends, the client leaves, or the time is up (a client that stops
-        // reading must not hold the slot): dropping the receiver stops the engine at its next
-        // token.
-        let until = tokio::time::Instant::from_std(deadline);
-        loop {
-            let ev = tokio::select! {
-                ev = from_engine.recv() => ev,
-                _ = to_client.closed() => break,
-                _ = tokio::time::sleep_until(until) => {
-                    overran.store(true, Ordering::Relaxed);
-                    break;
-                }
-            };
-            match ev {
-                Some(GenerateEvent::Text(t)) => {
-                    tracker.first_token();
-                    let sent = tokio::select! {
-                        r = to_client.send(Event::Text(t)) => r.is_ok(),
-                        _ = tokio::time::sleep_until(until) => {
-                            overran.store(true, Ordering::Relaxed);
-                            false
-                        }
-                    };
-                    if !sent {
-                        break;
-                    }
-                }
-                Some(GenerateEvent::Started { .. }) => {}
-                None => break,
+    drop(from_engine);
+    // Lease, slot and admission go back with the engine, before the ledger write; a prompt
+    // refused for its own content costs no rate count.
+    let result = match task.await {
+        Ok((Err(e), held)) => {
+            let e = ServeError::from(e);
+            if !started && e.is_client_error() {
+                held.refund();
             }
+            Err(e)
         }
-        drop(from_engine);
-        // Lease, slot and admission went back with the engine, before the ledger write.
-        let result = match task.await {
-            Ok((r, _held)) => r.map_err(ServeError::from),
-            Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
-        };
-        let result = match result {
-            Ok(g) => {
-                // Whatever the end, the tokens computed are recorded.
-                match bill
-                    .record(&model, g.prompt_tokens, g.completion_tokens)
-                    .await
-                {
-                    Err(e) => Err(e),
-                    Ok(()) if overran.load(Ordering::Relaxed) => Err(timeout(limit)),
-                    Ok(()) => {
-                        tracker.tokens(g.prompt_tokens, g.completion_tokens);
-                        if g.finish_reason != FinishReason::Cancelled {
-                            if let Some(cp) = &remember {
-                                offer(&bill.policies, cp, &g).await;
-                            }
-                        }
-                        Ok(g)
-                    }
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let status = match &result {
-            Ok(g) if g.finish_reason == FinishReason::Cancelled => 499,
-            Ok(_) => 200,
-            Err(e) => e.http_status(),
-        };
-        if let Ok(g) = &result {
-            crate::telemetry::attr(
-                tracker.span(),
-                "gen_ai.response.finish_reasons",
-                opentelemetry::Value::Array(
-                    vec![opentelemetry::StringValue::from(finish_reason(
-                        g.finish_reason,
-                    ))]
-                    .into(),
-                ),
-            );
-            tracing::info!(
-                gen_ai.usage.input_tokens = g.prompt_tokens,
-                gen_ai.usage.output_tokens = g.completion_tokens,
-                finish_reason = ?g.finish_reason,
-                seconds = tracker.elapsed(),
-                "Generated"
-            );
-        }
-        if to_client.send(Event::Done(result)).await.is_ok() {
-            tracker.finish(status);
-        }
+        Ok((Ok(g), _)) => Ok(g),
+        Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
     };
-    tokio::spawn(tracing::Instrument::instrument(relay, span));
-    Ok(Generating { events })
+    let result = match result {
+        // Whatever the end, the tokens computed are recorded.
+        Ok(g) => match bill
+            .record(&model, g.prompt_tokens, g.completion_tokens)
+            .await
+        {
+            Err(e) => Err(e),
+            Ok(()) if overran.load(Ordering::Relaxed) => Err(limit.error.clone()),
+            Ok(()) if !started => Err(ServeError::internal("generation ended before it started")),
+            Ok(()) => {
+                tracker.tokens(g.prompt_tokens, g.completion_tokens);
+                if g.finish_reason != FinishReason::Cancelled {
+                    if let Some(cp) = &remember {
+                        offer(&bill.policies, cp, &g).await;
+                    }
+                }
+                Ok(g)
+            }
+        },
+        Err(e) => Err(e),
+    };
+    let status = match &result {
+        Ok(g) if g.finish_reason == FinishReason::Cancelled => 499,
+        Ok(_) => 200,
+        Err(e) => e.http_status(),
+    };
+    if let Ok(g) = &result {
+        crate::telemetry::attr(
+            tracker.span(),
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(
+                vec![opentelemetry::StringValue::from(finish_reason(
+                    g.finish_reason,
+                ))]
+                .into(),
+            ),
+        );
+        tracing::info!(
+            gen_ai.usage.input_tokens = g.prompt_tokens,
+            gen_ai.usage.output_tokens = g.completion_tokens,
+            finish_reason = ?g.finish_reason,
+            seconds = tracker.elapsed(),
+            "Generated"
+        );
+    }
+    let told = match waiter {
+        Waiter::Start(ready) => {
+            let e = result
+                .err()
+                .unwrap_or_else(|| ServeError::internal("no generation"));
+            ready.send(Err(e)).is_ok().then_some(status)
+        }
+        Waiter::Stream(to_client) => to_client
+            .send(Event::Done(result))
+            .await
+            .is_ok()
+            .then_some(status),
+        Waiter::Told { status: 499 } => None,
+        Waiter::Told { status } => Some(status),
+    };
+    // Not told: the client went away (the tracker counts 499 when dropped).
+    if let Some(status) = told {
+        tracker.finish(status);
+    }
 }
 
 /// The words OpenAI and the cache use for a finish reason.

@@ -12,6 +12,7 @@
 mod bill;
 mod embedder;
 pub mod error;
+mod execute;
 mod generate;
 mod held;
 pub mod peer;
@@ -20,11 +21,19 @@ mod request;
 mod span;
 mod track;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use flatmesh_runtime::{Embeddings, Engine, FinishReason, Generation, ModelKind};
+use flatmesh_runtime::{FinishReason, Generation, ModelKind};
 
-use self::{bill::Bill, generate::Finish, held::Held};
+use self::{
+    bill::Bill,
+    execute::{Hit, Prepared, Ready},
+    generate::Limit,
+    held::Held,
+};
 pub use self::{
     bill::{client_id, request_info},
     embedder::CacheEmbedder,
@@ -123,47 +132,57 @@ impl Serve {
         result
     }
 
-    /// The steps of the serve path.
+    /// The steps of the serve path. The client's deadline ends the waiting ones at once;
+    /// once the engine runs it is the engine's limit, so what was computed is recorded.
     async fn serve(
         &self,
         id: String,
         req: Request,
         tracker: &mut Option<Tracker>,
     ) -> Result<Served, ServeError> {
-        let info = self.info(&id, &req);
-        let (targets, route) = self.targets(&req, &info).await?;
+        let prepared = until(req.deadline, self.prepare(&id, &req, tracker)).await?;
+        let ready = match prepared {
+            Prepared::Answered(served) => return Ok(served),
+            Prepared::Hit(hit) => return hit.answer(id, tracker).await,
+            Prepared::Ready(ready) => ready,
+        };
+        let limit = self.limit(req.deadline);
+        execute::run(id, ready, limit, tracker).await
+    }
+
+    /// Every step before the engine runs: route, resolve, check, admit, the response cache,
+    /// placement (a peer's answer), the lease and the slot.
+    async fn prepare(
+        &self,
+        id: &str,
+        req: &Request,
+        tracker: &mut Option<Tracker>,
+    ) -> Result<Prepared, ServeError> {
+        let info = self.info(id, req);
+        let (targets, route) = self.targets(req, &info).await?;
         // Resolve once; the tier check, the kind check and the lease are on that model.
-        let (model, kind) = self.check(&req, &targets[0])?;
+        let (model, kind) = self.check(req, &targets[0])?;
         if let Some(t) = tracker {
             t.relabel(self.model_label(&model)); // an alias or vmodel counts as what it became
         }
         let work = resolve_work(req.work.clone(), kind, &req.model)?;
         let span = tracing::Span::current();
-        describe(&span, &req, &work);
+        describe(&span, req, &work);
         // Admitted before the response cache is asked: a caller over its limits costs no
         // plugin call (nor the embedding a semantic cache computes).
         let admission = self.admit(&req.caller, &info).await?;
-        let mut remember = match self.look_up(&req, &info, &model, &work).await? {
-            Lookup::Hit(g) => {
+        let mut remember = match self.look_up(req, &info, &model, &work).await? {
+            Lookup::Hit(generation) => {
                 telemetry::attr(&span, "gen_ai.response.model", model.clone());
-                let mut bill = self.bill(&req, info);
+                let mut bill = self.bill(req, info);
                 bill.cache_hit = true;
-                bill.record(&model, g.prompt_tokens, g.completion_tokens)
-                    .await?;
-                if let Some(t) = tracker {
-                    t.first_token();
-                    t.tokens(g.prompt_tokens, g.completion_tokens);
-                }
-                drop(admission);
-                let output = Output::Text(Generating::ready(g));
-                return Ok(Served {
-                    id,
+                return Ok(Prepared::Hit(Box::new(Hit {
+                    bill,
                     model,
                     route,
-                    cache: Some("hit"),
-                    node: None,
-                    output,
-                });
+                    generation,
+                    admission,
+                })));
             }
             Lookup::Miss(cp) => Some(cp),
             Lookup::NotAsked => None,
@@ -171,7 +190,7 @@ impl Serve {
         let cache = remember.as_ref().map(|_| "miss");
         let mut admission = admission;
         let mesh = self.mesh.get();
-        if let Place::Peer(cluster, peer) = place::place(mesh, &req, &model).await {
+        if let Place::Peer(cluster, peer) = place::place(mesh, req, &model).await {
             // The peer admits it against its own limits: out of this node's window.
             admission.refund();
             let here = place::Here {
@@ -187,17 +206,14 @@ impl Serve {
                 cache,
                 remember,
             };
-            match here
-                .on_peer((&cluster, &peer), &req, decided, tracker)
-                .await
-            {
-                place::OnPeer::Answered(served) => return served,
+            match here.on_peer((&cluster, &peer), req, decided, tracker).await {
+                place::OnPeer::Answered(served) => return served.map(Prepared::Answered),
                 place::OnPeer::ServeHere(kept) => remember = kept,
             }
             admission = self.admit(&req.caller, &info).await?;
         }
-        let bill = self.bill(&req, info);
-        let (lease, model) = self.lease(&req, model, &targets[1..]).await?;
+        let bill = self.bill(req, info);
+        let (lease, model) = self.lease(req, model, &targets[1..]).await?;
         if let Some(t) = tracker {
             t.relabel(self.model_label(&model)); // a router's fallback
         }
@@ -226,47 +242,16 @@ impl Serve {
         )
         .await?;
         drop(waiting);
-        let engine = lease.engine.clone();
-        let held = Held::new(admission, lease, slot);
-        let output = match work {
-            Work::Embed { inputs, dimensions } => {
-                let dims = engine.info().embedding_dims;
-                if let Some(d) = dimensions.filter(|&d| Some(d as usize) != dims) {
-                    held.refund();
-                    return Err(ServeError::bad_request(
-                        "dimensions",
-                        format!("{d} is not supported; this model has {}", dims.unwrap_or(0)),
-                    ));
-                }
-                let out = self.embed(engine, inputs, held).await?;
-                bill.record(&model, out.prompt_tokens, 0).await?;
-                Output::Embeddings(out)
-            }
-            Work::Generate(gen) | Work::Infer { generate: gen, .. } => {
-                let finish = Finish {
-                    bill,
-                    tracker: tracker.take().expect("taken once"),
-                    model: model.clone(),
-                    remember,
-                    limit: self.run_limit(req.deadline),
-                };
-                match generate::start(engine, gen, held, finish).await {
-                    Ok(g) => Output::Text(g),
-                    Err((e, finish)) => {
-                        *tracker = Some(finish.tracker);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        Ok(Served {
-            id,
+        Ok(Prepared::Ready(Box::new(Ready {
+            engine: lease.engine.clone(),
+            held: Held::new(admission, lease, slot),
+            work,
+            bill,
             model,
             route,
             cache,
-            node: None,
-            output,
-        })
+            remember,
+        })))
     }
 
     /// The models to try in turn and the router's reason: as a peer decided them for a
@@ -452,67 +437,49 @@ impl Serve {
             }
         }
     }
+}
 
-    /// How long the engine may run: the node's limit, or less where the client's deadline
-    /// is nearer.
-    fn run_limit(&self, deadline: Option<std::time::Instant>) -> Duration {
-        deadline.map_or(self.max_run, |d| {
-            self.max_run
-                .min(d.saturating_duration_since(std::time::Instant::now()))
-        })
-    }
-
-    /// Embed on the blocking pool.
-    async fn embed(
-        &self,
-        engine: Arc<dyn Engine>,
-        inputs: Vec<String>,
-        held: Held,
-    ) -> Result<Embeddings, ServeError> {
-        // `held` lives with the engine: an embedding cannot be stopped halfway, so its lease
-        // and slot go back when it ends, even if the client left or the time ran out.
-        let task = tokio::task::spawn_blocking(move || (engine.embed(&inputs), held));
-        let (out, held) = match tokio::time::timeout(self.max_run, task).await {
-            Err(_) => {
-                return Err(ServeError::new(
+impl Serve {
+    /// The engine's limit: `scheduler.max_run` from now, or the client's deadline where nearer.
+    fn limit(&self, deadline: Option<Instant>) -> Limit {
+        let until = Instant::now() + self.max_run;
+        match deadline {
+            Some(d) if d < until => Limit {
+                until: d,
+                error: past_deadline(),
+            },
+            _ => Limit {
+                until,
+                error: ServeError::new(
                     ErrorKind::Timeout,
                     "request_timeout",
                     format!("the request ran past its limit of {:?}", self.max_run),
-                ))
-            }
-            Ok(Err(e)) => return Err(ServeError::internal(format!("embedding task failed: {e}"))),
-            Ok(Ok(r)) => r,
-        };
-        match out {
-            Ok(out) => Ok(out),
-            Err(e) => {
-                let e = ServeError::from(e);
-                if e.is_client_error() {
-                    held.refund();
-                }
-                Err(e)
-            }
+                ),
+            },
         }
     }
 }
 
-/// `serving`, unless the client's deadline passes before it has an answer to give (queued,
-/// paging in, on a peer): the caller gets a timeout, and what was held goes back.
+fn past_deadline() -> ServeError {
+    ServeError::new(
+        ErrorKind::Timeout,
+        "deadline_exceeded",
+        "the client's deadline (x-request-timeout, grpc-timeout) passed",
+    )
+}
+
+/// `serving`, unless the client's deadline passes first (queued, paging in, waiting for a
+/// peer): the caller gets a timeout, and what was held goes back.
 async fn until<T>(
-    deadline: Option<std::time::Instant>,
+    deadline: Option<Instant>,
     serving: impl std::future::Future<Output = Result<T, ServeError>>,
 ) -> Result<T, ServeError> {
     let Some(d) = deadline else {
         return serving.await;
     };
-    match tokio::time::timeout_at(d.into(), serving).await {
-        Ok(r) => r,
-        Err(_) => Err(ServeError::new(
-            ErrorKind::Timeout,
-            "deadline_exceeded",
-            "the client's deadline (x-request-timeout, grpc-timeout) passed before the answer began",
-        )),
-    }
+    tokio::time::timeout_at(d.into(), serving)
+        .await
+        .unwrap_or_else(|_| Err(past_deadline()))
 }
 
 /// Whether a model of `kind` can do the work, or why not.

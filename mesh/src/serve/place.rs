@@ -13,6 +13,10 @@ use crate::{
     policy::{CachePrompt, Policies},
 };
 
+/// A peer's deadline comes this much before the client's, so that the peer's own timeout
+/// answer crosses back before this node's deadline drops the connection to it.
+const PEER_MARGIN: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// This node's part in a mesh, for the place step.
 pub struct Mesh {
     pub cluster: Cluster,
@@ -111,7 +115,7 @@ impl Here<'_> {
             stream: req.stream,
             timeout_ms: req.deadline.map(|d| {
                 let left = d.saturating_duration_since(std::time::Instant::now());
-                u64::try_from(left.as_millis()).unwrap_or(u64::MAX)
+                u64::try_from(left.saturating_sub(PEER_MARGIN).as_millis()).unwrap_or(u64::MAX)
             }),
         };
         let after = After {
