@@ -4,6 +4,7 @@ Past the deadline a request fails as timed out wherever it is (waiting for a slo
 on a peer), and in a mesh the peer serving it is given what is left, so it stops by itself
 (its own metrics count the timeout) rather than only when the arriving node hangs up.
 """
+import json
 import threading
 import time
 
@@ -195,3 +196,15 @@ def test_a_prompt_whose_client_left_during_the_prefill_is_recorded(one_slot):
     record = records(one_slot)[-1]
     assert record["input_tokens"] > 900 and record["output_tokens"] == 0, record
     wait_until(lambda: requests_with_status(one_slot, LLM, 499) == gone + 1, 5, "no cancellation counted")
+
+
+def test_a_stream_past_its_deadline_ends_with_an_error_chunk_not_a_clean_end(one_slot):
+    body = {"model": LLM, "messages": CHAT, "stream": True, **LONG}
+    with httpx.stream("POST", one_slot.url + "/v1/chat/completions", json=body, timeout=30,
+                      headers={"x-request-timeout": "0.5"}) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    last = json.loads(data[-2])
+    assert last.get("error", {}).get("code") == "deadline_exceeded", last
+    assert len(data) > 3, "some text came before the deadline"

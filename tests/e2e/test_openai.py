@@ -126,6 +126,10 @@ def test_bad_field_is_400_naming_it(client, agent):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=LLM, messages=[{"role": "wizard", "content": "x"}])
     assert "messages[0].role" in e.value.message
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = httpx.post(agent.url + "/v1/chat/completions",
+                       json={"model": LLM, "messages": [{"role": "user", "content": "x"}], field: 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
 def test_wrong_kind_of_model_is_400(client):

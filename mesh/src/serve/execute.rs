@@ -12,7 +12,7 @@ use super::{
     generate::{self, Finish, Generating, Limit},
     held::Held,
     request::{Output, Served, Work},
-    track::Tracker,
+    track::{TokenCounter, Tracker},
 };
 use crate::{policy::CachePrompt, tenancy::limits::Admission};
 
@@ -104,7 +104,8 @@ pub(super) async fn run(
                     format!("{d} is not supported; this model has {}", dims.unwrap_or(0)),
                 ));
             }
-            let out = embed(engine, inputs, held, (bill, &model), limit).await?;
+            let counter = tracker.as_ref().map(Tracker::counter);
+            let out = embed(engine, inputs, held, (bill, &model, counter), limit).await?;
             Output::Embeddings(out)
         }
         Work::Generate(gen) | Work::Infer { generate: gen, .. } => {
@@ -135,7 +136,7 @@ async fn embed(
     engine: Arc<dyn Engine>,
     inputs: Vec<String>,
     held: Held,
-    (bill, model): (Bill, &str),
+    (bill, model, counter): (Bill, &str, Option<TokenCounter>),
     limit: Limit,
 ) -> Result<Embeddings, ServeError> {
     let model = model.to_string();
@@ -153,9 +154,11 @@ async fn embed(
             }
             Ok((Ok(out), held)) => {
                 drop(held); // back before the ledger write
-                bill.record(&model, out.prompt_tokens, 0)
-                    .await
-                    .map(|()| out)
+                let recorded = bill.record(&model, out.prompt_tokens, 0).await;
+                if let (Ok(()), Some(c)) = (&recorded, &counter) {
+                    c.count(out.prompt_tokens, 0);
+                }
+                recorded.map(|()| out)
             }
         };
         let _ = tx.send(result);

@@ -163,63 +163,46 @@ async fn follow(
         limit,
     } = finish;
     let until = tokio::time::Instant::from_std(limit.until);
-    let time_up = || {
-        overran.store(true, Ordering::Relaxed);
-        Waiter::Told {
-            status: limit.error.http_status(),
-        }
-    };
     let started = tokio::select! {
         ev = from_engine.recv() => matches!(ev, Some(GenerateEvent::Started { .. })),
         _ = ready.closed() => false,
         _ = tokio::time::sleep_until(until) => false,
     };
-    let mut waiter = if started {
+    let waiter = if started {
         let (to_client, events) = mpsc::channel(64);
         match ready.send(Ok(Generating { events })) {
-            Ok(()) => Waiter::Stream(to_client),
+            Ok(()) => match relay(&mut from_engine, &to_client, &mut tracker, until).await {
+                Relayed::Ended => Waiter::Stream(to_client),
+                Relayed::Left => Waiter::Told { status: 499 },
+                Relayed::TimeUp => {
+                    overran.store(true, Ordering::Relaxed);
+                    // The engine stops now (its blocked send fails) or at its next token.
+                    from_engine.close();
+                    // The client hears it at once where its queue has room, else after the
+                    // record.
+                    match to_client.try_send(Event::Done(Err(limit.error.clone()))) {
+                        Ok(()) => Waiter::Told {
+                            status: limit.error.http_status(),
+                        },
+                        Err(mpsc::error::TrySendError::Full(_)) => Waiter::Stream(to_client),
+                        Err(mpsc::error::TrySendError::Closed(_)) => Waiter::Told { status: 499 },
+                    }
+                }
+            },
             Err(_) => Waiter::Told { status: 499 },
         }
     } else if ready.is_closed() {
         Waiter::Told { status: 499 }
     } else if tokio::time::Instant::now() >= until {
         // Still prefilling: the client hears it now; the record follows when the engine ends.
+        overran.store(true, Ordering::Relaxed);
         let _ = ready.send(Err(limit.error.clone()));
-        time_up()
+        Waiter::Told {
+            status: limit.error.http_status(),
+        }
     } else {
         Waiter::Start(ready)
     };
-    // Until the engine ends, the client leaves, or the time is up (a client that stops
-    // reading must not hold the slot): dropping the receiver stops the engine at its next
-    // token. Past the limit the client is told at once, before the engine has stopped.
-    while let Waiter::Stream(to_client) = &waiter {
-        let ev = tokio::select! {
-            ev = from_engine.recv() => ev,
-            _ = to_client.closed() => break,
-            _ = tokio::time::sleep_until(until) => None,
-        };
-        let text = match ev {
-            Some(GenerateEvent::Text(t)) => t,
-            Some(GenerateEvent::Started { .. }) => continue,
-            None if tokio::time::Instant::now() >= until => {
-                let _ = to_client.send(Event::Done(Err(limit.error.clone()))).await;
-                waiter = time_up();
-                break;
-            }
-            None => break,
-        };
-        tracker.first_token();
-        let sent = tokio::select! {
-            r = to_client.send(Event::Text(text)) => r.is_ok(),
-            _ = tokio::time::sleep_until(until) => false,
-        };
-        if !sent {
-            waiter = match tokio::time::Instant::now() >= until {
-                true => time_up(),
-                false => Waiter::Told { status: 499 },
-            };
-        }
-    }
     drop(from_engine);
     // Lease, slot and admission go back with the engine, before the ledger write; a prompt
     // refused for its own content costs no rate count.
@@ -241,16 +224,20 @@ async fn follow(
             .await
         {
             Err(e) => Err(e),
-            Ok(()) if overran.load(Ordering::Relaxed) => Err(limit.error.clone()),
-            Ok(()) if !started => Err(ServeError::internal("generation ended before it started")),
             Ok(()) => {
                 tracker.tokens(g.prompt_tokens, g.completion_tokens);
-                if g.finish_reason != FinishReason::Cancelled {
-                    if let Some(cp) = &remember {
-                        offer(&bill.policies, cp, &g).await;
+                if overran.load(Ordering::Relaxed) {
+                    Err(limit.error.clone())
+                } else if !started {
+                    Err(ServeError::internal("generation ended before it started"))
+                } else {
+                    if g.finish_reason != FinishReason::Cancelled {
+                        if let Some(cp) = &remember {
+                            offer(&bill.policies, cp, &g).await;
+                        }
                     }
+                    Ok(g)
                 }
-                Ok(g)
             }
         },
         Err(e) => Err(e),
@@ -297,6 +284,47 @@ async fn follow(
     // Not told: the client went away (the tracker counts 499 when dropped).
     if let Some(status) = told {
         tracker.finish(status);
+    }
+}
+
+/// How relaying a generation's text ended.
+enum Relayed {
+    /// The engine ended by itself.
+    Ended,
+    /// The client went away.
+    Left,
+    /// The limit passed (a client that stops reading must not hold the slot).
+    TimeUp,
+}
+
+/// Relay the engine's text to the client until the engine ends, the client leaves, or the
+/// limit passes.
+async fn relay(
+    from_engine: &mut mpsc::Receiver<GenerateEvent>,
+    to_client: &mpsc::Sender<Event>,
+    tracker: &mut Tracker,
+    until: tokio::time::Instant,
+) -> Relayed {
+    loop {
+        let ev = tokio::select! {
+            ev = from_engine.recv() => ev,
+            _ = to_client.closed() => return Relayed::Left,
+            _ = tokio::time::sleep_until(until) => return Relayed::TimeUp,
+        };
+        let text = match ev {
+            Some(GenerateEvent::Text(t)) => t,
+            Some(GenerateEvent::Started { .. }) => continue,
+            // The engine ended, by itself or at its own check of the limit.
+            None if tokio::time::Instant::now() >= until => return Relayed::TimeUp,
+            None => return Relayed::Ended,
+        };
+        tracker.first_token();
+        tokio::select! {
+            sent = to_client.send(Event::Text(text)) => if sent.is_err() {
+                return Relayed::Left;
+            },
+            _ = tokio::time::sleep_until(until) => return Relayed::TimeUp,
+        }
     }
 }
 

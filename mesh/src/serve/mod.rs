@@ -114,18 +114,11 @@ impl Serve {
             req.caller.tier.name.clone(),
             span.clone(),
         ));
-        let deadline = req.deadline;
-        let serving = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span);
-        let result = until(deadline, serving).await;
+        let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
         // A running generation took the tracker with it; otherwise the request ends here.
         if let Some(t) = tracker {
             match &result {
-                Ok(served) => {
-                    if let (Output::Embeddings(e), None) = (&served.output, &served.node) {
-                        t.tokens(e.prompt_tokens, 0);
-                    }
-                    t.finish(200);
-                }
+                Ok(_) => t.finish(200),
                 Err(e) => t.finish(e.http_status()),
             }
         }

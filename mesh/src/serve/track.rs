@@ -85,16 +85,17 @@ impl Tracker {
     }
 
     pub fn tokens(&self, input: usize, output: usize) {
-        telemetry::attr(&self.span, "gen_ai.usage.input_tokens", input as i64);
-        telemetry::attr(&self.span, "gen_ai.usage.output_tokens", output as i64);
-        self.metrics
-            .input_tokens
-            .with_label_values(&[&self.model])
-            .inc_by(input as u64);
-        self.metrics
-            .output_tokens
-            .with_label_values(&[&self.model])
-            .inc_by(output as u64);
+        self.counter().count(input, output);
+    }
+
+    /// Counts the request's tokens where the tracker cannot go (an embedding recorded after
+    /// its client was answered).
+    pub fn counter(&self) -> TokenCounter {
+        TokenCounter {
+            metrics: self.metrics.clone(),
+            model: self.model.clone(),
+            span: self.span.clone(),
+        }
     }
 
     pub fn finish(mut self, status: u16) {
@@ -139,6 +140,28 @@ impl Drop for Tracker {
     fn drop(&mut self) {
         // Dropped unfinished: the client went away mid-response.
         self.record(499);
+    }
+}
+
+/// Counts the tokens of one request, in the metrics and on its span.
+pub struct TokenCounter {
+    metrics: Metrics,
+    model: String,
+    span: tracing::Span,
+}
+
+impl TokenCounter {
+    pub fn count(&self, input: usize, output: usize) {
+        telemetry::attr(&self.span, "gen_ai.usage.input_tokens", input as i64);
+        telemetry::attr(&self.span, "gen_ai.usage.output_tokens", output as i64);
+        self.metrics
+            .input_tokens
+            .with_label_values(&[&self.model])
+            .inc_by(input as u64);
+        self.metrics
+            .output_tokens
+            .with_label_values(&[&self.model])
+            .inc_by(output as u64);
     }
 }
 

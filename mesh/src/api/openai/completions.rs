@@ -118,6 +118,12 @@ pub async fn chat(
     let req = body.and_then(|ApiJson(v)| {
         let common: Common = parse(&v)?;
         let r: ChatRequest = parse(&v)?;
+        if r.max_completion_tokens == Some(0) {
+            return Err(ApiError::bad_request(
+                "max_completion_tokens",
+                "must be at least 1",
+            ));
+        }
         let max_tokens = r.max_completion_tokens.or(common.max_tokens);
         Ok((Prompt::Chat(r.messages()?), max_tokens, common))
     });
