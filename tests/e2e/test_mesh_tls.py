@@ -107,10 +107,13 @@ def test_nodes_with_client_certificates_join_through_a_tls_etcd_and_serve_as_one
     ('etcd = ["http://127.0.0.1:2379"]\n[mesh.etcd_tls]\nca = "{ca}"', "use https:// endpoints"),
     ('etcd = ["https://127.0.0.1:2379"]\n[mesh.etcd_tls]\nca = "{ca}"\ncert = "{ca}"', "cert and key go together"),
     ('etcd = ["https://127.0.0.1:2379"]\n[mesh.etcd_tls]\nca = "/nowhere/ca.crt"', "mesh.etcd_tls.ca: /nowhere/ca.crt"),
+    ('etcd = ["https://127.0.0.1:2379"]\n[mesh.etcd_tls]\nca = "{ca}"\ncert = "{key}"\nkey = "{key}"',
+     "mesh.etcd_tls.cert"),
 ])
 def test_a_config_that_mixes_up_https_and_tls_is_refused_at_start(pki, tmp_path, mesh_table, says):
     cfg = tmp_path / "flatmesh.toml"
-    cfg.write_text('[server]\nadmin_token = "t"\n[mesh]\n' + mesh_table.format(ca=pki / "ca.crt") + "\n")
+    table = mesh_table.format(ca=pki / "ca.crt", key=pki / "node.key")
+    cfg.write_text('[server]\nadmin_token = "t"\n[mesh]\n' + table + "\n")
     r = subprocess.run([str(BIN), "serve", "--config", str(cfg), "--http-addr", "127.0.0.1:0",
                         "--grpc-addr", "127.0.0.1:0", "--models-dir", str(MODELS)],
                        capture_output=True, text=True, timeout=60)

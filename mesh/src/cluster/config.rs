@@ -53,16 +53,27 @@ pub struct EtcdTls {
 impl EtcdTls {
     /// The TLS settings of a connection, from the files as they are now.
     pub fn options(&self) -> anyhow::Result<etcd_client::TlsOptions> {
-        let read = |what: &str, p: &PathBuf| {
-            std::fs::read(p)
-                .map_err(|e| anyhow::anyhow!("mesh.etcd_tls.{what}: {}: {e}", p.display()))
+        // A file that is not the PEM it should be (a key where the certificate goes) is named
+        // here; a TLS handshake would only say "transport error".
+        let read = |what: &str, p: &PathBuf, marker: &str| {
+            let pem = std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("mesh.etcd_tls.{what}: {}: {e}", p.display()))?;
+            let text = String::from_utf8_lossy(&pem);
+            if !text.contains("-----BEGIN ") || !text.contains(marker) {
+                anyhow::bail!(
+                    "mesh.etcd_tls.{what}: {}: no PEM {marker} in it",
+                    p.display()
+                );
+            }
+            Ok::<_, anyhow::Error>(pem)
         };
-        let mut tls = etcd_client::TlsOptions::new()
-            .ca_certificate(etcd_client::Certificate::from_pem(read("ca", &self.ca)?));
+        let ca = read("ca", &self.ca, "CERTIFICATE-----")?;
+        let mut tls =
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
         if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
             tls = tls.identity(etcd_client::Identity::from_pem(
-                read("cert", cert)?,
-                read("key", key)?,
+                read("cert", cert, "CERTIFICATE-----")?,
+                read("key", key, "PRIVATE KEY-----")?,
             ));
         }
         if let Some(name) = &self.server_name {
@@ -157,6 +168,8 @@ mod tests {
     fn https_and_tls_settings_go_together() {
         let ca = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(ca.path(), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let key = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(key.path(), "-----BEGIN PRIVATE KEY-----\n").unwrap();
         let tls = |cert: Option<&std::path::Path>, key: Option<&std::path::Path>| EtcdTls {
             ca: ca.path().into(),
             cert: cert.map(Into::into),
@@ -175,6 +188,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("cert and key go together"), "{e}");
+        assert!(with(
+            "https://e:2379",
+            Some(tls(Some(ca.path()), Some(key.path())))
+        )
+        .is_ok());
+        // Swapped: the key where the certificate goes.
+        let e = with(
+            "https://e:2379",
+            Some(tls(Some(key.path()), Some(key.path()))),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("mesh.etcd_tls.cert") && e.contains("no PEM CERTIFICATE"),
+            "{e}"
+        );
         let missing = std::path::Path::new("/nowhere/key.pem");
         let e = with("https://e:2379", Some(tls(Some(ca.path()), Some(missing))))
             .unwrap_err()

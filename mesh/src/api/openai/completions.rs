@@ -224,7 +224,7 @@ async fn run(
 /// An error in the middle of a stream, as OpenAI sends it.
 fn error_chunk(e: serve::ServeError) -> Value {
     let e = ApiError::from(e);
-    json!({"error": {"message": e.message, "type": e.kind, "code": e.code}})
+    json!({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
 }
 
 /// Server-sent events, one chunk per text delta, ending with `data: [DONE]`. When the client
