@@ -18,6 +18,10 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Subtracted from a token's logit once for each time it has appeared.
     pub frequency_penalty: f32,
+    /// Never end the generation with an end-of-generation token (their logits are masked):
+    /// it runs to `max_tokens` or a stop string.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +33,7 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            ignore_eos: false,
         }
     }
 }

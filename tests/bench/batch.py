@@ -13,7 +13,7 @@ prompt prefix is reused from the last request. For each N (and one lone stream),
   decode tok/s (1)     one lone stream: (tokens - 1) / (last token - first token)
 
 The last column is flatmesh / llama-server: above 1 is flatmesh faster for tok/s, below 1 for
-TTFT. `ignore_eos` is sent (llama-server honours it; flatmesh ignores it), and the tokens each
+TTFT. `ignore_eos` is sent (both honour it), and the tokens each
 engine actually produced (from `usage`) are shown in the table.
 
     python3 tests/bench/batch.py [--streams 8,32] [--max-tokens 128] [--runs 1] [--parallel 8]

@@ -105,6 +105,15 @@ def test_unknown_model_is_404(client):
     assert "no-such-model" in e.value.message
 
 
+def test_ignore_eos_generates_to_max_tokens(client):
+    kw = dict(model=LLM, messages=[{"role": "user", "content": "Say hi."}], max_tokens=48, temperature=0)
+    short = client.chat.completions.create(**kw)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 48
+    full = client.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 48
+    assert full.choices[0].message.content.startswith(short.choices[0].message.content)
+
+
 def test_malformed_json_is_400(agent):
     r = httpx.post(agent.url + "/v1/chat/completions", content=b"{not json",
                    headers={"content-type": "application/json"})

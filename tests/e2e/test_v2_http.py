@@ -76,6 +76,18 @@ def test_generate_and_generate_stream(agent):
     assert len(parts) > 1 and "".join(parts) == r.json()["text_output"]
 
 
+def test_ignore_eos_on_v2_generate(agent):
+    def generate(**params):
+        return httpx.post(f"{agent.url}/v2/models/{LLM}/generate", timeout=60, json={
+            "text_input": "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n",
+            "parameters": {"max_tokens": 48, "temperature": 0, **params}})
+    usage = lambda: httpx.get(f"{agent.url}/admin/ledger/records").json()["records"][-1]["output_tokens"]
+    assert generate().status_code == 200 and usage() < 48
+    assert generate(ignore_eos=True).status_code == 200 and usage() == 48
+    r = generate(ignore_eos="yes")
+    assert r.status_code == 400 and "parameters.ignore_eos" in r.json()["error"], r.text
+
+
 def test_repository_index_load_unload_drive_the_cache(triton, agent):
     names = {m["name"]: m for m in triton.get_model_repository_index()}
     assert names[EMBED]["state"] == "READY"

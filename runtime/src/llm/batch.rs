@@ -261,6 +261,13 @@ impl StepLoop {
                 continue;
             }
             let row = rows.next().expect("a logits row per finished run");
+            if s.submit.sampling.ignore_eos {
+                for &t in &self.end_of_generation {
+                    if let Some(logit) = row.get_mut(t as usize) {
+                        *logit = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let token = s.sampler.sample(row);
             s.tokens.push(token);
             s.generated += 1;

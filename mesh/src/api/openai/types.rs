@@ -68,6 +68,10 @@ pub struct Common {
     pub seed: Option<u64>,
     #[serde(default)]
     pub stop: Option<OneOrMany>,
+    /// Not in OpenAI's API; as vLLM: generate to `max_tokens` (or a stop string), never
+    /// ending at an end-of-generation token.
+    #[serde(default)]
+    pub ignore_eos: bool,
     #[serde(default)]
     pub n: Option<u32>,
     #[serde(default)]
@@ -214,6 +218,7 @@ impl Common {
             seed: self.seed,
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            ignore_eos: self.ignore_eos,
         })
     }
 

@@ -372,6 +372,11 @@ pub fn generate_request(
     let top_k = int("top_k", 0.0, u32::MAX as f64)?.unwrap_or(0);
     // Seeds are whole numbers that JSON carries exactly (up to 2^53).
     let seed = int("seed", 0.0, 9_007_199_254_740_992.0)?;
+    let ignore_eos = match p.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err(bad("ignore_eos", format!("must be true or false, got {v}"))),
+    };
     Ok(GenerateRequest {
         prompt: Prompt::Text(prompt),
         max_tokens: Some(max_tokens as usize),
@@ -380,6 +385,7 @@ pub fn generate_request(
             top_p: top_p as f32,
             top_k: top_k as usize,
             seed,
+            ignore_eos,
             ..Default::default()
         },
         stop,
