@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import BIN, EMBED, MODELS, Agent, Etcd
-from test_mesh import ADMIN, holders, nodes, served_by, wait_until
+from test_mesh import ADMIN, holders, mesh_config, nodes, served_by, wait_until
 
 
 def openssl(*args, cwd):
@@ -44,19 +44,7 @@ def pki(tmp_path_factory):
 
 
 def tls_config(etcd: Etcd, node: str, pki: Path, client: str = "node") -> str:
-    return f"""
-[server]
-admin_token = "admin-secret"
-
-[cache]
-preload = false
-
-[mesh]
-etcd = ["{etcd.endpoint}"]
-node = "{node}"
-prefix = "/flatmesh-tls"
-lease_ttl = "2s"
-
+    return mesh_config(etcd, node, "/flatmesh-tls") + f"""
 [mesh.etcd_tls]
 ca = "{pki / 'ca.crt'}"
 cert = "{pki / f'{client}.crt'}"
