@@ -146,6 +146,15 @@ impl ServeError {
         ServeError::bad_request("", message)
     }
 
+    /// The client's deadline passed.
+    pub fn past_deadline() -> Self {
+        ServeError::new(
+            ErrorKind::Timeout,
+            "deadline_exceeded",
+            "the client's deadline (x-request-timeout, grpc-timeout) passed",
+        )
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         ServeError::new(ErrorKind::NotFound, "model_not_found", message)
     }

@@ -439,7 +439,7 @@ impl Serve {
         match deadline {
             Some(d) if d < until => Limit {
                 until: d,
-                error: past_deadline(),
+                error: ServeError::past_deadline(),
             },
             _ => Limit {
                 until,
@@ -453,14 +453,6 @@ impl Serve {
     }
 }
 
-fn past_deadline() -> ServeError {
-    ServeError::new(
-        ErrorKind::Timeout,
-        "deadline_exceeded",
-        "the client's deadline (x-request-timeout, grpc-timeout) passed",
-    )
-}
-
 /// `serving`, unless the client's deadline passes first (queued, paging in, waiting for a
 /// peer): the caller gets a timeout, and what was held goes back.
 async fn until<T>(
@@ -472,7 +464,7 @@ async fn until<T>(
     };
     tokio::time::timeout_at(d.into(), serving)
         .await
-        .unwrap_or_else(|_| Err(past_deadline()))
+        .unwrap_or_else(|_| Err(ServeError::past_deadline()))
 }
 
 /// Whether a model of `kind` can do the work, or why not.

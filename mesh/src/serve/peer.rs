@@ -216,7 +216,13 @@ pub struct Call<'a> {
     pub authorization: Option<&'a str>,
     /// The mesh's shared admin token, proving the request comes from a node.
     pub mesh_token: Option<&'a str>,
+    /// The client's deadline. The peer is given it and stops by itself; past it and
+    /// `DEADLINE_GRACE`, this node ends the stream anyway (a peer that did not).
+    pub deadline: Option<Instant>,
 }
+
+/// How long past the client's deadline a peer's stream may go on before this node ends it.
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
 /// What the answer does once it is here: offer a generation to this node's response cache,
 /// and keep this node's serve span open until the stream ends.
@@ -286,7 +292,8 @@ pub async fn serve(
             let lines = futures::stream::once(async { Ok(first) })
                 .chain(lines)
                 .boxed();
-            Output::Text(relay(lines, node.clone(), after))
+            let until = call.deadline.map(|d| d + DEADLINE_GRACE);
+            Output::Text(relay(lines, node.clone(), after, until))
         }
         (_, other) => {
             let e = ServeError::internal(format!("node {node:?} sent {} first", other.kind()));
@@ -388,14 +395,22 @@ fn gone(node: &str) -> ServeError {
 
 /// The peer's generation as this node's stream of events. Dropping it drops the connection
 /// to the peer, which stops the generation there.
-fn relay(mut lines: Lines, node: String, after: After) -> Generating {
+fn relay(mut lines: Lines, node: String, after: After, until: Option<Instant>) -> Generating {
     let (tx, events) = mpsc::channel(64);
     let After { remember, span } = after;
     tokio::spawn(async move {
+        let past = async {
+            match until {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(past);
         let done = loop {
             let line = tokio::select! {
                 l = lines.next() => l,
                 _ = tx.closed() => return, // the client left
+                _ = &mut past => break Err(ServeError::past_deadline()),
             };
             match line {
                 Some(Ok(WireEvent::Text(t))) => {

@@ -128,6 +128,7 @@ impl Here<'_> {
             origin: cluster.node(),
             authorization: req.caller.authorization.as_ref().map(|c| c.as_header()),
             mesh_token: self.token,
+            deadline: req.deadline,
         };
         match peer::serve(call, &wire, self.metrics, after).await {
             Ok(result) => {

@@ -18,22 +18,37 @@ fn an_error_crosses_with_its_kind_code_and_headers() {
     assert_eq!(back.http_status(), 429);
 }
 
-/// A peer that answers `served` and then dies.
-async fn dying_peer() -> String {
+/// How a fake peer's answer ends after its lines.
+#[derive(Clone, Copy)]
+enum End {
+    /// The connection breaks (the peer was killed).
+    Dies,
+    /// Nothing more, ever (a peer that does not stop).
+    Hangs,
+}
+
+/// A peer that answers `served`, then `lines`, then ends as `end` says.
+async fn fake_peer(lines: Vec<WireEvent>, end: End) -> String {
+    let served = WireEvent::Served {
+        id: "x".into(),
+        model: "m".into(),
+        node: "fake".into(),
+    };
+    let body: Vec<Vec<u8>> = std::iter::once(&served)
+        .chain(&lines)
+        .map(|ev| [serde_json::to_vec(ev).unwrap(), b"\n".to_vec()].concat())
+        .collect();
     let app = axum::Router::new().route(
         PATH,
-        axum::routing::post(|| async {
-            let head = serde_json::to_vec(&WireEvent::Served {
-                id: "x".into(),
-                model: "m".into(),
-                node: "dying".into(),
-            })
-            .unwrap();
-            let lines = futures::stream::iter(vec![
-                Ok::<_, std::io::Error>([head, b"\n".to_vec()].concat()),
-                Err(std::io::Error::other("killed")),
-            ]);
-            axum::body::Body::from_stream(lines)
+        axum::routing::post(move || {
+            let lines = futures::stream::iter(body.clone().into_iter().map(Ok));
+            let end = match end {
+                End::Dies => {
+                    futures::stream::iter(vec![Err(std::io::Error::other("killed"))]).boxed()
+                }
+                End::Hangs => futures::stream::pending().boxed(),
+            };
+            async move { axum::body::Body::from_stream(lines.chain(end)) }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -42,17 +57,19 @@ async fn dying_peer() -> String {
     url
 }
 
-#[tokio::test]
-async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
-    let url = dying_peer().await;
-    let call = Call {
-        node: "dying",
-        url: &url,
+fn call(url: &str, deadline: Option<Instant>) -> Call<'_> {
+    Call {
+        node: "fake",
+        url,
         origin: "here",
         authorization: None,
         mesh_token: None,
-    };
-    let wire = WireRequest {
+        deadline,
+    }
+}
+
+fn wire() -> WireRequest {
+    WireRequest {
         model: "m".into(),
         fallbacks: Vec::new(),
         endpoint: "chat_completions".into(),
@@ -66,15 +83,52 @@ async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
         client_id: None,
         stream: true,
         timeout_ms: None,
-    };
-    let after = After {
+    }
+}
+
+fn after() -> After {
+    After {
         remember: None,
         span: tracing::Span::none(),
-    };
-    let got = serve(call, &wire, &Metrics::new(), after).await;
+    }
+}
+
+#[tokio::test]
+async fn a_peer_gone_before_its_first_token_hands_the_request_back() {
+    let url = fake_peer(Vec::new(), End::Dies).await;
+    let got = serve(call(&url, None), &wire(), &Metrics::new(), after()).await;
     assert!(
         got.is_err(),
         "the caller serves it: nothing reached the client"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_stream_that_outlives_the_deadline_is_ended_here() {
+    let url = fake_peer(vec![WireEvent::Text("hi".into())], End::Hangs).await;
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let served = serve(
+        call(&url, Some(deadline)),
+        &wire(),
+        &Metrics::new(),
+        after(),
+    )
+    .await
+    .ok()
+    .expect("the peer answered")
+    .expect("it served");
+    let Output::Text(g) = served.output else {
+        panic!("a generation")
+    };
+    let e = tokio::time::timeout(Duration::from_secs(5), g.collect())
+        .await
+        .expect("the stream ended")
+        .unwrap_err();
+    assert_eq!(e.code, "deadline_exceeded");
+    let late = Instant::now().duration_since(deadline);
+    assert!(
+        late >= DEADLINE_GRACE && late < DEADLINE_GRACE * 2,
+        "{late:?}"
     );
 }
 
