@@ -10,8 +10,14 @@ use tokenizers::Tokenizer;
 
 use crate::{
     engine::{Embeddings, Engine, ModelInfo, ModelKind},
+    error::{first_line, message},
     Result, RuntimeError,
 };
+
+/// An input longer than this many bytes per token of the context is refused before it is
+/// tokenized: text runs ~4 bytes per token, and tokenizing megabytes only to refuse them
+/// would let any caller burn the node's CPU.
+pub const MAX_BYTES_PER_TOKEN: usize = 32;
 
 /// Inputs are run through the model in batches of at most this many.
 const BATCH: usize = 32;
@@ -72,23 +78,23 @@ impl BertEngine {
             _ => Pooling::Mean,
         };
         let tok_path = file("tokenizer.json")?;
-        let mut tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| bad(&tok_path, e.to_string()))?;
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| bad(&tok_path, first_line(&e.to_string())))?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
-            .map_err(|e| bad(&tok_path, e.to_string()))?;
+            .map_err(|e| bad(&tok_path, first_line(&e.to_string())))?;
 
         let weights = file("model.safetensors")?;
         let device = Device::Cpu;
         let tensors = candle_core::safetensors::load(&weights, &device)
-            .map_err(|e| bad(&weights, e.to_string()))?;
+            .map_err(|e| bad(&weights, message(e)))?;
         let size_bytes = tensors
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let model = BertModel::load(vb, &config).map_err(|e| bad(&weights, e.to_string()))?;
+        let model = BertModel::load(vb, &config).map_err(|e| bad(&weights, message(e)))?;
         Ok(BertEngine {
             model,
             tokenizer,
@@ -153,13 +159,31 @@ impl Engine for BertEngine {
                 "input: must not be empty".into(),
             ));
         }
-        let ids = self.encode(inputs)?;
         let max = self.info.context_length;
-        if let Some((i, seq)) = ids.iter().enumerate().find(|(_, s)| s.len() > max) {
+        let max_bytes = max.saturating_mul(MAX_BYTES_PER_TOKEN);
+        if let Some((i, text)) = inputs.iter().enumerate().find(|(_, t)| t.len() > max_bytes) {
             return Err(RuntimeError::InvalidRequest(format!(
-                "input[{i}]: {} tokens, but this model accepts at most {max}",
-                seq.len()
+                "input[{i}]: {} bytes is longer than this model's context of {max} tokens \
+                 can hold (at most {max_bytes} bytes)",
+                text.len()
             )));
+        }
+        // A batch at a time, so the first batch with an input over the context ends the work.
+        let mut ids = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(BATCH) {
+            let start = ids.len();
+            ids.extend(self.encode(chunk)?);
+            if let Some((i, seq)) = ids
+                .iter()
+                .enumerate()
+                .skip(start)
+                .find(|(_, s)| s.len() > max)
+            {
+                return Err(RuntimeError::InvalidRequest(format!(
+                    "input[{i}]: {} tokens, but this model accepts at most {max}",
+                    seq.len()
+                )));
+            }
         }
         // Batch inputs of similar length together so padding stays small.
         let mut order: Vec<usize> = (0..ids.len()).collect();

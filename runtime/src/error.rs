@@ -61,6 +61,24 @@ impl RuntimeError {
 
 impl From<candle_core::Error> for RuntimeError {
     fn from(e: candle_core::Error) -> Self {
-        RuntimeError::Inference(e.to_string())
+        RuntimeError::Inference(message(e))
     }
+}
+
+/// What a dependency's error says, reduced to its message: no backtrace (it would name the
+/// agent's source paths in a response, and printing one costs a symbolization of the whole
+/// binary) and one line.
+pub fn message(e: candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => message(*inner),
+        E::Context { inner, context } => format!("{context}: {}", message(*inner)),
+        E::WithPath { inner, .. } => message(*inner),
+        e => first_line(&e.to_string()),
+    }
+}
+
+/// The first line of a message from elsewhere (the rest may be a backtrace).
+pub fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
 }

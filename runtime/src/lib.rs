@@ -3,6 +3,7 @@
 //! Nothing here knows about HTTP, tenants or the mesh; the agent in `mesh/` drives it.
 
 mod bert;
+mod bytes;
 pub mod device;
 mod engine;
 mod error;
@@ -23,6 +24,6 @@ pub use engine::{
 };
 pub use error::{Result, RuntimeError};
 pub use file::{file_kind, open_regular, read_regular};
-pub use llm::{kernels, BatchConfig, LlmEngine};
+pub use llm::{check as check_gguf, kernels, BatchConfig, LlmEngine};
 pub use load::{footprint, load, load_image, load_keeping_image, Footprint, Format, Image};
 pub use sampling::SamplingParams;

@@ -73,7 +73,7 @@ impl GgufTokenizer {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(crate::error::first_line(&e.to_string())))?;
 
         let pre = match md
             .get("tokenizer.ggml.pre")
@@ -114,8 +114,10 @@ impl GgufTokenizer {
             .collect();
         tokenizer
             .add_special_tokens(special)
-            .map_err(|e| bad(e.to_string()))?;
-        tokenizer.add_tokens(user).map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(crate::error::first_line(&e.to_string())))?;
+        tokenizer
+            .add_tokens(user)
+            .map_err(|e| bad(crate::error::first_line(&e.to_string())))?;
 
         let named = |key: &str| {
             md.get(key)

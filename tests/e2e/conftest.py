@@ -23,7 +23,7 @@ EMBED = "all-minilm-l6-v2"
 class Agent:
     """One agent process on port 0; `url` is read back from its address file."""
 
-    def __init__(self, config: str = "", ready_timeout: float = 180.0, extra_args=()):
+    def __init__(self, config: str = "", ready_timeout: float = 180.0, extra_args=(), env=None):
         self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-e2e-")
         cfg = Path(self.dir.name) / "flatmesh.toml"
         cfg.write_text(config)
@@ -34,7 +34,7 @@ class Agent:
              "--addr-file", str(self.addr_file), "--models-dir", str(MODELS),
              *([] if "--state-dir" in extra_args else ["--state-dir", str(Path(self.dir.name) / "state")]),
              *extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.time() + ready_timeout
         while not self.addr_file.exists():
             self._check_alive()

@@ -14,7 +14,7 @@ impl super::Cache {
         let _order = self.inner.persist.lock().await;
         let saved = {
             let mut st = self.inner.lock();
-            st.add(config, false, footprint)?;
+            st.add(config, super::state::Origin::Api, footprint)?;
             st.registered()
         };
         self.save(saved).await

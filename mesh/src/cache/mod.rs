@@ -34,7 +34,7 @@ use tokio::{
 pub use self::copy::CopyId;
 pub use self::error::CacheError;
 pub use self::history::CacheEvent;
-use self::state::{Pin, State};
+use self::state::{Origin, Pin, State};
 pub use self::status::{CopyDetail, CopyStatus, VmodelStatus};
 use self::{
     config::{CacheConfig, ModelConfig},
@@ -178,13 +178,13 @@ impl Cache {
         };
         for m in models {
             state
-                .add(m.clone(), true, size(m))
+                .add(m.clone(), Origin::Config, size(m))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         for m in saved.models {
             let id = m.id.clone();
             let footprint = size(&m);
-            if let Err(e) = state.add(m, false, footprint) {
+            if let Err(e) = state.add(m, Origin::Saved, footprint) {
                 tracing::warn!(model = %id, error = %e, "Skipping a registered model");
             }
         }

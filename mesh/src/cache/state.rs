@@ -129,14 +129,16 @@ impl State {
     }
 
     /// Add a model, given its footprint as read from its files (outside the lock). A model
-    /// whose files cannot be read is kept (as failed, retried on use) when it comes from the
-    /// config file, and refused when registered through the API.
+    /// whose files cannot be read is kept (as failed with its reason, retried on use) when it
+    /// comes from the config file or the saved registry at start, so the agent serves the
+    /// rest; it is refused when registered through the API.
     pub fn add(
         &mut self,
         config: ModelConfig,
-        from_config: bool,
+        origin: Origin,
         footprint: Result<Footprint, RuntimeError>,
     ) -> Result<(), CacheError> {
+        let from_config = origin == Origin::Config;
         if self.models.contains_key(&config.id) || self.vmodels.contains_key(&config.id) {
             return Err(CacheError::Conflict(format!(
                 "model {:?} already exists",
@@ -160,7 +162,7 @@ impl State {
                 }
                 (Some(total), None)
             }
-            Err(e) if from_config => (
+            Err(e) if origin != Origin::Api => (
                 None,
                 Some(Failure {
                     reason: e.to_string(),
@@ -559,4 +561,15 @@ impl State {
             vmodels: self.vmodels.clone(),
         }
     }
+}
+
+/// Where a model being added comes from: what becomes of one whose files cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The config file: kept as failed.
+    Config,
+    /// The registry saved by an earlier run: kept as failed.
+    Saved,
+    /// A registration now (admin API, or the mesh's shared registry): refused.
+    Api,
 }

@@ -11,11 +11,11 @@ use candle_core::quantized::gguf_file;
 
 use super::{
     batch::{BatchConfig, SeqEvent, StepLoop, Submit},
-    bytes::Bytes,
     cpu::Cpu,
     kv::KvPool,
     model::Model,
 };
+use crate::bytes::Bytes;
 use crate::gguf::{bad_gguf, open_error};
 use crate::{
     device::Device,
@@ -42,7 +42,9 @@ impl TextParts {
         let tokenizer = GgufTokenizer::from_gguf(ct)?;
         let template = match ct.metadata.get("tokenizer.chat_template") {
             Some(v) => {
-                let src = v.to_string().map_err(|e| bad_gguf(path, e.to_string()))?;
+                let src = v
+                    .to_string()
+                    .map_err(|e| bad_gguf(path, crate::error::message(e)))?;
                 let name =
                     |t: &Option<(u32, String)>| t.as_ref().map(|t| t.1.clone()).unwrap_or_default();
                 Some(Arc::new(ChatTemplate::new(
@@ -129,12 +131,7 @@ impl LlmEngine {
                 "batch settings must be positive: {config:?}"
             )));
         }
-        let (model, ct) = Model::parse(bytes, path)?;
-        let text = match text {
-            Some(t) => t,
-            None => TextParts::from_gguf(&ct, path)?,
-        };
-        drop(ct);
+        let (model, text) = parts(bytes, path, text)?;
         let shape = &model.shape;
         let kv = KvPool::new(
             config.kv_tokens,
@@ -344,10 +341,37 @@ impl Engine for LlmEngine {
     }
 }
 
+/// The model and its text parts from GGUF bytes, each checked against the other: a
+/// tokenizer that could name a token the model has no row for is refused.
+fn parts(bytes: Bytes, path: &Path, text: Option<TextParts>) -> Result<(Model, TextParts)> {
+    let (model, ct) = Model::parse(bytes, path)?;
+    let text = match text {
+        Some(t) => t,
+        None => TextParts::from_gguf(&ct, path)?,
+    };
+    let tokens = text.tokenizer.tokenizer.get_vocab_size(true);
+    if tokens > model.shape.vocab {
+        return Err(bad_gguf(
+            path,
+            format!(
+                "the tokenizer has {tokens} tokens but the embedding table only {} rows",
+                model.shape.vocab
+            ),
+        ));
+    }
+    Ok((model, text))
+}
+
+/// Read GGUF bytes as a load does — header, shape, every tensor, the tokenizer and the chat
+/// template — without starting a copy: what the fuzz target drives.
+pub fn check(bytes: Vec<u8>) -> Result<()> {
+    parts(Bytes::Shared(Arc::new(bytes)), Path::new("<bytes>"), None).map(drop)
+}
+
 /// What a GGUF model will need in memory, read from its header only: its weights as stored
 /// (they are used in place) and the KV bytes per token of its shape.
 pub fn footprint(path: &Path) -> Result<crate::Footprint> {
-    let (ct, _) = crate::gguf::read_header(path)?;
+    let ct = crate::gguf::read_header(path)?;
     let arch = ct
         .metadata
         .get("general.architecture")
@@ -358,9 +382,7 @@ pub fn footprint(path: &Path) -> Result<crate::Footprint> {
     let weights = ct
         .tensor_infos
         .values()
-        .map(|t| {
-            (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
-        })
+        .map(crate::gguf::tensor_bytes)
         .sum();
     Ok(crate::Footprint {
         weights,

@@ -6,10 +6,10 @@ use std::io::Cursor;
 use candle_core::quantized::{ggml_file, gguf_file, GgmlDType, QTensor};
 
 use super::{
-    bytes::Bytes,
     kernels::{quantize_weights, Kernels, QType},
     model::{Matrix, Model},
 };
+use crate::bytes::Bytes;
 
 /// The fixture's shape: K-quants need rows of 256, so the widths are multiples of it.
 pub const DIM: usize = 256;

@@ -3,21 +3,20 @@
 //!
 //! Layers, top down: `engine` (the `Engine` a copy is) → `batch` (its step loop) →
 //! `forward` (one pass over a batch, over the `Backend` trait) → `cpu` (the host backend) →
-//! `kernels` (quantized dot products; the only unsafe code besides `bytes`' mmap).
+//! `kernels` (quantized dot products; the only unsafe code besides the crate's `bytes` (the mmap)).
 
 mod batch;
-mod bytes;
 mod cpu;
 mod engine;
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 mod forward;
 pub mod kernels;
 mod kv;
 mod model;
 
 pub use batch::BatchConfig;
-pub use engine::{footprint, LlmEngine, TextParts};
+pub use engine::{check, footprint, LlmEngine, TextParts};
 
 #[cfg(test)]
 mod tests;

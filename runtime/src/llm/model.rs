@@ -1,19 +1,21 @@
 //! A llama-family model's shape and weights, viewed in place in the GGUF bytes.
 
-use std::{io::Cursor, path::Path};
+use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 
-use super::{
-    bytes::Bytes,
-    kernels::{Kernels, QType},
-};
-use crate::gguf::{bad_gguf, header_error};
+use super::kernels::{Kernels, QType};
+use crate::bytes::Bytes;
+use crate::gguf::bad_gguf;
 use crate::{Result, RuntimeError};
 
 /// Architectures whose GGUF files this engine runs: llama itself, and relatives that differ
 /// only in optional biases on the Q, K and V projections (read when the file has them).
 pub const ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2"];
+
+/// The largest vocabulary a model may have (real ones have up to ~260k tokens): every
+/// sequence holds a logit per token.
+const MAX_VOCAB: usize = 1 << 22;
 
 /// The hyperparameters of a model, from its GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,8 +102,7 @@ impl Model {
     /// The model in `bytes` (a whole GGUF file); `path` names it in errors.
     pub fn parse(bytes: Bytes, path: &Path) -> Result<(Model, gguf_file::Content)> {
         let bad = |reason: String| bad_gguf(path, reason);
-        let ct = gguf_file::Content::read(&mut Cursor::new(&bytes[..]))
-            .map_err(|e| header_error(path, e))?;
+        let ct = crate::gguf::read(&bytes, path)?;
         let arch = meta_str(&ct, "general.architecture")
             .ok_or_else(|| bad("metadata key general.architecture is missing".into()))?;
         if !ARCHITECTURES.contains(&arch.as_str()) {
@@ -213,9 +214,14 @@ pub fn shape(ct: &gguf_file::Content, arch: &str, path: &Path) -> Result<Shape> 
         )));
     }
     let vocab = match ct.tensor_infos.get("token_embd.weight") {
-        Some(t) => t.shape.dims()[0],
+        Some(t) => t.shape.dims().first().copied().unwrap_or(0),
         None => return Err(bad("tensor token_embd.weight is missing".into())),
     };
+    if !(1..=MAX_VOCAB).contains(&vocab) {
+        return Err(bad(format!(
+            "a vocabulary of {vocab} tokens is out of range (1 to {MAX_VOCAB})"
+        )));
+    }
     let f32_or = |key: &str, default: f32| {
         ct.metadata
             .get(&format!("{arch}.{key}"))
@@ -286,19 +292,23 @@ impl Tensors<'_> {
                 qtype.name()
             )));
         }
-        let m = Matrix {
-            qtype,
-            rows,
-            cols,
-            offset: (self.ct.tensor_data_offset + info.offset) as usize,
-        };
-        if m.offset
-            .checked_add(m.bytes())
-            .is_none_or(|end| end > self.len)
-        {
-            return Err(bad("its data runs past the end of the file".into()));
+        // The reader checked the tensor against the file; checked again here, where the
+        // sizes the engine will index by are computed.
+        let end = (self.ct.tensor_data_offset.checked_add(info.offset))
+            .and_then(|start| usize::try_from(start).ok())
+            .and_then(|start| {
+                let bytes = rows.checked_mul(qtype.row_bytes(cols))?;
+                Some((start, start.checked_add(bytes)?))
+            });
+        match end {
+            Some((offset, end)) if end <= self.len => Ok(Matrix {
+                qtype,
+                rows,
+                cols,
+                offset,
+            }),
+            _ => Err(bad("its data runs past the end of the file".into())),
         }
-        Ok(m)
     }
 }
 
