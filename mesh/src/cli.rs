@@ -100,6 +100,9 @@ struct ServeArgs {
     /// The URL peers reach this node's gRPC front door at (mesh.advertise_grpc).
     #[arg(long, env = "FLATMESH_MESH_ADVERTISE_GRPC")]
     mesh_advertise_grpc: Option<String>,
+    /// The token the nodes of the mesh prove themselves to each other with (mesh.token).
+    #[arg(long, env = "FLATMESH_MESH_TOKEN", hide_env_values = true)]
+    mesh_token: Option<String>,
 }
 
 fn parse_secs(s: &str) -> Result<Secs, String> {
@@ -161,6 +164,7 @@ impl ServeArgs {
             ("--mesh-node", self.mesh_node.is_some()),
             ("--mesh-advertise", self.mesh_advertise.is_some()),
             ("--mesh-advertise-grpc", self.mesh_advertise_grpc.is_some()),
+            ("--mesh-token", self.mesh_token.is_some()),
         ];
         match &mut c.mesh {
             Some(m) => {
@@ -172,6 +176,9 @@ impl ServeArgs {
                 }
                 if let Some(v) = self.mesh_advertise_grpc {
                     m.advertise_grpc = Some(v);
+                }
+                if let Some(v) = self.mesh_token {
+                    m.token = Some(v);
                 }
             }
             None => {
@@ -207,10 +214,15 @@ pub fn main() -> ExitCode {
     if print_only {
         // Tokens are shown as set, never printed (an init container's log keeps this).
         let mut shown = config.clone();
+        let mesh_token = shown.mesh.as_mut().map(|m| &mut m.token);
         for token in [
-            &mut shown.server.admin_token,
-            &mut shown.server.metrics_token,
-        ] {
+            Some(&mut shown.server.admin_token),
+            Some(&mut shown.server.metrics_token),
+            mesh_token,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if token.is_some() {
                 *token = Some("<set>".into());
             }
@@ -374,6 +386,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         models_dir: config.models_dir.clone(),
         admin_token: config.server.admin_token.clone(),
         metrics_token: config.server.metrics_token.clone(),
+        mesh_token: config.mesh.as_ref().and_then(|m| m.token.clone()),
         files: Arc::new(crate::files::FileRules {
             model_roots: std::iter::once(config.models_dir.clone())
                 .chain(config.server.model_roots.iter().cloned())
@@ -411,7 +424,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         );
         let _ = state.serve.mesh.set(crate::serve::Mesh {
             cluster: cluster.clone(),
-            token: config.server.admin_token.clone(),
+            token: mesh.token.clone(),
         });
         state.cluster = Some(cluster);
     }
@@ -447,7 +460,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             api::auth::grpc(state.tenancy.clone(), state.admin_token.clone()),
         ))
         .serve_with_incoming_shutdown(
-            api::v2::incoming::bounded(grpc_listener, config.server.max_connections),
+            api::v2::incoming::bounded(
+                grpc_listener,
+                api::v2::incoming::Limits {
+                    max: config.server.max_connections,
+                    per_peer: config.server.grpc_per_peer(),
+                    handshake: config.server.grpc_handshake_timeout.0,
+                },
+            ),
             stopped(stop_rx.clone()),
         );
     let grpc = tokio::spawn(grpc);
@@ -466,6 +486,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         header_read_timeout: config.server.header_read_timeout.0,
         body_read_timeout: config.server.body_read_timeout.0,
         max_connections: config.server.max_connections,
+        max_body_bytes: config.server.max_body_bytes,
     };
     api::serve_with(listener, app, state, stopped(stop_rx), grace, limits).await?;
     match tokio::time::timeout(grace, grpc).await {

@@ -75,6 +75,14 @@ pub struct ServerConfig {
     /// Connections open at once, on the HTTP and on the gRPC port each; more wait in the
     /// listen queue until one closes.
     pub max_connections: usize,
+    /// How long a new gRPC connection may take to send the HTTP/2 preface (its first 24
+    /// bytes); then it is closed. Default 5 s.
+    pub grpc_handshake_timeout: Secs,
+    /// gRPC connections open at once from one client address; more are closed as soon as
+    /// they are accepted. Default: a quarter of `max_connections`, at least 1. (Behind a load
+    /// balancer that does not keep the client's address, raise it to `max_connections`.)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_max_connections_per_peer: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,9 +142,18 @@ impl ServerConfig {
                 self.max_connections
             );
         }
+        if let Some(n) = self.grpc_max_connections_per_peer {
+            if !(1..=self.max_connections).contains(&n) {
+                anyhow::bail!(
+                    "server.grpc_max_connections_per_peer: {n} is not in [1, max_connections = {}]",
+                    self.max_connections
+                );
+            }
+        }
         for (key, t) in [
             ("header_read_timeout", self.header_read_timeout),
             ("body_read_timeout", self.body_read_timeout),
+            ("grpc_handshake_timeout", self.grpc_handshake_timeout),
         ] {
             if t.0.is_zero() {
                 anyhow::bail!("server.{key}: must be greater than 0");
@@ -151,6 +168,13 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// gRPC connections one client address may hold open at once.
+    pub fn grpc_per_peer(&self) -> usize {
+        self.grpc_max_connections_per_peer
+            .unwrap_or(self.max_connections / 4)
+            .max(1)
     }
 }
 
@@ -170,6 +194,8 @@ impl Default for ServerConfig {
             header_read_timeout: Secs(std::time::Duration::from_secs(30)),
             body_read_timeout: Secs(std::time::Duration::from_secs(60)),
             max_connections: 1024,
+            grpc_handshake_timeout: Secs(std::time::Duration::from_secs(5)),
+            grpc_max_connections_per_peer: None,
         }
     }
 }
@@ -239,13 +265,17 @@ impl Config {
         self.tenancy.validate()?;
         self.policy.validate().map_err(anyhow::Error::msg)?;
         if let Some(mesh) = &self.mesh {
+            // The nodes prove to each other with `mesh.token` (required there) that a
+            // forwarded request or a ledger query comes from the mesh. It opens nothing else:
+            // the same value as another token would let a peer in where that one does.
             mesh.validate()?;
-            if self.server.admin_token.is_none() {
-                // The nodes prove to each other with it that a forwarded request or a ledger
-                // query comes from the mesh.
-                anyhow::bail!(
-                    "mesh: server.admin_token (FLATMESH_ADMIN_TOKEN) must be set, the same on every node of the mesh"
-                );
+            for (key, other) in [
+                ("admin_token", &self.server.admin_token),
+                ("metrics_token", &self.server.metrics_token),
+            ] {
+                if other.is_some() && *other == mesh.token {
+                    anyhow::bail!("mesh.token: must differ from server.{key}");
+                }
             }
         }
         self.telemetry.validate()?;
@@ -325,6 +355,10 @@ mod tests {
         assert!(bad("[server]\nmax_connections = 0").starts_with("server.max_connections"));
         assert!(bad("[server]\nbody_read_timeout = 0").starts_with("server.body_read_timeout"));
         assert!(bad("[server]\nmetrics_token = \"\"").starts_with("server.metrics_token"));
+        let e = bad("[server]\ngrpc_handshake_timeout = 0");
+        assert!(e.starts_with("server.grpc_handshake_timeout"), "{e}");
+        let e = bad("[server]\nmax_connections = 8\ngrpc_max_connections_per_peer = 9");
+        assert!(e.starts_with("server.grpc_max_connections_per_peer"), "{e}");
         let twice = "[[models]]\nid='a'\npath='a.gguf'\n[[models]]\nid='a'\npath='b.gguf'\n";
         assert!(bad(twice).starts_with("models[1].id"), "{}", bad(twice));
         let unknown = "[[models]]\nid='a'\npath='/nowhere/a.bin'\n";
@@ -333,6 +367,45 @@ mod tests {
             "{}",
             bad(unknown)
         );
+    }
+
+    #[test]
+    fn the_grpc_share_of_one_address_defaults_to_a_quarter() {
+        let server = |toml: &str| Config::from_toml(toml).unwrap().finish().unwrap().server;
+        let s = server("");
+        assert_eq!(
+            (s.grpc_per_peer(), s.grpc_handshake_timeout.0.as_secs()),
+            (256, 5)
+        );
+        assert_eq!(server("[server]\nmax_connections = 2").grpc_per_peer(), 1);
+        let s = server("[server]\ngrpc_max_connections_per_peer = 1024");
+        assert_eq!(s.grpc_per_peer(), 1024);
+    }
+
+    #[test]
+    fn a_mesh_needs_a_token_of_its_own() {
+        let mesh = |extra: &str| {
+            Config::from_toml(&format!(
+                "[server]\nadmin_token = 'admin'\n[mesh]\netcd = ['http://e:2379']\nnode = 'n'\n{extra}"
+            ))
+            .unwrap()
+            .finish()
+        };
+        let e = mesh("").unwrap_err().to_string();
+        assert!(
+            e.starts_with("mesh.token (FLATMESH_MESH_TOKEN) must be set"),
+            "{e}"
+        );
+        let e = mesh("token = 'admin'").unwrap_err().to_string();
+        assert_eq!(e, "mesh.token: must differ from server.admin_token");
+        assert!(mesh("token = ' '").is_err());
+        let c = mesh("token = 'peers'").unwrap();
+        assert_eq!(c.mesh.unwrap().token.as_deref(), Some("peers"));
+        // No admin token is needed to form a mesh.
+        let open = Config::from_toml("[mesh]\netcd = ['http://e:2379']\nnode = 'n'\ntoken = 't'")
+            .unwrap()
+            .finish();
+        assert!(open.is_ok(), "{:?}", open.err());
     }
 
     #[test]

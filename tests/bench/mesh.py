@@ -38,7 +38,7 @@ ADMIN = {"authorization": "Bearer bench-secret"}   # a mesh needs an admin token
 
 def config(etcd, name):
     return (f'[server]\nadmin_token = "bench-secret"\n[cache]\npreload = false\n'
-            f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "{name}"\nlease_ttl = "5s"\n')
+            f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "{name}"\nlease_ttl = "5s"\ntoken = "bench-mesh-secret"\n')
 
 
 def embed(client, url):

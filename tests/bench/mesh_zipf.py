@@ -76,7 +76,7 @@ def main():
             cap = size * args.per_node + size // 2
             for i in range(nodes):
                 agents.append(Agent(config=base + f'[[cache.devices]]\nname = "host0"\ncapacity = {cap}\n'
-                                    + f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "n{i}"\nlease_ttl = "5s"\n'
+                                    + f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "n{i}"\nlease_ttl = "5s"\ntoken = "bench-mesh-secret"\n'
                                     + '[server]\nadmin_token = "bench-secret"\n'
                                     + models_config(d, args.models), extra_args=["--log-level", "warn"]))
             deadline = time.time() + 30

@@ -157,7 +157,8 @@ def site_overlay(tmp: Path, k8s: Path = K8S) -> Path:
     site = tmp / "site"
     site.mkdir(parents=True, exist_ok=True)
     rel = lambda p: os.path.relpath(p, site)  # kustomize takes relative paths only
-    (site / "tokens.env").write_text("admin-token=0123456789abcdef-admin\nmetrics-token=0123456789abcdef-metrics\n")
+    (site / "tokens.env").write_text("admin-token=0123456789abcdef-admin\nmetrics-token=0123456789abcdef-metrics\n"
+                                     "mesh-token=0123456789abcdef-mesh\n")
     (site / "kustomization.yaml").write_text(f"""\
 resources:
   - {rel(k8s / "overlays/cpu")}
@@ -454,7 +455,7 @@ def test_the_overlays_hold_what_the_base_promises():
     assert mounts[config["models_dir"]] == "models" and mounts[config["state_dir"]] == "state"
     # Tokens from the Secret, by the variables the agent reads (mesh/src/cli.rs).
     env = {e["name"] for e in agents["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert {"FLATMESH_ADMIN_TOKEN", "FLATMESH_METRICS_TOKEN"} <= env
+    assert {"FLATMESH_ADMIN_TOKEN", "FLATMESH_METRICS_TOKEN", "FLATMESH_MESH_TOKEN"} <= env
     # The repository's Secret holds placeholders only (which the pods refuse).
     secret = next(d for d in cpu.values() if d["kind"] == "Secret")
     for k, v in secret["data"].items():
@@ -504,7 +505,7 @@ def test_the_init_container_renders_a_config_the_agent_accepts(tmp_path):
     if not BIN.exists():
         pytest.skip(f"no agent binary at {BIN} (cargo build)")
     docs = render(K8S / "overlays" / "gpu")
-    tokens = {"FLATMESH_ADMIN_TOKEN": "a" * 32, "FLATMESH_METRICS_TOKEN": "b" * 32}
+    tokens = {"FLATMESH_ADMIN_TOKEN": "a" * 32, "FLATMESH_METRICS_TOKEN": "b" * 32, "FLATMESH_MESH_TOKEN": "c" * 32}
     pod = {"POD_NAME": "flatmesh-1", "POD_NAMESPACE": NAMESPACE}
     proc, out = render_config(tmp_path, docs, {**pod, **tokens})
     assert proc.returncode == 0, proc.stderr
@@ -531,12 +532,13 @@ def test_the_init_container_renders_a_config_the_agent_accepts(tmp_path):
     pool = sum(parse_bytes(d["capacity"]) for d in config["cache"]["devices"]) + parse_bytes(config["cache"]["warm_capacity"])
     assert pool + (1 << 30) <= parse_bytes(agent["resources"]["limits"]["memory"])
     # The real binary agrees: `flatmesh config` on the rendered file, as in the init container.
-    # (The tokens come from the Secret, as in the pod; a mesh needs the admin token.)
+    # (The tokens come from the Secret, as in the pod; a mesh needs the mesh token.)
     shown = subprocess.run([str(BIN), "config", "--config", str(out)], capture_output=True, text=True,
                            env={**os.environ, **tokens})
     assert shown.returncode == 0, shown.stderr
     assert 'advertise = "http://flatmesh-1.flatmesh-peers.flatmesh.svc:8000"' in shown.stdout
-    assert "a" * 32 not in shown.stdout, "flatmesh config shows that a token is set, not the token"
+    assert "a" * 32 not in shown.stdout and "c" * 32 not in shown.stdout, \
+        "flatmesh config shows that a token is set, not the token"
 
 
 def parse_bytes(q):
@@ -555,15 +557,20 @@ def test_the_init_container_refuses_placeholders_and_bad_configs(tmp_path):
     placeholders = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     pod = {"POD_NAME": "flatmesh-0", "POD_NAMESPACE": NAMESPACE}
     proc, out = render_config(tmp_path, docs, {**pod, "FLATMESH_ADMIN_TOKEN": placeholders["admin-token"],
-                                               "FLATMESH_METRICS_TOKEN": placeholders["metrics-token"]})
+                                               "FLATMESH_METRICS_TOKEN": placeholders["metrics-token"],
+                                               "FLATMESH_MESH_TOKEN": placeholders["mesh-token"]})
     assert proc.returncode != 0 and "placeholder" in proc.stderr and not out.exists()
     proc, out = render_config(tmp_path, docs, {**pod, "FLATMESH_ADMIN_TOKEN": "x" * 32})
     assert proc.returncode != 0 and "FLATMESH_METRICS_TOKEN" in proc.stderr
+    proc, out = render_config(tmp_path, docs, {**pod, "FLATMESH_ADMIN_TOKEN": "x" * 32, "FLATMESH_METRICS_TOKEN": "y" * 32,
+                                               "FLATMESH_MESH_TOKEN": placeholders["mesh-token"]})
+    assert proc.returncode != 0 and "FLATMESH_MESH_TOKEN is still the placeholder" in proc.stderr
     # A key the agent does not know stops the pod in the init container, named.
     template = tmp_path / "template" / "flatmesh.toml"
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and "flatmesh.toml" in d.get("data", {}))
     cm["data"]["flatmesh.toml"] = cm["data"]["flatmesh.toml"].replace("http_addr", "http_adr")
-    proc, out = render_config(tmp_path, docs, {**pod, "FLATMESH_ADMIN_TOKEN": "x" * 32, "FLATMESH_METRICS_TOKEN": "y" * 32})
+    proc, out = render_config(tmp_path, docs, {**pod, "FLATMESH_ADMIN_TOKEN": "x" * 32, "FLATMESH_METRICS_TOKEN": "y" * 32,
+                                               "FLATMESH_MESH_TOKEN": "z" * 32})
     assert template.read_text().count("http_adr") == 1
     assert proc.returncode != 0 and "http_adr" in proc.stderr, proc.stderr
 

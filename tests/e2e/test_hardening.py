@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import LLM, ROOT, Agent
+from conftest import EMBED, LLM, ROOT, Agent
 
 METRICS_TOKEN = "scrape-me"
 
@@ -305,3 +305,169 @@ def test_metrics_are_scrapeable_without_a_token_by_default():
         assert r.status_code == 200 and "flatmesh_" in r.text
     finally:
         a.stop()
+
+
+# --- The second campaign (issue 25): rate farming, idle gRPC sockets, what strangers learn ------
+
+GUARD_TOKEN = "admin-hard"
+GUARD = {"authorization": f"Bearer {GUARD_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """An agent with an admin token, a rate-limited tier, and tight gRPC connection limits."""
+    a = Agent(config=f"""
+[cache]
+preload = false
+[server]
+admin_token = "{GUARD_TOKEN}"
+grpc_handshake_timeout = "1s"
+grpc_max_connections_per_peer = 4
+[tenancy]
+[[tenancy.tiers]]
+name = "basic"
+requests_per_minute = 3
+""")
+    yield a
+    a.stop()
+
+
+def tenant(agent, name, tier="basic"):
+    r = httpx.post(agent.url + "/admin/tenants", headers=GUARD, json={"id": name, "tier": tier})
+    assert r.status_code == 201, r.text
+    r = httpx.post(agent.url + f"/admin/tenants/{name}/keys", headers=GUARD)
+    assert r.status_code == 201, r.text
+    return {"authorization": f"Bearer {r.json()['key']}"}
+
+
+def test_requests_refused_after_admission_count_against_the_rate(guarded):
+    # Inputs over the model's context are refused once the engine has them: that is work
+    # done, so they keep their place in the tier's 3 requests a minute (no refund to farm).
+    key = tenant(guarded, "farmer")
+    body = {"model": EMBED, "input": "word " * 3000}
+    codes = [httpx.post(guarded.url + "/v1/embeddings", json=body, headers=key, timeout=120).status_code
+             for _ in range(5)]
+    assert codes == [400, 400, 400, 429, 429], codes
+
+
+def grpc_socket(agent, source="127.0.0.1") -> socket.socket:
+    host, port = agent.grpc.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
+
+
+def closed_within(s: socket.socket, limit: float):
+    """Seconds until the agent closes `s` (what it sends is read and dropped), or None."""
+    s.settimeout(limit)
+    started = time.monotonic()
+    try:
+        while s.recv(4096):
+            pass
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        return None
+    return time.monotonic() - started
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def test_grpc_sockets_without_the_http2_preface_are_closed(guarded):
+    idle = grpc_socket(guarded)
+    half = grpc_socket(guarded)
+    half.sendall(PREFACE[:10])
+    try:
+        took = closed_within(idle, 6)
+        assert took is not None and took < 3, took  # grpc_handshake_timeout = 1s
+        took = closed_within(half, 6)
+        assert took is not None and took < 3, took
+    finally:
+        idle.close()
+        half.close()
+    assert live(guarded)
+
+
+def live(agent) -> bool:
+    """ServerLive over a connection of its own, closed after."""
+    import tritonclient.grpc as grpcclient
+    c = grpcclient.InferenceServerClient(url=agent.grpc)
+    try:
+        return c.is_server_live()
+    finally:
+        c.close()
+
+
+def test_one_address_holds_at_most_its_share_of_grpc_connections(guarded):
+    # From an address of their own (the test's gRPC clients use 127.0.0.1).
+    crowd = "127.0.0.3"
+    held = []
+    try:
+        for _ in range(4):  # grpc_max_connections_per_peer = 4, each past the handshake
+            s = grpc_socket(guarded, source=crowd)
+            s.sendall(PREFACE)
+            s.settimeout(5)
+            assert s.recv(9), "served: the agent's SETTINGS frame"
+            held.append(s)
+        extra = grpc_socket(guarded, source=crowd)
+        took = closed_within(extra, 5)
+        assert took is not None and took < 0.8, f"closed at once, not by the handshake timeout: {took}"
+        extra.close()
+        # Another address is not held to this one's share.
+        assert live(guarded)
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.3)
+    again = grpc_socket(guarded, source=crowd)
+    again.sendall(PREFACE)
+    again.settimeout(5)
+    assert again.recv(9), "the address may connect again once its connections closed"
+    again.close()
+
+
+def test_non_finite_grpc_parameters_are_invalid_arguments(hard):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+    c = grpcclient.InferenceServerClient(url=hard.grpc)
+    inp = grpcclient.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"Hi"], dtype=np.object_))
+    for name, value in (("max_tokens", float("nan")), ("temperature", float("inf")), ("top_p", float("nan"))):
+        with pytest.raises(InferenceServerException) as e:
+            c.infer(LLM, [inp], parameters={name: value})
+        assert "INVALID_ARGUMENT" in e.value.status() and f"parameters.{name}" in e.value.message(), e.value
+
+
+def test_readiness_is_a_yes_or_no_and_its_details_need_the_admin_token(guarded):
+    key = tenant(guarded, "prober")
+    for headers in ({}, key, {"authorization": "Bearer wrong"}):
+        r = httpx.get(guarded.url + "/readyz", headers=headers)
+        assert r.status_code == 200 and r.json() == {"ready": True, "draining": False}, r.text
+    r = httpx.get(guarded.url + "/readyz", headers=GUARD)
+    assert r.status_code == 200 and {m["id"] for m in r.json()["models"]} >= {LLM, EMBED}, r.text
+
+
+def test_a_path_that_does_not_exist_is_404_for_everyone(guarded):
+    key = tenant(guarded, "wanderer")
+    for headers in ({}, key, GUARD, {"authorization": "Bearer wrong"}):
+        for method, path in (("GET", "/nope"), ("POST", "/admin/nope"), ("GET", "/admin"), ("GET", "/v1/nope"),
+                             ("GET", "/v2/nope"), ("DELETE", "/internal/v1/serve")):
+            r = httpx.request(method, guarded.url + path, headers=headers)
+            assert r.status_code == 404, (method, path, headers, r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "not_found" and path in error["message"], error
+    # What exists still asks for its credentials.
+    assert httpx.get(guarded.url + "/admin/models").status_code == 401
+    assert httpx.get(guarded.url + "/v1/models").status_code == 401
+
+
+def test_a_body_declared_too_large_is_413_at_once(hard):
+    s = raw(hard)
+    s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100000000\r\n\r\n{")
+    started = time.monotonic()
+    answer = read_all(s)
+    took = time.monotonic() - started
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"request_too_large"' in answer and took < 0.8, (took, answer[:300])

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from conftest import BIN, EMBED, LLM, Agent, Etcd
 
 ADMIN = {"authorization": "Bearer admin-secret"}
+MESH_TOKEN = "mesh-secret"  # mesh.token of every node: the internal endpoints only
 NODES = ("a", "b", "c")
 TTL = 2.0               # mesh.lease_ttl of every node
 PROPAGATION = 1.0       # a registration or vmodel made on one node is listed on the others by then
@@ -29,7 +30,8 @@ COUNTING = [{"role": "user", "content": "Write the numbers from 1 to 500 separat
 
 def mesh_config(etcd: Etcd, node: str, prefix: str = "/flatmesh-e2e") -> str:
     # The demo models, nothing loaded at start (which node holds what is up to the tests),
-    # the open single-tenant demo (no keys), the admin API behind a token.
+    # the open single-tenant demo (no keys), the admin API behind a token, the nodes' own
+    # mesh token.
     return f"""
 [server]
 admin_token = "admin-secret"
@@ -42,6 +44,7 @@ etcd = ["{etcd.endpoint}"]
 node = "{node}"
 prefix = "{prefix}"
 lease_ttl = "2s"
+token = "{MESH_TOKEN}"
 """
 
 
@@ -185,16 +188,26 @@ def test_without_a_mesh_table_the_agent_is_a_single_node():
 
 # --- membership --------------------------------------------------------------------------------
 
-def test_a_mesh_without_an_admin_token_is_refused_at_start(tmp_path):
+def test_a_mesh_without_a_mesh_token_is_refused_at_start(tmp_path):
     import subprocess
     cfg = tmp_path / "flatmesh.toml"
     cfg.write_text('[mesh]\netcd = ["http://127.0.0.1:2379"]\n')
-    out = subprocess.run([str(BIN), "config", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "server.admin_token" in out.stderr, out.stderr
-    # With one, `flatmesh config` shows that it is set, never the token itself.
-    out = subprocess.run([str(BIN), "config", "--config", str(cfg), "--admin-token", "s3cret-value"],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and 'admin_token = "<set>"' in out.stdout and "s3cret-value" not in out.stdout
+    run = lambda *args: subprocess.run([str(BIN), "config", "--config", str(cfg), *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=30)
+    out = run()
+    assert out.returncode == 2 and "mesh.token (FLATMESH_MESH_TOKEN) must be set" in out.stderr, out.stderr
+    # The admin token is no mesh token: not enough alone, and refused as the same value.
+    out = run("--admin-token", "s3cret-value")
+    assert out.returncode == 2 and "mesh.token" in out.stderr, out.stderr
+    out = run("--admin-token", "s3cret-value", "--mesh-token", "s3cret-value")
+    assert out.returncode == 2 and "must differ from server.admin_token" in out.stderr, out.stderr
+    # With one, `flatmesh config` shows that the tokens are set, never the tokens themselves;
+    # no admin token is needed to form a mesh.
+    out = run("--mesh-token", "m3sh-value")
+    assert out.returncode == 0 and 'token = "<set>"' in out.stdout and "m3sh-value" not in out.stdout, out.stderr
+    out = run("--admin-token", "s3cret-value", "--mesh-token", "m3sh-value")
+    assert out.returncode == 0 and 'admin_token = "<set>"' in out.stdout
+    assert "s3cret-value" not in out.stdout and "m3sh-value" not in out.stdout
 
 
 def test_every_node_lists_all_three_including_itself(mesh):
@@ -217,6 +230,25 @@ def test_the_mesh_view_needs_the_admin_token(mesh):
     assert r.status_code == 401, r.text
     r = httpx.get(mesh["a"].url + "/admin/mesh", headers={"authorization": "Bearer wrong"})
     assert r.status_code == 401, r.text
+
+
+def test_the_mesh_token_opens_the_internal_endpoints_and_nothing_else(mesh):
+    a = mesh["a"]
+    peer = {"x-flatmesh-mesh-token": MESH_TOKEN}
+    r = httpx.get(a.url + "/internal/v1/ledger/records", headers=peer, timeout=10)
+    assert r.status_code == 200 and isinstance(r.json()["records"], list), r.text
+    # The admin token is no mesh token: neither as a bearer nor in the mesh's header.
+    for headers in ({}, ADMIN, {"x-flatmesh-mesh-token": "admin-secret"}):
+        r = httpx.get(a.url + "/internal/v1/ledger/records", headers=headers, timeout=10)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "not_a_peer", (headers, r.text)
+    # The mesh token opens nothing of the admin API, the status page or readiness details.
+    for headers in ({"authorization": f"Bearer {MESH_TOKEN}"}, peer):
+        for path in ("/admin/mesh", "/admin/models", "/admin/ledger/records", "/admin/usage", "/status"):
+            r = httpx.get(a.url + path, headers=headers, timeout=10)
+            assert r.status_code == 401, (path, headers, r.text)
+        r = httpx.post(a.url + f"/admin/models/{EMBED}/unload", headers=headers, timeout=10)
+        assert r.status_code == 401, r.text
+        assert "models" not in httpx.get(a.url + "/readyz", headers=headers, timeout=10).json()
 
 
 def test_every_response_names_the_node_that_served_it(mesh):
@@ -492,6 +524,31 @@ def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):
         assert line["requests"] == len(own["t1"]) + len(own["t2"])
     a, b = (httpx.get(x.url + "/admin/invoice", headers=ADMIN).json() for x in (one, two))
     assert a["total"] == b["total"] and a["lines"] == b["lines"]
+
+
+def test_a_tenants_own_usage_on_any_node_is_the_meshs(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    for agent in (one, two):  # a copy on each node: each serves its own requests
+        assert httpx.post(agent.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
+    key = tenant_key(one, "city-own", "basic")
+    wait_until(lambda: embed_as(two, key).status_code == 200, 2, "the key never worked on t2")
+    for agent in (one, one, two):
+        assert embed_as(agent, key).status_code == 200
+    own = {n: httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": "city-own"}).json()["records"]
+           for n, a in (("t1", one), ("t2", two))}
+    assert own["t1"] and own["t2"], "both nodes served some of it"
+    for agent in (one, two):
+        r = httpx.get(agent.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tenant"] == "city-own"
+        assert sorted(body["mesh"]["nodes"]) == ["t1", "t2"] and body["mesh"]["unreachable"] == []
+        [line] = body["usage"]
+        assert line["requests"] == len(own["t1"]) + len(own["t2"]), (line, {n: len(r) for n, r in own.items()})
+        # Its own usage only, whatever it asks for.
+        other = httpx.get(agent.url + "/v1/usage", params={"tenant": "city-sum"}, timeout=30,
+                          headers={"authorization": f"Bearer {key}"}).json()
+        assert other["tenant"] == "city-own" and other["usage"] == body["usage"]
 
 
 def test_an_invoice_names_a_node_it_could_not_reach(tenanted_pair):

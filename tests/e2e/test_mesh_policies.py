@@ -6,7 +6,7 @@ import pytest
 
 from conftest import EMBED, ROOT, Etcd
 from test_policies import ROUTED
-from test_mesh import ADMIN, holders, mesh_config, mesh_of, served_by, wait_until
+from test_mesh import ADMIN, MESH_TOKEN, holders, mesh_config, mesh_of, served_by, wait_until
 
 PLUGINS = ROOT / "plugins" / "target" / "wasm32-wasip2" / "release"
 PROMPT = [{"role": "user", "content": "Hi!"}]
@@ -91,15 +91,40 @@ def test_the_peer_endpoint_is_for_the_nodes_of_the_mesh_only(pair, agent):
     r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=60,
                    headers={"x-flatmesh-mesh-token": "wrong"})
     assert r.status_code == 403
-    # A node (the mesh's admin token) gets the answer as JSON lines.
+    # The admin token is no mesh token.
+    for headers in ({"x-flatmesh-mesh-token": "admin-secret"}, ADMIN):
+        r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=60, headers=headers)
+        assert r.status_code == 403 and "nodes of the mesh" in r.text, r.text
+    # A node (the mesh token) gets the answer as JSON lines.
     r = httpx.post(front.url + "/internal/v1/serve", json=wire, timeout=120,
-                   headers={"x-flatmesh-mesh-token": "admin-secret"})
+                   headers={"x-flatmesh-mesh-token": MESH_TOKEN})
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson", r.text
     lines = [json.loads(line) for line in r.text.splitlines()]
     assert lines[0]["served"]["node"] == "front" and len(lines[1]["embeddings"]["vectors"][0]) == 384
     # A bad line is a clear 400, not a crash.
     r = httpx.post(front.url + "/internal/v1/serve", content=b"{not json", timeout=60,
-                   headers={"x-flatmesh-mesh-token": "admin-secret", "content-type": "application/json"})
+                   headers={"x-flatmesh-mesh-token": MESH_TOKEN, "content-type": "application/json"})
     assert r.status_code == 400 and "forwarded request" in r.text
+    # What no front door takes, a node does not take from a peer either: the answer is the
+    # serve path's 400, named, in the wire format.
+    generate = {"prompt": {"text": "hi"}, "max_tokens": 2, "stop": [],
+                "sampling": {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None,
+                             "presence_penalty": 0.0, "frequency_penalty": 0.0}}
+    sampling = generate["sampling"]
+    for field, value, work in [
+        ("temperature", 99.0, {"generate": {**generate, "sampling": {**sampling, "temperature": 99.0}}}),
+        ("top_p", 7.0, {"generate": {**generate, "sampling": {**sampling, "top_p": 7.0}}}),
+        ("presence_penalty", -1e30, {"generate": {**generate, "sampling": {**sampling, "presence_penalty": -1e30}}}),
+        ("inputs", 3000, {"embed": {"inputs": ["x"] * 3000, "dimensions": None}}),
+    ]:
+        model = EMBED if "embed" in work else "small"  # the LLM of this pair (ROUTED)
+        r = httpx.post(front.url + "/internal/v1/serve", timeout=60, headers={"x-flatmesh-mesh-token": MESH_TOKEN},
+                       json={"model": model, "endpoint": "embeddings" if "embed" in work else "completions",
+                             "work": work})
+        assert r.status_code == 200, r.text
+        lines = [json.loads(x) for x in r.text.splitlines()]
+        assert len(lines) == 1 and "error" in lines[0], (field, "was served", lines[0])
+        line = lines[0]
+        assert line["error"]["kind"] == "invalid_request" and field in line["error"]["message"], (field, line)
     # Without a mesh there is no such endpoint.
     assert httpx.post(agent.url + "/internal/v1/serve", json=wire, timeout=30).status_code == 404

@@ -167,6 +167,8 @@ def test_health_and_metrics(agent, client):
     assert httpx.get(agent.url + "/healthz").status_code == 200
     ready = httpx.get(agent.url + "/readyz")
     assert ready.status_code == 200
+    # No admin token here, so the models show (with one, only to it: test_hardening.py).
+    assert ready.json()["ready"] is True and ready.json()["draining"] is False
     assert {m["state"] for m in ready.json()["models"]} == {"ready"}
     client.completions.create(model=LLM, prompt="Hi", max_tokens=2)
     text = httpx.get(agent.url + "/metrics").text

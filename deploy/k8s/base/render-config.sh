@@ -7,10 +7,12 @@
 # result with `flatmesh config`, so a bad config stops the pod here with a message that names
 # the key. It also refuses to start while a token in the Secret flatmesh-tokens is still the
 # placeholder of deploy/k8s/base/kustomization.yaml: /admin is reachable by every client of
-# port 8000, and its token is all that guards it.
+# port 8000, and its token is all that guards it (the mesh token likewise guards the internal
+# endpoints the nodes call each other on).
 #
 # Variables: POD_NAME, POD_NAMESPACE (downward API), FLATMESH_ADMIN_TOKEN,
-# FLATMESH_METRICS_TOKEN (the Secret); TEMPLATE and OUTPUT override the paths (for tests).
+# FLATMESH_METRICS_TOKEN, FLATMESH_MESH_TOKEN (the Secret); TEMPLATE and OUTPUT override the
+# paths (for tests).
 set -eu
 TEMPLATE=${TEMPLATE:-/etc/flatmesh-template/flatmesh.toml}
 OUTPUT=${OUTPUT:-/etc/flatmesh/flatmesh.toml}
@@ -24,6 +26,7 @@ placeholder() {
 }
 placeholder FLATMESH_ADMIN_TOKEN "${FLATMESH_ADMIN_TOKEN:-}"
 placeholder FLATMESH_METRICS_TOKEN "${FLATMESH_METRICS_TOKEN:-}"
+placeholder FLATMESH_MESH_TOKEN "${FLATMESH_MESH_TOKEN:-}"
 [ -n "${POD_NAME:-}" ] || fail "POD_NAME is not set (downward API metadata.name)"
 [ -n "${POD_NAMESPACE:-}" ] || fail "POD_NAMESPACE is not set (downward API metadata.namespace)"
 # Pod and namespace names are DNS labels: nothing in them needs escaping for sed or TOML.

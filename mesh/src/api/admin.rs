@@ -43,8 +43,10 @@ pub fn routes(state: AppState) -> Router<AppState> {
             "/admin/ledger/records",
             get(super::mesh_ledger::own_records),
         )
-        .layer(middleware::from_fn_with_state(state, authorize))
-        .layer(middleware::from_fn(super::guard::same_origin_json))
+        // Route layers: a path that does not exist is the router's 404 for everyone, not an
+        // admin 401 that tells a stranger apart from an operator.
+        .route_layer(middleware::from_fn_with_state(state, authorize))
+        .route_layer(middleware::from_fn(super::guard::same_origin_json))
 }
 
 /// The mesh as this node sees it: every live node's record (404 on a single node).

@@ -89,6 +89,16 @@ impl ApiError {
         }
     }
 
+    /// A request body over `server.max_body_bytes` (or a `Content-Length` that says so).
+    pub fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            "request body is larger than the server accepts (server.max_body_bytes)".into(),
+        )
+    }
+
     pub fn internal(message: String) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,12 +198,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    "request_too_large",
-                    "request body is larger than the server accepts (server.max_body_bytes)".into(),
-                )
+                ApiError::too_large()
             } else {
                 ApiError::bad_request("", e.body_text())
             }

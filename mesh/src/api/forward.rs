@@ -1,7 +1,8 @@
 //! The mesh's side of a forwarded request: `POST /internal/v1/serve` takes a request that a
-//! peer routed, looked up in its cache and placed here, serves it on the serve path and
-//! streams the answer back as JSON lines. Every answer of a mesh node names the node that
-//! served it.
+//! peer routed, looked up in its cache and placed here, checks it as the front doors do,
+//! serves it on the serve path and streams the answer back as JSON lines. The internal
+//! endpoints are for the nodes of the mesh only (the mesh token). Every answer of a mesh
+//! node names the node that served it.
 
 use std::convert::Infallible;
 
@@ -18,6 +19,7 @@ use futures::StreamExt;
 use super::AppState;
 use crate::{
     serve::{
+        check,
         peer::{self, WireRequest},
         Forwarded,
     },
@@ -59,32 +61,41 @@ pub fn served_by(resp: &mut Response, node: Option<String>) {
     }
 }
 
-/// Serve a request a peer sent here: the peer proves it is a node of the mesh with the
-/// mesh's admin token, and the caller is authenticated here with its own key. Only mounted
-/// in a mesh.
+fn refuse(status: StatusCode, code: &str, m: String) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"error": {"message": m, "code": code}})),
+    )
+        .into_response()
+}
+
+/// The internal endpoints are for the nodes of the mesh: a request without the mesh token
+/// (`mesh.token`, sent as `x-flatmesh-mesh-token`) gets 403. The admin token is not it.
+pub async fn peers_only(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(peer::MESH_TOKEN)
+        .and_then(|v| v.to_str().ok());
+    let peer = match (&state.mesh_token, given) {
+        (Some(token), Some(given)) => super::guard::same_secret(given, token),
+        _ => false,
+    };
+    if !peer {
+        let path: String = req.uri().path().chars().take(256).collect();
+        let m = format!("{path} is for the nodes of the mesh");
+        return refuse(StatusCode::FORBIDDEN, "not_a_peer", m);
+    }
+    next.run(req).await
+}
+
+/// Serve a request a peer sent here (`peers_only` has seen the mesh token); the caller is
+/// authenticated here with its own key. Only mounted in a mesh.
 pub async fn serve_forwarded(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let refuse = |status: StatusCode, code: &str, m: String| {
-        (
-            status,
-            axum::Json(serde_json::json!({"error": {"message": m, "code": code}})),
-        )
-            .into_response()
-    };
-    if let Some(token) = &state.admin_token {
-        let given = headers.get(peer::MESH_TOKEN).and_then(|v| v.to_str().ok());
-        if !given.is_some_and(|g| super::guard::same_secret(g, token)) {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "not_a_peer",
-                format!("{} is for the nodes of the mesh", peer::PATH),
-            );
-        }
-    }
     let bad = |m: String| refuse(StatusCode::BAD_REQUEST, "invalid_forward", m);
     if let Some(origin) = headers.get(peer::FORWARDED).and_then(|v| v.to_str().ok()) {
         crate::telemetry::attr(
@@ -116,7 +127,12 @@ pub async fn serve_forwarded(
             std::time::Instant::now().checked_add(std::time::Duration::from_millis(ms))
         }),
     };
-    let result = state.serve.run(request).await;
+    // The peer's front door checked the work; checked again here, as every front door
+    // does, so that a node (or whoever holds the mesh token) cannot send what no client may.
+    let result = match check::work(&request.work) {
+        Ok(()) => state.serve.run(request).await,
+        Err(e) => Err(e),
+    };
     let node = state.cluster.as_ref().map_or("", |c| c.node());
     let lines = tokio_stream::wrappers::ReceiverStream::new(peer::answer(result, node)).map(|ev| {
         let mut line = serde_json::to_vec(&ev).expect("an event serializes");

@@ -18,20 +18,28 @@ pub fn routes() -> Router<AppState> {
         .route("/metrics", get(metrics))
 }
 
-/// Ready once no model is still loading, and until shutdown begins.
-async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+/// Ready once no model is still loading, and until shutdown begins: a yes or no (and the
+/// status) for probes. The models — states, bytes, leases, why one failed — only for the
+/// admin token (or for anyone where none is set), as `/admin/models` shows them.
+async fn ready(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let models = state.cache.status();
     let loading = models.iter().any(|m| m.state == "loading");
-    let ready = !loading && !state.is_draining();
+    let draining = state.is_draining();
+    let ready = !loading && !draining;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"ready": ready, "draining": state.is_draining(), "models": models})),
-    )
+    let mut body = json!({"ready": ready, "draining": draining});
+    let operator = match &state.admin_token {
+        Some(token) => super::guard::has_bearer(&headers, token),
+        None => true,
+    };
+    if operator {
+        body["models"] = json!(models);
+    }
+    (status, Json(body))
 }
 
 /// The Prometheus text; with `server.metrics_token` set, only for `Authorization: Bearer`

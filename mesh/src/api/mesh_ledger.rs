@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 use super::{error::ApiError, AppState};
 use crate::ledger::Record;
 
+/// Where a node asks a peer for its records (with the mesh token).
+pub const PATH: &str = "/internal/v1/ledger/records";
+
 /// A period in Unix seconds, `[from, to)`; defaults to everything.
 #[derive(Deserialize)]
 pub struct Period {
@@ -65,7 +68,8 @@ impl Gathered {
     }
 }
 
-/// `GET /admin/ledger/records`: this node's own records of a period (what peers gather).
+/// This node's own records of a period: `GET /admin/ledger/records` for operators, and
+/// `GET /internal/v1/ledger/records` for the peers that gather them.
 pub async fn own_records(
     State(state): State<AppState>,
     Query(p): Query<Period>,
@@ -107,13 +111,10 @@ pub async fn gather(
     }
     let asks = cluster.peers().into_iter().map(|(node, http)| {
         let mut req = client
-            .get(format!(
-                "{}/admin/ledger/records",
-                http.trim_end_matches('/')
-            ))
+            .get(format!("{}{PATH}", http.trim_end_matches('/')))
             .query(&query);
-        if let Some(token) = &state.admin_token {
-            req = req.bearer_auth(token);
+        if let Some(token) = &state.mesh_token {
+            req = req.header(crate::serve::peer::MESH_TOKEN, token);
         }
         async move {
             let got = async { req.send().await?.error_for_status()?.json::<Value>().await }.await;

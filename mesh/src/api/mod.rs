@@ -43,6 +43,9 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// When set, `/metrics` requires it as a bearer token.
     pub metrics_token: Option<String>,
+    /// In a mesh: what a peer sends in `x-flatmesh-mesh-token` on the internal endpoints
+    /// (and nowhere else).
+    pub mesh_token: Option<String>,
     /// Where model and plugin files named through the admin API may come from.
     pub files: Arc<crate::files::FileRules>,
     pub v2_stats: Arc<v2::Stats>,
@@ -66,24 +69,37 @@ impl AppState {
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let openai_auth = || axum::middleware::from_fn_with_state(state.clone(), auth::openai);
-    let mut router = Router::new().merge(openai::routes().layer(openai_auth()));
+    // Each part's authentication is a route layer: it guards that part's routes only, and
+    // a path no part has gets the one 404 below, whoever asks.
+    let mut router = Router::new().merge(openai::routes().route_layer(openai_auth()));
     if state.cluster.is_some() {
-        // Requests other nodes of the mesh place here.
-        router = router.route(
-            crate::serve::peer::PATH,
-            axum::routing::post(forward::serve_forwarded).layer(openai_auth()),
-        );
+        // What the other nodes of the mesh ask of this one, with the mesh token: requests
+        // they place here, and this node's ledger records.
+        let peers_only =
+            || axum::middleware::from_fn_with_state(state.clone(), forward::peers_only);
+        router = router
+            .route(
+                crate::serve::peer::PATH,
+                axum::routing::post(forward::serve_forwarded)
+                    .layer(openai_auth())
+                    .layer(peers_only()),
+            )
+            .route(
+                mesh_ledger::PATH,
+                axum::routing::get(mesh_ledger::own_records).layer(peers_only()),
+            );
     }
     router
         .merge(health::routes())
         .merge(status::routes())
         .merge(
-            v2::rest::routes().layer(axum::middleware::from_fn_with_state(
+            v2::rest::routes().route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 auth::v2,
             )),
         )
         .merge(admin::routes(state.clone()))
+        .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             forward::name_the_node,
@@ -91,6 +107,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(crate::telemetry::trace_http))
         .with_state(state)
+}
+
+/// A path that does not exist: 404 in the API's error shape, naming the path.
+async fn not_found(uri: axum::http::Uri) -> error::ApiError {
+    let path: String = uri.path().chars().take(256).collect();
+    error::ApiError::new(
+        axum::http::StatusCode::NOT_FOUND,
+        "not_found_error",
+        "not_found",
+        format!("{path} does not exist"),
+    )
 }
 
 /// Serve until `shutdown` resolves, then stop accepting and give in-flight requests

@@ -1,5 +1,5 @@
-//! The HTTP accept loop: a bound on open connections, header and body read timeouts, and a
-//! graceful drain on shutdown.
+//! The HTTP accept loop: a bound on open connections, header and body read timeouts, bodies
+//! declared too large refused up front, and a graceful drain on shutdown.
 
 use std::{
     future::Future,
@@ -40,6 +40,8 @@ pub struct ServerLimits {
     pub body_read_timeout: Duration,
     /// Connections open at once; further ones wait in the listen queue.
     pub max_connections: usize,
+    /// A request whose `Content-Length` is larger gets 413 before its body is read.
+    pub max_body_bytes: usize,
 }
 
 impl Default for ServerLimits {
@@ -48,6 +50,7 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_body_bytes: 4 << 20,
         }
     }
 }
@@ -63,10 +66,14 @@ pub async fn run(
     on_shutdown: impl FnOnce(),
     grace: Duration,
 ) -> std::io::Result<()> {
-    let body_timeout = limits.body_read_timeout;
-    let app = app.layer(axum::middleware::from_fn(move |req, next| {
-        body_deadline(req, next, body_timeout)
-    }));
+    let (body_timeout, max_body) = (limits.body_read_timeout, limits.max_body_bytes);
+    let app = app
+        .layer(axum::middleware::from_fn(move |req, next| {
+            body_deadline(req, next, body_timeout)
+        }))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            declared_too_large(req, next, max_body)
+        }));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone of `open_rx`; all are gone once `closed` resolves.
@@ -123,6 +130,23 @@ pub async fn run(
         tracing::warn!("Grace period over; closing the connections still open");
     }
     Ok(())
+}
+
+/// A body its `Content-Length` says is over `max` is refused at once, with the 413 the body
+/// limit answers once `max` bytes have come (not a wait for a body that will not be read).
+async fn declared_too_large(req: Request, next: Next, max: usize) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let mut r = super::error::ApiError::too_large().into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    next.run(req).await
 }
 
 /// Give the request body `timeout` from now to arrive in full; a body still incomplete then
@@ -221,6 +245,7 @@ mod tests {
             header_read_timeout: Duration::from_millis(300),
             body_read_timeout: Duration::from_millis(300),
             max_connections: 2,
+            max_body_bytes: 64,
         }
     }
 
@@ -265,6 +290,38 @@ mod tests {
         let answer = read_to_close(&mut s).await;
         assert!(
             answer.starts_with("HTTP/1.1 200") && answer.ends_with("abc"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_declared_over_the_limit_gets_413_at_once() {
+        let (addr, _stop) = start(ServerLimits {
+            body_read_timeout: Duration::from_secs(30),
+            ..tight()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\nabc")
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let answer = read_to_close(&mut s).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("\"request_too_large\""), "{answer}");
+        // At the limit, the body is read as before.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let body = "x".repeat(64);
+        let req = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\nConnection: close\r\n\r\n{body}");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let answer = read_to_close(&mut s).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with(&body),
             "{answer}"
         );
     }

@@ -30,6 +30,12 @@ pub struct MeshConfig {
     /// routing within it.
     #[serde(default = "default_ttl")]
     pub lease_ttl: Secs,
+    /// The token the nodes of the mesh prove themselves to each other with
+    /// (`FLATMESH_MESH_TOKEN`), the same on every node: it opens only the internal endpoints
+    /// (forwarded requests, ledger queries), never `/admin`, and must differ from
+    /// `server.admin_token`. Required in a mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `[mesh.etcd_tls]`: the files are read again at every connection, so a renewed
@@ -115,6 +121,7 @@ impl MeshConfig {
             advertise_grpc: None,
             prefix: default_prefix(),
             lease_ttl: default_ttl(),
+            token: None,
         }
     }
 
@@ -149,7 +156,16 @@ impl MeshConfig {
         if !(1..=300).contains(&ttl) {
             anyhow::bail!("mesh.lease_ttl: {ttl}s is not in [1s, 300s]");
         }
-        Ok(())
+        match self.token.as_deref().map(str::trim) {
+            None => anyhow::bail!(
+                "mesh.token (FLATMESH_MESH_TOKEN) must be set, the same on every node of the \
+                 mesh: the nodes prove with it that a forwarded request or a ledger query comes \
+                 from the mesh (server.admin_token is no longer used for that, and is not needed \
+                 to form a mesh)"
+            ),
+            Some("") => anyhow::bail!("mesh.token: must not be empty"),
+            Some(_) => Ok(()),
+        }
     }
 }
 
@@ -160,6 +176,7 @@ mod tests {
     fn with(etcd: &str, tls: Option<EtcdTls>) -> anyhow::Result<()> {
         let mut c = MeshConfig::new(vec![etcd.into()]);
         c.node = "n".into();
+        c.token = Some("mesh-secret".into());
         c.etcd_tls = tls;
         c.validate()
     }

@@ -98,7 +98,7 @@ pub(super) async fn run(
         Work::Embed { inputs, dimensions } => {
             let dims = engine.info().embedding_dims;
             if let Some(d) = dimensions.filter(|&d| Some(d as usize) != dims) {
-                held.refund();
+                drop(held);
                 return Err(ServeError::bad_request(
                     "dimensions",
                     format!("{d} is not supported; this model has {}", dims.unwrap_or(0)),
@@ -145,12 +145,11 @@ async fn embed(
     let record = async move {
         let result = match task.await {
             Err(e) => Err(ServeError::internal(format!("embedding task failed: {e}"))),
+            // Refused for its own content (inputs over the context) after the work of
+            // reading them: it keeps its rate count, so the refusal cannot be farmed.
             Ok((Err(e), held)) => {
-                let e = ServeError::from(e);
-                if e.is_client_error() {
-                    held.refund();
-                }
-                Err(e)
+                drop(held);
+                Err(ServeError::from(e))
             }
             Ok((Ok(out), held)) => {
                 drop(held); // back before the ledger write

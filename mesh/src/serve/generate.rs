@@ -205,14 +205,11 @@ async fn follow(
     };
     drop(from_engine);
     // Lease, slot and admission go back with the engine, before the ledger write; a prompt
-    // refused for its own content costs no rate count.
+    // refused for its own content (too long) keeps its rate count: the engine read it.
     let result = match task.await {
         Ok((Err(e), held)) => {
-            let e = ServeError::from(e);
-            if !started && e.is_client_error() {
-                held.refund();
-            }
-            Err(e)
+            drop(held);
+            Err(ServeError::from(e))
         }
         Ok((Ok(g), _)) => Ok(g),
         Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),

@@ -2,9 +2,11 @@
 
 use crate::{cache::Lease, scheduler::Slot, tenancy::limits::Admission};
 
-/// What a running request holds; dropping it gives everything back.
+/// What a running request holds; dropping it gives everything back. The admission's place
+/// in the tenant's request window stays: a request that reached the engine counts against
+/// the caller's rate however it ended.
 pub struct Held {
-    admission: Admission,
+    _admission: Admission,
     _lease: Lease,
     _slot: Slot,
 }
@@ -12,14 +14,9 @@ pub struct Held {
 impl Held {
     pub fn new(admission: Admission, lease: Lease, slot: Slot) -> Self {
         Held {
-            admission,
+            _admission: admission,
             _lease: lease,
             _slot: slot,
         }
-    }
-
-    /// The request failed for its own content: it costs no rate-limit count.
-    pub fn refund(self) {
-        self.admission.refund();
     }
 }

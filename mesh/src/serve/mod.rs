@@ -6,10 +6,11 @@
 //! Routing, the response cache and placement run where the request arrives; when placement
 //! names a peer, the peer runs the rest (admission, fair scheduling, execution, the ledger
 //! record) and its answer streams back (`peer`). Every check that can refuse a request for
-//! its own content runs before admission, so a bad request costs no quota; a prompt that turns
-//! out too long refunds the rate count.
+//! its own content runs before admission, so a bad request costs no quota; one refused only
+//! once the engine has read it (a prompt over the context) keeps its rate count.
 
 mod bill;
+pub mod check;
 mod embedder;
 pub mod error;
 mod execute;

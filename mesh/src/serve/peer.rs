@@ -29,8 +29,8 @@ use crate::{
 pub const PATH: &str = "/internal/v1/serve";
 /// The node a forwarded request came from (the peer's trace names it: `flatmesh.origin`).
 pub const FORWARDED: &str = "x-flatmesh-forwarded";
-/// Proves a forwarded request comes from a node of the mesh: the admin token, which every
-/// node of a mesh shares.
+/// Proves a request to an internal endpoint comes from a node of the mesh: `mesh.token`,
+/// which every node of a mesh shares (and which opens nothing else).
 pub const MESH_TOKEN: &str = "x-flatmesh-mesh-token";
 /// The longest line of an answer (an embeddings answer is one line).
 const MAX_LINE: usize = 256 << 20;
@@ -214,7 +214,7 @@ pub struct Call<'a> {
     pub origin: &'a str,
     /// The caller's `Authorization` header: the peer authenticates the caller itself.
     pub authorization: Option<&'a str>,
-    /// The mesh's shared admin token, proving the request comes from a node.
+    /// The mesh's token, proving the request comes from a node.
     pub mesh_token: Option<&'a str>,
     /// The client's deadline. The peer is given it and stops by itself; past it and
     /// `DEADLINE_GRACE`, this node ends the stream anyway (a peer that did not).

@@ -20,8 +20,8 @@ const PEER_MARGIN: std::time::Duration = std::time::Duration::from_millis(5);
 /// This node's part in a mesh, for the place step.
 pub struct Mesh {
     pub cluster: Cluster,
-    /// The admin token every node of the mesh shares: it proves to a peer that a forwarded
-    /// request comes from a node.
+    /// The token every node of the mesh shares (`mesh.token`): it proves to a peer that a
+    /// forwarded request comes from a node.
     pub token: Option<String>,
 }
 

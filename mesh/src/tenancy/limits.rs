@@ -54,8 +54,9 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Take the request back out of the tenant's request window: it failed for its own
-    /// content (a prompt too long for the model) and costs nothing.
+    /// Take the request back out of the tenant's request window: it leaves this node
+    /// (placed on a peer, which admits it against its own window). A request refused after
+    /// admission for its own content is not refunded: the work of reading it was done.
     pub fn refund(self) {
         if let Some(w) = self.limits.lock().get_mut(&self.tenant) {
             if let Some(i) = w.requests.iter().rposition(|t| *t == self.at) {

@@ -23,7 +23,7 @@ use crate::{
         error::{parse, ApiError, ApiJson},
         AppState,
     },
-    serve::{self, finish_reason, Generating, Output, Request, Work},
+    serve::{self, check, finish_reason, Generating, Output, Request, Work},
     tenancy::Caller,
 };
 
@@ -156,8 +156,9 @@ fn request(
         prompt,
         max_tokens: max_tokens.map(|n| n as usize),
         sampling: common.sampling()?,
-        stop: common.stop()?,
+        stop: common.stop(),
     };
+    check::generate(&gen, &check::plain)?;
     Ok(Request {
         caller,
         model: common.model.clone(),

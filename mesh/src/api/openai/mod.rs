@@ -131,14 +131,18 @@ async fn embeddings(
     Ok(resp)
 }
 
-/// A tenant's own usage (never anybody else's), `?from=&to=` in Unix seconds.
+/// A tenant's own usage (never anybody else's), `?from=&to=` in Unix seconds; in a mesh,
+/// every live node's records of it, as `/admin/usage` gathers them (with the nodes that
+/// could not be reached named).
 async fn own_usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     axum::extract::Query(p): axum::extract::Query<super::mesh_ledger::Period>,
 ) -> Result<Json<Value>, ApiError> {
-    let recs = super::mesh_ledger::records(&state, Some(&caller.tenant), &p)?;
-    Ok(Json(
-        json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": crate::ledger::usage(&recs)}),
-    ))
+    let got = super::mesh_ledger::gather(&state, Some(&caller.tenant), &p).await?;
+    let mut answer = json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": crate::ledger::usage(&got.records)});
+    if state.cluster.is_some() {
+        answer["mesh"] = got.describe();
+    }
+    Ok(Json(answer))
 }

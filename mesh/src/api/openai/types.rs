@@ -3,7 +3,7 @@
 use flatmesh_runtime::{ChatMessage, SamplingParams};
 use serde::{Deserialize, Serialize};
 
-use crate::{api::error::ApiError, units::KeepAlive};
+use crate::{api::error::ApiError, serve::check, units::KeepAlive};
 
 /// A string or a list of strings (`stop`, `prompt`, embeddings `input`).
 #[derive(Debug, Clone, Deserialize)]
@@ -175,7 +175,8 @@ impl CompletionRequest {
 }
 
 impl Common {
-    /// Check ranges and turn the request into sampling settings.
+    /// The request's sampling settings; their ranges are checked with the rest of the
+    /// generation (`serve::check::generate`).
     pub fn sampling(&self) -> Result<SamplingParams, ApiError> {
         if self.model.is_empty() {
             return Err(ApiError::bad_request("model", "must not be empty"));
@@ -183,37 +184,9 @@ impl Common {
         if self.n.unwrap_or(1) != 1 {
             return Err(ApiError::bad_request("n", "only n = 1 is supported"));
         }
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::bad_request(
-                "temperature",
-                format!("{temperature} is not between 0 and 2"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::bad_request(
-                "top_p",
-                format!("{top_p} is not in (0, 1]"),
-            ));
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if let Some(v) = v.filter(|v| !(-2.0..=2.0).contains(v)) {
-                return Err(ApiError::bad_request(
-                    name,
-                    format!("{v} is not between -2 and 2"),
-                ));
-            }
-        }
-        if self.max_tokens == Some(0) {
-            return Err(ApiError::bad_request("max_tokens", "must be at least 1"));
-        }
         Ok(SamplingParams {
-            temperature,
-            top_p,
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0) as usize,
             seed: self.seed,
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
@@ -222,19 +195,11 @@ impl Common {
         })
     }
 
-    pub fn stop(&self) -> Result<Vec<String>, ApiError> {
-        let stop = self
-            .stop
+    pub fn stop(&self) -> Vec<String> {
+        self.stop
             .clone()
             .map(OneOrMany::into_vec)
-            .unwrap_or_default();
-        if stop.len() > 4 {
-            return Err(ApiError::bad_request(
-                "stop",
-                "at most 4 stop sequences are allowed",
-            ));
-        }
-        Ok(stop)
+            .unwrap_or_default()
     }
 
     pub fn include_usage(&self) -> bool {
@@ -268,9 +233,7 @@ impl EmbeddingRequest {
         if inputs.is_empty() {
             return Err(bad("must not be empty"));
         }
-        if inputs.len() > 2048 {
-            return Err(bad("at most 2048 inputs per request"));
-        }
+        check::inputs(inputs.len(), "input")?;
         if let Some(i) = inputs.iter().position(String::is_empty) {
             return Err(ApiError::bad_request(
                 format!("input[{i}]"),

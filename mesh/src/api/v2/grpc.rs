@@ -151,18 +151,26 @@ fn target(md: &MetadataMap, name: &str) -> Result<String, Status> {
     Ok(name.to_string())
 }
 
-fn param_json(p: &InferParameter) -> Value {
-    match &p.parameter_choice {
+/// A parameter as JSON. JSON has no NaN or infinity (a non-finite double would read as no
+/// value, and the default would apply unseen), so one is refused by the parameter's name.
+fn param_json(key: &str, p: &InferParameter) -> Result<Value, ServeError> {
+    Ok(match &p.parameter_choice {
         Some(ParameterChoice::BoolParam(b)) => Value::Bool(*b),
         Some(ParameterChoice::Int64Param(i)) => Value::from(*i),
         Some(ParameterChoice::StringParam(s)) => Value::String(s.clone()),
+        Some(ParameterChoice::DoubleParam(d)) if !d.is_finite() => {
+            return Err(ServeError::bad_request(
+                format!("parameters.{key}"),
+                format!("must be a finite number, got {d}"),
+            ))
+        }
         Some(ParameterChoice::DoubleParam(d)) => Value::from(*d),
         Some(ParameterChoice::Uint64Param(u)) => Value::from(*u),
         None => Value::Null,
-    }
+    })
 }
 
-fn decode(req: ModelInferRequest) -> Result<InferRequest, ServeError> {
+pub(super) fn decode(req: ModelInferRequest) -> Result<InferRequest, ServeError> {
     let raw = !req.raw_input_contents.is_empty();
     if raw && req.raw_input_contents.len() != req.inputs.len() {
         return Err(ServeError::invalid(format!(
@@ -193,8 +201,8 @@ fn decode(req: ModelInferRequest) -> Result<InferRequest, ServeError> {
     let parameters: BTreeMap<String, Value> = req
         .parameters
         .iter()
-        .map(|(k, v)| (k.clone(), param_json(v)))
-        .collect();
+        .map(|(k, v)| Ok((k.clone(), param_json(k, v)?)))
+        .collect::<Result<_, ServeError>>()?;
     Ok(InferRequest {
         id: (!req.id.is_empty()).then_some(req.id),
         parameters,

@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::{deadline::Deadline, AppState};
 use crate::{
     cache::CopyStatus,
-    serve::{Output, Request, ServeError, Work, MAX_INPUTS},
+    serve::{check, Output, Request, ServeError, Work},
     tenancy::Caller,
 };
 
@@ -164,7 +164,7 @@ pub async fn metadata(
 }
 
 /// Check a v2 inference request and turn it into work for the serve path: the input the
-/// model's kind expects (at most `MAX_INPUTS` texts, UTF-8) and valid parameters.
+/// model's kind expects (at most `serve::MAX_INPUTS` texts, UTF-8) and valid parameters.
 pub fn infer_request(
     state: &AppState,
     (caller, deadline): (Caller, Deadline),
@@ -185,13 +185,7 @@ pub fn infer_request(
             input.name, input.datatype
         )));
     };
-    if items.len() > MAX_INPUTS {
-        return Err(ServeError::invalid(format!(
-            "input {:?} holds {} elements; at most {MAX_INPUTS} per request",
-            input.name,
-            items.len()
-        )));
-    }
+    check::inputs(items.len(), &format!("inputs.{}", input.name))?;
     let texts = items
         .iter()
         .enumerate()
@@ -306,9 +300,6 @@ fn take_input<'a>(
     Ok(t)
 }
 
-/// Most stop sequences one request may give (as OpenAI allows).
-const MAX_STOP: usize = 4;
-
 /// Generation settings from v2 request parameters; every number is range-checked.
 pub fn generate_request(
     prompt: String,
@@ -351,23 +342,8 @@ pub fn generate_request(
             .ok_or_else(|| bad("stop", "must hold only strings".into()))?,
         Some(v) => return Err(bad("stop", format!("must be a string or list, got {v}"))),
     };
-    if stop.len() > MAX_STOP {
-        return Err(bad(
-            "stop",
-            format!("at most {MAX_STOP} stop sequences are allowed"),
-        ));
-    }
     let temperature = num("temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(bad(
-            "temperature",
-            format!("{temperature} is not between 0 and 2"),
-        ));
-    }
     let top_p = num("top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(bad("top_p", format!("{top_p} is not in (0, 1]")));
-    }
     let max_tokens = int("max_tokens", 1.0, u32::MAX as f64)?.unwrap_or(128);
     let top_k = int("top_k", 0.0, u32::MAX as f64)?.unwrap_or(0);
     // Seeds are whole numbers that JSON carries exactly (up to 2^53).
@@ -377,7 +353,7 @@ pub fn generate_request(
         Some(Value::Bool(b)) => *b,
         Some(v) => return Err(bad("ignore_eos", format!("must be true or false, got {v}"))),
     };
-    Ok(GenerateRequest {
+    let g = GenerateRequest {
         prompt: Prompt::Text(prompt),
         max_tokens: Some(max_tokens as usize),
         sampling: SamplingParams {
@@ -389,7 +365,9 @@ pub fn generate_request(
             ..Default::default()
         },
         stop,
-    })
+    };
+    check::generate(&g, &|k| format!("parameters.{k}"))?;
+    Ok(g)
 }
 
 #[cfg(test)]

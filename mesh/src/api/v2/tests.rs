@@ -4,7 +4,11 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::{check_id, generate_request, take_input, Data, Tensor};
+use super::{
+    check_id, generate_request, grpc,
+    pb::{infer_parameter::ParameterChoice, InferParameter, ModelInferRequest},
+    take_input, Data, Tensor,
+};
 
 fn params(v: Value) -> BTreeMap<String, Value> {
     v.as_object().unwrap().clone().into_iter().collect()
@@ -27,6 +31,33 @@ fn out_of_range_parameters_are_refused_by_name() {
     assert!(err(json!({"stop": "[not json"})).contains("parameters.stop"));
     assert!(err(json!({"stop": ["a", "b", "c", "d", "e"]})).contains("at most 4"));
     assert!(err(json!({"stop": [1]})).contains("only strings"));
+}
+
+#[test]
+fn non_finite_grpc_parameters_are_refused_by_name() {
+    let decode = |key: &str, d: f64| {
+        let mut req = ModelInferRequest::default();
+        let p = InferParameter {
+            parameter_choice: Some(ParameterChoice::DoubleParam(d)),
+        };
+        req.parameters.insert(key.into(), p);
+        grpc::decode(req)
+    };
+    for (key, d) in [
+        ("max_tokens", f64::NAN),
+        ("temperature", f64::INFINITY),
+        ("top_p", f64::NAN),
+        ("seed", f64::NEG_INFINITY),
+    ] {
+        let e = decode(key, d).expect_err(key);
+        assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument, "{key}");
+        assert_eq!(e.param.as_deref(), Some(&*format!("parameters.{key}")));
+        assert!(e.message.contains("finite"), "{}", e.message);
+    }
+    assert_eq!(
+        decode("temperature", 0.5).unwrap().parameters["temperature"],
+        json!(0.5)
+    );
 }
 
 #[test]
