@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+mod docs;
 pub mod files;
 pub mod ids;
 pub mod ledger;
