@@ -13,7 +13,7 @@ impl super::Cache {
         let footprint = footprint(&config).await;
         let _order = self.inner.persist.lock().await;
         let saved = {
-            let mut st = self.inner.lock();
+            let mut st = self.inner.state.lock();
             st.add(config, super::state::Origin::Api, footprint)?;
             st.registered()
         };
@@ -25,11 +25,11 @@ impl super::Cache {
     pub async fn unregister(&self, id: &str) -> Result<(), CacheError> {
         let _order = self.inner.persist.lock().await;
         let saved = {
-            let mut st = self.inner.lock();
+            let mut st = self.inner.state.lock();
             st.remove(id, Instant::now(), &self.inner.metrics)?;
             st.registered()
         };
-        self.inner.warm().remove(id);
+        self.inner.warm.lock().remove(id);
         self.inner.changed.notify_waiters();
         self.save(saved).await
     }
@@ -37,7 +37,7 @@ impl super::Cache {
     /// Point vmodel `name` at `target`: the target is loaded first, then traffic moves.
     pub async fn set_vmodel(&self, name: &str, target: &str) -> Result<(), CacheError> {
         {
-            let st = self.inner.lock();
+            let st = self.inner.state.lock();
             if st.models.contains_key(name) {
                 return Err(CacheError::Conflict(format!(
                     "{name:?} is a model, not a vmodel"
@@ -50,7 +50,7 @@ impl super::Cache {
         self.load(target).await?;
         let _order = self.inner.persist.lock().await;
         let saved = {
-            let mut st = self.inner.lock();
+            let mut st = self.inner.state.lock();
             if st.models.contains_key(name) {
                 return Err(CacheError::Conflict(format!(
                     "{name:?} is a model, not a vmodel"
@@ -70,7 +70,7 @@ impl super::Cache {
     pub async fn remove_vmodel(&self, name: &str) -> Result<(), CacheError> {
         let _order = self.inner.persist.lock().await;
         let saved = {
-            let mut st = self.inner.lock();
+            let mut st = self.inner.state.lock();
             st.vmodels
                 .remove(name)
                 .ok_or_else(|| CacheError::VmodelNotFound(name.to_string()))?;
@@ -80,11 +80,12 @@ impl super::Cache {
     }
 
     pub fn status(&self) -> Vec<CopyStatus> {
-        self.inner.lock().status(Instant::now())
+        self.inner.state.lock().status(Instant::now())
     }
 
     pub fn vmodels(&self) -> Vec<VmodelStatus> {
         self.inner
+            .state
             .lock()
             .vmodels
             .iter()
@@ -97,18 +98,19 @@ impl super::Cache {
 
     /// How many requests one copy of `model` runs at once (`max_concurrency`).
     pub fn max_concurrency(&self, model: &str) -> Option<usize> {
-        let st = self.inner.lock();
+        let st = self.inner.state.lock();
         st.models.get(model).map(|e| e.config.max_concurrency)
     }
 
     /// The models whose image is in the warm tier (a page-in from memory).
     pub fn warm_models(&self) -> Vec<String> {
-        self.inner.warm().ids()
+        self.inner.warm.lock().ids()
     }
 
     /// Bytes in use on each device, by name: (name, used, capacity).
     pub fn devices(&self) -> Vec<(String, u64, u64)> {
         self.inner
+            .state
             .lock()
             .devices
             .iter()
@@ -118,7 +120,7 @@ impl super::Cache {
 
     /// Copies of unregistered models still serving their last leases, by model.
     pub fn draining(&self) -> Vec<(String, CopyDetail)> {
-        self.inner.lock().draining()
+        self.inner.state.lock().draining()
     }
 
     /// Write `saved` to the registry; the caller holds `persist`, not the state lock.

@@ -20,10 +20,8 @@ mod status;
 mod tests;
 mod warm;
 
-use std::{
-    sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
-};
+use parking_lot::Mutex;
+use std::{sync::Arc, time::Duration};
 
 use flatmesh_runtime::Engine;
 use tokio::{
@@ -104,7 +102,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let mut st = self.inner.lock();
+        let mut st = self.inner.state.lock();
         st.unpin(&self.model, self.copy, Instant::now(), &self.inner.metrics);
         drop(st);
         self.inner.changed.notify_waiters();
@@ -208,22 +206,22 @@ impl Cache {
 
     /// Ask `advisor` which idle copies leave first whenever a load needs room.
     pub fn set_advisor(&self, advisor: Arc<dyn residency::Advisor>) {
-        *self.inner.advisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(advisor);
+        *self.inner.advisor.lock() = Some(advisor);
     }
 
     /// Whether `id` names a model or a vmodel.
     pub fn contains(&self, id: &str) -> bool {
-        self.inner.lock().resolve(id).is_some()
+        self.inner.state.lock().resolve(id).is_some()
     }
 
     /// The model a name means: itself, or a vmodel's target.
     pub fn resolve(&self, id: &str) -> Option<String> {
-        self.inner.lock().resolve(id)
+        self.inner.state.lock().resolve(id)
     }
 
     /// What a model (not a vmodel) does, known from its format without loading it.
     pub fn kind(&self, model: &str) -> Option<flatmesh_runtime::ModelKind> {
-        let st = self.inner.lock();
+        let st = self.inner.state.lock();
         st.models.get(model)?.config.format.map(|f| f.kind())
     }
 
@@ -279,7 +277,7 @@ impl Cache {
         let (mut asked, mut advice) = (false, plan::Advice::BuiltIn);
         {
             // One request, counted once for the residency policy however long it waits.
-            let mut st = inner.lock();
+            let mut st = inner.state.lock();
             if let Some(model) = st.resolve(id) {
                 st.demand.request(&model);
             }
@@ -290,7 +288,7 @@ impl Cache {
             notified.as_mut().enable();
             // What to ask a residency plugin, without the lock, before starting a load.
             let ask = {
-                let mut st = inner.lock();
+                let mut st = inner.state.lock();
                 let model = st
                     .resolve(id)
                     .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
@@ -383,7 +381,7 @@ impl Cache {
             let started = Instant::now();
             let (path, format) = (load.config.path.clone(), load.format);
             let (image, keep) = {
-                let mut warm = inner.warm();
+                let mut warm = inner.warm.lock();
                 (warm.get(&load.config.id, &path), warm.enabled())
             };
             let source = if image.is_some() { "warm" } else { "disk" };
@@ -405,7 +403,7 @@ impl Cache {
             });
             let result = result.map(|(engine, image)| {
                 if let Some(image) = image {
-                    let mut warm = inner.warm();
+                    let mut warm = inner.warm.lock();
                     warm.put(&load.config.id, &path, image);
                     inner.metrics.warm_bytes.set(warm.used() as i64);
                 }
@@ -429,7 +427,7 @@ impl Cache {
                 load.copy.to_string(),
                 load.device.clone(),
             );
-            let mut st = inner.lock();
+            let mut st = inner.state.lock();
             st.finish_load(load, result, Instant::now(), seconds, &inner.metrics);
             st.history
                 .push(kind, (&what.0, what.1, what.2.name()), detail);
@@ -441,7 +439,7 @@ impl Cache {
 
     /// The recent page-ins and evictions, newest first.
     pub fn recent_events(&self) -> Vec<CacheEvent> {
-        self.inner.lock().history.recent()
+        self.inner.state.lock().history.recent()
     }
 
     /// Load `id` now if it is not loaded, and wait until it is (or fails).
@@ -451,7 +449,7 @@ impl Cache {
 
     /// Unload `id` now if idle, or as soon as its last lease ends.
     pub fn unload(&self, id: &str) -> Result<(), CacheError> {
-        let mut st = self.inner.lock();
+        let mut st = self.inner.state.lock();
         let model = st
             .resolve(id)
             .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
@@ -465,7 +463,7 @@ impl Cache {
     /// Only as many as fit in the pool together: preloading never evicts.
     pub async fn preload(&self) {
         let ids: Vec<String> = {
-            let st = self.inner.lock();
+            let st = self.inner.state.lock();
             let mut room: u64 = st.devices.iter().map(|d| d.capacity()).sum();
             let mut ids = Vec::new();
             let pinned_first = st.models.values().filter(|e| e.config.pinned).chain(
@@ -498,7 +496,7 @@ impl Cache {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let next = {
-                let mut st = self.inner.lock();
+                let mut st = self.inner.state.lock();
                 st.expire(
                     Instant::now(),
                     self.inner.config.min_residency.0,
@@ -518,18 +516,7 @@ impl Cache {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn advisor(&self) -> Option<Arc<dyn residency::Advisor>> {
-        self.advisor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub(super) fn warm(&self) -> MutexGuard<'_, warm::WarmTier> {
-        self.warm.lock().unwrap_or_else(|e| e.into_inner())
+        self.advisor.lock().clone()
     }
 }

@@ -3,9 +3,9 @@
 //! lease; others that find the claim wait for that node's copy and forward to it. The claim is
 //! given back once a copy is ready (or the load is over), and lost with its claimant's lease.
 
+use parking_lot::Mutex;
 use std::{
     collections::BTreeMap,
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -33,22 +33,17 @@ pub enum Claimed {
 impl Claims {
     /// A new session's client and lease (claims made from now on live under it).
     pub fn connect(&self, client: Client, lease: i64) {
-        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some((client, lease));
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.session.lock() = Some((client, lease));
+        self.held.lock().clear();
     }
 
     pub fn disconnect(&self) {
-        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.session.lock() = None;
     }
 
     /// Claim the load of `model` under `key`, naming the node `loader` that loads it.
     pub async fn claim(&self, key: String, model: &str, loader: &str) -> Claimed {
-        let Some((mut client, lease)) = self
-            .session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        let Some((mut client, lease)) = self.session.lock().clone() else {
             return Claimed::Unknown;
         };
         let txn = Txn::new()
@@ -64,10 +59,7 @@ impl Claims {
             return Claimed::Unknown;
         };
         if resp.succeeded() {
-            self.held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(model.to_string(), Instant::now());
+            self.held.lock().insert(model.to_string(), Instant::now());
             return Claimed::Won;
         }
         let holder = resp.op_responses().into_iter().find_map(|r| match r {
@@ -85,7 +77,7 @@ impl Claims {
 
     /// The models this node holds claims on, with how long it has held each.
     pub fn held(&self) -> Vec<(String, Duration)> {
-        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self.held.lock();
         held.iter().map(|(m, t)| (m.clone(), t.elapsed())).collect()
     }
 
@@ -97,10 +89,7 @@ impl Claims {
         model: &str,
     ) -> anyhow::Result<()> {
         client.delete(key, None).await?;
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(model);
+        self.held.lock().remove(model);
         Ok(())
     }
 }

@@ -14,9 +14,10 @@ mod registry;
 mod tenancy;
 mod watch;
 
+use parking_lot::RwLock;
 use std::{
     collections::BTreeMap,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -129,11 +130,11 @@ struct Inner {
     claims: Claims,
     /// Loads this node sent to each node since that node's last record: (count, bytes), so
     /// a burst of placements does not pile onto the node that looked emptiest.
-    placed: std::sync::Mutex<std::collections::HashMap<String, (usize, u64)>>,
+    placed: parking_lot::Mutex<std::collections::HashMap<String, (usize, u64)>>,
     /// Pinned models seen without a copy anywhere in the mesh, and since when.
-    orphans: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    orphans: parking_lot::Mutex<std::collections::HashMap<String, Instant>>,
     /// A change whose write failed (etcd went away): written first on reconnecting.
-    unwritten: std::sync::Mutex<Option<crate::tenancy::Shared>>,
+    unwritten: parking_lot::Mutex<Option<crate::tenancy::Shared>>,
     metrics: Metrics,
 }
 
@@ -216,7 +217,7 @@ impl Cluster {
 
     /// The front doors of the other live nodes, by node name.
     pub fn peers(&self) -> Vec<(String, String)> {
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.inner.nodes.read();
         nodes
             .values()
             .filter(|n| n.node != self.inner.config.node)
@@ -226,7 +227,7 @@ impl Cluster {
 
     /// Every live node's record, and whether etcd answers.
     pub fn status(&self) -> serde_json::Value {
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.inner.nodes.read();
         serde_json::json!({
             "node": self.inner.config.node,
             "etcd_connected": self.inner.connected.load(std::sync::atomic::Ordering::Relaxed),
@@ -411,7 +412,7 @@ impl Cluster {
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
             .await?;
         {
-            let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
+            let mut nodes = self.inner.nodes.write();
             nodes.clear();
             for kv in found.kvs() {
                 if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
@@ -455,7 +456,7 @@ impl Cluster {
                 }
                 ev = events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the nodes ended") };
-                    let mut nodes = self.inner.nodes.write().unwrap_or_else(|e| e.into_inner());
+                    let mut nodes = self.inner.nodes.write();
                     for e in resp.events() {
                         let Some(kv) = e.kv() else { continue };
                         let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&prefix).to_string();
@@ -463,7 +464,7 @@ impl Cluster {
                             EventType::Put => {
                                 if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
                                     // Its record now shows what was sent there.
-                                    self.inner.placed.lock().unwrap_or_else(|e| e.into_inner()).remove(&r.node);
+                                    self.inner.placed.lock().remove(&r.node);
                                     nodes.insert(r.node.clone(), r);
                                 }
                             }
@@ -492,11 +493,7 @@ impl Cluster {
     }
 
     fn take_unwritten(&self) -> Option<crate::tenancy::Shared> {
-        self.inner
-            .unwritten
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        self.inner.unwritten.lock().take()
     }
 
     /// Write one of this node's tenancy changes; a failed one is kept for the next session
@@ -508,11 +505,7 @@ impl Cluster {
     ) -> anyhow::Result<()> {
         let result = self.inner.shared_tenancy.write(client, &change).await;
         if result.is_err() {
-            *self
-                .inner
-                .unwritten
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(change);
+            *self.inner.unwritten.lock() = Some(change);
         }
         result
     }

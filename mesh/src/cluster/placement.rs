@@ -101,8 +101,8 @@ impl Cluster {
     /// on a tie (no hop).
     fn choose_loader(&self, model: &str, need: u64) -> Peer {
         let mine = self.record();
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
-        let placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.inner.nodes.read();
+        let placed = self.inner.placed.lock();
         let me = &self.inner.config.node;
         let candidates = nodes
             .values()
@@ -137,7 +137,7 @@ impl Cluster {
         let Some(batch) = self.inner.cache.max_concurrency(model) else {
             return false;
         };
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.inner.nodes.read();
         let mut copies = nodes
             .values()
             .filter(|n| n.node != self.inner.config.node && !n.draining)
@@ -178,7 +178,7 @@ impl Cluster {
         for (model, bytes) in pinned {
             let here = self.local_state(&model);
             let elsewhere = {
-                let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+                let nodes = self.inner.nodes.read();
                 nodes.values().any(|n| {
                     n.node != me
                         && !n.draining
@@ -187,7 +187,7 @@ impl Cluster {
                 })
             };
             let since = {
-                let mut orphans = self.inner.orphans.lock().unwrap_or_else(|e| e.into_inner());
+                let mut orphans = self.inner.orphans.lock();
                 if here.ready || here.loading || elsewhere {
                     orphans.remove(&model);
                     None
@@ -215,7 +215,7 @@ impl Cluster {
     }
 
     fn count_placement(&self, node: &str, bytes: u64) {
-        let mut placed = self.inner.placed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut placed = self.inner.placed.lock();
         let e = placed.entry(node.to_string()).or_default();
         e.0 += 1;
         e.1 += bytes;
@@ -223,7 +223,7 @@ impl Cluster {
 
     /// The least leased peer (not this node, not draining) with a ready copy of `model`.
     fn holder(&self, model: &str) -> Option<Peer> {
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+        let nodes = self.inner.nodes.read();
         nodes
             .values()
             .filter(|n| n.node != self.inner.config.node && !n.draining)
@@ -257,7 +257,7 @@ impl Cluster {
         for (model, held) in self.inner.claims.held() {
             let here = self.local_state(&model);
             let (ready, loading) = {
-                let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner());
+                let nodes = self.inner.nodes.read();
                 let ready = nodes
                     .values()
                     .any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));

@@ -1,7 +1,7 @@
 //! The shared registry: models and vmodels registered on any node, one etcd key each, kept
 //! in every node's cache (and in its own registry file, which still survives a restart).
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use etcd_client::{Client, EventType, GetOptions, WatchResponse, WatchStream};
 
@@ -51,9 +51,9 @@ impl MeshRegistry {
         for kv in found.kvs() {
             self.read_into(&mut remote, kv.key(), Some(kv.value()));
         }
-        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = remote.clone();
-        let local = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        *self.client.lock() = Some(client.clone());
+        *self.shared.lock() = remote.clone();
+        let local = self.local.lock().clone();
         self.write_diff(&remote, &local, false).await?;
         for m in remote.models {
             if !local.models.iter().any(|l| l.id == m.id) {
@@ -79,10 +79,10 @@ impl MeshRegistry {
             let Some(kv) = e.kv() else { continue };
             let value = (e.event_type() == EventType::Put).then(|| kv.value());
             let change = {
-                let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut shared = self.shared.lock();
                 self.read_into(&mut shared, kv.key(), value)
             };
-            let local = self.local.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let local = self.local.lock().clone();
             match change {
                 Some(Change::Model {
                     config: Some(m), ..
@@ -140,12 +140,7 @@ impl MeshRegistry {
     /// Write to etcd what `to` has that `from` lacks (and, with `delete`, remove what `to`
     /// dropped).
     async fn write_diff(&self, from: &Saved, to: &Saved, delete: bool) -> anyhow::Result<()> {
-        let Some(mut client) = self
-            .client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        let Some(mut client) = self.client.lock().clone() else {
             return Ok(());
         };
         for m in &to.models {
@@ -232,15 +227,8 @@ impl ModelRegistry for MeshRegistry {
 impl MeshRegistry {
     async fn share(&self, saved: Saved) -> anyhow::Result<()> {
         self.file.save(saved.clone()).await?;
-        let before = std::mem::replace(
-            &mut *self.local.lock().unwrap_or_else(|e| e.into_inner()),
-            saved.clone(),
-        );
-        let shared = self
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let before = std::mem::replace(&mut *self.local.lock(), saved.clone());
+        let shared = self.shared.lock().clone();
         // Only this node's own changes go out: what it adds beyond what etcd holds, and what
         // it removed that etcd still has.
         let mut removed = shared.clone();
@@ -265,7 +253,7 @@ impl MeshRegistry {
                 next.vmodels.entry(n).or_insert(t);
             }
         }
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        *self.shared.lock() = next;
         Ok(())
     }
 }

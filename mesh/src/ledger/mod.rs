@@ -1,12 +1,13 @@
 //! The ledger: a durable, append-only record of usage (one JSON line per finished request,
 //! fsync'd before the response completes), and the invoices computed from it.
 
+use parking_lot::Mutex;
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -87,7 +88,7 @@ impl Ledger {
     pub fn append_blocking(&self, record: &Record) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(record).expect("records serialize");
         line.push(b'\n');
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.file.lock();
         f.write_all(&line)?;
         f.sync_data()
     }

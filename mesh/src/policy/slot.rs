@@ -1,12 +1,13 @@
 //! One policy slot: the plugin loaded in it, a pool of ready instances, hot reload, and what
 //! happens when the plugin fails (counted, logged once per burst, backed off).
 
+use parking_lot::{Mutex, RwLock};
 use std::{
     future::Future,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, RwLock,
+        Arc,
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -79,10 +80,6 @@ pub struct SlotStatus {
     pub failures: u64,
     pub failing_now: bool,
     pub idle_instances: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -162,10 +159,7 @@ impl<K: Kind> Slot<K> {
     }
 
     fn current(&self) -> Option<Arc<Loaded<K>>> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().clone()
     }
 
     /// The config string of the loaded plugin.
@@ -201,7 +195,7 @@ impl<K: Kind> Slot<K> {
     async fn try_load(&self, path: &Path, config: String) -> Result<u64, String> {
         self.runtime.start_clock()?;
         let file_stamp = stamp(path);
-        *lock(&self.attempted) = file_stamp;
+        *self.attempted.lock() = file_stamp;
         let bytes = read_plugin(path, self.settings.max_plugin_bytes).await?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         let engine = self.runtime.engine.clone();
@@ -234,10 +228,10 @@ impl<K: Kind> Slot<K> {
             .map_err(|f| format!("init failed: {f}"))?;
         // Loads are serialized (`loading`), so versions are published in order.
         loaded.version = self.versions.fetch_add(1, Ordering::Relaxed) + 1;
-        lock(&loaded.idle).push(first);
+        loaded.idle.lock().push(first);
         let version = loaded.version;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(loaded));
-        *lock(&self.health) = Health::default();
+        *self.current.write() = Some(Arc::new(loaded));
+        *self.health.lock() = Health::default();
         self.metrics
             .policy_version
             .with_label_values(&[K::SLOT])
@@ -259,7 +253,7 @@ impl<K: Kind> Slot<K> {
             tokio::time::sleep(every).await;
             let Some(cur) = self.current() else { continue };
             let now = stamp(&cur.path);
-            if now.is_none() || now == cur.stamp || now == *lock(&self.attempted) {
+            if now.is_none() || now == cur.stamp || now == *self.attempted.lock() {
                 continue;
             }
             // Let a writer finish: the stamp must hold still for one more period.
@@ -326,7 +320,7 @@ impl<K: Kind> Slot<K> {
         Fut: Future<Output = (Instance<K>, wasmtime::Result<Result<R, String>>)>,
     {
         let started = Instant::now();
-        let backoff_until = lock(&self.health).backoff_until;
+        let backoff_until = self.health.lock().backoff_until;
         if let Some(until) = backoff_until {
             if until > started {
                 return Outcome::Failed(self.failed(Failure {
@@ -349,7 +343,7 @@ impl<K: Kind> Slot<K> {
                 message: format!("{MAX_IN_FLIGHT} calls in flight; no instance free"),
             });
         };
-        let idle = lock(&loaded.idle).pop();
+        let idle = loaded.idle.lock().pop();
         let mut instance = match idle {
             Some(i) => i,
             None => {
@@ -383,14 +377,14 @@ impl<K: Kind> Slot<K> {
         match result {
             Ok(Ok(r)) => {
                 self.succeeded();
-                let mut idle = lock(&loaded.idle);
+                let mut idle = loaded.idle.lock();
                 if idle.len() < self.settings.max_idle {
                     idle.push(instance);
                 }
                 Outcome::Done(r)
             }
             Ok(Err(message)) => {
-                let mut idle = lock(&loaded.idle);
+                let mut idle = loaded.idle.lock();
                 if idle.len() < self.settings.max_idle {
                     idle.push(instance);
                 }
@@ -433,7 +427,7 @@ impl<K: Kind> Slot<K> {
             .policy_calls
             .with_label_values(&[K::SLOT, "ok"])
             .inc();
-        let mut h = lock(&self.health);
+        let mut h = self.health.lock();
         if let Some((count, _)) = h.burst.take() {
             tracing::info!(slot = K::SLOT, failures = count, "Policy plugin recovered");
         }
@@ -447,7 +441,7 @@ impl<K: Kind> Slot<K> {
             .with_label_values(&[K::SLOT, failure.kind.label()])
             .inc();
         let now = Instant::now();
-        let mut h = lock(&self.health);
+        let mut h = self.health.lock();
         h.failures += 1;
         // One request can make a healthy plugin fail (a huge prompt, say); only failures in a
         // row put the slot to rest.
@@ -477,7 +471,7 @@ impl<K: Kind> Slot<K> {
 
     pub fn status(&self) -> SlotStatus {
         let cur = self.current();
-        let h = lock(&self.health);
+        let h = self.health.lock();
         SlotStatus {
             slot: K::SLOT,
             loaded: cur.is_some(),
@@ -490,7 +484,7 @@ impl<K: Kind> Slot<K> {
             on_failure: self.on_failure.label(),
             failures: h.failures,
             failing_now: h.burst.is_some(),
-            idle_instances: cur.as_ref().map_or(0, |c| lock(&c.idle).len()),
+            idle_instances: cur.as_ref().map_or(0, |c| c.idle.lock().len()),
         }
     }
 }

@@ -1,17 +1,14 @@
 //! What plugins remember, kept in the host: a key-value store and counters per plugin, and the
 //! answer store of the cache slot, scoped by tenant.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use super::bindings::{imports::flatmesh::policy::answers::Neighbour, Answer};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn expiry(ttl_ms: u64) -> Option<Instant> {
     (ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(ttl_ms))
@@ -80,7 +77,7 @@ impl Kv {
     }
 
     pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let mut kv = lock(&self.inner);
+        let mut kv = self.inner.lock();
         match kv.entries.get(key) {
             Some((_, at)) if expired(*at) => {
                 kv.remove(key);
@@ -92,7 +89,7 @@ impl Kv {
     }
 
     pub fn set(&self, key: String, value: Vec<u8>, ttl_ms: u64) -> Result<(), String> {
-        let mut kv = lock(&self.inner);
+        let mut kv = self.inner.lock();
         let size = key.len() + value.len();
         // What the store would hold with this entry in place of the old one (which stays if
         // the new one does not fit).
@@ -115,7 +112,7 @@ impl Kv {
     }
 
     pub fn delete(&self, key: &str) {
-        lock(&self.inner).remove(key);
+        self.inner.lock().remove(key);
     }
 }
 
@@ -139,7 +136,7 @@ fn now_s() -> u64 {
 impl Counters {
     pub fn add(&self, name: &str, amount: u64, window_ms: u64) -> u64 {
         let now = now_s();
-        let mut all = lock(&self.inner);
+        let mut all = self.inner.lock();
         if !all.contains_key(name) && (all.len() >= MAX_COUNTERS || name.len() > MAX_NAME) {
             return 0;
         }
@@ -158,7 +155,8 @@ impl Counters {
     }
 
     pub fn sum(&self, name: &str, window_ms: u64) -> u64 {
-        lock(&self.inner)
+        self.inner
+            .lock()
             .get(name)
             .map_or(0, |b| sum(b, now_s(), window_ms))
     }
@@ -244,7 +242,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 impl Answers {
     pub fn get(&self, tenant: &str, namespace: &str, key: &str) -> Option<Answer> {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         let s = inner
             .spaces
             .get(&(tenant.to_string(), namespace.to_string()))?
@@ -281,7 +279,7 @@ impl Answers {
         } else {
             ttl_ms
         };
-        let mut inner = lock(&self.inner);
+        let mut inner = self.inner.lock();
         inner.seq += 1;
         let seq = inner.seq;
         let space = (tenant.to_string(), namespace);
@@ -315,7 +313,7 @@ impl Answers {
         vector: &[f32],
         threshold: f32,
     ) -> Option<Neighbour> {
-        let inner = lock(&self.inner);
+        let inner = self.inner.lock();
         let now = Instant::now();
         let space = inner
             .spaces

@@ -12,9 +12,10 @@
 //! sequences in its batch, and when the batch is full the next to join is chosen by the
 //! tiers' weights too, so the shares hold whichever of the two limits binds.
 
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -67,7 +68,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut st = self.scheduler.lock();
+        let mut st = self.scheduler.state.lock();
         st.free += 1;
         dispatch(&mut st);
     }
@@ -149,13 +150,9 @@ impl Scheduler {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A slot now, if one is free and nobody waits for one (tagged as `acquire` would).
     pub fn try_acquire(&self, tier: &str, weight: u32) -> Option<Slot> {
-        let mut st = self.lock();
+        let mut st = self.state.lock();
         if st.free == 0 || st.tiers.values().any(|q| !q.waiting.is_empty()) {
             return None;
         }
@@ -186,7 +183,7 @@ impl Scheduler {
     pub async fn acquire(&self, tier: &str, weight: u32) -> Result<Slot, Rejected> {
         let started = std::time::Instant::now();
         let (id, rx) = {
-            let mut st = self.lock();
+            let mut st = self.state.lock();
             let nobody_waits = st.tiers.values().all(|q| q.waiting.is_empty());
             let vnow = st.virtual_now;
             let at_once = nobody_waits && st.free > 0;
@@ -262,7 +259,7 @@ struct Waiting<'a> {
 impl Waiting<'_> {
     /// Leave the queue; true when a slot was granted before we could.
     fn leave(&mut self) -> bool {
-        let mut st = self.scheduler.lock();
+        let mut st = self.scheduler.state.lock();
         if let Some(q) = st.tiers.get_mut(self.tier) {
             let before = q.waiting.len();
             q.waiting.retain(|w| w.id != self.id);
@@ -279,7 +276,7 @@ impl Waiting<'_> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         if !self.done && self.leave() {
-            let mut st = self.scheduler.lock();
+            let mut st = self.scheduler.state.lock();
             st.free += 1;
             dispatch(&mut st);
         }
@@ -301,7 +298,7 @@ mod tests {
                 let (s, served) = (s.clone(), served.clone());
                 tasks.push(tokio::spawn(async move {
                     let _slot = s.acquire(tier, weight).await.unwrap();
-                    served.lock().unwrap().push(tier);
+                    served.lock().push(tier);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }));
             }
@@ -309,7 +306,7 @@ mod tests {
         tokio::task::yield_now().await;
         drop(first);
         tokio::time::sleep(Duration::from_millis(10 * 200)).await;
-        let order = served.lock().unwrap().clone();
+        let order = served.lock().clone();
         let first_200 = &order[..200];
         let gold = first_200.iter().filter(|t| **t == "gold").count() as f64;
         let ratio = gold / (200.0 - gold);
@@ -344,7 +341,7 @@ mod tests {
     /// Free slots and nobody queued: every slot can be had at once.
     async fn assert_all_slots_back(s: &Scheduler, slots: usize) {
         {
-            let st = s.lock();
+            let st = s.state.lock();
             assert_eq!(st.free, slots, "slots leaked");
             assert!(st.tiers.values().all(|q| q.waiting.is_empty()));
         }

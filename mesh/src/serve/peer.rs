@@ -3,9 +3,10 @@
 //! request to `POST /internal/v1/serve`; the answer streams back as JSON lines and becomes
 //! this node's `Served`. One format for every front door: OpenAI, v2 REST and gRPC alike.
 
+use parking_lot::Mutex;
 use std::{
     collections::HashSet,
-    sync::{Mutex, OnceLock},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -174,10 +175,7 @@ const RATE_HEADERS: [&str; 6] = [
 /// past 256 distinct ones (a misbehaving peer), `peer_error`.
 fn code(s: &str) -> &'static str {
     static SEEN: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut seen = SEEN
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut seen = SEEN.get_or_init(Default::default).lock();
     if let Some(k) = seen.get(s) {
         return k;
     }

@@ -1,9 +1,10 @@
 //! Per-tenant limits of a tier: requests and tokens per minute (sliding windows), a token
 //! budget per calendar month (UTC, counted from the ledger), and concurrent requests.
 
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -58,7 +59,7 @@ impl Admission {
     /// (placed on a peer, which admits it against its own window). A request refused after
     /// admission for its own content is not refunded: the work of reading it was done.
     pub fn refund(self) {
-        if let Some(w) = self.limits.lock().get_mut(&self.tenant) {
+        if let Some(w) = self.limits.tenants.lock().get_mut(&self.tenant) {
             if let Some(i) = w.requests.iter().rposition(|t| *t == self.at) {
                 w.requests.remove(i);
             }
@@ -68,7 +69,7 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        if let Some(w) = self.limits.lock().get_mut(&self.tenant) {
+        if let Some(w) = self.limits.tenants.lock().get_mut(&self.tenant) {
             w.running = w.running.saturating_sub(1);
         }
     }
@@ -124,14 +125,6 @@ impl Limits {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Window>> {
-        self.tenants.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_tiers(&self) -> std::sync::MutexGuard<'_, HashMap<String, TierMonth>> {
-        self.tiers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Admit a request of `caller` now, or say which limit it is over.
     pub fn admit(&self, caller: &Caller) -> Result<Admission, LimitError> {
         let tier = &caller.tier;
@@ -142,7 +135,7 @@ impl Limits {
         } else {
             None
         };
-        let mut all = self.lock();
+        let mut all = self.tenants.lock();
         let w = all.entry(caller.tenant.clone()).or_default();
         while w
             .requests
@@ -276,7 +269,7 @@ impl Limits {
     }
 
     fn tier_month(&self, tier: &str, (start, end): (u64, u64)) -> (u64, u64) {
-        if let Some(&(s, r, t)) = self.lock_tiers().get(tier) {
+        if let Some(&(s, r, t)) = self.tiers.lock().get(tier) {
             if s == start {
                 return (r, t);
             }
@@ -292,14 +285,14 @@ impl Limits {
                     })
             })
             .unwrap_or((0, 0));
-        self.lock_tiers().insert(tier.to_string(), (start, r, t));
+        self.tiers.lock().insert(tier.to_string(), (start, r, t));
         (r, t)
     }
 
     /// Count tokens a finished request used.
     pub fn add_tokens(&self, tenant: &str, tier: &str, tokens: u64) {
         {
-            let mut tiers = self.lock_tiers();
+            let mut tiers = self.tiers.lock();
             if let Some((start, r, t)) = tiers.get_mut(tier) {
                 if *start == month_bounds(now_ms()).0 {
                     *r += 1;
@@ -307,7 +300,7 @@ impl Limits {
                 }
             }
         }
-        let mut all = self.lock();
+        let mut all = self.tenants.lock();
         let w = all.entry(tenant.to_string()).or_default();
         w.tokens.push_back((Instant::now(), tokens));
         if let Some((_, used)) = &mut w.budget {
@@ -319,7 +312,8 @@ impl Limits {
     /// budget that have been admitted here (what a node publishes to the mesh).
     pub fn month_usage_here(&self) -> Vec<(String, u64, u64)> {
         let start = month_bounds(now_ms()).0;
-        self.lock()
+        self.tenants
+            .lock()
             .iter()
             .filter_map(|(t, w)| match w.budget {
                 Some((s, used)) if s == start => Some((t.clone(), s, used)),
@@ -336,7 +330,6 @@ impl Limits {
         let mut used: HashMap<String, u64> = self
             .peers
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(_, (s, _))| *s == start)
             .map(|(t, (_, n))| (t.clone(), *n))
@@ -373,16 +366,11 @@ impl Limits {
     /// Replace what the other nodes report: (tenant, start of month, tokens), summed over
     /// the nodes. Budgets then hold mesh-wide, late by at most one publish interval.
     pub fn set_peer_usage(&self, usage: HashMap<String, (u64, u64)>) {
-        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = usage;
+        *self.peers.lock() = usage;
     }
 
     fn peer_usage(&self, tenant: &str, month_start: u64) -> u64 {
-        match self
-            .peers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant)
-        {
+        match self.peers.lock().get(tenant) {
             Some((start, tokens)) if *start == month_start => *tokens,
             _ => 0,
         }
@@ -392,7 +380,7 @@ impl Limits {
         if let Some(Window {
             budget: Some((s, used)),
             ..
-        }) = self.lock().get(tenant)
+        }) = self.tenants.lock().get(tenant)
         {
             if *s == start {
                 return *used;

@@ -5,11 +5,8 @@
 
 pub mod limits;
 
-use std::{
-    collections::BTreeMap,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use parking_lot::Mutex;
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -275,18 +272,18 @@ impl Tenancy {
 
     /// Send this node's tenancy changes to `tx` from now on (the mesh shares them).
     pub fn mirror_to(&self, tx: tokio::sync::mpsc::UnboundedSender<Shared>) {
-        *self.mirror.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.mirror.lock() = Some(tx);
     }
 
     fn share(&self, change: Shared) {
-        if let Some(tx) = &*self.mirror.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(tx) = &*self.mirror.lock() {
             let _ = tx.send(change);
         }
     }
 
     /// Tenants and keys made through the API (what a node shares with the mesh).
     pub fn shared(&self) -> Vec<Shared> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let tenants = inner
             .tenants
             .values()
@@ -311,7 +308,7 @@ impl Tenancy {
     /// lacks is adopted (this node's own definition of a tier wins here); a tenant on a tier
     /// this node does not have, or a key of a tenant it does not know, is skipped.
     pub fn apply(&self, change: Shared) {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         let changed = match change {
             Shared::Tier(t) if crate::ids::check_id("tier", &t.name).is_err() || t.weight == 0 => {
                 tracing::warn!(tier = %t.name, "Ignoring a shared tier that is not valid");
@@ -358,18 +355,14 @@ impl Tenancy {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Whether the agent runs single-tenant (no tiers configured): everyone is `anonymous`.
     pub fn is_open(&self) -> bool {
-        self.lock().open
+        self.inner.lock().open
     }
 
     /// The caller behind an `Authorization` header value (or none).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, AuthError> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let Some(value) = authorization else {
             return inner
                 .anonymous
@@ -418,7 +411,7 @@ impl Tenancy {
     }
 
     pub fn add_tenant(&self, t: TenantConfig) -> Result<(), AuthError> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if !inner.tiers.contains_key(&t.tier) {
             return Err(AuthError::NotFound(format!("no tier named {:?}", t.tier)));
         }
@@ -437,7 +430,7 @@ impl Tenancy {
     /// A new key for a tenant, returned once.
     pub fn create_key(&self, tenant: &str) -> Result<String, AuthError> {
         use rand::Rng;
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         if !inner.tenants.contains_key(tenant) {
             return Err(AuthError::NotFound(format!(
                 "tenant {tenant:?} does not exist"
@@ -455,7 +448,7 @@ impl Tenancy {
     }
 
     pub fn revoke_key(&self, key: &str) -> Result<(), AuthError> {
-        let mut inner = self.lock();
+        let mut inner = self.inner.lock();
         inner
             .keys
             .remove(&hash_key(key))
@@ -466,7 +459,8 @@ impl Tenancy {
     }
 
     pub fn tenants(&self) -> Vec<(String, String)> {
-        self.lock()
+        self.inner
+            .lock()
             .tenants
             .values()
             .map(|(t, _)| (t.id.clone(), t.tier.clone()))
@@ -474,11 +468,11 @@ impl Tenancy {
     }
 
     pub fn tiers(&self) -> Vec<Arc<Tier>> {
-        self.lock().tiers.values().cloned().collect()
+        self.inner.lock().tiers.values().cloned().collect()
     }
 
     pub fn tier_of(&self, tenant: &str) -> Option<Arc<Tier>> {
-        let inner = self.lock();
+        let inner = self.inner.lock();
         let (t, _) = inner.tenants.get(tenant)?;
         inner.tiers.get(&t.tier).cloned()
     }

@@ -59,7 +59,7 @@ pub struct InferResponse {
 /// Per-model counts and total nanoseconds of v2 inferences (Triton's statistics extension).
 #[derive(Debug, Default)]
 pub struct Stats {
-    models: std::sync::Mutex<BTreeMap<String, ModelStats>>,
+    models: parking_lot::Mutex<BTreeMap<String, ModelStats>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,7 +73,7 @@ pub struct ModelStats {
 
 impl Stats {
     pub fn record(&self, model: &str, ok: bool, took: std::time::Duration) {
-        let mut m = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.models.lock();
         let s = m.entry(model.to_string()).or_default();
         let slot = if ok { &mut s.success } else { &mut s.fail };
         slot.0 += 1;
@@ -84,12 +84,7 @@ impl Stats {
     }
 
     pub fn get(&self, model: &str) -> ModelStats {
-        self.models
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(model)
-            .copied()
-            .unwrap_or_default()
+        self.models.lock().get(model).copied().unwrap_or_default()
     }
 }
 
