@@ -503,17 +503,24 @@ def test_a_tier_one_node_defines_is_shared_with_the_mesh(tenanted_pair):
     assert tiers["lookup"]["weight"] == 2
 
 
-def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):
-    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+def served_on_both(one, two, tenant):
+    """A basic-tier key of `tenant` that both nodes have served (twice on `one`, once on `two`,
+    each from its own copy), and each node's own ledger records of it."""
     for agent in (one, two):  # a copy on each node: each serves its own requests
         assert httpx.post(agent.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
-    key = tenant_key(one, "city-sum", "basic")
+    key = tenant_key(one, tenant, "basic")
     wait_until(lambda: embed_as(two, key).status_code == 200, 2, "the key never worked on t2")
     for agent in (one, one, two):
         assert embed_as(agent, key).status_code == 200
-    own = {n: httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": "city-sum"}).json()["records"]
+    own = {n: httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": tenant}).json()["records"]
            for n, a in (("t1", one), ("t2", two))}
     assert own["t1"] and own["t2"], "both nodes served some of it"
+    return key, own
+
+
+def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):
+    one, two = tenanted_pair["t1"], tenanted_pair["t2"]
+    _, own = served_on_both(one, two, "city-sum")
     expected = sum(r["input_tokens"] + r["output_tokens"] for rs in own.values() for r in rs)
     for agent in (one, two):
         usage = httpx.get(agent.url + "/admin/usage", headers=ADMIN, params={"tenant": "city-sum"}).json()
@@ -528,15 +535,7 @@ def test_usage_and_invoices_on_any_node_sum_every_nodes_ledger(tenanted_pair):
 
 def test_a_tenants_own_usage_on_any_node_is_the_meshs(tenanted_pair):
     one, two = tenanted_pair["t1"], tenanted_pair["t2"]
-    for agent in (one, two):  # a copy on each node: each serves its own requests
-        assert httpx.post(agent.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120).status_code == 200
-    key = tenant_key(one, "city-own", "basic")
-    wait_until(lambda: embed_as(two, key).status_code == 200, 2, "the key never worked on t2")
-    for agent in (one, one, two):
-        assert embed_as(agent, key).status_code == 200
-    own = {n: httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, params={"tenant": "city-own"}).json()["records"]
-           for n, a in (("t1", one), ("t2", two))}
-    assert own["t1"] and own["t2"], "both nodes served some of it"
+    key, own = served_on_both(one, two, "city-own")
     for agent in (one, two):
         r = httpx.get(agent.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200, r.text
