@@ -1,14 +1,11 @@
-//! The command line: `flatmesh serve` and its flags, and the wiring that starts the agent.
+//! The command line: `flatmesh serve` and its flags, merged into the config the agent runs.
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{self, AppState},
-    cache::{Cache, Registry},
     config::{Config, LogFormat},
-    metrics::Metrics,
     units::Secs,
 };
 
@@ -295,207 +292,12 @@ fn init_logs(config: &Config) -> anyhow::Result<Option<crate::telemetry::Telemet
     }
 }
 
+/// Build the agent from the config, and run it until SIGTERM or Ctrl-C.
 async fn serve(config: Config) -> anyhow::Result<()> {
-    // One signal stops everything: the servers, the reaper, preloading, the policy watch.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let metrics = Metrics::new();
-    let registry = Registry::open(&config.state_dir)?;
-    // In a mesh the registry file is mirrored to etcd; alone it is the registry.
-    let (cache, mesh_registry) = match &config.mesh {
-        Some(mesh) => {
-            let shared = Arc::new(crate::cluster::MeshRegistry::new(registry, &mesh.prefix)?);
-            let store = shared.clone() as Arc<dyn crate::registry::ModelRegistry>;
-            let cache = Cache::open(
-                config.cache.clone(),
-                &config.models,
-                Some(store),
-                metrics.clone(),
-            )
-            .await?;
-            (cache, Some(shared))
-        }
-        None => {
-            let cache = Cache::new(
-                config.cache.clone(),
-                &config.models,
-                Some(registry),
-                metrics.clone(),
-            )?;
-            (cache, None)
-        }
-    };
-    let ledger = crate::ledger::Ledger::open(&config.state_dir)?;
-    let gpus = tokio::task::spawn_blocking(flatmesh_runtime::device::discover_cuda).await?;
-    let gpus = match gpus {
-        Ok(gpus) if gpus.is_empty() => {
-            tracing::info!("No CUDA GPUs found; the pool is host memory");
-            gpus
-        }
-        Ok(gpus) => {
-            for g in &gpus {
-                tracing::info!(gpu = g.ordinal, name = %g.name, total_bytes = g.total_bytes, free_bytes = g.free_bytes,
-                    "Found a CUDA GPU; engines run on host memory, so copies are placed on host devices");
-            }
-            gpus
-        }
-        Err(reason) => {
-            tracing::info!(%reason, "No CUDA driver; the pool is host memory");
-            Vec::new()
-        }
-    };
-    let policies = crate::policy::Policies::new(
-        &config.policy,
-        Some(Arc::new(crate::serve::CacheEmbedder(cache.clone()))),
-        config.scheduler.max_wait.0,
-        metrics.clone(),
-    )?;
-    policies.load_configured(&config.policy).await?;
-    cache.set_advisor(Arc::new(crate::policy::residency::PluginAdvisor(
-        policies.clone(),
-    )));
-    if config.policy.watch {
-        policies.watch(stopped(stop_rx.clone()));
-    }
-    let limits = crate::tenancy::limits::Limits::new(ledger.clone());
-    let scheduler = crate::scheduler::Scheduler::new(
-        config.scheduler.slots,
-        config.scheduler.max_queue,
-        config.scheduler.max_wait.0,
-        metrics.clone(),
-    );
-    let serve = crate::serve::Serve {
-        cache: cache.clone(),
-        scheduler: scheduler.clone(),
-        limits: limits.clone(),
-        policies: policies.clone(),
-        ledger: ledger.clone(),
-        metrics: metrics.clone(),
-        max_run: config.scheduler.max_run.0,
-        mesh: Arc::default(),
-    };
-    let state = AppState {
-        serve,
-        policies,
-        gpus: Arc::new(gpus),
-        cache: cache.clone(),
-        metrics: metrics.clone(),
-        draining: Arc::default(),
-        models_dir: config.models_dir.clone(),
-        admin_token: config.server.admin_token.clone(),
-        metrics_token: config.server.metrics_token.clone(),
-        mesh_token: config.mesh.as_ref().and_then(|m| m.token.clone()),
-        files: Arc::new(crate::files::FileRules {
-            model_roots: std::iter::once(config.models_dir.clone())
-                .chain(config.server.model_roots.iter().cloned())
-                .collect(),
-            plugin_roots: config.policy.roots(),
-            max_model_file_bytes: config.server.max_model_file_bytes.0,
-        }),
-        v2_stats: Arc::default(),
-        tenancy: crate::tenancy::Tenancy::new(&config.tenancy, Some(&config.state_dir))?,
-        ledger,
-        limits,
-        scheduler,
-        cluster: None,
-    };
-    let mut state = state;
-    let (listener, addr) = api::bind(config.http_addr()?).await?;
-    let (grpc_listener, grpc_addr) = api::bind(config.grpc_addr()?).await?;
-    if let (Some(mesh), Some(registry)) = (&config.mesh, mesh_registry) {
-        let http = mesh
-            .advertise
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}"));
-        let grpc = mesh
-            .advertise_grpc
-            .clone()
-            .unwrap_or_else(|| format!("http://{grpc_addr}"));
-        let cluster = crate::cluster::Cluster::join(
-            mesh.clone(),
-            (http, grpc),
-            cache.clone(),
-            registry,
-            state.tenancy.clone(),
-            state.limits.clone(),
-            metrics.clone(),
-        );
-        let _ = state.serve.mesh.set(crate::serve::Mesh {
-            cluster: cluster.clone(),
-            token: mesh.token.clone(),
-        });
-        state.cluster = Some(cluster);
-    }
-    tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");
-    if let Some(path) = &config.server.addr_file {
-        let json = serde_json::json!({"http": addr.to_string(), "grpc": grpc_addr.to_string()});
-        std::fs::write(path, json.to_string()).map_err(|e| {
-            anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
-        })?;
-    }
-    let reaper = cache.clone();
-    let stop = stopped(stop_rx.clone());
-    tokio::spawn(async move { reaper.run_reaper(stop).await });
-    let preload = cache.clone();
-    let stop = stopped(stop_rx.clone());
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = stop => {}
-            _ = preload.preload() => {}
-        }
-    });
-    // Keepalive pings close connections whose peer is gone.
-    let grpc = tonic::transport::Server::builder()
-        .trace_fn(crate::telemetry::grpc_span)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(api::v2::grpc::size_limit_status())
-        .layer(api::v2::grpc::name_the_node(
-            state.cluster.as_ref().map(|c| c.node().to_string()),
-        ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            api::v2::grpc::service(state.clone(), config.server.grpc_max_message_bytes),
-            api::auth::grpc(state.tenancy.clone(), state.admin_token.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            api::v2::incoming::bounded(
-                grpc_listener,
-                api::v2::incoming::Limits {
-                    max: config.server.max_connections,
-                    per_peer: config.server.grpc_per_peer(),
-                    handshake: config.server.grpc_handshake_timeout.0,
-                },
-            ),
-            stopped(stop_rx.clone()),
-        );
-    let grpc = tokio::spawn(grpc);
-    let cluster = state.cluster.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        // Peers stop forwarding here before this node stops taking requests.
-        if let Some(c) = cluster {
-            c.leave().await;
-        }
-        let _ = stop_tx.send(true);
-    });
-    let app = api::router(state.clone(), config.server.max_body_bytes);
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let limits = api::ServerLimits {
-        header_read_timeout: config.server.header_read_timeout.0,
-        body_read_timeout: config.server.body_read_timeout.0,
-        max_connections: config.server.max_connections,
-        max_body_bytes: config.server.max_body_bytes,
-    };
-    api::serve_with(listener, app, state, stopped(stop_rx), grace, limits).await?;
-    match tokio::time::timeout(grace, grpc).await {
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "gRPC server failed"),
-        Err(_) => tracing::warn!("gRPC streams still open after the grace period"),
-        _ => {}
-    }
-    tracing::info!("Stopped");
-    Ok(())
+    crate::agent::Agent::build(config)
+        .await?
+        .run(shutdown_signal())
+        .await
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

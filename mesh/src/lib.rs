@@ -1,6 +1,7 @@
 //! The flatmesh agent: serves many models to many tenants over OpenAI-compatible HTTP.
 
 pub mod admin_client;
+pub mod agent;
 pub mod api;
 pub mod cache;
 pub mod cli;

@@ -16,7 +16,11 @@ use super::{
     mesh_ledger::Period,
     AppState,
 };
-use crate::{config::ModelConfig, files};
+use crate::{
+    config::ModelConfig,
+    files,
+    policy::{AnySlot, NoSuchSlot, SlotName},
+};
 
 pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -105,18 +109,19 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
 
 async fn list(State(state): State<AppState>) -> Json<Value> {
     let devices: Vec<Value> = state
-        .cache
+        .serve.cache
         .devices()
         .into_iter()
         .map(|(name, used, capacity)| json!({"name": name, "used_bytes": used, "capacity_bytes": capacity}))
         .collect();
     Json(
-        json!({"models": state.cache.status(), "vmodels": state.cache.vmodels(), "devices": devices}),
+        json!({"models": state.serve.cache.status(), "vmodels": state.serve.cache.vmodels(), "devices": devices}),
     )
 }
 
 fn status_of(state: &AppState, id: &str) -> Result<Value, ApiError> {
     let s = state
+        .serve
         .cache
         .status()
         .into_iter()
@@ -141,7 +146,7 @@ async fn register(
     let config = checked_model(&state, config).await?;
     let id = config.id.clone();
     // The cache reads the file's header on the blocking pool, outside its lock.
-    state.cache.register(config).await?;
+    state.serve.cache.register(config).await?;
     tracing::info!(model = %id, "Registered model");
     Ok((StatusCode::CREATED, Json(status_of(&state, &id)?)).into_response())
 }
@@ -170,7 +175,7 @@ async fn unregister(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     check_id("model id", &id)?;
-    state.cache.unregister(&id).await?;
+    state.serve.cache.unregister(&id).await?;
     tracing::info!(model = %id, "Unregistered model");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -180,7 +185,7 @@ async fn load(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("model id", &id)?;
-    state.cache.load(&id).await?;
+    state.serve.cache.load(&id).await?;
     status_of(&state, &id).map(Json)
 }
 
@@ -189,7 +194,7 @@ async fn unload(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     check_id("model id", &id)?;
-    state.cache.unload(&id)?;
+    state.serve.cache.unload(&id)?;
     status_of(&state, &id).map(Json)
 }
 
@@ -207,7 +212,7 @@ async fn set_vmodel(
     let ApiJson(body) = body?;
     check_id("vmodel", &name)?;
     check_id("target", &body.target)?;
-    state.cache.set_vmodel(&name, &body.target).await?;
+    state.serve.cache.set_vmodel(&name, &body.target).await?;
     Ok(Json(json!({"name": name, "target": body.target})))
 }
 
@@ -221,7 +226,7 @@ async fn remove_vmodel(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     check_id("vmodel", &name)?;
-    state.cache.remove_vmodel(&name).await?;
+    state.serve.cache.remove_vmodel(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -293,6 +298,7 @@ async fn settle(
         |s| crate::tenancy::limits::month_label(s.saturating_mul(1000)),
     );
     let lines = state
+        .serve
         .policies
         .settle(
             &period,
@@ -341,7 +347,7 @@ async fn settle(
 
 /// The policy slots: what is loaded in each, and how it has fared.
 async fn policies(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"slots": state.policies.status()}))
+    Json(json!({"slots": state.serve.policies.status()}))
 }
 
 #[derive(Deserialize, Default)]
@@ -371,19 +377,12 @@ async fn reload_policy(
         Value::String(s) => s,
         v => v.to_string(),
     });
-    let result = match slot.as_str() {
-        "router" => reload_slot(&state.policies.router, r.plugin, config).await,
-        "cache" => reload_slot(&state.policies.cache, r.plugin, config).await,
-        "pricing" => reload_slot(&state.policies.pricing, r.plugin, config).await,
-        "residency" => reload_slot(&state.policies.residency, r.plugin, config).await,
-        other => {
-            return Err(ApiError::not_found(format!(
-                "no policy slot {other:?} (router, cache, pricing, residency)"
-            )))
-        }
-    };
+    let name: SlotName = slot
+        .parse()
+        .map_err(|e: NoSuchSlot| ApiError::not_found(e.to_string()))?;
+    let result = reload_slot(name, &*state.serve.policies.slot(name), r.plugin, config).await;
     match result {
-        Ok(version) => Ok(Json(json!({"slot": slot, "version": version}))),
+        Ok(version) => Ok(Json(json!({"slot": name, "version": version}))),
         Err(message) => Err(ApiError::new(
             axum::http::StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request_error",
@@ -400,7 +399,7 @@ async fn checked_plugin(
     plugin: std::path::PathBuf,
 ) -> Result<std::path::PathBuf, ApiError> {
     let roots = state.files.plugin_roots.clone();
-    let max = state.policies.router.settings.max_plugin_bytes;
+    let max = state.serve.policies.router.settings.max_plugin_bytes;
     let checked = tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf, String> {
         let path = files::confine("plugin", &plugin, std::path::Path::new("."), &roots)?;
         files::check_regular("plugin", &path, max)?;
@@ -411,8 +410,9 @@ async fn checked_plugin(
     checked.map_err(|e| ApiError::bad_request("", e))
 }
 
-async fn reload_slot<K: crate::policy::kind::Kind>(
-    slot: &crate::policy::slot::Slot<K>,
+async fn reload_slot(
+    name: SlotName,
+    slot: &dyn AnySlot,
     plugin: Option<std::path::PathBuf>,
     config: Option<String>,
 ) -> Result<u64, String> {
@@ -420,9 +420,9 @@ async fn reload_slot<K: crate::policy::kind::Kind>(
         (None, None) => slot.reload().await,
         (plugin, config) => {
             let current = slot.status();
-            let plugin = plugin.or(current.path).ok_or_else(|| {
-                format!("no plugin is loaded in the {} slot: give `plugin`", K::SLOT)
-            })?;
+            let plugin = plugin
+                .or(current.path)
+                .ok_or_else(|| format!("no plugin is loaded in the {name} slot: give `plugin`"))?;
             let config = match config {
                 Some(c) => c,
                 None => slot.config().unwrap_or_default(),

@@ -128,6 +128,7 @@ fn repository_change_allowed(state: &AppState, caller: &Caller) -> Result<(), Se
 /// Check a model against the caller's tier (by the model a vmodel resolves to).
 pub fn check(state: &AppState, caller: &Caller, model: &str) -> Result<(), AuthError> {
     let resolved = state
+        .serve
         .cache
         .resolve(model)
         .unwrap_or_else(|| model.to_string());

@@ -1,9 +1,9 @@
-//! OpenAI-shaped errors (for `/v1` and `/admin`): the serve path's errors mapped once to an
-//! HTTP status and OpenAI's error JSON.
+//! HTTP errors: the serve path's error kinds mapped once to HTTP statuses and back-off headers,
+//! and OpenAI's error JSON (for `/v1` and `/admin`).
 
 use axum::{
     extract::{FromRequest, Request},
-    http::{header, HeaderValue, StatusCode},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
@@ -14,7 +14,56 @@ use serde::de::DeserializeOwned;
 use crate::{
     cache::CacheError,
     serve::{ErrorKind, ServeError},
+    tenancy::limits::Quotas,
 };
+
+/// The HTTP status of a serve error, whatever the front door: the one HTTP mapping of the
+/// kinds (a policy denial answers with the status its policy chose).
+pub fn http_status(e: &ServeError) -> StatusCode {
+    let status = match e.kind {
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::RateLimited | ErrorKind::PolicyDenied => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Cancelled => StatusCode::from_u16(499).expect("499 is a status"),
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    };
+    e.policy_status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(status)
+}
+
+/// Tell a client to back off: OpenAI's `x-ratelimit-*` headers for the windows its tier sets
+/// (`reset` in seconds, `"12s"`), and `Retry-After`.
+pub fn back_off(headers: &mut HeaderMap, quotas: Option<&Quotas>, retry_after: Option<u64>) {
+    let windows = quotas
+        .into_iter()
+        .flat_map(|q| [("requests", q.requests), ("tokens", q.tokens)]);
+    for (kind, quota) in windows {
+        let Some(q) = quota else { continue };
+        let values = [
+            ("limit", q.limit.to_string()),
+            ("remaining", q.remaining.to_string()),
+            ("reset", format!("{}s", q.reset)),
+        ];
+        for (what, value) in values {
+            if let (Ok(name), Ok(value)) = (
+                header::HeaderName::try_from(format!("x-ratelimit-{what}-{kind}")),
+                HeaderValue::from_str(&value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    if let Some(secs) = retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+}
 
 /// An error answered to a client.
 #[derive(Debug)]
@@ -28,8 +77,8 @@ pub struct ApiError {
     /// The request field at fault, when one is.
     pub param: Option<String>,
     pub retry_after: Option<u64>,
-    /// Extra headers (`x-ratelimit-*`).
-    pub headers: Option<Box<Vec<(&'static str, String)>>>,
+    /// Where the tier's windows stood (rate-limit refusals): the `x-ratelimit-*` headers.
+    pub quotas: Option<Box<Quotas>>,
 }
 
 impl ApiError {
@@ -47,7 +96,7 @@ impl ApiError {
             },
             param: (!param.is_empty()).then_some(param),
             retry_after: None,
-            headers: None,
+            quotas: None,
         }
     }
 
@@ -64,7 +113,7 @@ impl ApiError {
             message,
             param: None,
             retry_after: None,
-            headers: None,
+            quotas: None,
         }
     }
 
@@ -113,8 +162,7 @@ impl ApiError {
 /// OpenAI status, `type` and `code`.
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> Self {
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = http_status(&e);
         let kind = match e.kind {
             ErrorKind::InvalidRequest | ErrorKind::Conflict | ErrorKind::TooLarge => {
                 "invalid_request_error"
@@ -139,7 +187,7 @@ impl From<ServeError> for ApiError {
             message: e.message,
             param: e.param,
             retry_after: e.retry_after,
-            headers: (!e.headers.is_empty()).then(|| Box::new(e.headers)),
+            quotas: e.quotas,
         }
     }
 }
@@ -175,15 +223,7 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (self.status, Json(body)).into_response();
-        for (name, value) in self.headers.iter().flat_map(|h| h.iter()) {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                resp.headers_mut().insert(*name, v);
-            }
-        }
-        if let Some(secs) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
+        back_off(resp.headers_mut(), self.quotas.as_deref(), self.retry_after);
         resp
     }
 }
@@ -221,4 +261,55 @@ pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ApiErr
             ApiError::bad_request(path, inner.to_string())
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{serve::Outcome, tenancy::limits::Quota};
+
+    #[test]
+    fn the_http_status_of_each_kind_is_the_one_the_metrics_count() {
+        for kind in ErrorKind::ALL {
+            let e = ServeError::new(kind, "x", "m");
+            assert_eq!(
+                http_status(&e).as_u16(),
+                Outcome::failed(&e).status(),
+                "{kind:?}"
+            );
+        }
+        let mut e = ServeError::new(ErrorKind::PolicyDenied, "policy_denied", "pay");
+        e.policy_status = Some(402);
+        assert_eq!(http_status(&e).as_u16(), 402);
+        assert_eq!(Outcome::failed(&e).status(), 402);
+        assert_eq!(Outcome::ClientLeft.status(), 499);
+        assert_eq!(Outcome::Done.status(), 200);
+    }
+
+    #[test]
+    fn a_refusal_names_its_windows_in_openai_headers() {
+        let quotas = Quotas {
+            requests: Some(Quota {
+                limit: 5,
+                remaining: 0,
+                reset: 12,
+            }),
+            tokens: None,
+        };
+        let mut h = HeaderMap::new();
+        back_off(&mut h, Some(&quotas), Some(12));
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+                "retry-after"
+            ]
+        );
+        assert_eq!(h["x-ratelimit-reset-requests"], "12s");
+        assert_eq!(h["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(h["retry-after"], "12");
+    }
 }

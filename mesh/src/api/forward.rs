@@ -21,24 +21,13 @@ use crate::{
     serve::{
         check,
         peer::{self, WireRequest},
-        Forwarded,
+        Endpoint, Forwarded,
     },
     tenancy::Caller,
 };
 
 /// The node that served the request.
 pub const NODE: &str = "x-flatmesh-node";
-
-/// The endpoints a forwarded request may name (ledger and metric labels).
-const ENDPOINTS: &[&str] = &[
-    "chat_completions",
-    "completions",
-    "embeddings",
-    "v2_infer",
-    "v2_generate",
-    "v2_generate_stream",
-    "v2_stream",
-];
 
 /// Every answer of a mesh node names the node that served it (a forwarded answer keeps
 /// the peer's name).
@@ -108,7 +97,7 @@ pub async fn serve_forwarded(
         Ok(w) => w,
         Err(e) => return bad(format!("a forwarded request: {e}")),
     };
-    let Some(endpoint) = ENDPOINTS.iter().find(|e| **e == wire.endpoint) else {
+    let Some(endpoint) = Endpoint::from_label(&wire.endpoint) else {
         return bad(format!("unknown endpoint {:?}", wire.endpoint));
     };
     let request = crate::serve::Request {

@@ -10,6 +10,7 @@ use axum::{
 use serde_json::json;
 
 use super::AppState;
+use crate::cache::ModelState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -22,8 +23,8 @@ pub fn routes() -> Router<AppState> {
 /// status) for probes. The models — states, bytes, leases, why one failed — only for the
 /// admin token (or for anyone where none is set), as `/admin/models` shows them.
 async fn ready(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let models = state.cache.status();
-    let loading = models.iter().any(|m| m.state == "loading");
+    let models = state.serve.cache.status();
+    let loading = models.iter().any(|m| m.state == ModelState::Loading);
     let draining = state.is_draining();
     let ready = !loading && !draining;
     let status = if ready {
@@ -55,10 +56,13 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
                 .into_response();
         }
     }
-    state.limits.publish_budgets(&state.tenancy, &state.metrics);
+    state
+        .serve
+        .limits
+        .publish_budgets(&state.tenancy, &state.serve.metrics);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.serve.metrics.render(),
     )
         .into_response()
 }

@@ -47,6 +47,7 @@ pub fn records(
 ) -> Result<Vec<crate::ledger::Record>, ApiError> {
     let (from, to) = p.millis();
     state
+        .serve
         .ledger
         .records(tenant, from, to)
         .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e}")))

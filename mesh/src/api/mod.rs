@@ -26,15 +26,13 @@ use axum::{extract::DefaultBodyLimit, Router};
 use tokio::net::TcpListener;
 
 pub use self::server::ServerLimits;
-use crate::{cache::Cache, metrics::Metrics};
 
-/// What every handler can reach. Cheap to clone.
+/// What every handler can reach: the serve path (and through it the cache, scheduler, limits,
+/// policies, ledger and metrics), and what only the front doors use. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     /// The one serve path every protocol's requests take.
     pub serve: crate::serve::Serve,
-    pub cache: Cache,
-    pub metrics: Metrics,
     /// Set once shutdown begins: `/readyz` turns 503 so balancers stop sending work.
     pub draining: Arc<AtomicBool>,
     /// Base of relative model paths registered through the admin API.
@@ -50,11 +48,6 @@ pub struct AppState {
     pub files: Arc<crate::files::FileRules>,
     pub v2_stats: Arc<v2::Stats>,
     pub tenancy: crate::tenancy::Tenancy,
-    pub ledger: crate::ledger::Ledger,
-    pub limits: crate::tenancy::limits::Limits,
-    pub scheduler: crate::scheduler::Scheduler,
-    /// The router, cache and pricing policy slots.
-    pub policies: crate::policy::Policies,
     /// CUDA GPUs found at start (reported only: engines run on host memory).
     pub gpus: Arc<Vec<flatmesh_runtime::device::GpuInfo>>,
     /// The mesh this node belongs to, if any.

@@ -3,6 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use flatmesh_runtime::Engine;
+use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::scheduler::Scheduler;
@@ -110,8 +111,9 @@ impl ModelCopy {
     }
 }
 
-/// A copy's phase as status shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A copy's phase as status shows it (`loading`, `ready`, `draining` in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CopyPhase {
     Loading,
     Ready,
@@ -129,8 +131,16 @@ impl CopyPhase {
     }
 }
 
-/// A model's state as status shows it, from its copies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl std::fmt::Display for CopyPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A model's state as status shows it, from its copies (`cold`, `loading`, `ready`, `failed`
+/// in JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModelState {
     /// No copy.
     Cold,
@@ -150,6 +160,12 @@ impl ModelState {
             ModelState::Ready => "ready",
             ModelState::Failed => "failed",
         }
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use super::{
     copy::{CopyId, CopyState, Draining},
     error::CacheError,
+    history::Why,
     state::State,
 };
 use crate::{metrics::Metrics, units::KeepAlive};
@@ -39,7 +40,7 @@ impl State {
             .map(|c| c.id)
             .collect();
         for copy in idle {
-            self.evict(id, copy, now, "unregistered", metrics);
+            self.evict(id, copy, now, Why::Unregistered, metrics);
         }
         self.demand.forget(id);
         let Some(entry) = self.models.remove(id) else {
@@ -76,7 +77,7 @@ impl State {
                 r.last_used = now;
                 let leave = r.unload_when_idle || r.keep_alive == KeepAlive::For(Duration::ZERO);
                 if idle && leave {
-                    self.evict(model, copy, now, "keep_alive", metrics);
+                    self.evict(model, copy, now, Why::KeepAlive, metrics);
                 }
             }
             return;
@@ -112,7 +113,7 @@ impl State {
             }
         }
         for copy in idle {
-            self.evict(id, copy, now, "admin", metrics);
+            self.evict(id, copy, now, Why::Admin, metrics);
         }
     }
 
@@ -122,7 +123,7 @@ impl State {
         id: &str,
         copy: CopyId,
         now: Instant,
-        reason: &str,
+        why: Why,
         metrics: &Metrics,
     ) {
         let Some(entry) = self.models.get_mut(id) else {
@@ -149,7 +150,7 @@ impl State {
             .model_unload_seconds
             .with_label_values(&[id])
             .observe(started.elapsed().as_secs_f64());
-        metrics.evictions.with_label_values(&[reason]).inc();
+        metrics.evictions.with_label_values(&[why.label()]).inc();
         metrics.eviction_age_seconds.observe(age);
         metrics.copies_loaded.dec();
         self.publish_model(id, metrics);
@@ -159,13 +160,9 @@ impl State {
             .get(c.device)
             .map_or("", |d| d.name())
             .to_string();
-        // For room (the residency policy's choice) it was evicted; otherwise it was let go.
-        let kind = match reason {
-            "demand" | "lru" => "evicted",
-            _ => "unloaded",
-        };
+        let reason = why.label();
         self.history.push(
-            kind,
+            why.event(),
             (id, copy.to_string(), &device),
             format!("{reason} after {age:.0} s"),
         );
@@ -197,7 +194,7 @@ impl State {
             }
         }
         for (id, copy) in expired {
-            self.evict(&id, copy, now, "keep_alive", metrics);
+            self.evict(&id, copy, now, Why::KeepAlive, metrics);
         }
         next
     }

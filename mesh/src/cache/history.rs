@@ -1,19 +1,87 @@
-//! The cache's recent page-ins and evictions, newest first, for the operators' status page.
+//! The cache's recent page-ins and evictions, newest first, and why each copy left.
 
 use std::collections::VecDeque;
 
+use super::residency::Residency;
 use crate::util::now_ms;
 
 /// How many events are kept.
 const KEEP: usize = 32;
+
+/// What happened to a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A copy was loaded.
+    PageIn,
+    /// A copy's load failed.
+    PageInFailed,
+    /// A copy left for room.
+    Evicted,
+    /// A copy was let go: idle, by an operator, or its model removed.
+    Unloaded,
+}
+
+impl EventKind {
+    /// As the status page shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::PageIn => "page-in",
+            EventKind::PageInFailed => "page-in failed",
+            EventKind::Evicted => "evicted",
+            EventKind::Unloaded => "unloaded",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a copy leaves; its label is the `reason` evictions are counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// For room, by the built-in residency policy.
+    Room(Residency),
+    /// For room, in the residency plugin's order (or the plugin kept them all).
+    Plugin,
+    /// Idle past its keep-alive (or asked to leave when idle).
+    KeepAlive,
+    /// Unloaded by an operator.
+    Admin,
+    /// Its model was removed.
+    Unregistered,
+}
+
+impl Why {
+    /// The `reason` label of the eviction metrics, and the start of the event's detail.
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::Room(r) => r.label(),
+            Why::Plugin => "plugin",
+            Why::KeepAlive => "keep_alive",
+            Why::Admin => "admin",
+            Why::Unregistered => "unregistered",
+        }
+    }
+
+    /// How the status page lists it: evicted by the built-in policy for room; otherwise
+    /// let go (a plugin's eviction has always been listed as `unloaded`).
+    pub fn event(self) -> EventKind {
+        match self {
+            Why::Room(_) => EventKind::Evicted,
+            Why::Plugin | Why::KeepAlive | Why::Admin | Why::Unregistered => EventKind::Unloaded,
+        }
+    }
+}
 
 /// One page-in or eviction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheEvent {
     /// Unix milliseconds.
     pub at_ms: u64,
-    /// `page-in`, `page-in failed`, `evicted` (for room) or `unloaded` (idle, by an operator).
-    pub kind: &'static str,
+    pub kind: EventKind,
     pub model: String,
     pub copy: String,
     pub device: String,
@@ -30,7 +98,7 @@ pub struct History {
 impl History {
     pub fn push(
         &mut self,
-        kind: &'static str,
+        kind: EventKind,
         (model, copy, device): (&str, String, &str),
         detail: String,
     ) {
@@ -62,7 +130,7 @@ mod tests {
         let mut h = History::default();
         for i in 0..KEEP + 5 {
             h.push(
-                "evicted",
+                EventKind::Evicted,
                 (&format!("m{i}"), "copy-1".into(), "host0"),
                 "lru".into(),
             );
@@ -71,5 +139,20 @@ mod tests {
         assert_eq!(r.len(), KEEP);
         assert_eq!(r[0].model, format!("m{}", KEEP + 4));
         assert_eq!(r[KEEP - 1].model, "m5");
+    }
+
+    #[test]
+    fn the_built_in_policy_evicts_and_the_rest_let_go() {
+        let all = [
+            (Why::Room(Residency::Lru), "lru", "evicted"),
+            (Why::Room(Residency::Demand), "demand", "evicted"),
+            (Why::Plugin, "plugin", "unloaded"),
+            (Why::KeepAlive, "keep_alive", "unloaded"),
+            (Why::Admin, "admin", "unloaded"),
+            (Why::Unregistered, "unregistered", "unloaded"),
+        ];
+        for (why, label, event) in all {
+            assert_eq!((why.label(), why.event().as_str()), (label, event));
+        }
     }
 }

@@ -12,6 +12,7 @@ mod copy;
 mod error;
 mod evict;
 mod history;
+mod pin;
 mod plan;
 pub mod residency;
 mod state;
@@ -31,9 +32,9 @@ use tokio::{
 
 pub use self::copy::CopyId;
 pub use self::error::CacheError;
-pub use self::history::CacheEvent;
-use self::state::{Origin, Pin, State};
-pub use self::status::{CopyDetail, CopyStatus, VmodelStatus};
+pub use self::history::{CacheEvent, EventKind};
+use self::state::{Origin, State};
+pub use self::status::{CopyDetail, CopyPhase, CopyStatus, ModelSource, ModelState, VmodelStatus};
 use self::{
     config::{CacheConfig, ModelConfig},
     state::Load,
@@ -263,115 +264,6 @@ impl Cache {
         self.pin(id, keep_alive, residency_bonus).await
     }
 
-    /// Pin a copy without taking a concurrency slot.
-    async fn pin(
-        &self,
-        id: &str,
-        keep_alive: Option<KeepAlive>,
-        residency_bonus: Duration,
-    ) -> Result<Lease, CacheError> {
-        let inner = &self.inner;
-        let started = Instant::now();
-        let deadline = started + inner.config.pressure_wait.0;
-        let mut missed = false;
-        let (mut asked, mut advice) = (false, plan::Advice::BuiltIn);
-        {
-            // One request, counted once for the residency policy however long it waits.
-            let mut st = inner.state.lock();
-            if let Some(model) = st.resolve(id) {
-                st.demand.request(&model);
-            }
-        }
-        loop {
-            let notified = inner.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // What to ask a residency plugin, without the lock, before starting a load.
-            let ask = {
-                let mut st = inner.state.lock();
-                let model = st
-                    .resolve(id)
-                    .ok_or_else(|| CacheError::NotFound(id.to_string()))?;
-                let now = Instant::now();
-                match st.try_pin(&model, now, keep_alive, residency_bonus) {
-                    Pin::Pinned(pinned, grow) => {
-                        drop(st);
-                        if let Some(load) = grow {
-                            self.spawn_load(load);
-                        }
-                        if missed {
-                            let waited = started.elapsed().as_secs_f64();
-                            inner
-                                .metrics
-                                .cache_miss_seconds
-                                .with_label_values(&[&model])
-                                .observe(waited);
-                        }
-                        return Ok(Lease {
-                            engine: pinned.engine,
-                            model,
-                            copy: pinned.copy,
-                            device: pinned.device,
-                            gate: pinned.gate,
-                            inner: inner.clone(),
-                            _place: None,
-                        });
-                    }
-                    Pin::Loading => {
-                        missed = true;
-                        None
-                    }
-                    Pin::Gone => return Err(CacheError::NotFound(id.to_string())),
-                    Pin::Failed(reason, retry_at) => {
-                        return Err(CacheError::Failed {
-                            id: model,
-                            reason,
-                            retry_after: retry_at - now,
-                        });
-                    }
-                    Pin::Cold => {
-                        missed = true;
-                        // A residency plugin is asked once per request, only when room
-                        // is needed; its advice is checked by key.
-                        let advisor = inner.advisor().filter(|a| a.is_active());
-                        match advisor {
-                            Some(a) if !asked && st.needs_room(&model, now, &inner.metrics)? => {
-                                let (keys, candidates): (Vec<_>, Vec<_>) =
-                                    st.candidates(now).into_iter().unzip();
-                                Some((a, keys, candidates))
-                            }
-                            _ => match st.start_load(&model, now, &inner.metrics, &advice)? {
-                                Some(load) => {
-                                    drop(st);
-                                    self.spawn_load(load);
-                                    continue;
-                                }
-                                None if now >= deadline => {
-                                    return Err(CacheError::NoRoom {
-                                        id: model,
-                                        waited: now - started,
-                                    });
-                                }
-                                None => None,
-                            },
-                        }
-                    }
-                }
-            };
-            if let Some((advisor, keys, candidates)) = ask {
-                asked = true;
-                let verdict = advisor.advise(candidates).await;
-                advice = advice::advice(&keys, verdict);
-                continue;
-            }
-            let _ = tokio::time::timeout_at(
-                deadline.max(Instant::now() + Duration::from_millis(50)),
-                notified,
-            )
-            .await;
-        }
-    }
-
     fn spawn_load(&self, load: Load) {
         let inner = self.inner.clone();
         // A child of the request that needed the copy, when traced.
@@ -419,8 +311,11 @@ impl Cache {
             }
             let seconds = started.elapsed().as_secs_f64();
             let (kind, detail) = match &result {
-                Ok(_) => ("page-in", format!("from {source} in {seconds:.2} s")),
-                Err(e) => ("page-in failed", e.to_string()),
+                Ok(_) => (
+                    EventKind::PageIn,
+                    format!("from {source} in {seconds:.2} s"),
+                ),
+                Err(e) => (EventKind::PageInFailed, e.to_string()),
             };
             let what = (
                 load.config.id.clone(),

@@ -12,6 +12,7 @@ use super::{
     config::{DeviceConfig, ModelConfig},
     copy::{CopyId, CopyState, Draining, ModelCopy, Ready},
     error::CacheError,
+    history::Why,
     plan::{fits_without_eviction, place, Advice, DeviceRoom, Resident},
     residency::{Demand, Residency},
 };
@@ -326,11 +327,11 @@ impl State {
         let need = self.need(id, now, metrics)?;
         let rooms = self.rooms();
         let mut residents = self.residents(now);
-        let reason = match advice {
-            Advice::BuiltIn => self.residency.label(),
+        let why = match advice {
+            Advice::BuiltIn => Why::Room(self.residency),
             Advice::KeepAll => {
                 residents.iter_mut().for_each(|r| r.evictable = false);
-                "plugin"
+                Why::Plugin
             }
             Advice::Order(order) => {
                 // Named copies first, in the plugin's order; the rest after, as built in.
@@ -341,14 +342,14 @@ impl State {
                         None => n + 1.0 + r.value,
                     };
                 }
-                "plugin"
+                Why::Plugin
             }
         };
         let Some(plan) = place(&rooms, &residents, need) else {
             return Ok(None);
         };
         for (model, copy) in &plan.victims {
-            self.evict(model, *copy, now, reason, metrics);
+            self.evict(model, *copy, now, why, metrics);
         }
         let load = self.new_copy(id, plan.device, need);
         self.publish_device(plan.device, metrics);

@@ -4,8 +4,9 @@ use flatmesh_runtime::ModelKind;
 use serde::Serialize;
 use tokio::time::Instant;
 
+pub use super::copy::{CopyPhase, ModelState};
 use super::{
-    copy::{CopyPhase, CopyState, ModelState},
+    copy::CopyState,
     state::{Entry, State},
 };
 
@@ -15,7 +16,7 @@ use super::{
 #[derive(Debug, Clone, Serialize)]
 pub struct CopyStatus {
     pub id: String,
-    pub state: &'static str,
+    pub state: ModelState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kind: Option<ModelKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -27,7 +28,7 @@ pub struct CopyStatus {
     pub idle_seconds: Option<f64>,
     pub keep_alive: String,
     pub pinned: bool,
-    pub source: &'static str,
+    pub source: ModelSource,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Most copies the model may have.
@@ -41,7 +42,7 @@ pub struct CopyDetail {
     pub copy: u64,
     pub device: String,
     /// `loading`, `ready` or `draining`.
-    pub state: &'static str,
+    pub state: CopyPhase,
     /// Measured when ready, reserved while loading.
     pub bytes: u64,
     pub leases: usize,
@@ -49,6 +50,14 @@ pub struct CopyDetail {
     pub idle_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<String>,
+}
+
+/// Where a model was registered from: the config file or the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelSource {
+    Config,
+    Api,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,7 +102,7 @@ impl State {
                 let mut d = CopyDetail {
                     copy: c.id.0,
                     device: self.device_name(c.device),
-                    state: c.phase().as_str(),
+                    state: c.phase(),
                     bytes: 0,
                     leases: c.pins,
                     idle_seconds: None,
@@ -120,7 +129,7 @@ impl State {
             .and_then(|v| v.into_iter().reduce(f64::min));
         CopyStatus {
             id: e.config.id.clone(),
-            state: state.as_str(),
+            state,
             kind: match ready {
                 Some((_, r)) => Some(r.engine.info().kind),
                 None => e.config.format.map(|f| f.kind()),
@@ -142,7 +151,11 @@ impl State {
                     .to_string(),
             },
             pinned: e.config.pinned,
-            source: if e.from_config { "config" } else { "api" },
+            source: if e.from_config {
+                ModelSource::Config
+            } else {
+                ModelSource::Api
+            },
             error: match (state, &e.failure) {
                 (ModelState::Failed, Some(f)) => Some(f.reason.clone()),
                 _ => None,
@@ -160,7 +173,7 @@ impl State {
                 let detail = CopyDetail {
                     copy: id.0,
                     device: self.device_name(d.device),
-                    state: CopyPhase::Draining.as_str(),
+                    state: CopyPhase::Draining,
                     bytes: d.bytes,
                     leases: d.pins,
                     idle_seconds: None,
@@ -169,5 +182,35 @@ impl State {
                 (d.model.clone(), detail)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::{CopyPhase, ModelSource, ModelState};
+
+    #[test]
+    fn states_show_as_the_words_the_api_has_always_used() {
+        for (s, word) in [
+            (ModelState::Cold, "cold"),
+            (ModelState::Loading, "loading"),
+            (ModelState::Ready, "ready"),
+            (ModelState::Failed, "failed"),
+        ] {
+            assert_eq!((json!(s), s.to_string()), (json!(word), word.to_string()));
+        }
+        for (p, word) in [
+            (CopyPhase::Loading, "loading"),
+            (CopyPhase::Ready, "ready"),
+            (CopyPhase::Draining, "draining"),
+        ] {
+            assert_eq!((json!(p), p.to_string()), (json!(word), word.to_string()));
+        }
+        assert_eq!(
+            json!([ModelSource::Config, ModelSource::Api]),
+            json!(["config", "api"])
+        );
     }
 }

@@ -7,7 +7,7 @@ use flatmesh_tests::fixtures::{write_llama_gguf, Size};
 
 use super::{
     config::{CacheConfig, DeviceConfig, ModelConfig},
-    Cache, CacheError,
+    Cache, CacheError, CopyPhase, ModelState,
 };
 use crate::{
     metrics::Metrics,
@@ -61,7 +61,7 @@ fn cache_on(models: &[ModelConfig], capacities: &[u64]) -> Cache {
     cache
 }
 
-fn state(cache: &Cache, id: &str) -> &'static str {
+fn state(cache: &Cache, id: &str) -> ModelState {
     cache
         .status()
         .into_iter()
@@ -83,9 +83,9 @@ async fn idle_copies_leave_after_keep_alive_and_per_request_overrides_win() {
     let c = cache(&[model(dir.path(), "m", None, false)], 64 << 20);
     drop(c.acquire("m", None).await.unwrap());
     advance(9).await;
-    assert_eq!(state(&c, "m"), "ready");
+    assert_eq!(state(&c, "m"), ModelState::Ready);
     advance(2).await;
-    assert_eq!(state(&c, "m"), "cold");
+    assert_eq!(state(&c, "m"), ModelState::Cold);
 
     drop(
         c.acquire("m", Some(KeepAlive::For(Duration::from_secs(100))))
@@ -93,13 +93,17 @@ async fn idle_copies_leave_after_keep_alive_and_per_request_overrides_win() {
             .unwrap(),
     );
     advance(50).await;
-    assert_eq!(state(&c, "m"), "ready", "the request asked for 100 s");
+    assert_eq!(
+        state(&c, "m"),
+        ModelState::Ready,
+        "the request asked for 100 s"
+    );
     advance(51).await;
-    assert_eq!(state(&c, "m"), "cold");
+    assert_eq!(state(&c, "m"), ModelState::Cold);
 
     drop(c.acquire("m", Some(KeepAlive::Forever)).await.unwrap());
     advance(86_400).await;
-    assert_eq!(state(&c, "m"), "ready", "-1 keeps it forever");
+    assert_eq!(state(&c, "m"), ModelState::Ready, "-1 keeps it forever");
 }
 
 #[tokio::test(start_paused = true)]
@@ -119,12 +123,12 @@ async fn keep_alive_zero_unloads_after_use_and_pinned_models_never_leave() {
     );
     let c = cache(&[zero, pinned], 64 << 20);
     let lease = c.acquire("zero", None).await.unwrap();
-    assert_eq!(state(&c, "zero"), "ready");
+    assert_eq!(state(&c, "zero"), ModelState::Ready);
     drop(lease);
-    assert_eq!(state(&c, "zero"), "cold");
+    assert_eq!(state(&c, "zero"), ModelState::Cold);
     c.load("pinned").await.unwrap();
     advance(3600).await;
-    assert_eq!(state(&c, "pinned"), "ready");
+    assert_eq!(state(&c, "pinned"), ModelState::Ready);
 }
 
 /// Models "a" and "bb" on a device with room for one of them.
@@ -147,11 +151,11 @@ async fn a_leased_copy_is_never_evicted_and_pressure_ends_in_no_room() {
         Err(CacheError::NoRoom { .. }) => {}
         other => panic!("expected NoRoom, got {:?}", other.map(|l| l.model.clone())),
     }
-    assert_eq!(state(&c, "a"), "ready");
+    assert_eq!(state(&c, "a"), ModelState::Ready);
     drop(lease);
     let b = c.acquire("bb", None).await.unwrap();
     assert_eq!(b.model, "bb");
-    assert_eq!(state(&c, "a"), "cold", "the idle copy made room");
+    assert_eq!(state(&c, "a"), ModelState::Cold, "the idle copy made room");
 }
 
 #[tokio::test(start_paused = true)]
@@ -188,8 +192,12 @@ async fn a_tier_residency_bonus_keeps_its_models_loaded_longer_under_pressure() 
     drop(c.acquire("bb", None).await.unwrap());
     advance(1).await;
     drop(c.acquire("ccc", None).await.unwrap());
-    assert_eq!(state(&c, "a"), "ready", "the bonus outranks plain recency");
-    assert_eq!(state(&c, "bb"), "cold");
+    assert_eq!(
+        state(&c, "a"),
+        ModelState::Ready,
+        "the bonus outranks plain recency"
+    );
+    assert_eq!(state(&c, "bb"), ModelState::Cold);
 }
 
 /// Bytes in use on all devices together.
@@ -229,7 +237,7 @@ async fn unregister_while_leased_drains_the_copy_and_frees_its_bytes_after_the_l
     assert_eq!(draining.len(), 1);
     assert_eq!(
         (draining[0].0.as_str(), draining[0].1.state),
-        ("m", "draining")
+        ("m", CopyPhase::Draining)
     );
     // The same id registered again is a new model; the old lease does not touch it.
     c.register(model(dir.path(), "m", None, false))
@@ -261,7 +269,7 @@ async fn unregister_during_a_load_releases_the_reservation_once() {
             tokio::spawn(async move { c.acquire("m", None).await.map(|l| l.model.clone()) })
         };
         tokio::task::yield_now().await;
-        if state(&c, "m") != "loading" {
+        if state(&c, "m") != ModelState::Loading {
             let _ = waiter.await;
             c.unregister("m").await.unwrap();
             continue;
@@ -351,7 +359,12 @@ async fn a_busy_model_gets_a_second_copy_and_requests_pick_the_least_leased() {
     };
     for _ in 0..200 {
         let s = &c.status()[0];
-        if s.copies.iter().filter(|c| c.state == "ready").count() == 2 {
+        if s.copies
+            .iter()
+            .filter(|c| c.state == CopyPhase::Ready)
+            .count()
+            == 2
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -368,7 +381,7 @@ async fn a_busy_model_gets_a_second_copy_and_requests_pick_the_least_leased() {
     assert_eq!(c.status()[0].max_copies, 2);
     drop((second, third));
     advance(11).await;
-    assert_eq!(state(&c, "m"), "cold");
+    assert_eq!(state(&c, "m"), ModelState::Cold);
     assert_eq!(used(&c), 0);
 }
 

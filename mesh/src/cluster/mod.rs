@@ -11,6 +11,7 @@ mod claim;
 pub mod config;
 mod placement;
 mod registry;
+mod session;
 mod tenancy;
 mod watch;
 
@@ -21,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions};
+use etcd_client::Client;
 use serde::{Deserialize, Serialize};
 
 use self::claim::Claims;
@@ -29,7 +30,7 @@ pub use self::config::{host_name, MeshConfig};
 pub use self::registry::MeshRegistry;
 use self::tenancy::SharedTenancy;
 use crate::{
-    cache::Cache,
+    cache::{Cache, CopyPhase},
     metrics::Metrics,
     tenancy::{limits::Limits, Tenancy},
 };
@@ -96,6 +97,18 @@ impl NodeRecord {
     }
 }
 
+/// The mesh as this node sees it (`/admin/mesh`, the status page). The fields are in the
+/// order the JSON has always shown them.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshStatus {
+    /// Whether etcd answers.
+    pub etcd_connected: bool,
+    /// This node's name.
+    pub node: String,
+    /// Every live node's record, this one's included.
+    pub nodes: Vec<NodeRecord>,
+}
+
 /// A peer to forward to: its front doors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -145,9 +158,9 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 const KEEP_PINNED_EVERY: Duration = Duration::from_secs(1);
 
 impl Cluster {
-    /// Join the mesh in the background: connect, publish, watch, and keep at it while etcd
-    /// comes and goes. `http` is this node's front door as peers reach it.
-    pub fn join(
+    /// This node's handle on the mesh, not yet joined: [`Cluster::start`] joins. `http` is
+    /// this node's front door as peers reach it.
+    pub fn new(
         config: MeshConfig,
         (http, grpc): (String, String),
         cache: Cache,
@@ -159,7 +172,7 @@ impl Cluster {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tenancy.mirror_to(tx);
         let shared_tenancy = SharedTenancy::new(&config.prefix);
-        let cluster = Cluster {
+        Cluster {
             inner: Arc::new(Inner {
                 config,
                 http,
@@ -179,12 +192,17 @@ impl Cluster {
                 orphans: Default::default(),
                 metrics,
             }),
-        };
-        let me = cluster.clone();
+        }
+    }
+
+    /// Join the mesh in the background: connect, publish, watch, and keep at it while etcd
+    /// comes and goes.
+    pub fn start(&self) {
+        let me = self.clone();
         tokio::spawn(async move { me.run().await });
         // Pinned models are looked after on their own task: a slow etcd answering their
         // claims must not hold up the lease's keep-alive.
-        let me = cluster.clone();
+        let me = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(KEEP_PINNED_EVERY);
             loop {
@@ -194,7 +212,6 @@ impl Cluster {
                 }
             }
         });
-        cluster
     }
 
     pub fn node(&self) -> &str {
@@ -226,13 +243,13 @@ impl Cluster {
     }
 
     /// Every live node's record, and whether etcd answers.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> MeshStatus {
         let nodes = self.inner.nodes.read();
-        serde_json::json!({
-            "node": self.inner.config.node,
-            "etcd_connected": self.inner.connected.load(std::sync::atomic::Ordering::Relaxed),
-            "nodes": nodes.values().collect::<Vec<_>>(),
-        })
+        MeshStatus {
+            etcd_connected: self.connected(),
+            node: self.inner.config.node.clone(),
+            nodes: nodes.values().cloned().collect(),
+        }
     }
 
     fn record(&self) -> NodeRecord {
@@ -241,7 +258,11 @@ impl Cluster {
             .status()
             .into_iter()
             .filter_map(|m| {
-                let ready = m.copies.iter().filter(|c| c.state == "ready").count();
+                let ready = m
+                    .copies
+                    .iter()
+                    .filter(|c| c.state == CopyPhase::Ready)
+                    .count();
                 (ready > 0).then(|| ModelHere {
                     id: m.id,
                     ready,
@@ -271,7 +292,7 @@ impl Cluster {
             loading: cache
                 .status()
                 .into_iter()
-                .filter(|m| m.copies.iter().any(|c| c.state == "loading"))
+                .filter(|m| m.copies.iter().any(|c| c.state == CopyPhase::Loading))
                 .map(|m| m.id)
                 .collect(),
             warm: cache.warm_models(),
@@ -356,137 +377,6 @@ impl Cluster {
                         .with_label_values(&[&self.inner.config.node])
                         .inc();
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-    }
-
-    /// One connected session: a fresh lease, the record under it, the registry synced, and
-    /// the peers watched, until an etcd call fails.
-    async fn session(&self) -> anyhow::Result<()> {
-        let cfg = &self.inner.config;
-        let options = match &cfg.etcd_tls {
-            Some(tls) => Some(etcd_client::ConnectOptions::new().with_tls(tls.options()?)),
-            None => None,
-        };
-        let connect = Client::connect(cfg.etcd.clone(), options);
-        let mut client = tokio::time::timeout(Duration::from_secs(3), connect).await??;
-        let ttl = cfg.lease_ttl.0.as_secs() as i64;
-        let lease = client.lease_grant(ttl, None).await?.id();
-        let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
-        self.inner.claims.connect(client.clone(), lease);
-        let me = self.key(&format!("nodes/{}", cfg.node));
-        let mut published = self.record();
-        let put = |r: &NodeRecord| serde_json::to_vec(r).expect("a record serializes");
-        client
-            .put(
-                me.clone(),
-                put(&published),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await?;
-        self.inner
-            .connected
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(node = %cfg.node, http = %self.inner.http, "Joined the mesh");
-        let registry_from = self
-            .inner
-            .registry
-            .sync(&mut client, &self.inner.cache)
-            .await?;
-        // This node's tenancy changes made while etcd was away go out before what etcd holds
-        // comes in, so a key revoked here is not taken back from etcd.
-        let mut changes = self.inner.tenancy_changes.lock().await;
-        let shared = &self.inner.shared_tenancy;
-        let unwritten = self.take_unwritten();
-        for change in unwritten
-            .into_iter()
-            .chain(std::iter::from_fn(|| changes.try_recv().ok()))
-        {
-            self.write_shared(&mut client, change).await?;
-        }
-        let tenancy_from = shared.sync(&mut client, &self.inner.tenancy).await?;
-
-        let prefix = self.key("nodes/");
-        let found = client
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        {
-            let mut nodes = self.inner.nodes.write();
-            nodes.clear();
-            for kv in found.kvs() {
-                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
-                    nodes.insert(r.node.clone(), r);
-                }
-            }
-            self.share_usage(&nodes);
-        }
-        let watch_from = found.header().map_or(0, |h| h.revision()) + 1;
-        let mut events = watch::watch_prefix(&mut client, &prefix, watch_from).await?;
-        let mut registry_events = self
-            .inner
-            .registry
-            .watch(&mut client, registry_from)
-            .await?;
-        let mut tenancy_events = shared.watch(&mut client, tenancy_from).await?;
-        let mut tick = tokio::time::interval(PUBLISH_EVERY);
-        let keep_every = Duration::from_secs((ttl as u64 / 3).max(1));
-        let mut last_keep = Instant::now();
-        let mut last_put = Instant::now();
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if last_keep.elapsed() >= keep_every {
-                        keeper.keep_alive().await?;
-                        last_keep = Instant::now();
-                    }
-                    self.release_claims(&mut client).await?;
-                    let now = self.record();
-                    if now != published || last_put.elapsed() >= keep_every * 3 {
-                        client.put(me.clone(), put(&now), Some(PutOptions::new().with_lease(lease))).await?;
-                        last_put = Instant::now();
-                        published = now;
-                    }
-                }
-                ka = keep_stream.message() => {
-                    match ka? {
-                        Some(r) if r.ttl() > 0 => {}
-                        _ => anyhow::bail!("the node's lease expired"),
-                    }
-                }
-                ev = events.message() => {
-                    let Some(resp) = ev? else { anyhow::bail!("the watch of the nodes ended") };
-                    let mut nodes = self.inner.nodes.write();
-                    for e in resp.events() {
-                        let Some(kv) = e.kv() else { continue };
-                        let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&prefix).to_string();
-                        match e.event_type() {
-                            EventType::Put => {
-                                if let Ok(r) = serde_json::from_slice::<NodeRecord>(kv.value()) {
-                                    // Its record now shows what was sent there.
-                                    self.inner.placed.lock().remove(&r.node);
-                                    nodes.insert(r.node.clone(), r);
-                                }
-                            }
-                            EventType::Delete => {
-                                nodes.remove(&name);
-                            }
-                        }
-                    }
-                    self.inner.metrics.mesh_nodes.set(nodes.len() as i64);
-                    self.share_usage(&nodes);
-                    self.count_copies(&nodes);
-                }
-                ev = registry_events.message() => {
-                    let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };
-                    self.inner.registry.apply(&resp, &self.inner.cache).await;
-                }
-                ev = tenancy_events.message() => {
-                    let Some(resp) = ev? else { anyhow::bail!("the watch of tenancy ended") };
-                    shared.apply(&resp, &self.inner.tenancy);
-                }
-                Some(change) = changes.recv() => {
-                    self.write_shared(&mut client, change).await?;
                 }
             }
         }

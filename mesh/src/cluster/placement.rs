@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 
 use super::{claim::Claimed, Cluster, Peer};
+use crate::cache::CopyPhase;
 
 /// What this node has of a model.
 #[derive(Default)]
@@ -245,8 +246,8 @@ impl Cluster {
             return Local::default();
         };
         Local {
-            ready: m.copies.iter().any(|c| c.state == "ready"),
-            loading: m.copies.iter().any(|c| c.state == "loading"),
+            ready: m.copies.iter().any(|c| c.state == CopyPhase::Ready),
+            loading: m.copies.iter().any(|c| c.state == CopyPhase::Loading),
             bytes: m.bytes.unwrap_or(0),
         }
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::name::SlotName;
 use crate::units::Bytes;
 
 /// `[policy]`: limits shared by the slots and one table per slot.
@@ -144,7 +145,7 @@ impl PolicyConfig {
                     "policy.{name}.deadline_ms: {ms} is not in (0, 10000]"
                 ));
             }
-            if slot.default_target.is_some() && name != "router" {
+            if slot.default_target.is_some() && name != SlotName::Router {
                 return Err(format!(
                     "policy.{name}.default_target: only the router slot has one"
                 ));
@@ -174,15 +175,21 @@ impl PolicyConfig {
         roots
     }
 
-    fn slots(&self) -> impl Iterator<Item = (&'static str, &SlotConfig)> {
-        [
-            ("router", &self.router),
-            ("cache", &self.cache),
-            ("pricing", &self.pricing),
-            ("residency", &self.residency),
-        ]
-        .into_iter()
-        .filter_map(|(n, s)| s.as_ref().map(|s| (n, s)))
+    /// The table of a slot, if it has one.
+    pub fn slot(&self, name: SlotName) -> Option<&SlotConfig> {
+        match name {
+            SlotName::Router => self.router.as_ref(),
+            SlotName::Cache => self.cache.as_ref(),
+            SlotName::Pricing => self.pricing.as_ref(),
+            SlotName::Residency => self.residency.as_ref(),
+        }
+    }
+
+    /// The slots with a table, in order.
+    pub fn slots(&self) -> impl Iterator<Item = (SlotName, &SlotConfig)> {
+        SlotName::ALL
+            .into_iter()
+            .filter_map(|n| self.slot(n).map(|s| (n, s)))
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use wasmtime::Store;
 
-use super::host::Ctx;
+use super::{host::Ctx, name::SlotName};
 
 /// How a call to a plugin failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +133,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    pub fn closed(slot: &str, f: &Failure) -> Self {
+    pub fn closed(slot: SlotName, f: &Failure) -> Self {
         Refusal {
             status: 503,
             message: format!("the {slot} policy failed: {f}"),

@@ -8,12 +8,15 @@ use wasmtime::{
     Store,
 };
 
-use super::host::{self, Ctx};
+use super::{
+    host::{self, Ctx},
+    name::SlotName,
+};
 
 /// One plugin kind: its world's bindings.
 pub trait Kind: Send + Sync + 'static {
-    /// The slot's name (`router`, `cache`, `pricing`), also a metric label.
-    const SLOT: &'static str;
+    /// The slot it goes in.
+    const SLOT: SlotName;
     type Pre: Clone + Send + Sync + 'static;
     type Bindings: Send + 'static;
 
@@ -31,14 +34,12 @@ pub trait Kind: Send + Sync + 'static {
 }
 
 macro_rules! kind {
-    ($kind:ident, $slot:literal, $module:ident, $world:ident, $pre:ident) => {
-        /// The plugin kind of the
-        #[doc = $slot]
-        /// slot.
+    ($kind:ident, $slot:ident, $module:ident, $world:ident, $pre:ident) => {
+        #[doc = concat!("The plugin kind of the `", stringify!($module), "` slot.")]
         pub struct $kind;
 
         impl Kind for $kind {
-            const SLOT: &'static str = $slot;
+            const SLOT: SlotName = SlotName::$slot;
             type Pre = host::$module::$pre<Ctx>;
             type Bindings = host::$module::$world;
 
@@ -68,16 +69,10 @@ macro_rules! kind {
     };
 }
 
-kind!(RouterKind, "router", router, Router, RouterPre);
-kind!(CacheKind, "cache", cache, Cache, CachePre);
-kind!(PricingKind, "pricing", pricing, Pricing, PricingPre);
-kind!(
-    ResidencyKind,
-    "residency",
-    residency,
-    Residency,
-    ResidencyPre
-);
+kind!(RouterKind, Router, router, Router, RouterPre);
+kind!(CacheKind, Cache, cache, Cache, CachePre);
+kind!(PricingKind, Pricing, pricing, Pricing, PricingPre);
+kind!(ResidencyKind, Residency, residency, Residency, ResidencyPre);
 
 /// An instance of a plugin, initialised with its config, ready for calls.
 pub struct Instance<K: Kind> {

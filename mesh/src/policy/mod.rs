@@ -10,6 +10,7 @@ mod config;
 mod failure;
 pub mod host;
 pub mod kind;
+mod name;
 mod prompt;
 pub mod residency;
 pub mod slot;
@@ -23,8 +24,9 @@ pub use self::host::{
     types::{PromptFeatures, RequestInfo, Usage},
     Answer, Embedder,
 };
+pub use self::name::{NoSuchSlot, SlotName};
 pub use self::prompt::{estimate_tokens, features, prompt_text};
-pub use self::slot::SlotStatus;
+pub use self::slot::{AnySlot, SlotStatus};
 use self::{
     failure::Outcome,
     host::{cache as cache_world, pricing as pricing_world, router as router_world, Runtime},
@@ -81,10 +83,9 @@ impl Policies {
     ) -> anyhow::Result<Self> {
         let memory_cap = (config.memory_mib << 20) as usize;
         let runtime = Runtime::new(memory_cap, embedder)?;
-        let settings = |slot: &Option<SlotConfig>| Settings {
+        let settings = |slot: Option<&SlotConfig>| Settings {
             deadline: Duration::from_secs_f64(
-                slot.as_ref()
-                    .and_then(|s| s.deadline_ms)
+                slot.and_then(|s| s.deadline_ms)
                     .unwrap_or(config.deadline_ms)
                     / 1000.0,
             ),
@@ -93,18 +94,20 @@ impl Policies {
             host_wait: Duration::from_millis(config.host_wait_ms),
             max_plugin_bytes: config.max_plugin_bytes.0,
         };
-        let setup = |c: &Option<SlotConfig>| slot::Setup {
+        let setup = |name: SlotName| slot::Setup {
             runtime: &runtime,
-            settings: settings(c),
-            on_failure: c.as_ref().map_or(OnFailure::Default, |s| s.on_failure),
+            settings: settings(config.slot(name)),
+            on_failure: config
+                .slot(name)
+                .map_or(OnFailure::Default, |s| s.on_failure),
             kv_bytes: config.kv_bytes,
             metrics: &metrics,
         };
         Ok(Policies {
-            router: Slot::new(setup(&config.router))?,
-            cache: Slot::new(setup(&config.cache))?,
-            pricing: Slot::new(setup(&config.pricing))?,
-            residency: Slot::new(setup(&config.residency))?,
+            router: Slot::new(setup(SlotName::Router))?,
+            cache: Slot::new(setup(SlotName::Cache))?,
+            pricing: Slot::new(setup(SlotName::Pricing))?,
+            residency: Slot::new(setup(SlotName::Residency))?,
             default_target: config
                 .router
                 .as_ref()
@@ -116,42 +119,29 @@ impl Policies {
 
     /// Load the configured plugins; one that does not load stops the agent from starting.
     pub async fn load_configured(&self, config: &PolicyConfig) -> anyhow::Result<()> {
-        if let Some(s) = &config.router {
-            self.router
+        for (name, s) in config.slots() {
+            self.slot(name)
                 .load(&s.plugin, s.config_string())
                 .await
-                .map_err(|e| anyhow::anyhow!("policy.router: {e}"))?;
-        }
-        if let Some(s) = &config.cache {
-            self.cache
-                .load(&s.plugin, s.config_string())
-                .await
-                .map_err(|e| anyhow::anyhow!("policy.cache: {e}"))?;
-        }
-        if let Some(s) = &config.pricing {
-            self.pricing
-                .load(&s.plugin, s.config_string())
-                .await
-                .map_err(|e| anyhow::anyhow!("policy.pricing: {e}"))?;
-        }
-        if let Some(s) = &config.residency {
-            self.residency
-                .load(&s.plugin, s.config_string())
-                .await
-                .map_err(|e| anyhow::anyhow!("policy.residency: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("policy.{name}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// A slot by name, whatever its plugin's kind.
+    pub fn slot(&self, name: SlotName) -> Arc<dyn AnySlot> {
+        match name {
+            SlotName::Router => self.router.clone(),
+            SlotName::Cache => self.cache.clone(),
+            SlotName::Pricing => self.pricing.clone(),
+            SlotName::Residency => self.residency.clone(),
+        }
     }
 
     /// Reload plugins whose files change, until the process ends.
     pub fn watch(&self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) {
         let every = Duration::from_secs(1);
-        let all = futures::future::join4(
-            self.router.clone().watch(every),
-            self.cache.clone().watch(every),
-            self.pricing.clone().watch(every),
-            self.residency.clone().watch(every),
-        );
+        let all = futures::future::join_all(SlotName::ALL.map(|n| self.slot(n).watch(every)));
         tokio::spawn(async move {
             tokio::select! {
                 _ = shutdown => {}
@@ -161,12 +151,7 @@ impl Policies {
     }
 
     pub fn status(&self) -> Vec<SlotStatus> {
-        vec![
-            self.router.status(),
-            self.cache.status(),
-            self.pricing.status(),
-            self.residency.status(),
-        ]
+        SlotName::ALL.map(|n| self.slot(n).status()).into()
     }
 
     /// Which model serves the request: `None` keeps the one asked for.
@@ -221,7 +206,7 @@ impl Policies {
         };
         match self.router.on_failure {
             OnFailure::Open => Ok(None),
-            OnFailure::Closed => Err(Refusal::closed("router", &failure)),
+            OnFailure::Closed => Err(Refusal::closed(SlotName::Router, &failure)),
             OnFailure::Default => {
                 Ok(self
                     .default_target

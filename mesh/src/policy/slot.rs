@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 
@@ -20,6 +21,7 @@ use super::{
     failure::{classify, clip, over_limit, Failure, FailureKind, Outcome, Refusal},
     host::{Ctx, Runtime},
     kind::{Instance, Kind},
+    name::SlotName,
     state::PluginState,
 };
 use crate::metrics::Metrics;
@@ -64,7 +66,7 @@ struct Health {
 /// What the admin API shows of a slot.
 #[derive(Debug, serde::Serialize)]
 pub struct SlotStatus {
-    pub slot: &'static str,
+    pub slot: SlotName,
     pub loaded: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
@@ -76,7 +78,7 @@ pub struct SlotStatus {
     pub loaded_ms: Option<u64>,
     pub deadline_ms: f64,
     pub memory_cap_bytes: usize,
-    pub on_failure: &'static str,
+    pub on_failure: OnFailure,
     pub failures: u64,
     pub failing_now: bool,
     pub idle_instances: usize,
@@ -179,14 +181,14 @@ impl<K: Kind> Slot<K> {
         let outcome = if result.is_ok() { "ok" } else { "rejected" };
         self.metrics
             .policy_reloads
-            .with_label_values(&[K::SLOT, outcome])
+            .with_label_values(&[K::SLOT.as_str(), outcome])
             .inc();
         match &result {
             Ok(v) => {
-                tracing::info!(slot = K::SLOT, path = %path.display(), version = v, "Policy plugin loaded")
+                tracing::info!(slot = K::SLOT.as_str(), path = %path.display(), version = v, "Policy plugin loaded")
             }
             Err(e) => {
-                tracing::warn!(slot = K::SLOT, path = %path.display(), error = %e, "Policy plugin rejected; the previous one stays")
+                tracing::warn!(slot = K::SLOT.as_str(), path = %path.display(), error = %e, "Policy plugin rejected; the previous one stays")
             }
         }
         result
@@ -234,7 +236,7 @@ impl<K: Kind> Slot<K> {
         *self.health.lock() = Health::default();
         self.metrics
             .policy_version
-            .with_label_values(&[K::SLOT])
+            .with_label_values(&[K::SLOT.as_str()])
             .set(version as i64);
         Ok(version)
     }
@@ -304,7 +306,7 @@ impl<K: Kind> Slot<K> {
         let Some(loaded) = self.current() else {
             return Outcome::Absent;
         };
-        let span = tracing::info_span!(target: crate::telemetry::TARGET, "policy", otel.name = %format_args!("policy {}", K::SLOT), flatmesh.policy.slot = K::SLOT, flatmesh.policy.plugin = %loaded.path.display(), flatmesh.policy.version = loaded.version);
+        let span = tracing::info_span!(target: crate::telemetry::TARGET, "policy", otel.name = %format_args!("policy {}", K::SLOT), flatmesh.policy.slot = K::SLOT.as_str(), flatmesh.policy.plugin = %loaded.path.display(), flatmesh.policy.version = loaded.version);
         let outcome =
             tracing::Instrument::instrument(self.call_loaded(loaded, tenant, f), span.clone())
                 .await;
@@ -336,7 +338,7 @@ impl<K: Kind> Slot<K> {
             // The host is overloaded, not the plugin at fault: no backoff, no burst.
             self.metrics
                 .policy_calls
-                .with_label_values(&[K::SLOT, FailureKind::Unavailable.label()])
+                .with_label_values(&[K::SLOT.as_str(), FailureKind::Unavailable.label()])
                 .inc();
             return Outcome::Failed(Failure {
                 kind: FailureKind::Unavailable,
@@ -372,7 +374,7 @@ impl<K: Kind> Slot<K> {
         };
         self.metrics
             .policy_call_seconds
-            .with_label_values(&[K::SLOT])
+            .with_label_values(&[K::SLOT.as_str()])
             .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(r)) => {
@@ -425,11 +427,15 @@ impl<K: Kind> Slot<K> {
     fn succeeded(&self) {
         self.metrics
             .policy_calls
-            .with_label_values(&[K::SLOT, "ok"])
+            .with_label_values(&[K::SLOT.as_str(), "ok"])
             .inc();
         let mut h = self.health.lock();
         if let Some((count, _)) = h.burst.take() {
-            tracing::info!(slot = K::SLOT, failures = count, "Policy plugin recovered");
+            tracing::info!(
+                slot = K::SLOT.as_str(),
+                failures = count,
+                "Policy plugin recovered"
+            );
         }
         h.consecutive = 0;
         h.backoff_until = None;
@@ -438,7 +444,7 @@ impl<K: Kind> Slot<K> {
     fn failed(&self, failure: Failure) -> Failure {
         self.metrics
             .policy_calls
-            .with_label_values(&[K::SLOT, failure.kind.label()])
+            .with_label_values(&[K::SLOT.as_str(), failure.kind.label()])
             .inc();
         let now = Instant::now();
         let mut h = self.health.lock();
@@ -456,13 +462,13 @@ impl<K: Kind> Slot<K> {
         match &mut h.burst {
             None => {
                 h.burst = Some((1, now));
-                tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, on_failure = self.on_failure.label(), "Policy plugin failed");
+                tracing::warn!(slot = K::SLOT.as_str(), kind = failure.kind.label(), error = %failure.message, on_failure = self.on_failure.label(), "Policy plugin failed");
             }
             Some((count, last)) => {
                 *count += 1;
                 if now.duration_since(*last) >= Duration::from_secs(30) {
                     *last = now;
-                    tracing::warn!(slot = K::SLOT, kind = failure.kind.label(), error = %failure.message, failures = *count, "Policy plugin still failing");
+                    tracing::warn!(slot = K::SLOT.as_str(), kind = failure.kind.label(), error = %failure.message, failures = *count, "Policy plugin still failing");
                 }
             }
         }
@@ -481,11 +487,42 @@ impl<K: Kind> Slot<K> {
             loaded_ms: cur.as_ref().map(|c| c.loaded_ms),
             deadline_ms: self.settings.deadline.as_secs_f64() * 1000.0,
             memory_cap_bytes: self.settings.memory_cap,
-            on_failure: self.on_failure.label(),
+            on_failure: self.on_failure,
             failures: h.failures,
             failing_now: h.burst.is_some(),
             idle_instances: cur.as_ref().map_or(0, |c| c.idle.lock().len()),
         }
+    }
+}
+
+/// What the host does with a slot whatever its plugin's kind: load, reload, watch, show.
+pub trait AnySlot: Send + Sync {
+    fn load<'a>(&'a self, path: &'a Path, config: String) -> BoxFuture<'a, Result<u64, String>>;
+    fn reload(&self) -> BoxFuture<'_, Result<u64, String>>;
+    fn watch(self: Arc<Self>, every: Duration) -> BoxFuture<'static, ()>;
+    fn config(&self) -> Option<String>;
+    fn status(&self) -> SlotStatus;
+}
+
+impl<K: Kind> AnySlot for Slot<K> {
+    fn load<'a>(&'a self, path: &'a Path, config: String) -> BoxFuture<'a, Result<u64, String>> {
+        Box::pin(Slot::load(self, path, config))
+    }
+
+    fn reload(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(Slot::reload(self))
+    }
+
+    fn watch(self: Arc<Self>, every: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(Slot::watch(self, every))
+    }
+
+    fn config(&self) -> Option<String> {
+        Slot::config(self)
+    }
+
+    fn status(&self) -> SlotStatus {
+        Slot::status(self)
     }
 }
 

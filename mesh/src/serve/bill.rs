@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use flatmesh_runtime::Prompt;
 
-use super::error::ServeError;
+use super::{endpoint::Endpoint, error::ServeError};
 use crate::{
     ledger::{now_ms, Ledger, Record},
     metrics::Metrics,
@@ -20,7 +20,7 @@ pub fn request_info(
     id: &str,
     caller: &Caller,
     model: &str,
-    endpoint: &str,
+    endpoint: Endpoint,
     prompt: Option<&Prompt>,
     max_tokens: Option<usize>,
     streamed: bool,
@@ -38,7 +38,7 @@ pub fn request_info(
         tenant: caller.tenant.clone(),
         tier: caller.tier.name.clone(),
         model: model.to_string(),
-        endpoint: endpoint.to_string(),
+        endpoint: endpoint.label().to_string(),
         prompt_tokens: policy::estimate_tokens(&features),
         max_tokens: max_tokens.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         streamed,
@@ -66,7 +66,7 @@ pub struct Bill {
     pub metrics: Metrics,
     pub policies: Policies,
     pub caller: Caller,
-    pub endpoint: &'static str,
+    pub endpoint: Endpoint,
     /// The request as policies saw it (the pricing plugin is charged with it).
     pub info: RequestInfo,
     pub client_id: Option<String>,
@@ -90,7 +90,7 @@ impl Bill {
             tenant: self.caller.tenant.clone(),
             tier: self.caller.tier.name.clone(),
             model: model.to_string(),
-            endpoint: self.endpoint.to_string(),
+            endpoint: self.endpoint.label().to_string(),
             input_tokens: input_tokens as u64,
             output_tokens: output_tokens as u64,
             device_seconds: self.started.elapsed().as_secs_f64(),

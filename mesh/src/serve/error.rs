@@ -1,4 +1,5 @@
-//! The serve path's one error type: a stable `kind()` that each protocol maps once at its edge.
+//! The serve path's one error type: a stable `kind()` and data that each protocol maps once
+//! at its edge (`api::error` for HTTP, `api::v2::status` for gRPC).
 
 use flatmesh_runtime::RuntimeError;
 
@@ -6,7 +7,10 @@ use crate::{
     cache::CacheError,
     policy::Refusal,
     scheduler::Rejected,
-    tenancy::{limits::LimitError, AuthError},
+    tenancy::{
+        limits::{LimitError, Quotas},
+        AuthError,
+    },
 };
 
 /// What went wrong, as every protocol tells it (also the `kind` metric label).
@@ -68,23 +72,6 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
-
-    /// The HTTP status of the kind (a policy denial may carry its own).
-    pub fn http_status(self) -> u16 {
-        match self {
-            ErrorKind::InvalidRequest => 400,
-            ErrorKind::Unauthenticated => 401,
-            ErrorKind::Forbidden => 403,
-            ErrorKind::NotFound => 404,
-            ErrorKind::Conflict => 409,
-            ErrorKind::TooLarge => 413,
-            ErrorKind::RateLimited | ErrorKind::PolicyDenied => 429,
-            ErrorKind::Cancelled => 499,
-            ErrorKind::Internal => 500,
-            ErrorKind::Unavailable => 503,
-            ErrorKind::Timeout => 504,
-        }
-    }
 }
 
 /// An error of the serve path, with what a client needs to act on it.
@@ -98,10 +85,11 @@ pub struct ServeError {
     pub code: &'static str,
     /// Seconds to wait before retrying, where retrying makes sense.
     pub retry_after: Option<u64>,
-    /// Extra response headers (`x-ratelimit-*`).
-    pub headers: Vec<(&'static str, String)>,
-    /// A policy's own HTTP status (policy denials only).
-    pub status: Option<u16>,
+    /// Where the tier's per-minute windows stood (rate-limit refusals only).
+    pub quotas: Option<Box<Quotas>>,
+    /// The status a pricing policy chose for its denial (policy denials only): the policy
+    /// contract speaks HTTP statuses, and the edges pass it on.
+    pub policy_status: Option<u16>,
 }
 
 impl std::fmt::Display for ServeError {
@@ -120,8 +108,8 @@ impl ServeError {
             param: None,
             code,
             retry_after: None,
-            headers: Vec::new(),
-            status: None,
+            quotas: None,
+            policy_status: None,
         }
     }
 
@@ -180,35 +168,6 @@ impl ServeError {
         self.kind
     }
 
-    /// The HTTP status this error answers with.
-    pub fn http_status(&self) -> u16 {
-        self.status.unwrap_or(self.kind.http_status())
-    }
-
-    /// The gRPC code of this error's HTTP status.
-    pub fn grpc_code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self.kind {
-            ErrorKind::PolicyDenied => match self.http_status() {
-                401 => Code::Unauthenticated,
-                403 => Code::PermissionDenied,
-                429 => Code::ResourceExhausted,
-                400..=499 => Code::InvalidArgument,
-                _ => Code::Unavailable,
-            },
-            ErrorKind::InvalidRequest => Code::InvalidArgument,
-            ErrorKind::Unauthenticated => Code::Unauthenticated,
-            ErrorKind::Forbidden => Code::PermissionDenied,
-            ErrorKind::NotFound => Code::NotFound,
-            ErrorKind::Conflict => Code::Aborted,
-            ErrorKind::TooLarge | ErrorKind::RateLimited => Code::ResourceExhausted,
-            ErrorKind::Unavailable => Code::Unavailable,
-            ErrorKind::Timeout => Code::DeadlineExceeded,
-            ErrorKind::Cancelled => Code::Cancelled,
-            ErrorKind::Internal => Code::Internal,
-        }
-    }
-
     /// Whether the client's request was at fault (a 4xx that is not about limits).
     pub fn is_client_error(&self) -> bool {
         matches!(
@@ -241,7 +200,7 @@ impl From<LimitError> for ServeError {
     fn from(e: LimitError) -> Self {
         let mut err = ServeError::new(ErrorKind::RateLimited, "rate_limit_exceeded", e.message)
             .retry(e.retry_after);
-        err.headers = e.headers;
+        err.quotas = Some(Box::new(e.quotas));
         err
     }
 }
@@ -251,7 +210,7 @@ impl From<Refusal> for ServeError {
         let mut e = match r.status {
             400..=499 => {
                 let mut e = ServeError::new(ErrorKind::PolicyDenied, "policy_denied", r.message);
-                e.status = Some(r.status);
+                e.policy_status = Some(r.status);
                 e
             }
             _ => ServeError::new(ErrorKind::Unavailable, "policy_failed", r.message),
@@ -301,31 +260,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_has_a_distinct_name_and_a_status_and_code_that_agree() {
+    fn every_kind_has_a_distinct_name() {
         let names: std::collections::BTreeSet<_> =
             ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
         assert_eq!(names.len(), ErrorKind::ALL.len());
-        for k in ErrorKind::ALL {
-            let e = ServeError::new(k, "x", "m");
-            let (status, code) = (e.http_status(), e.grpc_code());
-            let retryable = matches!(
-                code,
-                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
-            );
-            assert_eq!(
-                retryable,
-                status == 429 || status == 503 || status == 413,
-                "{k:?}"
-            );
-        }
     }
 
     #[test]
     fn subsystem_errors_keep_their_meaning() {
         let e: ServeError = CacheError::NotFound("m".into()).into();
-        assert_eq!((e.kind, e.http_status()), (ErrorKind::NotFound, 404));
+        assert_eq!(e.kind, ErrorKind::NotFound);
         let e: ServeError = CacheError::Conflict("taken".into()).into();
-        assert_eq!(e.grpc_code(), tonic::Code::Aborted);
+        assert_eq!(e.kind, ErrorKind::Conflict);
         let e: ServeError = Refusal {
             status: 402,
             message: "pay".into(),
@@ -333,8 +279,8 @@ mod tests {
         }
         .into();
         assert_eq!(
-            (e.http_status(), e.grpc_code()),
-            (402, tonic::Code::InvalidArgument)
+            (e.kind, e.policy_status),
+            (ErrorKind::PolicyDenied, Some(402))
         );
         let e: ServeError = Refusal {
             status: 503,
@@ -342,18 +288,29 @@ mod tests {
             retry_after: Some(2),
         }
         .into();
-        assert_eq!((e.kind, e.retry_after), (ErrorKind::Unavailable, Some(2)));
+        assert_eq!(
+            (e.kind, e.retry_after, e.policy_status),
+            (ErrorKind::Unavailable, Some(2), None)
+        );
+        let quotas = Quotas {
+            requests: Some(crate::tenancy::limits::Quota {
+                limit: 5,
+                remaining: 0,
+                reset: 7,
+            }),
+            tokens: None,
+        };
         let e: ServeError = LimitError {
             message: "slow down".into(),
             retry_after: 7,
-            headers: vec![("x-ratelimit-limit-requests", "5".into())],
+            quotas,
         }
         .into();
         assert_eq!(
-            (e.http_status(), e.retry_after, e.headers.len()),
-            (429, Some(7), 1)
+            (e.kind, e.retry_after, e.quotas.as_deref()),
+            (ErrorKind::RateLimited, Some(7), Some(&quotas))
         );
         let e: ServeError = AuthError::Missing.into();
-        assert_eq!(e.grpc_code(), tonic::Code::Unauthenticated);
+        assert_eq!(e.kind, ErrorKind::Unauthenticated);
     }
 }

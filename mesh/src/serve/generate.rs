@@ -16,7 +16,12 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{bill::Bill, error::ServeError, held::Held, track::Tracker};
+use super::{
+    bill::Bill,
+    error::ServeError,
+    held::Held,
+    track::{Outcome, Tracker},
+};
 use crate::policy::{self, CachePrompt};
 
 /// What a generation reports to its front door.
@@ -141,8 +146,8 @@ enum Waiter {
     Start(oneshot::Sender<Result<Generating, ServeError>>),
     /// The front door, reading the text.
     Stream(mpsc::Sender<Event>),
-    /// Nobody: the client left, or was told its time was up.
-    Told { status: u16 },
+    /// Nobody: the client left, or was told its time was up — how the request ended.
+    Told(Outcome),
 }
 
 /// A generation from its prompt to its record: the answer to `start` once the engine has
@@ -153,7 +158,7 @@ async fn follow(
     mut from_engine: mpsc::Receiver<GenerateEvent>,
     overran: Arc<AtomicBool>,
     finish: Finish,
-    mut ready: oneshot::Sender<Result<Generating, ServeError>>,
+    ready: oneshot::Sender<Result<Generating, ServeError>>,
 ) {
     let Finish {
         bill,
@@ -162,6 +167,47 @@ async fn follow(
         remember,
         limit,
     } = finish;
+    let (started, waiter) = answer(&mut from_engine, &overran, &limit, &mut tracker, ready).await;
+    drop(from_engine);
+    // Lease, slot and admission go back with the engine, before the ledger write; a prompt
+    // refused for its own content (too long) keeps its rate count: the engine read it.
+    let result = match engine_result(task).await {
+        // Whatever the end, the tokens computed are recorded.
+        Ok(g) => record(g, &bill, &model, &tracker).await.and_then(|g| {
+            if overran.load(Ordering::Relaxed) {
+                Err(limit.error.clone())
+            } else if !started {
+                Err(ServeError::internal("generation ended before it started"))
+            } else {
+                Ok(g)
+            }
+        }),
+        Err(e) => Err(e),
+    };
+    if let (Ok(g), Some(cp)) = (&result, &remember) {
+        if g.finish_reason != FinishReason::Cancelled {
+            offer(&bill.policies, cp, g).await;
+        }
+    }
+    let outcome = match &result {
+        Ok(g) if g.finish_reason == FinishReason::Cancelled => Outcome::ClientLeft,
+        r => Outcome::of(r),
+    };
+    if let Ok(g) = &result {
+        describe_end(&tracker, g);
+    }
+    tracker.finish(tell(waiter, result, outcome).await);
+}
+
+/// Answer `start` once the engine has started and relay its text, or tell the front door why
+/// it has not: whether it started, and who is left to hear how it ends.
+async fn answer(
+    from_engine: &mut mpsc::Receiver<GenerateEvent>,
+    overran: &AtomicBool,
+    limit: &Limit,
+    tracker: &mut Tracker,
+    mut ready: oneshot::Sender<Result<Generating, ServeError>>,
+) -> (bool, Waiter) {
     let until = tokio::time::Instant::from_std(limit.until);
     let started = tokio::select! {
         ev = from_engine.recv() => matches!(ev, Some(GenerateEvent::Started { .. })),
@@ -171,116 +217,111 @@ async fn follow(
     let waiter = if started {
         let (to_client, events) = mpsc::channel(64);
         match ready.send(Ok(Generating { events })) {
-            Ok(()) => match relay(&mut from_engine, &to_client, &mut tracker, until).await {
-                Relayed::Ended => Waiter::Stream(to_client),
-                Relayed::Left => Waiter::Told { status: 499 },
-                Relayed::TimeUp => {
-                    overran.store(true, Ordering::Relaxed);
-                    // The engine stops now (its blocked send fails) or at its next token.
-                    from_engine.close();
-                    // The client hears it at once where its queue has room, else after the
-                    // record.
-                    match to_client.try_send(Event::Done(Err(limit.error.clone()))) {
-                        Ok(()) => Waiter::Told {
-                            status: limit.error.http_status(),
-                        },
-                        Err(mpsc::error::TrySendError::Full(_)) => Waiter::Stream(to_client),
-                        Err(mpsc::error::TrySendError::Closed(_)) => Waiter::Told { status: 499 },
-                    }
-                }
-            },
-            Err(_) => Waiter::Told { status: 499 },
+            Ok(()) => stream(from_engine, to_client, overran, limit, tracker).await,
+            Err(_) => Waiter::Told(Outcome::ClientLeft),
         }
     } else if ready.is_closed() {
-        Waiter::Told { status: 499 }
+        Waiter::Told(Outcome::ClientLeft)
     } else if tokio::time::Instant::now() >= until {
         // Still prefilling: the client hears it now; the record follows when the engine ends.
         overran.store(true, Ordering::Relaxed);
         let _ = ready.send(Err(limit.error.clone()));
-        Waiter::Told {
-            status: limit.error.http_status(),
-        }
+        Waiter::Told(Outcome::failed(&limit.error))
     } else {
         Waiter::Start(ready)
     };
-    drop(from_engine);
-    // Lease, slot and admission go back with the engine, before the ledger write; a prompt
-    // refused for its own content (too long) keeps its rate count: the engine read it.
-    let result = match task.await {
+    (started, waiter)
+}
+
+/// Stream the text to the client; when the limit passes, stop the engine and tell the client.
+async fn stream(
+    from_engine: &mut mpsc::Receiver<GenerateEvent>,
+    to_client: mpsc::Sender<Event>,
+    overran: &AtomicBool,
+    limit: &Limit,
+    tracker: &mut Tracker,
+) -> Waiter {
+    let until = tokio::time::Instant::from_std(limit.until);
+    match relay(from_engine, &to_client, tracker, until).await {
+        Relayed::Ended => Waiter::Stream(to_client),
+        Relayed::Left => Waiter::Told(Outcome::ClientLeft),
+        Relayed::TimeUp => {
+            overran.store(true, Ordering::Relaxed);
+            // The engine stops now (its blocked send fails) or at its next token.
+            from_engine.close();
+            // The client hears it at once where its queue has room, else after the record.
+            match to_client.try_send(Event::Done(Err(limit.error.clone()))) {
+                Ok(()) => Waiter::Told(Outcome::failed(&limit.error)),
+                Err(mpsc::error::TrySendError::Full(_)) => Waiter::Stream(to_client),
+                Err(mpsc::error::TrySendError::Closed(_)) => Waiter::Told(Outcome::ClientLeft),
+            }
+        }
+    }
+}
+
+/// What the engine returned, its lease, slot and admission given back.
+async fn engine_result(task: EngineTask) -> Result<Generation, ServeError> {
+    match task.await {
         Ok((Err(e), held)) => {
             drop(held);
             Err(ServeError::from(e))
         }
         Ok((Ok(g), _)) => Ok(g),
         Err(e) => Err(ServeError::internal(format!("generation task failed: {e}"))),
-    };
-    let result = match result {
-        // Whatever the end, the tokens computed are recorded.
-        Ok(g) => match bill
-            .record(&model, g.prompt_tokens, g.completion_tokens)
-            .await
-        {
-            Err(e) => Err(e),
-            Ok(()) => {
-                tracker.tokens(g.prompt_tokens, g.completion_tokens);
-                if overran.load(Ordering::Relaxed) {
-                    Err(limit.error.clone())
-                } else if !started {
-                    Err(ServeError::internal("generation ended before it started"))
-                } else {
-                    if g.finish_reason != FinishReason::Cancelled {
-                        if let Some(cp) = &remember {
-                            offer(&bill.policies, cp, &g).await;
-                        }
-                    }
-                    Ok(g)
-                }
-            }
-        },
-        Err(e) => Err(e),
-    };
-    let status = match &result {
-        Ok(g) if g.finish_reason == FinishReason::Cancelled => 499,
-        Ok(_) => 200,
-        Err(e) => e.http_status(),
-    };
-    if let Ok(g) = &result {
-        crate::telemetry::attr(
-            tracker.span(),
-            "gen_ai.response.finish_reasons",
-            opentelemetry::Value::Array(
-                vec![opentelemetry::StringValue::from(finish_reason(
-                    g.finish_reason,
-                ))]
-                .into(),
-            ),
-        );
-        tracing::info!(
-            gen_ai.usage.input_tokens = g.prompt_tokens,
-            gen_ai.usage.output_tokens = g.completion_tokens,
-            finish_reason = ?g.finish_reason,
-            seconds = tracker.elapsed(),
-            "Generated"
-        );
     }
-    let told = match waiter {
+}
+
+/// Record what the engine computed: the ledger, the charge, the token metrics.
+async fn record(
+    g: Generation,
+    bill: &Bill,
+    model: &str,
+    tracker: &Tracker,
+) -> Result<Generation, ServeError> {
+    bill.record(model, g.prompt_tokens, g.completion_tokens)
+        .await?;
+    tracker.tokens(g.prompt_tokens, g.completion_tokens);
+    Ok(g)
+}
+
+/// The end of a generation on its span and in the log.
+fn describe_end(tracker: &Tracker, g: &Generation) {
+    crate::telemetry::attr(
+        tracker.span(),
+        "gen_ai.response.finish_reasons",
+        opentelemetry::Value::Array(
+            vec![opentelemetry::StringValue::from(finish_reason(
+                g.finish_reason,
+            ))]
+            .into(),
+        ),
+    );
+    tracing::info!(
+        gen_ai.usage.input_tokens = g.prompt_tokens,
+        gen_ai.usage.output_tokens = g.completion_tokens,
+        finish_reason = ?g.finish_reason,
+        seconds = tracker.elapsed(),
+        "Generated"
+    );
+}
+
+/// Tell the waiter how the generation ended. Returns the outcome to count: a client no longer
+/// there to hear it left.
+async fn tell(waiter: Waiter, result: Result<Generation, ServeError>, outcome: Outcome) -> Outcome {
+    let heard = match waiter {
         Waiter::Start(ready) => {
             let e = result
                 .err()
                 .unwrap_or_else(|| ServeError::internal("no generation"));
-            ready.send(Err(e)).is_ok().then_some(status)
+            ready.send(Err(e)).is_ok()
         }
-        Waiter::Stream(to_client) => to_client
-            .send(Event::Done(result))
-            .await
-            .is_ok()
-            .then_some(status),
-        Waiter::Told { status: 499 } => None,
-        Waiter::Told { status } => Some(status),
+        Waiter::Stream(to_client) => to_client.send(Event::Done(result)).await.is_ok(),
+        Waiter::Told(told) => return told,
     };
-    // Not told: the client went away (the tracker counts 499 when dropped).
-    if let Some(status) = told {
-        tracker.finish(status);
+    if heard {
+        outcome
+    } else {
+        Outcome::ClientLeft
     }
 }
 

@@ -12,6 +12,7 @@
 mod bill;
 pub mod check;
 mod embedder;
+mod endpoint;
 pub mod error;
 mod execute;
 mod generate;
@@ -38,12 +39,13 @@ use self::{
 pub use self::{
     bill::{client_id, request_info},
     embedder::CacheEmbedder,
+    endpoint::Endpoint,
     error::{ErrorKind, ServeError},
     generate::{finish_reason, Event, Generating},
     place::{Mesh, Place},
     request::Forwarded,
     request::{Output, Request, Served, Work},
-    track::Tracker,
+    track::{Outcome, Tracker},
 };
 use self::{
     span::{describe, request_span},
@@ -76,8 +78,8 @@ pub struct Serve {
     pub metrics: Metrics,
     /// The longest one request may run once it has its slot.
     pub max_run: Duration,
-    /// The mesh, once this node has joined one.
-    pub mesh: Arc<std::sync::OnceLock<Mesh>>,
+    /// The mesh this node is part of, if any: made before `Serve`, so never set late.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Serve {
@@ -92,10 +94,10 @@ impl Serve {
 
     /// Count a request that a front door refused before it reached the serve path (it did
     /// not parse or validate), so errors by endpoint include it.
-    pub fn refused(&self, endpoint: &'static str, status: u16) {
+    pub fn refused(&self, endpoint: Endpoint, status: u16) {
         self.metrics
             .requests
-            .with_label_values(&["unknown", endpoint, &status.to_string()])
+            .with_label_values(&["unknown", endpoint.label(), &status.to_string()])
             .inc();
     }
 
@@ -104,7 +106,7 @@ impl Serve {
         let label = self.model_label(&req.model);
         let id = format!(
             "{}-{}",
-            id_prefix(req.endpoint),
+            req.endpoint.id_prefix(),
             uuid::Uuid::new_v4().simple()
         );
         let span = request_span(&req, &id);
@@ -118,10 +120,7 @@ impl Serve {
         let result = tracing::Instrument::instrument(self.serve(id, req, &mut tracker), span).await;
         // A running generation took the tracker with it; otherwise the request ends here.
         if let Some(t) = tracker {
-            match &result {
-                Ok(_) => t.finish(200),
-                Err(e) => t.finish(e.http_status()),
-            }
+            t.finish(Outcome::of(&result));
         }
         result
     }
@@ -183,7 +182,7 @@ impl Serve {
         };
         let cache = remember.as_ref().map(|_| "miss");
         let mut admission = admission;
-        let mesh = self.mesh.get();
+        let mesh = self.mesh.as_deref();
         if let Place::Peer(cluster, peer) = place::place(mesh, req, &model).await {
             // The peer admits it against its own limits: out of this node's window.
             admission.refund();
@@ -370,7 +369,7 @@ impl Serve {
                     Some(ModelKind::Embedding) => "embedding".into(),
                     None => String::new(),
                 },
-                loaded: m.state == "ready",
+                loaded: m.state == crate::cache::ModelState::Ready,
                 queue_depth: u32::try_from(m.leases).unwrap_or(u32::MAX),
                 size_bytes: m.bytes.unwrap_or(0),
                 context_length: 0,
@@ -530,16 +529,6 @@ enum Lookup {
     Miss(CachePrompt),
     /// Not asked (no cache plugin, not a generation, or asked where it arrived).
     NotAsked,
-}
-
-fn id_prefix(endpoint: &str) -> &'static str {
-    match endpoint {
-        "chat_completions" => "chatcmpl",
-        "completions" => "cmpl",
-        "embeddings" => "emb",
-        "v2_generate" | "v2_generate_stream" => "gen",
-        _ => "v2",
-    }
 }
 
 #[cfg(test)]

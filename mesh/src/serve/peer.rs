@@ -23,6 +23,7 @@ use super::{
 use crate::{
     metrics::Metrics,
     policy::{CachePrompt, Policies},
+    tenancy::limits::Quotas,
     units::KeepAlive,
 };
 
@@ -116,7 +117,8 @@ pub struct WireError {
     #[serde(default)]
     pub retry_after: Option<u64>,
     #[serde(default)]
-    pub headers: Vec<(String, String)>,
+    pub quotas: Option<Quotas>,
+    /// A policy denial's own status.
     #[serde(default)]
     pub status: Option<u16>,
 }
@@ -129,12 +131,8 @@ impl From<&ServeError> for WireError {
             message: e.message.clone(),
             param: e.param.clone(),
             retry_after: e.retry_after,
-            headers: e
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            status: e.status,
+            quotas: e.quotas.as_deref().copied(),
+            status: e.policy_status,
         }
     }
 }
@@ -148,28 +146,13 @@ impl From<WireError> for ServeError {
         let mut e = ServeError::new(kind, code(&w.code), w.message);
         e.param = w.param;
         e.retry_after = w.retry_after;
-        // Only the rate-limit headers the serve path itself sets cross over.
-        e.headers = w
-            .headers
-            .into_iter()
-            .filter_map(|(k, v)| RATE_HEADERS.iter().find(|h| **h == k).map(|h| (*h, v)))
-            .collect();
-        e.status = w
+        e.quotas = w.quotas.map(Box::new);
+        e.policy_status = w
             .status
             .filter(|s| kind == ErrorKind::PolicyDenied && (400..600).contains(s));
         e
     }
 }
-
-/// The headers an error may carry from a peer.
-const RATE_HEADERS: [&str; 6] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-];
 
 /// An error code from a peer as a `&'static str`: the codes are a small set, each kept once;
 /// past 256 distinct ones (a misbehaving peer), `peer_error`.

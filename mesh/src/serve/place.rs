@@ -108,7 +108,7 @@ impl Here<'_> {
         let wire = WireRequest {
             model: model.to_string(),
             fallbacks: fallbacks.to_vec(),
-            endpoint: req.endpoint.to_string(),
+            endpoint: req.endpoint.label().to_string(),
             work,
             keep_alive: req.keep_alive,
             client_id: req.client_id.clone(),

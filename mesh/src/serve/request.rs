@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use flatmesh_runtime::{Embeddings, GenerateRequest};
 
-use super::generate::Generating;
+use super::{endpoint::Endpoint, generate::Generating};
 use crate::{tenancy::Caller, units::KeepAlive};
 
 /// What a request asks a model to do.
@@ -30,8 +30,8 @@ pub struct Request {
     pub caller: Caller,
     /// The model or vmodel the client named.
     pub model: String,
-    /// Where it came in (ledger and metric label): `chat_completions`, `v2_infer`, ...
-    pub endpoint: &'static str,
+    /// Where it came in.
+    pub endpoint: Endpoint,
     pub work: Work,
     pub keep_alive: Option<KeepAlive>,
     /// The client's own id of the request, if it gave one.

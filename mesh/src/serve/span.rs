@@ -1,16 +1,19 @@
 //! The request's span as OpenTelemetry's GenAI conventions name and describe it.
 
-use super::request::{Request, Work};
+use super::{
+    endpoint::Endpoint,
+    request::{Request, Work},
+};
 use crate::telemetry;
 
 /// The span of one request on the serve path, named and typed as OpenTelemetry's GenAI
 /// conventions ask (`{operation} {model}`); the rest of its attributes come as they are known.
 pub(super) fn request_span(req: &Request, id: &str) -> tracing::Span {
     let op = match req.endpoint {
-        "v2_infer" => "infer", // named once the model says what it does
+        Endpoint::V2Infer => "infer", // named once the model says what it does
         e => operation(e, &req.work),
     };
-    let span = tracing::info_span!("serve", otel.name = %format_args!("{op} {}", req.model), endpoint = req.endpoint, request_id = %id);
+    let span = tracing::info_span!("serve", otel.name = %format_args!("{op} {}", req.model), endpoint = req.endpoint.label(), request_id = %id);
     telemetry::attr(&span, "gen_ai.provider.name", "flatmesh");
     telemetry::attr(&span, "gen_ai.request.model", req.model.clone());
     telemetry::attr(&span, "gen_ai.response.id", id.to_string());
@@ -23,7 +26,7 @@ pub(super) fn request_span(req: &Request, id: &str) -> tracing::Span {
 /// The attributes of a request known once its model says what the work is.
 pub(super) fn describe(span: &tracing::Span, req: &Request, work: &Work) {
     let op = operation(req.endpoint, work);
-    if req.endpoint == "v2_infer" {
+    if req.endpoint == Endpoint::V2Infer {
         telemetry::rename(span, format!("{op} {}", req.model));
     }
     telemetry::attr(span, "gen_ai.operation.name", op);
@@ -45,10 +48,10 @@ pub(super) fn describe(span: &tracing::Span, req: &Request, work: &Work) {
 }
 
 /// The GenAI operation of the work (`chat`, `text_completion`, `embeddings`).
-fn operation(endpoint: &str, work: &Work) -> &'static str {
+fn operation(endpoint: Endpoint, work: &Work) -> &'static str {
     match (endpoint, work) {
         (_, Work::Embed { .. }) => "embeddings",
-        ("chat_completions", _) => "chat",
+        (Endpoint::ChatCompletions, _) => "chat",
         _ => "text_completion",
     }
 }

@@ -2,7 +2,7 @@
 
 use flatmesh_runtime::{FinishReason, GenerateRequest, ModelKind, Prompt};
 
-use super::{cached_generation, check_kind, id_prefix, resolve_work, ErrorKind, Work};
+use super::{cached_generation, check_kind, resolve_work, Endpoint, ErrorKind, Work};
 use crate::policy::Answer;
 
 fn gen() -> GenerateRequest {
@@ -70,7 +70,28 @@ fn cached_answers_count_plausible_tokens() {
 
 #[test]
 fn request_ids_name_their_endpoint() {
-    assert_eq!(id_prefix("chat_completions"), "chatcmpl");
-    assert_eq!(id_prefix("embeddings"), "emb");
-    assert_eq!(id_prefix("v2_infer"), "v2");
+    assert_eq!(Endpoint::ChatCompletions.id_prefix(), "chatcmpl");
+    assert_eq!(Endpoint::Embeddings.id_prefix(), "emb");
+    assert_eq!(Endpoint::V2Infer.id_prefix(), "v2");
+}
+
+#[test]
+fn endpoint_labels_are_the_metric_labels_and_read_back() {
+    let labels: Vec<&str> = Endpoint::ALL.iter().map(|e| e.label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "chat_completions",
+            "completions",
+            "embeddings",
+            "v2_infer",
+            "v2_generate",
+            "v2_generate_stream",
+            "v2_stream"
+        ]
+    );
+    for e in Endpoint::ALL {
+        assert_eq!(Endpoint::from_label(e.label()), Some(e));
+    }
+    assert_eq!(Endpoint::from_label("chat"), None);
 }

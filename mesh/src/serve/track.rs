@@ -3,13 +3,73 @@
 
 use std::time::Instant;
 
+use super::{
+    endpoint::Endpoint,
+    error::{ErrorKind, ServeError},
+};
 use crate::{metrics::Metrics, telemetry};
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered in full.
+    Done,
+    /// The client went away before it was answered.
+    ClientLeft,
+    /// Answered with an error (a policy denial with the status its policy chose).
+    Failed {
+        kind: ErrorKind,
+        policy_status: Option<u16>,
+    },
+}
+
+impl Outcome {
+    pub fn failed(e: &ServeError) -> Self {
+        Outcome::Failed {
+            kind: e.kind,
+            policy_status: e.policy_status,
+        }
+    }
+
+    pub fn of<T>(result: &Result<T, ServeError>) -> Self {
+        result
+            .as_ref()
+            .map_or_else(Outcome::failed, |_| Outcome::Done)
+    }
+
+    /// The `status` label of the request metrics (and the span's `flatmesh.status`): the HTTP
+    /// status the outcome answers with, whatever the protocol, and 499 for a client that
+    /// left. The one place an outcome becomes a number; `api::error::http_status` agrees.
+    pub fn status(self) -> u16 {
+        match self {
+            Outcome::Done => 200,
+            Outcome::ClientLeft => 499,
+            Outcome::Failed {
+                kind,
+                policy_status,
+            } => match kind {
+                ErrorKind::InvalidRequest => 400,
+                ErrorKind::Unauthenticated => 401,
+                ErrorKind::Forbidden => 403,
+                ErrorKind::NotFound => 404,
+                ErrorKind::Conflict => 409,
+                ErrorKind::TooLarge => 413,
+                ErrorKind::RateLimited => 429,
+                ErrorKind::PolicyDenied => policy_status.unwrap_or(429),
+                ErrorKind::Cancelled => 499,
+                ErrorKind::Internal => 500,
+                ErrorKind::Unavailable => 503,
+                ErrorKind::Timeout => 504,
+            },
+        }
+    }
+}
 
 /// Records one request in the metrics, once, however it ends.
 pub struct Tracker {
     metrics: Metrics,
     model: String,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     tier: String,
     started: Instant,
     first_token: bool,
@@ -25,7 +85,7 @@ impl Tracker {
     pub fn new(
         metrics: &Metrics,
         model: String,
-        endpoint: &'static str,
+        endpoint: Endpoint,
         tier: String,
         span: tracing::Span,
     ) -> Self {
@@ -98,14 +158,15 @@ impl Tracker {
         }
     }
 
-    pub fn finish(mut self, status: u16) {
-        self.record(status);
+    pub fn finish(mut self, outcome: Outcome) {
+        self.record(outcome);
     }
 
-    fn record(&mut self, status: u16) {
+    fn record(&mut self, outcome: Outcome) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        let status = outcome.status();
         telemetry::attr(&self.span, "flatmesh.status", i64::from(status));
         match status {
             500.. => telemetry::failed(&self.span, &status.to_string(), "server error"),
@@ -120,14 +181,14 @@ impl Tracker {
         if self.handed_off {
             return;
         }
-        let labels = [self.model.as_str(), self.endpoint];
+        let labels = [self.model.as_str(), self.endpoint.label()];
         self.metrics
             .request_seconds
             .with_label_values(&labels)
             .observe(self.elapsed());
         self.metrics
             .requests
-            .with_label_values(&[&self.model, self.endpoint, &status.to_string()])
+            .with_label_values(&[&self.model, self.endpoint.label(), &status.to_string()])
             .inc();
         self.metrics
             .tier_responses
@@ -139,7 +200,7 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         // Dropped unfinished: the client went away mid-response.
-        self.record(499);
+        self.record(Outcome::ClientLeft);
     }
 }
 

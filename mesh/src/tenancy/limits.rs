@@ -1,14 +1,20 @@
 //! Per-tenant limits of a tier: requests and tokens per minute (sliding windows), a token
 //! budget per calendar month (UTC, counted from the ledger), and concurrent requests.
 
+use jiff::{
+    civil::{Date, Time},
+    tz::TimeZone,
+    Timestamp,
+};
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use super::Caller;
+use super::{Caller, Tier};
 use crate::{ledger::Ledger, util::now_ms};
 
 const WINDOW: Duration = Duration::from_secs(60);
@@ -18,9 +24,30 @@ const WINDOW: Duration = Duration::from_secs(60);
 pub struct LimitError {
     pub message: String,
     pub retry_after: u64,
-    /// `x-ratelimit-*` headers.
-    pub headers: Vec<(&'static str, String)>,
+    /// The tier's per-minute windows as they stood at the refusal.
+    pub quotas: Quotas,
 }
+
+/// One window of a tier as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// What the window allows.
+    pub limit: u64,
+    /// What is left of it now.
+    pub remaining: u64,
+    /// Seconds until the oldest use leaves the window (at least 1).
+    pub reset: u64,
+}
+
+/// The per-minute windows a tier sets, by kind (a window the tier does not limit is `None`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quotas {
+    pub requests: Option<Quota>,
+    pub tokens: Option<Quota>,
+}
+
+/// Which limit a request is over: the message and the seconds to wait.
+struct Over(String, u64);
 
 #[derive(Default)]
 struct Window {
@@ -75,44 +102,128 @@ impl Drop for Admission {
     }
 }
 
-/// The UTC (year, month) containing Unix milliseconds `ms` (H. Hinnant's civil date).
-fn year_month(ms: u64) -> (i64, i64) {
-    let z = (ms / 86_400_000) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month)
+/// Seconds until the oldest use in a window leaves it (at least 1).
+fn reset(oldest: Option<Instant>, now: Instant) -> u64 {
+    oldest.map_or(1, |t| (WINDOW - now.duration_since(t)).as_secs().max(1))
+}
+
+impl Window {
+    /// Let the uses older than the window go.
+    fn expire(&mut self, now: Instant) {
+        while self
+            .requests
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
+            self.requests.pop_front();
+        }
+        while self
+            .tokens
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= WINDOW)
+        {
+            self.tokens.pop_front();
+        }
+    }
+
+    fn tokens_used(&self) -> u64 {
+        self.tokens.iter().map(|(_, n)| n).sum()
+    }
+
+    fn requests_reset(&self, now: Instant) -> u64 {
+        reset(self.requests.front().copied(), now)
+    }
+
+    fn tokens_reset(&self, now: Instant) -> u64 {
+        reset(self.tokens.front().map(|(t, _)| *t), now)
+    }
+
+    /// The tier's per-minute windows as they stand now.
+    fn quotas(&self, tier: &Tier, now: Instant) -> Quotas {
+        Quotas {
+            requests: (tier.requests_per_minute > 0).then(|| Quota {
+                limit: tier.requests_per_minute,
+                remaining: tier
+                    .requests_per_minute
+                    .saturating_sub(self.requests.len() as u64),
+                reset: self.requests_reset(now),
+            }),
+            tokens: (tier.tokens_per_minute > 0).then(|| Quota {
+                limit: tier.tokens_per_minute,
+                remaining: tier.tokens_per_minute.saturating_sub(self.tokens_used()),
+                reset: self.tokens_reset(now),
+            }),
+        }
+    }
+
+    /// Over the tier's requests or tokens per minute?
+    fn over_per_minute(&self, tier: &Tier, now: Instant) -> Option<Over> {
+        if tier.requests_per_minute > 0 && self.requests.len() as u64 >= tier.requests_per_minute {
+            return Some(Over(
+                format!(
+                    "tier {:?} allows {} requests per minute",
+                    tier.name, tier.requests_per_minute
+                ),
+                self.requests_reset(now),
+            ));
+        }
+        if tier.tokens_per_minute > 0 && self.tokens_used() >= tier.tokens_per_minute {
+            return Some(Over(
+                format!(
+                    "tier {:?} allows {} tokens per minute",
+                    tier.name, tier.tokens_per_minute
+                ),
+                self.tokens_reset(now),
+            ));
+        }
+        None
+    }
+
+    /// Over the tier's concurrent requests?
+    fn over_concurrency(&self, tier: &Tier) -> Option<Over> {
+        (tier.max_concurrency > 0 && self.running >= tier.max_concurrency).then(|| {
+            Over(
+                format!(
+                    "tier {:?} allows {} concurrent requests",
+                    tier.name, tier.max_concurrency
+                ),
+                1,
+            )
+        })
+    }
+}
+
+/// The UTC month containing Unix milliseconds `ms`, as its first day.
+fn month_of(ms: u64) -> Date {
+    let at = i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(Timestamp::MAX);
+    TimeZone::UTC.to_datetime(at).date().first_of_month()
+}
+
+/// Unix milliseconds at midnight UTC starting `day` (jiff's range ends in 9999: past it, the
+/// end of its range).
+fn start_ms(day: Date) -> u64 {
+    let at = TimeZone::UTC
+        .to_timestamp(day.to_datetime(Time::midnight()))
+        .unwrap_or(Timestamp::MAX);
+    u64::try_from(at.as_millisecond()).unwrap_or(0)
 }
 
 /// Unix milliseconds at the start of the UTC month containing `ms`, and of the next one.
 pub fn month_bounds(ms: u64) -> (u64, u64) {
-    let (year, month) = year_month(ms);
-    let to_days = |y: i64, m: i64| {
-        let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let doy = (153 * m + 2) / 5;
-        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
-    };
-    let start = to_days(year, month);
-    let (ny, nm) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
-    (
-        (start * 86_400_000) as u64,
-        (to_days(ny, nm) * 86_400_000) as u64,
-    )
+    let month = month_of(ms);
+    let next = month
+        .checked_add(jiff::Span::new().months(1))
+        .map_or(u64::MAX, start_ms);
+    (start_ms(month), next)
 }
 
 /// `YYYY-MM` of the UTC month containing `ms`.
 pub fn month_label(ms: u64) -> String {
-    let (year, month) = year_month(ms);
-    format!("{year:04}-{month:02}")
+    let month = month_of(ms);
+    format!("{:04}-{:02}", month.year(), month.month())
 }
 
 impl Limits {
@@ -125,123 +236,30 @@ impl Limits {
         }
     }
 
-    /// Admit a request of `caller` now, or say which limit it is over.
+    /// Admit a request of `caller` now, or say which limit it is over: requests and tokens
+    /// per minute, then the month's token budget, then concurrency.
     pub fn admit(&self, caller: &Caller) -> Result<Admission, LimitError> {
         let tier = &caller.tier;
         let now = Instant::now();
         let month = month_bounds(now_ms());
-        let used_this_month = if tier.token_budget > 0 {
-            Some(self.month_usage(&caller.tenant, month))
-        } else {
-            None
-        };
+        let used_this_month =
+            (tier.token_budget > 0).then(|| self.month_usage(&caller.tenant, month));
         let mut all = self.tenants.lock();
         let w = all.entry(caller.tenant.clone()).or_default();
-        while w
-            .requests
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
-        {
-            w.requests.pop_front();
-        }
-        while w
-            .tokens
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= WINDOW)
-        {
-            w.tokens.pop_front();
-        }
-        let reset = |oldest: Option<Instant>| {
-            oldest.map_or(1, |t| (WINDOW - now.duration_since(t)).as_secs().max(1))
-        };
-        let tokens: u64 = w.tokens.iter().map(|(_, n)| n).sum();
-        let headers = |w: &Window| {
-            let mut h = Vec::new();
-            if tier.requests_per_minute > 0 {
-                h.push((
-                    "x-ratelimit-limit-requests",
-                    tier.requests_per_minute.to_string(),
-                ));
-                h.push((
-                    "x-ratelimit-remaining-requests",
-                    (tier.requests_per_minute as usize)
-                        .saturating_sub(w.requests.len())
-                        .to_string(),
-                ));
-                h.push((
-                    "x-ratelimit-reset-requests",
-                    format!("{}s", reset(w.requests.front().copied())),
-                ));
-            }
-            if tier.tokens_per_minute > 0 {
-                h.push((
-                    "x-ratelimit-limit-tokens",
-                    tier.tokens_per_minute.to_string(),
-                ));
-                h.push((
-                    "x-ratelimit-remaining-tokens",
-                    tier.tokens_per_minute.saturating_sub(tokens).to_string(),
-                ));
-                h.push((
-                    "x-ratelimit-reset-tokens",
-                    format!("{}s", reset(w.tokens.front().map(|(t, _)| *t))),
-                ));
-            }
-            h
-        };
-        let refuse = |message: String, retry_after: u64, w: &Window| LimitError {
-            message,
-            retry_after,
-            headers: headers(w),
-        };
-        if tier.requests_per_minute > 0 && w.requests.len() as u64 >= tier.requests_per_minute {
-            return Err(refuse(
-                format!(
-                    "tier {:?} allows {} requests per minute",
-                    tier.name, tier.requests_per_minute
-                ),
-                reset(w.requests.front().copied()),
-                w,
-            ));
-        }
-        if tier.tokens_per_minute > 0 && tokens >= tier.tokens_per_minute {
-            return Err(refuse(
-                format!(
-                    "tier {:?} allows {} tokens per minute",
-                    tier.name, tier.tokens_per_minute
-                ),
-                reset(w.tokens.front().map(|(t, _)| *t)),
-                w,
-            ));
-        }
-        if let Some(used) = used_this_month {
-            let used = match w.budget {
-                Some((start, n)) if start == month.0 => n,
-                _ => used,
-            };
-            w.budget = Some((month.0, used));
-            let used = used + self.peer_usage(&caller.tenant, month.0);
-            if used >= tier.token_budget {
-                let secs = (month.1.saturating_sub(now_ms())) / 1000;
-                return Err(refuse(
-                    format!(
-                        "the token budget of tier {:?} for this month ({}) is spent",
-                        tier.name, tier.token_budget
-                    ),
-                    secs.max(1),
-                    w,
-                ));
-            }
-        }
-        if tier.max_concurrency > 0 && w.running >= tier.max_concurrency {
-            return Err(refuse(
-                format!(
-                    "tier {:?} allows {} concurrent requests",
-                    tier.name, tier.max_concurrency
-                ),
-                1,
-                w,
-            ));
+        w.expire(now);
+        let over = w
+            .over_per_minute(tier, now)
+            .or_else(|| {
+                let used = used_this_month?;
+                self.over_budget(w, caller, month, used)
+            })
+            .or_else(|| w.over_concurrency(tier));
+        if let Some(Over(message, retry_after)) = over {
+            return Err(LimitError {
+                message,
+                retry_after,
+                quotas: w.quotas(tier, now),
+            });
         }
         w.requests.push_back(now);
         w.running += 1;
@@ -249,6 +267,34 @@ impl Limits {
             limits: self.clone(),
             tenant: caller.tenant.clone(),
             at: now,
+        })
+    }
+
+    /// Is the month's token budget spent, this node's use and the peers' together? `used` is
+    /// this node's use as the ledger knows it, unless the window counts this month already.
+    fn over_budget(
+        &self,
+        w: &mut Window,
+        caller: &Caller,
+        (start, end): (u64, u64),
+        used: u64,
+    ) -> Option<Over> {
+        let tier = &caller.tier;
+        let used = match w.budget {
+            Some((s, n)) if s == start => n,
+            _ => used,
+        };
+        w.budget = Some((start, used));
+        let used = used + self.peer_usage(&caller.tenant, start);
+        (used >= tier.token_budget).then(|| {
+            let secs = (end.saturating_sub(now_ms())) / 1000;
+            Over(
+                format!(
+                    "the token budget of tier {:?} for this month ({}) is spent",
+                    tier.name, tier.token_budget
+                ),
+                secs.max(1),
+            )
         })
     }
 
@@ -424,5 +470,50 @@ mod tests {
         assert_eq!(month_label(start), "2026-11");
         let (s, e) = month_bounds(1_798_761_600_000 - 1); // last ms of 2026
         assert_eq!((s, e), (1_796_083_200_000, 1_798_761_600_000));
+    }
+
+    #[test]
+    fn month_bounds_cross_years_and_leap_februaries() {
+        // The first ms of 2027 is in January 2027.
+        let (s, e) = month_bounds(1_798_761_600_000);
+        assert_eq!((s, e), (1_798_761_600_000, 1_801_440_000_000)); // 2027-01-01, 2027-02-01
+        assert_eq!(month_label(s), "2027-01");
+        // 2028-02-29T12:00:00Z: a leap February has 29 days.
+        let (s, e) = month_bounds(1_835_438_400_000);
+        assert_eq!(s, 1_832_976_000_000); // 2028-02-01
+        assert_eq!(e, 1_835_481_600_000); // 2028-03-01
+        assert_eq!((e - s) / 86_400_000, 29);
+        assert_eq!(month_label(e - 1), "2028-02");
+        // 2100 is not a leap year; 2000 is.
+        let (s, e) = month_bounds(4_106_764_800_000); // 2100-02-20
+        assert_eq!((e - s) / 86_400_000, 28);
+        let (s, e) = month_bounds(950_486_400_000); // 2000-02-14
+        assert_eq!((e - s) / 86_400_000, 29);
+        assert_eq!(month_bounds(0), (0, 2_678_400_000));
+        assert_eq!(month_label(0), "1970-01");
+    }
+
+    #[test]
+    fn a_refusal_says_where_each_window_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits::new(Ledger::open(dir.path()).unwrap());
+        let tier: super::super::Tier =
+            toml::from_str("name = 'two'\nrequests_per_minute = 2\ntokens_per_minute = 100\n")
+                .unwrap();
+        let caller = Caller {
+            tenant: "t".into(),
+            tier: std::sync::Arc::new(tier),
+            authorization: None,
+        };
+        let _a = limits.admit(&caller).unwrap();
+        limits.add_tokens("t", "two", 30);
+        let _b = limits.admit(&caller).unwrap();
+        let e = limits.admit(&caller).err().expect("over 2 per minute");
+        let requests = e.quotas.requests.unwrap();
+        assert_eq!((requests.limit, requests.remaining), (2, 0));
+        assert!((1..=60).contains(&requests.reset), "{requests:?}");
+        assert_eq!(e.retry_after, requests.reset);
+        let tokens = e.quotas.tokens.unwrap();
+        assert_eq!((tokens.limit, tokens.remaining), (100, 70));
     }
 }

@@ -23,7 +23,7 @@ use crate::{
         error::{parse, ApiError, ApiJson},
         AppState,
     },
-    serve::{self, check, finish_reason, Generating, Output, Request, Work},
+    serve::{self, check, finish_reason, Endpoint, Generating, Output, Request, Work},
     tenancy::Caller,
 };
 
@@ -43,10 +43,10 @@ impl Shape {
         e
     }
 
-    fn endpoint(self) -> &'static str {
+    fn endpoint(self) -> Endpoint {
         match self {
-            Shape::Chat => "chat_completions",
-            Shape::Completion => "completions",
+            Shape::Chat => Endpoint::ChatCompletions,
+            Shape::Completion => Endpoint::Completions,
         }
     }
 

@@ -19,7 +19,7 @@ use super::{
     AppState,
 };
 use crate::{
-    serve::{Output, Request, Work},
+    serve::{Endpoint, Output, Request, Work},
     tenancy::{Caller, Tenancy},
 };
 
@@ -46,6 +46,7 @@ async fn list_models(
     };
     let allowed = |id: &str| Tenancy::check_model(&caller, id).is_ok();
     let mut data: Vec<Value> = state
+        .serve
         .cache
         .status()
         .into_iter()
@@ -55,6 +56,7 @@ async fn list_models(
     // vmodels are names clients may use too; each says which model serves it.
     data.extend(
         state
+            .serve
             .cache
             .vmodels()
             .into_iter()
@@ -85,14 +87,14 @@ async fn embeddings(
         Ok((req, inputs, base64))
     });
     let (req, inputs, base64) = parsed.inspect_err(|e| {
-        state.serve.refused("embeddings", e.status.as_u16());
+        state.serve.refused(Endpoint::Embeddings, e.status.as_u16());
     })?;
     let served = state
         .serve
         .run(Request {
             caller,
             model: req.model.clone(),
-            endpoint: "embeddings",
+            endpoint: Endpoint::Embeddings,
             work: Work::Embed {
                 inputs,
                 dimensions: req.dimensions,

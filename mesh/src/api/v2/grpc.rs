@@ -15,7 +15,8 @@ use super::{
 };
 use crate::{
     api::{auth::Operator, deadline::Deadline, AppState},
-    serve::{self, Output, ServeError},
+    cache::ModelState,
+    serve::{self, Endpoint, Output, ServeError},
     tenancy::{AuthError, Caller, Tenancy},
 };
 
@@ -82,18 +83,6 @@ pub fn name_the_node(
 
 pub struct Grpc {
     state: AppState,
-}
-
-/// The gRPC mapping of the serve path's errors: its code, and `retry-after` metadata where
-/// the client should back off.
-impl From<ServeError> for Status {
-    fn from(e: ServeError) -> Self {
-        let mut md = MetadataMap::new();
-        if let Some(secs) = e.retry_after {
-            md.insert("retry-after", secs.into());
-        }
-        Status::with_metadata(e.grpc_code(), e.message, md)
-    }
 }
 
 impl Grpc {
@@ -283,10 +272,11 @@ impl GrpcInferenceService for Grpc {
         let ready = !self.state.is_draining()
             && self
                 .state
+                .serve
                 .cache
                 .status()
                 .iter()
-                .all(|m| m.state != "loading");
+                .all(|m| m.state != ModelState::Loading);
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
@@ -340,9 +330,9 @@ impl GrpcInferenceService for Grpc {
         let client = (caller_of(req.extensions())?, deadline_of(req.extensions()));
         let started = std::time::Instant::now();
         let request = decode(req.into_inner())
-            .and_then(|r| infer_request(&self.state, client, &name, "v2_infer", r))?;
+            .and_then(|r| infer_request(&self.state, client, &name, Endpoint::V2Infer, r))?;
         let result = infer(&self.state, request).await;
-        let model = self.state.cache.resolve(&name).unwrap_or_default();
+        let model = self.state.serve.cache.resolve(&name).unwrap_or_default();
         self.state
             .v2_stats
             .record(&model, result.is_ok(), started.elapsed());
@@ -466,6 +456,7 @@ impl GrpcInferenceService for Grpc {
         let caller = caller_of(req.extensions())?;
         let models = self
             .state
+            .serve
             .cache
             .status()
             .into_iter()
@@ -489,6 +480,7 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.repository_change(&req)?;
         self.state
+            .serve
             .cache
             .load(&req.get_ref().model_name)
             .await
@@ -502,6 +494,7 @@ impl GrpcInferenceService for Grpc {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.repository_change(&req)?;
         self.state
+            .serve
             .cache
             .unload(&req.get_ref().model_name)
             .map_err(ServeError::from)?;
@@ -519,7 +512,7 @@ async fn stream_one(
     tx: &tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
 ) -> Result<(), ServeError> {
     let id = r.id.clone();
-    let request = infer_request(state, client, name, "v2_stream", decode(r)?)?;
+    let request = infer_request(state, client, name, Endpoint::V2Stream, decode(r)?)?;
     let client_id = request.client_id.clone();
     // A client that leaves while the request waits or is prefilled is noticed at once.
     let served = tokio::select! {

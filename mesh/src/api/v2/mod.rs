@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod incoming;
 pub mod pb;
 pub mod rest;
+pub mod status;
 
 use std::collections::BTreeMap;
 
@@ -18,8 +19,8 @@ use serde_json::Value;
 
 use super::{deadline::Deadline, AppState};
 use crate::{
-    cache::CopyStatus,
-    serve::{check, Output, Request, ServeError, Work},
+    cache::{CopyStatus, ModelState},
+    serve::{check, Endpoint, Output, Request, ServeError, Work},
     tenancy::Caller,
 };
 
@@ -128,8 +129,9 @@ pub fn signature(kind: ModelKind, dims: Option<usize>) -> (Vec<Signature>, Vec<S
 /// A model's status by name (model or vmodel).
 pub fn model_status(state: &AppState, name: &str) -> Result<CopyStatus, ServeError> {
     let missing = || ServeError::not_found(format!("model {name:?} does not exist"));
-    let target = state.cache.resolve(name).ok_or_else(missing)?;
+    let target = state.serve.cache.resolve(name).ok_or_else(missing)?;
     state
+        .serve
         .cache
         .status()
         .into_iter()
@@ -139,7 +141,7 @@ pub fn model_status(state: &AppState, name: &str) -> Result<CopyStatus, ServeErr
 
 /// A model is ready when it can serve: registered and not failed (a cold model loads on use).
 pub fn is_ready(status: &CopyStatus) -> bool {
-    status.state != "failed"
+    status.state != ModelState::Failed
 }
 
 /// Metadata of a model: its kind is known from its format; an embedding model's width
@@ -150,6 +152,7 @@ pub async fn metadata(
 ) -> Result<(String, Vec<Signature>, Vec<Signature>), ServeError> {
     // A pin, without one of the model's concurrency slots: only its facts are read.
     let lease = state
+        .serve
         .cache
         .pin_for(name, None, std::time::Duration::ZERO)
         .await?;
@@ -164,13 +167,14 @@ pub fn infer_request(
     state: &AppState,
     (caller, deadline): (Caller, Deadline),
     name: &str,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     req: InferRequest,
 ) -> Result<Request, ServeError> {
     let kind = state
+        .serve
         .cache
         .resolve(name)
-        .and_then(|m| state.cache.kind(&m))
+        .and_then(|m| state.serve.cache.kind(&m))
         .ok_or_else(|| ServeError::not_found(format!("model {name:?} does not exist")))?;
     let (inputs, _) = signature(kind, None);
     let input = take_input(&req.inputs, inputs[0].name, name)?;

@@ -19,7 +19,8 @@ use super::{generate_request, infer, infer_request, is_ready, metadata, model_st
 use crate::{
     api::deadline::Deadline,
     api::AppState,
-    serve::{self, Generating, Output, Request, ServeError, Work},
+    cache::ModelState,
+    serve::{self, Endpoint, Generating, Output, Request, ServeError, Work},
     tenancy::{Caller, Tenancy},
 };
 
@@ -68,18 +69,9 @@ impl<E: Into<ServeError>> From<E> for V2Error {
 impl IntoResponse for V2Error {
     fn into_response(self) -> Response {
         let e = self.0;
-        let status =
-            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = crate::api::error::http_status(&e);
         let mut resp = (status, Json(json!({"error": e.message}))).into_response();
-        let headers = resp.headers_mut();
-        for (name, value) in &e.headers {
-            if let Ok(v) = header::HeaderValue::from_str(value) {
-                headers.insert(*name, v);
-            }
-        }
-        if let Some(secs) = e.retry_after {
-            headers.insert(header::RETRY_AFTER, secs.into());
-        }
+        crate::api::error::back_off(resp.headers_mut(), e.quotas.as_deref(), e.retry_after);
         resp
     }
 }
@@ -91,7 +83,13 @@ async fn server_metadata() -> Json<Value> {
 }
 
 async fn server_ready(State(state): State<AppState>) -> Response {
-    let ready = !state.is_draining() && state.cache.status().iter().all(|m| m.state != "loading");
+    let ready = !state.is_draining()
+        && state
+            .serve
+            .cache
+            .status()
+            .iter()
+            .all(|m| m.state != ModelState::Loading);
     let status = if ready {
         StatusCode::OK
     } else {
@@ -230,11 +228,11 @@ async fn infer_rest(
     let json: Value = serde_json::from_slice(&body[..header_len])
         .map_err(|e| ServeError::invalid(format!("request body is not valid JSON: {e}")))?;
     let (req, binary_out) = decode_request(&json, &body[header_len..])?;
-    let request = infer_request(state, client, model, "v2_infer", req)?;
+    let request = infer_request(state, client, model, Endpoint::V2Infer, req)?;
     let started = std::time::Instant::now();
     let result = infer(state, request).await;
     state.v2_stats.record(
-        &state.cache.resolve(model).unwrap_or_default(),
+        &state.serve.cache.resolve(model).unwrap_or_default(),
         result.is_ok(),
         started.elapsed(),
     );
@@ -289,6 +287,7 @@ async fn repository_index(
     Extension(caller): Extension<Caller>,
 ) -> Json<Value> {
     let models: Vec<Value> = state
+        .serve
         .cache
         .status()
         .into_iter()
@@ -304,10 +303,10 @@ async fn repository_index(
 /// A cache state in the repository extension's words.
 pub fn repo_state(m: &crate::cache::CopyStatus) -> (&'static str, String) {
     match m.state {
-        "ready" => ("READY", String::new()),
-        "loading" => ("LOADING", String::new()),
-        "failed" => ("UNAVAILABLE", m.error.clone().unwrap_or_default()),
-        _ => ("UNAVAILABLE", "unloaded".into()),
+        ModelState::Ready => ("READY", String::new()),
+        ModelState::Loading => ("LOADING", String::new()),
+        ModelState::Failed => ("UNAVAILABLE", m.error.clone().unwrap_or_default()),
+        ModelState::Cold => ("UNAVAILABLE", "unloaded".into()),
     }
 }
 
@@ -315,7 +314,7 @@ async fn repository_load(
     State(state): State<AppState>,
     Path(m): Path<String>,
 ) -> Result<Json<Value>, V2Error> {
-    state.cache.load(&m).await?;
+    state.serve.cache.load(&m).await?;
     Ok(Json(json!({})))
 }
 
@@ -323,7 +322,7 @@ async fn repository_unload(
     State(state): State<AppState>,
     Path(m): Path<String>,
 ) -> Result<Json<Value>, V2Error> {
-    state.cache.unload(&m)?;
+    state.serve.cache.unload(&m)?;
     Ok(Json(json!({})))
 }
 
@@ -361,7 +360,7 @@ async fn start_generate(
     state: &AppState,
     (caller, deadline): (Caller, Deadline),
     model: &str,
-    endpoint: &'static str,
+    endpoint: Endpoint,
     body: &[u8],
 ) -> Result<(String, String, Generating, Option<String>), V2Error> {
     let (text, params) = parse_generate(body)?;
@@ -375,7 +374,7 @@ async fn start_generate(
             work: Work::Generate(gen),
             keep_alive: None,
             client_id: None,
-            stream: endpoint == "v2_generate_stream",
+            stream: endpoint == Endpoint::V2GenerateStream,
             forwarded: None,
             deadline: deadline.0,
         })
@@ -394,7 +393,7 @@ async fn generate(
     body: Bytes,
 ) -> Result<Response, V2Error> {
     let (id, model, generating, node) =
-        start_generate(&state, (caller, deadline), &m, "v2_generate", &body).await?;
+        start_generate(&state, (caller, deadline), &m, Endpoint::V2Generate, &body).await?;
     let g = generating.collect().await?;
     let mut resp =
         Json(json!({"id": id, "model_name": model, "model_version": "1", "text_output": g.text}))
@@ -412,8 +411,14 @@ async fn generate_stream(
     Path(m): Path<String>,
     body: Bytes,
 ) -> Result<Response, V2Error> {
-    let (_, model, mut generating, node) =
-        start_generate(&state, (caller, deadline), &m, "v2_generate_stream", &body).await?;
+    let (_, model, mut generating, node) = start_generate(
+        &state,
+        (caller, deadline),
+        &m,
+        Endpoint::V2GenerateStream,
+        &body,
+    )
+    .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         while let Some(ev) = generating.next_for(&tx).await {

@@ -50,7 +50,11 @@ fn non_finite_grpc_parameters_are_refused_by_name() {
         ("seed", f64::NEG_INFINITY),
     ] {
         let e = decode(key, d).expect_err(key);
-        assert_eq!(e.grpc_code(), tonic::Code::InvalidArgument, "{key}");
+        assert_eq!(
+            super::status::grpc_code(&e),
+            tonic::Code::InvalidArgument,
+            "{key}"
+        );
         assert_eq!(e.param.as_deref(), Some(&*format!("parameters.{key}")));
         assert!(e.message.contains("finite"), "{}", e.message);
     }

@@ -3,10 +3,17 @@
 use super::*;
 
 #[test]
-fn an_error_crosses_with_its_kind_code_and_headers() {
+fn an_error_crosses_with_its_kind_code_and_quotas() {
     let mut e = ServeError::new(ErrorKind::RateLimited, "rate_limited", "slow down");
     e.retry_after = Some(7);
-    e.headers = vec![("x-ratelimit-limit-requests", "10".into())];
+    e.quotas = Some(Box::new(crate::tenancy::limits::Quotas {
+        requests: Some(crate::tenancy::limits::Quota {
+            limit: 10,
+            remaining: 0,
+            reset: 7,
+        }),
+        tokens: None,
+    }));
     let back = ServeError::from(
         serde_json::from_str::<WireError>(&serde_json::to_string(&WireError::from(&e)).unwrap())
             .unwrap(),
@@ -14,8 +21,8 @@ fn an_error_crosses_with_its_kind_code_and_headers() {
     assert_eq!(back.kind, ErrorKind::RateLimited);
     assert_eq!(back.code, "rate_limited");
     assert_eq!(back.retry_after, Some(7));
-    assert_eq!(back.headers, e.headers);
-    assert_eq!(back.http_status(), 429);
+    assert_eq!(back.quotas, e.quotas);
+    assert_eq!(back.policy_status, None);
 }
 
 /// How a fake peer's answer ends after its lines.
