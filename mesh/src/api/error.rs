@@ -13,29 +13,16 @@ use serde::de::DeserializeOwned;
 
 use crate::{
     cache::CacheError,
-    serve::{ErrorKind, ServeError},
+    serve::{ErrorKind, Outcome, ServeError},
     tenancy::limits::Quotas,
 };
 
-/// The HTTP status of a serve error, whatever the front door: the one HTTP mapping of the
-/// kinds (a policy denial answers with the status its policy chose).
+/// The HTTP status of a serve error, whatever the front door: the status the request metrics
+/// count it under (`serve::Outcome::status`, the one table of kinds to numbers), so the
+/// answer and the metrics cannot disagree. A policy denial answers with the status its policy
+/// chose; one that is not an HTTP status answers 429.
 pub fn http_status(e: &ServeError) -> StatusCode {
-    let status = match e.kind {
-        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorKind::RateLimited | ErrorKind::PolicyDenied => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::Cancelled => StatusCode::from_u16(499).expect("499 is a status"),
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-    };
-    e.policy_status
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(status)
+    StatusCode::from_u16(Outcome::failed(e).status()).unwrap_or(StatusCode::TOO_MANY_REQUESTS)
 }
 
 /// Tell a client to back off: OpenAI's `x-ratelimit-*` headers for the windows its tier sets

@@ -39,7 +39,7 @@ impl Outcome {
 
     /// The `status` label of the request metrics (and the span's `flatmesh.status`): the HTTP
     /// status the outcome answers with, whatever the protocol, and 499 for a client that
-    /// left. The one place an outcome becomes a number; `api::error::http_status` agrees.
+    /// left. The one place an outcome becomes a number; `api::error::http_status` answers with it.
     pub fn status(self) -> u16 {
         match self {
             Outcome::Done => 200,
