@@ -22,8 +22,9 @@ engine actually produced (from `usage`) are shown in the table.
     python3 tests/bench/batch.py --skip-build --llama-server /path/to/llama-server
 
 flatmesh runs from `target/release/flatmesh` (build it first: `cargo build --release -p
-flatmesh`); llama-server is built on first use by `tests/bench/llama-server-build` (several
-minutes; cached; `--skip-build` only looks in the cache).
+flatmesh`); llama-server is built for this CPU, with every SIMD extension it has, on first use by
+`tests/bench/llama-cpp-build` (ten minutes or more; cached; `--skip-build` only looks in the
+cache).
 """
 import argparse
 import json
@@ -45,7 +46,7 @@ import conftest  # noqa: E402
 from conftest import LLM, MODELS, ROOT, Agent  # noqa: E402
 
 GGUF = MODELS / LLM / "model.gguf"
-BUILD = ROOT / "tests" / "bench" / "llama-server-build"
+BUILD = ROOT / "tests" / "bench" / "llama-cpp-build"
 USER = ("Write a long story about a lighthouse keeper who finds a message in a bottle. Describe "
         "the sea, the weather, the keeper's daily routine and the people of the nearby village.")
 
@@ -113,6 +114,7 @@ def free_port():
 
 class LlamaServer:
     def __init__(self, binary, parallel, threads):
+        self.binary = Path(binary)
         self.dir = tempfile.TemporaryDirectory(prefix="llama-server-")
         self.log = open(Path(self.dir.name) / "server.log", "w+")
         port = free_port()
@@ -150,6 +152,13 @@ class LlamaServer:
         self.dir.cleanup()
 
 
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def llama_server_binary(args):
     if args.llama_server:
         return Path(args.llama_server)
@@ -157,13 +166,13 @@ def llama_server_binary(args):
     if args.skip_build:
         # The build script answers at once when its binary exists; with --skip-build, only ask.
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flatmesh"
-        found = sorted(cache.glob("llama.cpp-*/build/bin/llama-server"))
+        found = sorted(cache.glob("llama.cpp-*-native/build/bin/llama-server"))
         if not found:
             sys.exit(f"no llama-server under {cache}: run {BUILD.relative_to(ROOT)} (or drop --skip-build)")
         return found[-1]
-    print("llama-server: tests/bench/llama-server-build (several minutes the first time) ...", flush=True)
+    print("llama-server: tests/bench/llama-cpp-build (ten minutes or more the first time) ...", flush=True)
     out = subprocess.run([str(BUILD)], env=env, check=True, stdout=subprocess.PIPE, text=True)
-    return Path(out.stdout.strip().splitlines()[-1])
+    return Path(out.stdout.strip().splitlines()[-1]) / "llama-server"
 
 
 def flatmesh_config(parallel):
@@ -259,6 +268,10 @@ def main():
             urls["llama-server"] = server.url
         print(f"{LLM} (Q4_1), chat streamed, greedy, {args.max_tokens} new tokens, {args.parallel} "
               f"sequences in flight per engine, {os.cpu_count()} cores, {args.runs} run(s)", flush=True)
+        print(f"CPU: {cpu_model()}", flush=True)
+        if server:
+            flags = server.binary.parents[2] / "flags"
+            print(f"llama-server build: {flags.read_text().strip() if flags.exists() else 'unknown flags'}")
         table(measure(urls, streams, args.max_tokens, args.runs), streams)
     finally:
         if server:
