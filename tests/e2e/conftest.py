@@ -116,7 +116,7 @@ class Etcd:
     and removes the data. Skips the test when the etcd binary (Debian `etcd-server`) is missing.
     """
 
-    def __init__(self, ready_timeout: float = 60.0, tls=None):
+    def __init__(self, ready_timeout: float = 60.0, tls=None, host: str = "127.0.0.1"):
         if not ETCD.exists():
             pytest.skip(f"{ETCD} is missing: apt-get install etcd-server (./tests/run installs it)")
         self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-etcd-")
@@ -128,8 +128,10 @@ class Etcd:
         # a certificate signed by the CA, over https.
         self.tls = tls
         scheme = "https" if tls else "http"
-        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
-        self.peer = f"http://127.0.0.1:{self.peer_port}"
+        # `host`: the address it listens on (another than loopback for tests with network
+        # namespaces).
+        self.endpoint = f"{scheme}://{host}:{self.client_port}"
+        self.peer = f"http://{host}:{self.peer_port}"
         self.ready_timeout = ready_timeout
         self.log = open(Path(self.dir.name) / "etcd.log", "a+")
         self.proc = None
@@ -199,4 +201,116 @@ class Etcd:
         """Stop it and remove its data."""
         self.stop()
         self.log.close()
+        self.dir.cleanup()
+
+
+class EtcdCluster:
+    """A real three-member etcd cluster on free loopback ports, each member's data in a temporary
+    directory (etcd's default heartbeat and election timeouts, as deployed).
+
+    `endpoints[i]` is member i's client URL. `leader()` is the index of the member etcd says
+    leads now, `kill(i)` ends member i with SIGKILL, `close()` ends every member and removes the
+    data (call it in a `finally`). Skips the test when the etcd binary is missing.
+    """
+
+    def __init__(self, members: int = 3, ready_timeout: float = 60.0):
+        if not ETCD.exists():
+            pytest.skip(f"{ETCD} is missing: apt-get install etcd-server (./tests/run installs it)")
+        self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-etcd3-")
+        ports = set()
+        while len(ports) < 2 * members:
+            ports.add(free_port())
+        ports = sorted(ports)
+        self.names = [f"m{i}" for i in range(members)]
+        self.endpoints = [f"http://127.0.0.1:{p}" for p in ports[:members]]
+        self.peers = [f"http://127.0.0.1:{p}" for p in ports[members:]]
+        cluster = ",".join(f"{n}={p}" for n, p in zip(self.names, self.peers))
+        self.logs = [open(Path(self.dir.name) / f"{n}.log", "a+") for n in self.names]
+        self.procs = []
+        try:
+            for i, name in enumerate(self.names):
+                self.procs.append(subprocess.Popen(
+                    [str(ETCD), "--name", name, "--data-dir", str(Path(self.dir.name) / name),
+                     "--listen-client-urls", self.endpoints[i], "--advertise-client-urls", self.endpoints[i],
+                     "--listen-peer-urls", self.peers[i], "--initial-advertise-peer-urls", self.peers[i],
+                     "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                     "--initial-cluster-token", Path(self.dir.name).name,
+                     "--logger", "zap", "--log-outputs", "stderr"],
+                    stdout=self.logs[i], stderr=subprocess.STDOUT))
+            deadline = time.time() + ready_timeout
+            while not all(self.healthy(i) for i in range(members)):
+                for i, p in enumerate(self.procs):
+                    if p.poll() is not None:
+                        raise RuntimeError(f"etcd {self.names[i]} exited with {p.returncode}:\n{self.log(i)}")
+                if time.time() > deadline:
+                    raise TimeoutError("the etcd cluster did not become healthy:\n"
+                                       + "\n".join(self.log(i)[-2000:] for i in range(members)))
+                time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
+
+    def healthy(self, i: int) -> bool:
+        try:
+            r = httpx.get(self.endpoints[i] + "/health", timeout=2)
+            return r.status_code == 200 and r.json().get("health") == "true"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def alive(self, i: int) -> bool:
+        return self.procs[i].poll() is None
+
+    def status(self, i: int) -> dict:
+        """Member i's maintenance status (etcd's JSON gateway: ids are strings)."""
+        r = httpx.post(self.endpoints[i] + "/v3/maintenance/status", json={}, timeout=2)
+        r.raise_for_status()
+        return r.json()
+
+    def leader(self) -> int:
+        """The index of the member that leads now, as the live members say."""
+        ids, leaders = {}, set()
+        for i in range(len(self.procs)):
+            if self.alive(i):
+                s = self.status(i)
+                ids[s["header"]["member_id"]] = i
+                leaders.add(s.get("leader"))
+        assert len(leaders) == 1 and next(iter(leaders)) in ids, f"no agreed leader: {leaders} of {ids}"
+        return ids[next(iter(leaders))]
+
+    def get_prefix(self, prefix: str) -> dict:
+        """Every key under `prefix` and its value, read (linearizably) from a live member."""
+        import base64
+        enc = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        end = prefix.encode()[:-1] + bytes([prefix.encode()[-1] + 1])
+        i = next(i for i in range(len(self.procs)) if self.alive(i))
+        r = httpx.post(self.endpoints[i] + "/v3/kv/range", timeout=5,
+                       json={"key": enc(prefix.encode()), "range_end": enc(end)})
+        r.raise_for_status()
+        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
+                for kv in r.json().get("kvs", [])}
+
+    def log(self, i: int) -> str:
+        self.logs[i].flush()
+        self.logs[i].seek(0)
+        return self.logs[i].read()
+
+    def kill(self, i: int):
+        """SIGKILL member i and wait (a crash: nothing is flushed or handed over)."""
+        if self.alive(i):
+            self.procs[i].kill()
+            self.procs[i].wait()
+
+    def close(self):
+        """End every member and remove the data."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in self.logs:
+            f.close()
         self.dir.cleanup()

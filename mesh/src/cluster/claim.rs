@@ -14,7 +14,8 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpRespo
 /// This node's etcd handle for claims, and the claims it holds.
 #[derive(Default)]
 pub struct Claims {
-    session: Mutex<Option<(Client, i64)>>,
+    /// The session's client (none while etcd is lost) and the lease claims live under.
+    session: Mutex<(Option<Client>, i64)>,
     /// Models claimed by this node, and when.
     held: Mutex<BTreeMap<String, Instant>>,
 }
@@ -31,19 +32,24 @@ pub enum Claimed {
 }
 
 impl Claims {
-    /// A new session's client and lease (claims made from now on live under it).
+    /// A session's client and lease (claims made from now on live under it). The claims held
+    /// under an earlier lease went with it; under the same lease (another etcd member took
+    /// over) they are still held.
     pub fn connect(&self, client: Client, lease: i64) {
-        *self.session.lock() = Some((client, lease));
-        self.held.lock().clear();
+        let mut session = self.session.lock();
+        if session.1 != lease {
+            self.held.lock().clear();
+        }
+        *session = (Some(client), lease);
     }
 
     pub fn disconnect(&self) {
-        *self.session.lock() = None;
+        self.session.lock().0 = None;
     }
 
     /// Claim the load of `model` under `key`, naming the node `loader` that loads it.
     pub async fn claim(&self, key: String, model: &str, loader: &str) -> Claimed {
-        let Some((mut client, lease)) = self.session.lock().clone() else {
+        let (Some(mut client), lease) = self.session.lock().clone() else {
             return Claimed::Unknown;
         };
         let txn = Txn::new()

@@ -9,6 +9,7 @@
 
 mod claim;
 pub mod config;
+mod endpoints;
 mod placement;
 mod registry;
 mod session;
@@ -27,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use self::claim::Claims;
 pub use self::config::{host_name, MeshConfig};
+use self::endpoints::{Endpoints, Unreachable};
 pub use self::registry::MeshRegistry;
+use self::session::Carry;
 use self::tenancy::SharedTenancy;
 use crate::{
     cache::{Cache, CopyPhase},
@@ -125,13 +128,15 @@ pub struct Cluster {
 
 struct Inner {
     config: MeshConfig,
+    /// The etcd members, and the one in use.
+    etcd: Endpoints,
     http: String,
     grpc: String,
     cache: Cache,
     /// Live records by node name, this node's included (as last published).
     nodes: RwLock<BTreeMap<String, NodeRecord>>,
     draining: std::sync::atomic::AtomicBool,
-    /// Whether the last etcd call worked.
+    /// Whether etcd answers (through any member).
     connected: std::sync::atomic::AtomicBool,
     registry: Arc<MeshRegistry>,
     tenancy: Tenancy,
@@ -174,6 +179,7 @@ impl Cluster {
         let shared_tenancy = SharedTenancy::new(&config.prefix);
         Cluster {
             inner: Arc::new(Inner {
+                etcd: Endpoints::new(config.etcd.clone(), config.etcd_tls.clone()),
                 config,
                 http,
                 grpc,
@@ -346,39 +352,62 @@ impl Cluster {
         format!("{}/{what}", self.inner.config.prefix)
     }
 
-    /// Connect, publish and watch until etcd fails; then wait a moment and start again.
+    /// How long the node goes on through the other etcd members, under the same lease and
+    /// still counted as connected, before it takes etcd as lost: the lease's TTL (at least 3 s,
+    /// time for the members to elect a new leader).
+    fn failover_window(&self) -> Duration {
+        self.inner.config.lease_ttl.0.max(Duration::from_secs(3))
+    }
+
+    /// Connect, publish and watch. When a call fails, the next session goes on through another
+    /// etcd member under the same lease, at once; when no member answers within the failover
+    /// window, the node serves alone and tries again every second.
     async fn run(self) {
-        // The first failure after a success (or at start) is told; the retries are not.
+        let mut carry = Carry::new();
+        // The first loss after a success (or at start) is told; the retries are not.
         let mut told = false;
         loop {
-            match self.session().await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.inner.claims.disconnect();
-                    let was = self
-                        .inner
-                        .connected
-                        .swap(false, std::sync::atomic::Ordering::Relaxed);
-                    told &= !was;
-                    if was {
-                        tracing::warn!(
-                            error = format!("{e:#}"),
-                            "Lost etcd; serving what this node holds and forwarding to known peers"
-                        );
-                    } else if !told {
-                        tracing::warn!(error = format!("{e:#}"), "Cannot join the mesh through etcd; serving alone and trying again every second");
-                    } else {
-                        tracing::debug!(error = format!("{e:#}"), "etcd still unreachable");
-                    }
-                    told = true;
-                    self.inner
-                        .metrics
-                        .mesh_etcd_errors
-                        .with_label_values(&[&self.inner.config.node])
-                        .inc();
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+            let Err(e) = self.session(&mut carry).await else {
+                return;
+            };
+            self.inner
+                .metrics
+                .mesh_etcd_errors
+                .with_label_values(&[&self.inner.config.node])
+                .inc();
+            let lost = e.downcast_ref::<Unreachable>().is_some()
+                || carry.last_ok.elapsed() >= self.failover_window();
+            if !lost {
+                tracing::debug!(
+                    error = format!("{e:#}"),
+                    "An etcd call failed; going on through another member"
+                );
+                carry.why = Some(format!("{e:#}"));
+                // Soon the first time (100 ms); a member that keeps failing is not hammered.
+                let pause = Duration::from_millis(100 << carry.retries.min(4));
+                carry.retries += 1;
+                tokio::time::sleep(pause).await;
+                continue;
             }
+            carry.why = None;
+            self.inner.claims.disconnect();
+            let was = self
+                .inner
+                .connected
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            told &= !was;
+            if was {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "Lost etcd; serving what this node holds and forwarding to known peers"
+                );
+            } else if !told {
+                tracing::warn!(error = format!("{e:#}"), "Cannot join the mesh through etcd; serving alone and trying again every second");
+            } else {
+                tracing::debug!(error = format!("{e:#}"), "etcd still unreachable");
+            }
+            told = true;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
@@ -393,7 +422,17 @@ impl Cluster {
         client: &mut Client,
         change: crate::tenancy::Shared,
     ) -> anyhow::Result<()> {
-        let result = self.inner.shared_tenancy.write(client, &change).await;
+        // Bounded like the session's own calls: a write held by a member that lost its leader
+        // must not hold up the lease's keep-alive.
+        let write = self.inner.shared_tenancy.write(client, &change);
+        let result = tokio::time::timeout(session::CALL_TIMEOUT, write)
+            .await
+            .unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "etcd did not answer a tenancy write within {:?}",
+                    session::CALL_TIMEOUT
+                ))
+            });
         if result.is_err() {
             *self.inner.unwritten.lock() = Some(change);
         }

@@ -10,11 +10,23 @@ use crate::{
     registry::{FileRegistry, ModelRegistry, Saved},
 };
 
+/// How long an admin change may wait for etcd: long enough for its members to elect a new
+/// leader when the old one dies (1–2 s with etcd's default timeouts) and the write to go
+/// again through another member.
+const SAVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// How long one try of an admin change's writes may take before it is made again.
+const ATTEMPT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The pause before trying again, cut short when the session moves to another member.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The node's registry file, mirrored to etcd while the node is connected.
 pub struct MeshRegistry {
     file: FileRegistry,
     prefix: String,
-    client: Mutex<Option<Client>>,
+    /// The session's client; a new one each time the session moves to another etcd member.
+    client: tokio::sync::watch::Sender<Option<Client>>,
     /// What this node last saved (its cache's registered models and vmodels).
     local: Mutex<Saved>,
     /// What etcd holds, as far as this node knows (what it wrote and what it watched).
@@ -27,7 +39,7 @@ impl MeshRegistry {
         Ok(MeshRegistry {
             file,
             prefix: format!("{prefix}/registry/"),
-            client: Mutex::new(None),
+            client: tokio::sync::watch::Sender::new(None),
             local: Mutex::new(local),
             shared: Mutex::new(Saved::default()),
         })
@@ -51,7 +63,7 @@ impl MeshRegistry {
         for kv in found.kvs() {
             self.read_into(&mut remote, kv.key(), Some(kv.value()));
         }
-        *self.client.lock() = Some(client.clone());
+        self.client.send_replace(Some(client.clone()));
         *self.shared.lock() = remote.clone();
         let local = self.local.lock().clone();
         self.write_diff(&remote, &local, false).await?;
@@ -66,6 +78,14 @@ impl MeshRegistry {
             }
         }
         Ok(found.header().map_or(0, |h| h.revision()) + 1)
+    }
+
+    /// On moving to another etcd member with the watch resumed where it was: use its client,
+    /// and write what only this node holds (a registration whose write failed on the last one).
+    pub async fn resume(&self, client: &Client) -> anyhow::Result<()> {
+        self.client.send_replace(Some(client.clone()));
+        let (shared, local) = (self.shared.lock().clone(), self.local.lock().clone());
+        self.write_diff(&shared, &local, false).await
     }
 
     /// Watch the registry keys from `revision` on.
@@ -140,7 +160,7 @@ impl MeshRegistry {
     /// Write to etcd what `to` has that `from` lacks (and, with `delete`, remove what `to`
     /// dropped).
     async fn write_diff(&self, from: &Saved, to: &Saved, delete: bool) -> anyhow::Result<()> {
-        let Some(mut client) = self.client.lock().clone() else {
+        let Some(mut client) = self.client.borrow().clone() else {
             return Ok(());
         };
         for m in &to.models {
@@ -171,6 +191,36 @@ impl MeshRegistry {
             }
         }
         Ok(())
+    }
+}
+
+impl MeshRegistry {
+    /// [`Self::write_diff`] for an admin change, tried again (the puts and deletes are safe to
+    /// repeat) when the member in use fails or holds the write longer than [`ATTEMPT`] (a
+    /// follower whose leader died drops what it was sent), through the member the session
+    /// moved to, if it moved; `save` bounds the whole.
+    async fn write_diff_through(
+        &self,
+        from: &Saved,
+        to: &Saved,
+        delete: bool,
+    ) -> anyhow::Result<()> {
+        loop {
+            let mut moved = self.client.subscribe();
+            match tokio::time::timeout(ATTEMPT, self.write_diff(from, to, delete)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    tracing::debug!(
+                        error = format!("{e:#}"),
+                        "A registry write failed; trying again"
+                    )
+                }
+                Err(_) => tracing::debug!(
+                    "A registry write was not answered within {ATTEMPT:?}; trying again"
+                ),
+            }
+            let _ = tokio::time::timeout(RETRY_PAUSE, moved.changed()).await;
+        }
     }
 }
 
@@ -214,13 +264,13 @@ impl ModelRegistry for MeshRegistry {
         self.file.load().await
     }
 
-    /// The file first (this node's durable copy), then etcd, within two seconds (the admin
+    /// The file first (this node's durable copy), then etcd, within [`SAVE_WITHIN`] (the admin
     /// API refuses changes while etcd is away; one that loses it midway is shared when the
     /// node reconnects).
     async fn save(&self, saved: Saved) -> anyhow::Result<()> {
-        tokio::time::timeout(std::time::Duration::from_secs(2), self.share(saved))
+        tokio::time::timeout(SAVE_WITHIN, self.share(saved))
             .await
-            .map_err(|_| anyhow::anyhow!("etcd did not answer within 2 s"))?
+            .map_err(|_| anyhow::anyhow!("etcd did not answer within {SAVE_WITHIN:?}"))?
     }
 }
 
@@ -238,8 +288,9 @@ impl MeshRegistry {
         removed
             .vmodels
             .retain(|n, _| before.vmodels.contains_key(n) && !saved.vmodels.contains_key(n));
-        self.write_diff(&shared, &saved, false).await?;
-        self.write_diff(&removed, &Saved::default(), true).await?;
+        self.write_diff_through(&shared, &saved, false).await?;
+        self.write_diff_through(&removed, &Saved::default(), true)
+            .await?;
         // etcd now holds this node's set plus what only others had registered.
         let mut next = saved;
         for m in shared.models {

@@ -1,12 +1,71 @@
-//! One connected session with etcd: the lease and this node's record under it, the catch-up, and the watches.
+//! One connected session with etcd, through one member: the lease and this node's record under
+//! it, the catch-up (or the watches resumed where they were), and the watches.
 
 use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchResponse,
 };
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::{watch, Cluster, NodeRecord, PUBLISH_EVERY};
+use super::{
+    watch::{self, Revisions},
+    Cluster, NodeRecord, PUBLISH_EVERY,
+};
+use crate::tenancy::Shared;
+
+/// How long one call of the session's own (publishing the record, a tenancy write) may take
+/// before the member counts as failed.
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What outlives one session: the lease (it belongs to the etcd cluster, not to the member
+/// that granted it, so another member keeps it alive) and how far each watch got.
+pub(super) struct Carry {
+    lease: Option<i64>,
+    from: Option<Revisions>,
+    /// When etcd last answered this node.
+    pub last_ok: Instant,
+    /// Why the last session ended, told when the next one moves to another member.
+    pub why: Option<String>,
+    /// Sessions that ended in a row before their lease was renewed (the pause before the next
+    /// grows with them).
+    pub retries: u32,
+}
+
+impl Carry {
+    pub fn new() -> Self {
+        Carry {
+            lease: None,
+            from: None,
+            last_ok: Instant::now(),
+            why: None,
+            retries: 0,
+        }
+    }
+
+    /// Note a watch's answer; `at` picks that watch's revision.
+    fn seen(
+        &mut self,
+        resp: &WatchResponse,
+        at: fn(&mut Revisions) -> &mut i64,
+    ) -> anyhow::Result<()> {
+        let Some(from) = self.from.as_mut() else {
+            return Ok(());
+        };
+        match watch::advance(*at(from), resp) {
+            Ok(next) => {
+                *at(from) = next;
+                self.last_ok = Instant::now();
+                Ok(())
+            }
+            Err(e) => {
+                // Read everything again next time.
+                self.from = None;
+                Err(e)
+            }
+        }
+    }
+}
 
 /// This node's record as published under the session's lease, and the lease kept alive.
 struct Published {
@@ -25,57 +84,77 @@ fn encode(r: &NodeRecord) -> Vec<u8> {
     serde_json::to_vec(r).expect("a record serializes")
 }
 
+fn within<T>(
+    what: &str,
+    result: Result<anyhow::Result<T>, tokio::time::error::Elapsed>,
+) -> anyhow::Result<T> {
+    result.map_err(|_| anyhow::anyhow!("etcd did not answer {what} within {CALL_TIMEOUT:?}"))?
+}
+
 impl Cluster {
-    /// One connected session: a fresh lease, the record under it, the registry synced, and
-    /// the peers watched, until an etcd call fails.
-    pub(super) async fn session(&self) -> anyhow::Result<()> {
-        let (mut client, mut published, mut keep_stream) = self.connect().await?;
-        let registry_from = self
-            .inner
-            .registry
-            .sync(&mut client, &self.inner.cache)
-            .await?;
-        let mut changes = self.inner.tenancy_changes.lock().await;
-        let shared = &self.inner.shared_tenancy;
-        // This node's tenancy changes made while etcd was away go out before what etcd holds
-        // comes in, so a key revoked here is not taken back from etcd.
-        let unwritten = self.take_unwritten();
-        for change in unwritten
-            .into_iter()
-            .chain(std::iter::from_fn(|| changes.try_recv().ok()))
-        {
-            self.write_shared(&mut client, change).await?;
-        }
-        let tenancy_from = shared.sync(&mut client, &self.inner.tenancy).await?;
+    /// One session through one etcd member: the lease kept (or a fresh one), the record under
+    /// it, the registry, tenancy and peers caught up (or their watches resumed at the revision
+    /// they had reached), until an etcd call fails.
+    pub(super) async fn session(&self, carry: &mut Carry) -> anyhow::Result<()> {
         let prefix = self.key("nodes/");
-        let watch_from = self.load_nodes(&mut client, &prefix).await?;
-        let mut events = watch::watch_prefix(&mut client, &prefix, watch_from).await?;
+        let etcd = &self.inner.etcd;
+        // Members are tried for the failover window only while the node is in the mesh (its
+        // lease to keep); else one round, and the run loop tries again every second.
+        let window = match self.connected() {
+            true => self.failover_window(),
+            false => Duration::ZERO,
+        };
+        let mut client = etcd.connect(&prefix, window, carry.why.as_deref()).await?;
+        let publish = tokio::time::timeout(CALL_TIMEOUT, self.publish(&mut client, carry)).await;
+        let (mut published, mut keep_stream) = within("the node's record", publish)?;
+        carry.last_ok = Instant::now();
+        let mut changes = self.inner.tenancy_changes.lock().await;
+        let from = match carry.from {
+            Some(from) => {
+                self.inner.registry.resume(&client).await?;
+                self.write_pending(&mut client, &mut changes).await?;
+                from
+            }
+            None => self.catch_up(&mut client, &mut changes, &prefix).await?,
+        };
+        carry.from = Some(from);
+        let shared = &self.inner.shared_tenancy;
+        let mut events = watch::watch_prefix(&mut client, &prefix, from.nodes).await?;
         let mut registry_events = self
             .inner
             .registry
-            .watch(&mut client, registry_from)
+            .watch(&mut client, from.registry)
             .await?;
-        let mut tenancy_events = shared.watch(&mut client, tenancy_from).await?;
+        let mut tenancy_events = shared.watch(&mut client, from.tenancy).await?;
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.heartbeat(&mut client, &mut published).await?,
+                _ = tick.tick() => {
+                    let beat = tokio::time::timeout(CALL_TIMEOUT, self.heartbeat(&mut client, &mut published)).await;
+                    within("the heartbeat", beat)?;
+                }
                 ka = keep_stream.message() => {
                     match ka? {
-                        Some(r) if r.ttl() > 0 => {}
+                        Some(r) if r.ttl() > 0 => {
+                            carry.last_ok = Instant::now();
+                            carry.retries = 0;
+                        }
                         _ => anyhow::bail!("the node's lease expired"),
                     }
                 }
                 ev = events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the nodes ended") };
+                    carry.seen(&resp, |r| &mut r.nodes)?;
                     self.apply_nodes(&resp, &prefix);
                 }
                 ev = registry_events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of the registry ended") };
+                    carry.seen(&resp, |r| &mut r.registry)?;
                     self.inner.registry.apply(&resp, &self.inner.cache).await;
                 }
                 ev = tenancy_events.message() => {
                     let Some(resp) = ev? else { anyhow::bail!("the watch of tenancy ended") };
+                    carry.seen(&resp, |r| &mut r.tenancy)?;
                     shared.apply(&resp, &self.inner.tenancy);
                 }
                 Some(change) = changes.recv() => {
@@ -85,17 +164,65 @@ impl Cluster {
         }
     }
 
-    /// Connect, take a fresh lease, and publish this node's record under it.
-    async fn connect(&self) -> anyhow::Result<(Client, Published, LeaseKeepAliveStream)> {
+    /// Everything read afresh: the registry, tenancy and the peers' records; the revisions
+    /// to watch from.
+    async fn catch_up(
+        &self,
+        client: &mut Client,
+        changes: &mut UnboundedReceiver<Shared>,
+        prefix: &str,
+    ) -> anyhow::Result<Revisions> {
+        let registry = self.inner.registry.sync(client, &self.inner.cache).await?;
+        // This node's tenancy changes made while etcd was away go out before what etcd holds
+        // comes in, so a key revoked here is not taken back from etcd.
+        self.write_pending(client, changes).await?;
+        let tenancy = self
+            .inner
+            .shared_tenancy
+            .sync(client, &self.inner.tenancy)
+            .await?;
+        let nodes = self.load_nodes(client, prefix).await?;
+        Ok(Revisions {
+            nodes,
+            registry,
+            tenancy,
+        })
+    }
+
+    /// Write this node's tenancy changes not yet in etcd.
+    async fn write_pending(
+        &self,
+        client: &mut Client,
+        changes: &mut UnboundedReceiver<Shared>,
+    ) -> anyhow::Result<()> {
+        let unwritten = self.take_unwritten();
+        for change in unwritten
+            .into_iter()
+            .chain(std::iter::from_fn(|| changes.try_recv().ok()))
+        {
+            self.write_shared(client, change).await?;
+        }
+        Ok(())
+    }
+
+    /// Keep the lease when etcd still has it (another member took over), else take a fresh
+    /// one, and publish this node's record under it.
+    async fn publish(
+        &self,
+        client: &mut Client,
+        carry: &mut Carry,
+    ) -> anyhow::Result<(Published, LeaseKeepAliveStream)> {
         let cfg = &self.inner.config;
-        let options = match &cfg.etcd_tls {
-            Some(tls) => Some(etcd_client::ConnectOptions::new().with_tls(tls.options()?)),
+        let ttl = cfg.lease_ttl.0.as_secs() as i64;
+        let kept = match carry.lease {
+            Some(id) => (client.lease_time_to_live(id, None).await?.ttl() > 0).then_some(id),
             None => None,
         };
-        let connect = Client::connect(cfg.etcd.clone(), options);
-        let mut client = tokio::time::timeout(Duration::from_secs(3), connect).await??;
-        let ttl = cfg.lease_ttl.0.as_secs() as i64;
-        let lease = client.lease_grant(ttl, None).await?.id();
+        let lease = match kept {
+            Some(id) => id,
+            None => client.lease_grant(ttl, None).await?.id(),
+        };
+        carry.lease = Some(lease);
         let (keeper, keep_stream) = client.lease_keep_alive(lease).await?;
         self.inner.claims.connect(client.clone(), lease);
         let key = self.key(&format!("nodes/{}", cfg.node));
@@ -107,10 +234,21 @@ impl Cluster {
                 Some(PutOptions::new().with_lease(lease)),
             )
             .await?;
-        self.inner
+        let was = self
+            .inner
             .connected
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(node = %cfg.node, http = %self.inner.http, "Joined the mesh");
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let endpoint = self.inner.etcd.current().unwrap_or_default();
+        match (kept, was) {
+            (None, _) => {
+                tracing::info!(node = %cfg.node, http = %self.inner.http, etcd = %endpoint, "Joined the mesh")
+            }
+            (Some(_), false) => {
+                tracing::info!(node = %cfg.node, etcd = %endpoint, "Back in the mesh under the same lease")
+            }
+            // Another member took over: the switch was told.
+            (Some(_), true) => {}
+        }
         let published = Published {
             key,
             lease,
@@ -120,7 +258,7 @@ impl Cluster {
             last_keep: Instant::now(),
             last_put: Instant::now(),
         };
-        Ok((client, published, keep_stream))
+        Ok((published, keep_stream))
     }
 
     /// Read every node's record; returns the revision to watch from.
