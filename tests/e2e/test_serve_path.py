@@ -167,12 +167,15 @@ def test_the_ledger_keeps_its_own_id_beside_the_clients(mesh):
     r = httpx.post(f"{mesh.url}/v2/models/{EMBED}/infer", headers=bearer(key), timeout=60,
                    json=body | {"id": "x" * 1_000_000})
     assert r.status_code == 400 and "id" in r.json()["error"]
+    import sqlite3
     from pathlib import Path
-    lines = (Path(mesh.dir.name) / "state" / "ledger.jsonl").read_text().splitlines()
-    recs = [json.loads(l) for l in lines if '"same-id"' in l]
-    assert len(recs) == 2 and len({r["id"] for r in recs}) == 2
-    assert all(r["client_id"] == "same-id" and r["id"] != "same-id" for r in recs)
-    assert all(len(l) < 2000 for l in lines)
+    db = sqlite3.connect(f"file:{Path(mesh.dir.name) / 'state' / 'ledger.sqlite3'}?mode=ro", uri=True)
+    recs = db.execute("SELECT id, client_id FROM records WHERE client_id = 'same-id'").fetchall()
+    longest = db.execute("SELECT max(length(id) + length(coalesce(client_id, ''))) FROM records").fetchone()[0]
+    db.close()
+    assert len(recs) == 2 and len({r[0] for r in recs}) == 2
+    assert all(r[0] != "same-id" for r in recs)
+    assert longest < 2000
 
 
 # --- a client that leaves frees its lease and slot at once ----------------------------------

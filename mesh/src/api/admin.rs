@@ -285,13 +285,11 @@ async fn settle(
     p: &Period,
     tenants: &[(String, String)],
     tiers: &[std::sync::Arc<crate::tenancy::Tier>],
-    recs: &[crate::ledger::Record],
+    usage: &[crate::ledger::Usage],
 ) -> Result<Option<Vec<crate::ledger::InvoiceLine>>, ApiError> {
     use crate::policy::{TenantUse, TierInfo};
-    let used: std::collections::BTreeMap<String, crate::ledger::Usage> = crate::ledger::usage(recs)
-        .into_iter()
-        .map(|u| (u.tenant.clone(), u))
-        .collect();
+    let used: std::collections::BTreeMap<&str, &crate::ledger::Usage> =
+        usage.iter().map(|u| (u.tenant.as_str(), u)).collect();
     let zero = crate::ledger::Usage::default();
     let period = p.from.map_or_else(
         || "all".to_string(),
@@ -313,7 +311,7 @@ async fn settle(
             tenants
                 .iter()
                 .map(|(tenant, tier)| {
-                    let u = used.get(tenant).unwrap_or(&zero);
+                    let u = used.get(tenant.as_str()).copied().unwrap_or(&zero);
                     TenantUse {
                         tenant: tenant.clone(),
                         tier: tier.clone(),
@@ -330,7 +328,7 @@ async fn settle(
         lines
             .into_iter()
             .map(|l| {
-                let u = used.get(&l.tenant).unwrap_or(&zero);
+                let u = used.get(l.tenant.as_str()).copied().unwrap_or(&zero);
                 crate::ledger::InvoiceLine {
                     requests: u.requests,
                     input_tokens: u.input_tokens,
@@ -437,7 +435,7 @@ async fn usage(
     axum::extract::Query(p): axum::extract::Query<Period>,
 ) -> Result<Json<Value>, ApiError> {
     let got = super::mesh_ledger::gather(&state, p.tenant.as_deref(), &p).await?;
-    let mut answer = json!({"usage": crate::ledger::usage(&got.records)});
+    let mut answer = json!({"usage": got.usage});
     if state.cluster.is_some() {
         answer["mesh"] = got.describe();
     }
@@ -451,13 +449,12 @@ async fn invoice(
     axum::extract::Query(p): axum::extract::Query<Period>,
 ) -> Result<Response, ApiError> {
     let got = super::mesh_ledger::gather(&state, None, &p).await?;
-    let recs = got.records.clone();
     let tenants = state.tenancy.tenants();
     let tiers = state.tenancy.tiers();
-    let (lines, pricing) = match settle(&state, &p, &tenants, &tiers, &recs).await? {
+    let (lines, pricing) = match settle(&state, &p, &tenants, &tiers, &got.usage).await? {
         Some(lines) => (lines, "plugin"),
         None => (
-            crate::ledger::flat_rate_invoice(&tenants, &tiers, &recs),
+            crate::ledger::flat_rate_invoice(&tenants, &tiers, &got.usage),
             "built-in",
         ),
     };

@@ -1,7 +1,7 @@
 //! The ledger's queries: a period, this node's records, and usage and invoices over the
 //! whole mesh: every node's ledger stays its own durable record;
-//! a query on any node gathers the records of every live node and says which it could not
-//! reach, instead of answering a silently short total.
+//! a query on any node sums the usage of every live node (each node sums its own in SQL) and
+//! says which it could not reach, instead of answering a silently short total.
 
 use std::time::Duration;
 
@@ -13,10 +13,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{error::ApiError, AppState};
-use crate::ledger::Record;
+use crate::ledger::{Ledger, Usage};
 
 /// Where a node asks a peer for its records (with the mesh token).
 pub const PATH: &str = "/internal/v1/ledger/records";
+/// Where a node asks a peer for its usage of a period, per tenant (with the mesh token).
+pub const USAGE_PATH: &str = "/internal/v1/ledger/usage";
 
 /// A period in Unix seconds, `[from, to)`; defaults to everything.
 #[derive(Deserialize)]
@@ -40,22 +42,33 @@ impl Period {
     }
 }
 
-pub fn records(
+/// Run a ledger query off the async runtime (it reads the disk).
+async fn query<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Ledger) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let ledger = state.serve.ledger.clone();
+    tokio::task::spawn_blocking(move || f(&ledger))
+        .await
+        .map_err(|e| ApiError::internal(format!("the ledger query failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e:#}")))
+}
+
+/// This node's own usage of a period, per tenant.
+async fn usage_here(
     state: &AppState,
     tenant: Option<&str>,
     p: &Period,
-) -> Result<Vec<crate::ledger::Record>, ApiError> {
+) -> Result<Vec<Usage>, ApiError> {
     let (from, to) = p.millis();
-    state
-        .serve
-        .ledger
-        .records(tenant, from, to)
-        .map_err(|e| ApiError::internal(format!("cannot read the ledger: {e}")))
+    let tenant = tenant.map(str::to_string);
+    query(state, move |l| l.usage(tenant.as_deref(), from, to)).await
 }
 
 /// What a mesh-wide query gathered.
 pub struct Gathered {
-    pub records: Vec<Record>,
+    /// Usage per tenant, every reachable node's summed.
+    pub usage: Vec<Usage>,
     /// Nodes whose records are in.
     pub nodes: Vec<String>,
     /// Live nodes that did not answer.
@@ -75,21 +88,33 @@ pub async fn own_records(
     State(state): State<AppState>,
     Query(p): Query<Period>,
 ) -> Result<Json<Value>, ApiError> {
+    let (from, to) = p.millis();
+    let tenant = p.tenant.clone();
+    let records = query(&state, move |l| l.records(tenant.as_deref(), from, to)).await?;
+    Ok(Json(json!({ "records": records })))
+}
+
+/// This node's own usage of a period: `GET /internal/v1/ledger/usage` for the peers that sum
+/// it.
+pub async fn own_usage(
+    State(state): State<AppState>,
+    Query(p): Query<Period>,
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(
-        json!({"records": records(&state, p.tenant.as_deref(), &p)?}),
+        json!({"usage": usage_here(&state, p.tenant.as_deref(), &p).await?}),
     ))
 }
 
-/// The records of a period on this node and, in a mesh, on every other live node.
+/// The usage of a period on this node and, in a mesh, on every other live node, summed.
 pub async fn gather(
     state: &AppState,
     tenant: Option<&str>,
     p: &Period,
 ) -> Result<Gathered, ApiError> {
-    let mut all = records(state, tenant, p)?;
+    let mut all = usage_here(state, tenant, p).await?;
     let Some(cluster) = &state.cluster else {
         return Ok(Gathered {
-            records: all,
+            usage: all,
             nodes: vec![],
             unreachable: vec![],
         });
@@ -112,7 +137,7 @@ pub async fn gather(
     }
     let asks = cluster.peers().into_iter().map(|(node, http)| {
         let mut req = client
-            .get(format!("{}{PATH}", http.trim_end_matches('/')))
+            .get(format!("{}{USAGE_PATH}", http.trim_end_matches('/')))
             .query(&query);
         if let Some(token) = &state.mesh_token {
             req = req.header(crate::serve::peer::MESH_TOKEN, token);
@@ -123,22 +148,21 @@ pub async fn gather(
         }
     });
     for (node, got) in futures::future::join_all(asks).await {
-        let recs = got
+        let usage = got
             .ok()
-            .and_then(|v| serde_json::from_value::<Vec<Record>>(v["records"].clone()).ok());
-        match recs {
-            Some(recs) => {
-                all.extend(recs);
+            .and_then(|v| serde_json::from_value::<Vec<Usage>>(v["usage"].clone()).ok());
+        match usage {
+            // Each request is recorded by the node that served it alone: summing the nodes'
+            // usage counts it once.
+            Some(usage) => {
+                all = crate::ledger::merge_usage(all, usage);
                 nodes.push(node);
             }
             None => unreachable.push(node),
         }
     }
-    // A record is one request, kept by the node that served it: never counted twice.
-    let mut seen = std::collections::HashSet::new();
-    all.retain(|r| seen.insert(r.id.clone()));
     Ok(Gathered {
-        records: all,
+        usage: all,
         nodes,
         unreachable,
     })

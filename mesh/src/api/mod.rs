@@ -67,7 +67,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let mut router = Router::new().merge(openai::routes().route_layer(openai_auth()));
     if state.cluster.is_some() {
         // What the other nodes of the mesh ask of this one, with the mesh token: requests
-        // they place here, and this node's ledger records.
+        // they place here, and this node's ledger records and usage.
         let peers_only =
             || axum::middleware::from_fn_with_state(state.clone(), forward::peers_only);
         router = router
@@ -80,6 +80,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             .route(
                 mesh_ledger::PATH,
                 axum::routing::get(mesh_ledger::own_records).layer(peers_only()),
+            )
+            .route(
+                mesh_ledger::USAGE_PATH,
+                axum::routing::get(mesh_ledger::own_usage).layer(peers_only()),
             );
     }
     router

@@ -1,18 +1,31 @@
-//! The ledger: a durable, append-only record of usage (one JSON line per finished request,
-//! fsync'd before the response completes), and the invoices computed from it.
+//! The ledger: a durable record of usage (one SQLite row per finished request, committed
+//! before the response completes), and the usage and invoices summed from it.
+
+mod import;
+mod sqlite;
+#[cfg(test)]
+mod tests;
+mod writer;
 
 use parking_lot::Mutex;
 use std::{
     collections::BTreeMap,
-    fs::{File, OpenOptions},
-    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
 };
 
+use anyhow::Context;
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use crate::tenancy::Tier;
+pub use import::{Imported, JSONL};
+pub use sqlite::Who;
+
+/// The ledger's database in the state directory.
+pub const FILE: &str = "ledger.sqlite3";
+/// Reader connections kept open between queries.
+const IDLE_READERS: usize = 4;
 
 /// One finished request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +52,7 @@ pub struct Record {
 pub use crate::util::now_ms;
 
 /// Usage of one tenant over a period.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub tenant: String,
     pub tier: String,
@@ -62,84 +75,161 @@ pub struct InvoiceLine {
     pub output_tokens: u64,
 }
 
-/// The cloneable handle to the ledger file.
+/// Records and commits since the ledger opened (records per commit shows the grouping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub records: u64,
+    pub commits: u64,
+}
+
+/// The cloneable handle to the ledger database.
 #[derive(Clone)]
 pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     path: PathBuf,
-    file: Arc<Mutex<File>>,
+    writer: writer::Writer,
+    readers: Mutex<Vec<Connection>>,
 }
 
 impl Ledger {
+    /// Open `state_dir/ledger.sqlite3` (created if absent), import `ledger.jsonl` if there is
+    /// one not imported yet, and start the writer. A corrupt or foreign database is an error.
     pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(state_dir)?;
-        let path = state_dir.join("ledger.jsonl");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| anyhow::anyhow!("cannot open ledger {}: {e}", path.display()))?;
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("cannot create {}", state_dir.display()))?;
+        let path = state_dir.join(FILE);
+        let mut conn = sqlite::open(&path)?;
+        import::jsonl_once(&mut conn, state_dir)?;
+        let writer = writer::Writer::start(conn)?;
         Ok(Ledger {
-            path,
-            file: Arc::new(Mutex::new(file)),
+            inner: Arc::new(Inner {
+                path,
+                writer,
+                readers: Mutex::new(Vec::new()),
+            }),
         })
     }
 
-    /// Append a record and make it durable (blocking: call from a blocking thread).
-    pub fn append_blocking(&self, record: &Record) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).expect("records serialize");
-        line.push(b'\n');
-        let mut f = self.file.lock();
-        f.write_all(&line)?;
-        f.sync_data()
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
     }
 
-    /// Append from async code; the response must not complete before this returns.
+    /// Write a record; returns once its transaction has committed (records arriving together
+    /// share one). The response must not complete before this returns.
     pub async fn append(&self, record: Record) -> std::io::Result<()> {
-        let ledger = self.clone();
-        tokio::task::spawn_blocking(move || ledger.append_blocking(&record))
-            .await
-            .map_err(std::io::Error::other)?
+        let wait = self
+            .inner
+            .writer
+            .append(record)
+            .map_err(std::io::Error::other)?;
+        match wait.await {
+            Ok(result) => result.map_err(std::io::Error::other),
+            Err(_) => Err(std::io::Error::other("the ledger's writer has stopped")),
+        }
     }
 
-    /// Records that finished in `[from_ms, to_ms)`, optionally of one tenant. A torn last line
-    /// (a crash mid-write, before the response completed) is skipped.
+    /// Write a record from a thread outside the async runtime, as `append`.
+    pub fn append_blocking(&self, record: Record) -> std::io::Result<()> {
+        let wait = self
+            .inner
+            .writer
+            .append(record)
+            .map_err(std::io::Error::other)?;
+        match wait.blocking_recv() {
+            Ok(result) => result.map_err(std::io::Error::other),
+            Err(_) => Err(std::io::Error::other("the ledger's writer has stopped")),
+        }
+    }
+
+    /// Add records in one transaction, skipping those whose id is known (blocking); returns
+    /// how many were new.
+    pub fn import(&self, records: &[Record]) -> anyhow::Result<u64> {
+        self.inner
+            .writer
+            .import(records.to_vec())
+            .map_err(anyhow::Error::msg)
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.writer.counters;
+        Stats {
+            records: c.records.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Run a query on a reader connection (blocking: it reads the disk).
+    fn read<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> anyhow::Result<T> {
+        let idle = self.inner.readers.lock().pop();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => sqlite::open_reader(&self.inner.path)
+                .with_context(|| format!("cannot open the ledger {}", self.inner.path.display()))?,
+        };
+        let out = f(&mut conn)
+            .with_context(|| format!("cannot read the ledger {}", self.inner.path.display()))?;
+        let mut idle = self.inner.readers.lock();
+        if idle.len() < IDLE_READERS {
+            idle.push(conn);
+        }
+        Ok(out)
+    }
+
+    /// Records that finished in `[from_ms, to_ms)`, optionally of one tenant, in the order
+    /// they were written.
     pub fn records(
         &self,
         tenant: Option<&str>,
         from_ms: u64,
         to_ms: u64,
-    ) -> std::io::Result<Vec<Record>> {
-        let reader = BufReader::new(File::open(&self.path)?);
-        let mut out = Vec::new();
-        for line in reader.lines() {
-            let line = line?;
-            let Ok(r) = serde_json::from_str::<Record>(&line) else {
-                continue;
-            };
-            if r.finished_ms >= from_ms
-                && r.finished_ms < to_ms
-                && tenant.is_none_or(|t| t == r.tenant)
-            {
-                out.push(r);
-            }
-        }
-        Ok(out)
+    ) -> anyhow::Result<Vec<Record>> {
+        self.read(|c| sqlite::records(c, tenant, from_ms, to_ms))
+    }
+
+    /// Usage per tenant in `[from_ms, to_ms)`, sorted by tenant, summed by SQLite (whole
+    /// hours from the hourly rollup, the ragged ends from the records).
+    pub fn usage(
+        &self,
+        tenant: Option<&str>,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> anyhow::Result<Vec<Usage>> {
+        let who = tenant.map_or(Who::All, Who::Tenant);
+        self.read(|c| sqlite::usage(c, who, from_ms, to_ms))
+    }
+
+    /// Requests and tokens (input and output) of a tier in `[from_ms, to_ms)`.
+    pub fn tier_totals(&self, tier: &str, from_ms: u64, to_ms: u64) -> anyhow::Result<(u64, u64)> {
+        self.read(|c| sqlite::totals(c, Who::Tier(tier), from_ms, to_ms))
+    }
+
+    /// Tokens (input and output) of a tenant in `[from_ms, to_ms)`.
+    pub fn tenant_tokens(&self, tenant: &str, from_ms: u64, to_ms: u64) -> anyhow::Result<u64> {
+        self.read(|c| sqlite::totals(c, Who::Tenant(tenant), from_ms, to_ms))
+            .map(|(_, tokens)| tokens)
     }
 }
 
-/// Usage per tenant of the given records.
-pub fn usage(records: &[Record]) -> Vec<Usage> {
-    let mut by: BTreeMap<&str, Usage> = BTreeMap::new();
-    for r in records {
-        let u = by.entry(&r.tenant).or_insert_with(|| Usage {
-            tenant: r.tenant.clone(),
-            tier: r.tier.clone(),
-            ..Default::default()
-        });
-        u.requests += 1;
-        u.input_tokens += r.input_tokens;
-        u.output_tokens += r.output_tokens;
-        u.device_seconds += r.device_seconds;
+/// Add `more` (another node's usage) into `into`, per tenant; a tenant's tier stays the one
+/// seen first. The result is sorted by tenant.
+pub fn merge_usage(into: Vec<Usage>, more: Vec<Usage>) -> Vec<Usage> {
+    let mut by: BTreeMap<String, Usage> = into.into_iter().map(|u| (u.tenant.clone(), u)).collect();
+    for m in more {
+        match by.get_mut(&m.tenant) {
+            Some(u) => {
+                u.requests += m.requests;
+                u.input_tokens += m.input_tokens;
+                u.output_tokens += m.output_tokens;
+                u.device_seconds += m.device_seconds;
+            }
+            None => {
+                by.insert(m.tenant.clone(), m);
+            }
+        }
     }
     by.into_values().collect()
 }
@@ -149,16 +239,14 @@ pub fn usage(records: &[Record]) -> Vec<Usage> {
 pub fn flat_rate_invoice(
     tenants: &[(String, String)],
     tiers: &[Arc<Tier>],
-    records: &[Record],
+    usage: &[Usage],
 ) -> Vec<InvoiceLine> {
-    let used: BTreeMap<String, Usage> = usage(records)
-        .into_iter()
-        .map(|u| (u.tenant.clone(), u))
-        .collect();
+    let used: BTreeMap<&str, &Usage> = usage.iter().map(|u| (u.tenant.as_str(), u)).collect();
+    let zero = Usage::default();
     tenants
         .iter()
         .map(|(tenant, tier)| {
-            let u = used.get(tenant).cloned().unwrap_or_default();
+            let u = used.get(tenant.as_str()).copied().unwrap_or(&zero);
             InvoiceLine {
                 tenant: tenant.clone(),
                 tier: tier.clone(),
@@ -193,77 +281,4 @@ pub fn invoice_csv(lines: &[InvoiceLine]) -> String {
         );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(id: &str, tenant: &str, out: u64, at: u64) -> Record {
-        Record {
-            id: id.into(),
-            client_id: None,
-            tenant: tenant.into(),
-            tier: "gold".into(),
-            model: "m".into(),
-            endpoint: "completions".into(),
-            input_tokens: 10,
-            output_tokens: out,
-            device_seconds: 0.5,
-            cache_hit: false,
-            started_ms: at - 1,
-            finished_ms: at,
-        }
-    }
-
-    #[test]
-    fn records_survive_reopen_and_a_torn_tail_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let l = Ledger::open(dir.path()).unwrap();
-        l.append_blocking(&rec("a", "city-a", 5, 100)).unwrap();
-        l.append_blocking(&rec("b", "city-b", 7, 200)).unwrap();
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(dir.path().join("ledger.jsonl"))
-            .unwrap()
-            .write_all(b"{\"id\":\"torn")
-            .unwrap();
-        let again = Ledger::open(dir.path()).unwrap();
-        let all = again.records(None, 0, u64::MAX).unwrap();
-        assert_eq!(
-            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        assert_eq!(again.records(Some("city-a"), 0, u64::MAX).unwrap().len(), 1);
-        assert_eq!(again.records(None, 150, 250).unwrap()[0].id, "b");
-    }
-
-    #[test]
-    fn flat_rate_invoice_charges_the_tier_fee_whatever_the_usage() {
-        let tiers = vec![Arc::new(Tier {
-            name: "gold".into(),
-            price: 1000.0,
-            weight: 3,
-            max_concurrency: 0,
-            models: vec!["*".into()],
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            token_budget: 0,
-            residency_bonus: Default::default(),
-        })];
-        let tenants = vec![
-            ("city-a".to_string(), "gold".to_string()),
-            ("city-b".to_string(), "gold".to_string()),
-        ];
-        let lines = flat_rate_invoice(
-            &tenants,
-            &tiers,
-            &[rec("a", "city-a", 5, 1), rec("b", "city-a", 7, 2)],
-        );
-        assert_eq!(lines[0].amount, 1000.0);
-        assert_eq!(lines[0].output_tokens, 12);
-        assert_eq!(lines[1].amount, 1000.0);
-        assert_eq!(lines[1].requests, 0);
-        assert!(invoice_csv(&lines).starts_with("tenant,tier,description,amount"));
-    }
 }

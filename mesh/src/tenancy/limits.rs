@@ -320,19 +320,16 @@ impl Limits {
                 return (r, t);
             }
         }
-        let (r, t) = self
-            .ledger
-            .records(None, start, end)
-            .map(|rs| {
-                rs.iter()
-                    .filter(|r| r.tier == tier)
-                    .fold((0, 0), |(n, t), r| {
-                        (n + 1, t + r.input_tokens + r.output_tokens)
-                    })
-            })
-            .unwrap_or((0, 0));
-        self.tiers.lock().insert(tier.to_string(), (start, r, t));
-        (r, t)
+        match self.ledger.tier_totals(tier, start, end) {
+            Ok((r, t)) => {
+                self.tiers.lock().insert(tier.to_string(), (start, r, t));
+                (r, t)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tier, "Could not sum the tier's month");
+                (0, 0)
+            }
+        }
     }
 
     /// Count tokens a finished request used.
@@ -433,9 +430,11 @@ impl Limits {
             }
         }
         self.ledger
-            .records(Some(tenant), start, end)
-            .map(|rs| rs.iter().map(|r| r.input_tokens + r.output_tokens).sum())
-            .unwrap_or(0)
+            .tenant_tokens(tenant, start, end)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, tenant, "Could not sum the tenant's month");
+                0
+            })
     }
 }
 

@@ -142,7 +142,7 @@ async fn own_usage(
     axum::extract::Query(p): axum::extract::Query<super::mesh_ledger::Period>,
 ) -> Result<Json<Value>, ApiError> {
     let got = super::mesh_ledger::gather(&state, Some(&caller.tenant), &p).await?;
-    let mut answer = json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": crate::ledger::usage(&got.records)});
+    let mut answer = json!({"tenant": caller.tenant, "tier": caller.tier.name, "usage": got.usage});
     if state.cluster.is_some() {
         answer["mesh"] = got.describe();
     }
