@@ -16,6 +16,8 @@ pub struct Metrics {
     pub time_to_first_token_seconds: HistogramVec,
     pub input_tokens: IntCounterVec,
     pub output_tokens: IntCounterVec,
+    pub prefix_cache_hits: IntCounterVec,
+    pub prefix_cache_tokens: IntCounterVec,
     pub model_load_seconds: HistogramVec,
     pub model_load_failures: IntCounterVec,
     pub model_bytes: IntGaugeVec,
@@ -90,6 +92,20 @@ impl Metrics {
             output_tokens: register_int_counter_vec_with_registry!(
                 "flatmesh_output_tokens_total",
                 "Tokens generated.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            prefix_cache_hits: register_int_counter_vec_with_registry!(
+                "flatmesh_prefix_cache_hits_total",
+                "Generations whose prompt started with KV blocks from the copy's prefix cache.",
+                &["model"],
+                r
+            )
+            .expect("register"),
+            prefix_cache_tokens: register_int_counter_vec_with_registry!(
+                "flatmesh_prefix_cache_tokens_total",
+                "Prompt tokens read from the prefix cache instead of computed.",
                 &["model"],
                 r
             )

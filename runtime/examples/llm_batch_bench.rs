@@ -25,6 +25,8 @@ fn decode(engine: &Arc<LlmEngine>, streams: usize, new: usize) -> f64 {
                         ..Default::default()
                     },
                     stop: vec![],
+                    n: 1,
+                    logprobs: None,
                 };
                 let g = engine
                     .generate(&req, &mut |_| ControlFlow::Continue(()))

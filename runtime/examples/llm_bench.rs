@@ -38,6 +38,8 @@ fn main() {
             ..Default::default()
         },
         stop: vec![],
+        n: 1,
+        logprobs: None,
     };
     // Warm-up, then the measured run.
     let _ = engine.generate(

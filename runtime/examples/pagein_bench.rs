@@ -20,6 +20,8 @@ fn first_token(engine: &LlmEngine) {
             ..Default::default()
         },
         stop: vec![],
+        n: 1,
+        logprobs: None,
     };
     engine
         .generate(&req, &mut |_| ControlFlow::Continue(()))

@@ -247,6 +247,8 @@ mod tests {
                 max_tokens: Some(1),
                 sampling: SamplingParams::default(),
                 stop: vec![],
+                n: 1,
+                logprobs: None,
             };
             let g = engine.generate(&req, &mut |_| std::ops::ControlFlow::Continue(()));
             tx.send(g.map(|g| g.completion_tokens)).unwrap();

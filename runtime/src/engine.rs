@@ -49,6 +49,82 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Generation ends before the first occurrence of any of these.
     pub stop: Vec<String>,
+    /// Choices to generate from the one prompt (1 to `MAX_CHOICES`): the prompt is prefilled
+    /// once and its KV blocks shared; choice `i` samples with `seed + i` when a seed is given.
+    #[serde(default = "one_choice")]
+    pub n: usize,
+    /// Report each sampled token's log-probability and this many most likely alternatives
+    /// (0 to `MAX_TOP_LOGPROBS`); `None` computes none.
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+}
+
+/// Most choices one request may ask for.
+pub const MAX_CHOICES: usize = 16;
+/// Most alternatives reported beside each sampled token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+fn one_choice() -> usize {
+    1
+}
+
+impl GenerateRequest {
+    /// One choice of `prompt`, no logprobs.
+    pub fn new(
+        prompt: Prompt,
+        max_tokens: Option<usize>,
+        sampling: SamplingParams,
+        stop: Vec<String>,
+    ) -> Self {
+        GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            n: 1,
+            logprobs: None,
+        }
+    }
+}
+
+/// A token as text and as its exact bytes (a token may hold part of a UTF-8 character, which
+/// `token` shows as U+FFFD).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenText {
+    pub token: String,
+    pub bytes: Vec<u8>,
+    /// Natural log of the token's probability, from the log-softmax of the logits the sampler
+    /// saw after penalties and masks, before temperature, top-k and top-p.
+    pub logprob: f32,
+}
+
+/// One sampled token's log-probability and the most likely tokens at its step, best first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    #[serde(flatten)]
+    pub chosen: TokenText,
+    pub top: Vec<TokenText>,
+}
+
+/// New text of one choice, with the log-probabilities of the tokens it came from (when asked
+/// for; a token whose text is held back, for a stop string or a split character, is reported
+/// with the text that follows it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TextDelta {
+    #[serde(default)]
+    pub choice: usize,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+impl From<String> for TextDelta {
+    fn from(text: String) -> Self {
+        TextDelta {
+            text,
+            ..Default::default()
+        }
+    }
 }
 
 /// What `generate` reports while it runs.
@@ -56,8 +132,8 @@ pub struct GenerateRequest {
 pub enum GenerateEvent {
     /// The prompt was accepted and prefilled; the first token follows.
     Started { prompt_tokens: usize },
-    /// New text (never splits a UTF-8 character, never contains a stop string).
-    Text(String),
+    /// New text of one choice (never splits a UTF-8 character, never contains a stop string).
+    Text(TextDelta),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +154,47 @@ pub struct Generation {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub finish_reason: FinishReason,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    #[serde(default)]
+    pub cached_tokens: usize,
+    /// The log-probabilities of choice 0's tokens, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
+    /// Choices 1 to n-1 (the fields above are choice 0, except `completion_tokens`, which
+    /// counts the tokens of every choice).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<Choice>,
+}
+
+impl Generation {
+    /// A generation of one choice, no logprobs, nothing from the prefix cache.
+    pub fn new(
+        text: String,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        finish_reason: FinishReason,
+    ) -> Self {
+        Generation {
+            text,
+            prompt_tokens,
+            completion_tokens,
+            finish_reason,
+            cached_tokens: 0,
+            logprobs: None,
+            others: Vec::new(),
+        }
+    }
+}
+
+/// One more choice of a generation with `n > 1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// This choice's own tokens (also counted in the generation's `completion_tokens`).
+    pub completion_tokens: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

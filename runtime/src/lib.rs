@@ -4,6 +4,7 @@
 
 mod bert;
 mod bytes;
+pub mod constrain;
 pub mod device;
 mod engine;
 mod error;

@@ -22,6 +22,10 @@ pub struct SamplingParams {
     /// it runs to `max_tokens` or a stop string.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// What the output must be (JSON mode, a JSON schema): tokens that would break it are
+    /// masked before sampling (`crate::constrain`). `None`: free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<crate::constrain::Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +38,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             ignore_eos: false,
+            grammar: None,
         }
     }
 }
@@ -61,7 +66,9 @@ impl Sampler {
         }
     }
 
-    /// Pick the next token from the logits and remember it for the penalties.
+    /// Pick the next token from the logits and remember it for the penalties. The penalties
+    /// are applied to `logits` in place (what `logprobs` then reads); temperature, top-k and
+    /// top-p work on a copy.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
         let token = if self.params.temperature <= 0.0 {
@@ -130,6 +137,41 @@ impl Sampler {
     }
 }
 
+/// A sampled token's log-probability and the most likely tokens at its step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenScores {
+    pub logprob: f32,
+    /// Best first; ties in token order (so greedy's choice is the first).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `token`, and the `k` most likely tokens with theirs.
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenScores {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_z = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - log_z) as f32;
+    let mut top = Vec::new();
+    if k > 0 {
+        let better = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        top.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        if k < top.len() {
+            top.select_nth_unstable_by(k - 1, better);
+            top.truncate(k);
+        }
+        top.sort_unstable_by(better);
+        for t in &mut top {
+            t.1 = lp(t.1);
+        }
+    }
+    TokenScores {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top,
+    }
+}
+
 fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0;
     for (i, x) in xs.iter().enumerate() {
@@ -187,6 +229,32 @@ mod tests {
         // At temperature 1, tokens 1 and 4 hold ~0.69 of the mass; top_p 0.6 keeps only them.
         let got = draw(params(1.0, 0.6, 0, 3), 200);
         assert!(got.iter().all(|&t| t == 1 || t == 4), "{got:?}");
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_with_the_best_first() {
+        let l = logits();
+        let s = logprobs(&l, 2, 3);
+        let z: f64 = l.iter().map(|&x| f64::from(x).exp()).sum();
+        assert!((f64::from(s.logprob) - (2.0 - z.ln())).abs() < 1e-5);
+        let ids: Vec<u32> = s.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 4, 2]);
+        assert_eq!(
+            s.top[2].1, s.logprob,
+            "the chosen token's entry in the top list"
+        );
+        let total: f32 = l
+            .iter()
+            .map(|&x| logprobs(&l, 0, 0).logprob - l[0] + x)
+            .map(f32::exp)
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert!(s.top.iter().all(|t| t.1 <= 0.0));
+        assert_eq!(logprobs(&l, 1, 0).top, [], "no alternatives unless asked");
+        assert_eq!(logprobs(&l, 1, 9).top.len(), 5, "at most the vocabulary");
+        // A greedy choice is the top of the list, even on a tie (the lower id wins both).
+        let tie = [0.5, 2.0, 2.0];
+        assert_eq!(logprobs(&tie, argmax(&tie), 2).top[0].0, argmax(&tie));
     }
 
     #[test]

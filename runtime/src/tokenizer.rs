@@ -163,11 +163,46 @@ impl GgufTokenizer {
         Ok(ids)
     }
 
+    /// The bytes a token stands for: a byte-level piece mapped back to its bytes, an added
+    /// (control or user-defined) token as its own text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let added = self.tokenizer.get_added_vocabulary().simple_id_to_token(id);
+        if let Some(text) = added {
+            return text.into_bytes();
+        }
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        let mut bytes = Vec::with_capacity(piece.len());
+        for c in piece.chars() {
+            match byte_of(c) {
+                Some(b) => bytes.push(b),
+                None => bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+            }
+        }
+        bytes
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| RuntimeError::Inference(format!("detokenize: {e}")))
     }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's table: printable bytes stand for
+/// themselves, the other 68 are shifted to U+0100 onwards in byte order).
+fn byte_of(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    let code = c as u32;
+    if printable(code) {
+        return Some(code as u8);
+    }
+    let shifted = code.checked_sub(0x100)?;
+    (0u32..=255)
+        .filter(|&b| !printable(b))
+        .nth(shifted as usize)
+        .map(|b| b as u8)
 }
 
 fn vocab_id(tokens: &[String], types: &[i32], name: &str) -> Option<u32> {

@@ -490,6 +490,29 @@ def embed_as(agent, key, text="budget words"):
                       json={"model": EMBED, "input": text})
 
 
+def test_choices_and_logprobs_cross_a_forwarding_hop_whole_and_streamed(mesh):
+    from openai import OpenAI
+    llm_b_only_on_c(mesh)
+    kw = dict(model=LLM_B, messages=CHAT, max_tokens=8, temperature=0.7, seed=4, n=2,
+              logprobs=True, top_logprobs=2)
+
+    def ask(agent, **more):
+        client = OpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=180)
+        return client.chat.completions.create(**kw, **more)
+
+    forwarded, direct = ask(mesh["a"]), ask(mesh["c"])
+    assert [c.message.content for c in forwarded.choices] == [c.message.content for c in direct.choices]
+    assert [c.logprobs.content for c in forwarded.choices] == [c.logprobs.content for c in direct.choices]
+    assert forwarded.usage.completion_tokens == direct.usage.completion_tokens
+    texts, tokens = ["", ""], [[], []]
+    for ch in ask(mesh["a"], stream=True):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+            tokens[c.index] += [t.token for t in (c.logprobs.content if c.logprobs else [])]
+    assert texts == [c.message.content for c in direct.choices]
+    assert tokens == [[t.token for t in c.logprobs.content] for c in direct.choices]
+
+
 def test_a_tier_one_node_defines_is_shared_with_the_mesh(tenanted_pair):
     one, two = tenanted_pair["t1"], tenanted_pair["t2"]
     key = tenant_key(one, "library", "lookup")

@@ -168,6 +168,23 @@ def test_a_repeated_prompt_is_a_cache_hit_for_its_tenant_only(mesh):
     assert usage["usage"][0]["requests"] >= 3
 
 
+def test_a_cached_answer_is_never_served_for_logprobs_or_n(mesh):
+    q = "Which river runs through Paris?"
+    first = chat(mesh, "city-a", q, max_tokens=6)
+    assert chat(mesh, "city-a", q, max_tokens=6).headers["x-flatmesh-cache"] == "hit"
+    # The cache holds one text: asked for logprobs or for more choices, the model answers.
+    scored = chat(mesh, "city-a", q, max_tokens=6, logprobs=True, top_logprobs=2)
+    assert "x-flatmesh-cache" not in scored.headers
+    content = scored.parse().choices[0].logprobs.content
+    assert "".join(t.token for t in content) == first.parse().choices[0].message.content
+    several = chat(mesh, "city-a", q, max_tokens=6, n=2)
+    assert "x-flatmesh-cache" not in several.headers
+    assert len(several.parse().choices) == 2
+    # Nor did those answers go into the cache as another request's.
+    assert chat(mesh, "city-a", q, max_tokens=6).parse().choices[0].message.content == \
+        first.parse().choices[0].message.content
+
+
 def test_a_spent_budget_is_denied(mesh):
     c = client(mesh, "village")
     denied = None

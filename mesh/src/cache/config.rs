@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// can use at most this many (its context is the smaller of this and the model's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_tokens: Option<usize>,
+    /// Keep the full KV blocks of prompts for later prompts that start with the same tokens
+    /// (a shared system prompt, a chat's history): those are not computed again. The blocks
+    /// stay in the copy's KV pool (its bytes do not change) until a sequence needs the room.
+    #[serde(default = "yes")]
+    pub prefix_cache: bool,
     /// How long a copy stays loaded when idle (default `cache.keep_alive`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<KeepAlive>,
@@ -161,6 +166,10 @@ fn default_host_capacity() -> u64 {
 /// The most requests one model may run at once.
 pub const MAX_CONCURRENCY: usize = 1024;
 
+fn yes() -> bool {
+    true
+}
+
 pub fn default_max_concurrency() -> usize {
     16
 }
@@ -177,6 +186,7 @@ impl ModelConfig {
             format,
             max_concurrency: default_max_concurrency(),
             kv_cache_tokens: None,
+            prefix_cache: true,
             keep_alive: None,
             pinned: false,
             copies: 1,
@@ -188,6 +198,7 @@ impl ModelConfig {
         let default = flatmesh_runtime::BatchConfig::default();
         flatmesh_runtime::BatchConfig {
             kv_tokens: self.kv_cache_tokens.unwrap_or(default.kv_tokens),
+            prefix_cache: self.prefix_cache,
             ..default
         }
     }

@@ -28,6 +28,7 @@ fn model(
         format: Some(Format::Gguf),
         max_concurrency: 1,
         kv_cache_tokens: None,
+        prefix_cache: true,
         keep_alive,
         pinned,
         copies: 1,

@@ -25,7 +25,7 @@ pub use self::host::{
     Answer, Embedder,
 };
 pub use self::name::{NoSuchSlot, SlotName};
-pub use self::prompt::{estimate_tokens, features, prompt_text};
+pub use self::prompt::{cache_text, estimate_tokens, features, prompt_text};
 pub use self::slot::{AnySlot, SlotStatus};
 use self::{
     failure::Outcome,

@@ -1,6 +1,6 @@
 //! What policies learn of a prompt before any model has seen it.
 
-use flatmesh_runtime::Prompt;
+use flatmesh_runtime::{GenerateRequest, Prompt};
 
 use super::host::types::PromptFeatures;
 
@@ -44,6 +44,20 @@ pub fn prompt_text(prompt: &Prompt) -> String {
     }
 }
 
+/// The prompt as the response cache sees it: its text, then what else changes the answer
+/// (`response_format: <grammar as JSON>` on a line of its own when the output is constrained;
+/// tools are part of the prompt already), so that an answer to one schema is never served
+/// for another.
+pub fn cache_text(gen: &GenerateRequest) -> String {
+    let mut text = prompt_text(&gen.prompt);
+    if let Some(g) = &gen.sampling.grammar {
+        let g = serde_json::to_string(g).unwrap_or_default();
+        text.push_str("\nresponse_format: ");
+        text.push_str(&g);
+    }
+    text
+}
+
 /// Prompt tokens before the model's tokenizer is at hand: about four characters a token.
 pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
     features.chars.div_ceil(4)
@@ -52,6 +66,27 @@ pub fn estimate_tokens(features: &PromptFeatures) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_sees_the_response_format() {
+        let text = Prompt::Text("A person:".into());
+        let mut gen = GenerateRequest::new(text, Some(8), Default::default(), vec![]);
+        assert_eq!(cache_text(&gen), "A person:");
+        gen.sampling.grammar = Some(flatmesh_runtime::constrain::Grammar::JsonObject);
+        let json_mode = cache_text(&gen);
+        let schema = serde_json::json!({"type": "object", "required": ["a"]});
+        gen.sampling.grammar = Some(flatmesh_runtime::constrain::Grammar::JsonSchema(schema));
+        let with_schema = cache_text(&gen);
+        assert!(
+            json_mode.starts_with("A person:\nresponse_format: "),
+            "{json_mode}"
+        );
+        assert_ne!(json_mode, with_schema);
+        assert!(
+            with_schema.contains("\"required\":[\"a\"]"),
+            "{with_schema}"
+        );
+    }
 
     #[test]
     fn prompt_features_count_what_routers_use() {

@@ -2,7 +2,7 @@
 //! what it parsed (naming parameters as its clients write them), and a node checks what a
 //! peer forwarded to it the same way.
 
-use flatmesh_runtime::{GenerateRequest, SamplingParams};
+use flatmesh_runtime::{GenerateRequest, SamplingParams, MAX_CHOICES, MAX_TOP_LOGPROBS};
 
 use super::{error::ServeError, request::Work, MAX_INPUTS};
 
@@ -50,6 +50,14 @@ pub fn generate(g: &GenerateRequest, name: Name<'_>) -> Result<(), ServeError> {
             "must be at least 1",
         ));
     }
+    if !(1..=MAX_CHOICES).contains(&g.n) {
+        let m = format!("{} is not between 1 and {MAX_CHOICES}", g.n);
+        return Err(ServeError::bad_request(name("n"), m));
+    }
+    if let Some(k) = g.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        let m = format!("{k} is more than {MAX_TOP_LOGPROBS}");
+        return Err(ServeError::bad_request(name("top_logprobs"), m));
+    }
     if g.stop.len() > MAX_STOP {
         return Err(ServeError::bad_request(
             name("stop"),
@@ -94,6 +102,8 @@ mod tests {
             max_tokens: Some(4),
             sampling: SamplingParams::default(),
             stop: Vec::new(),
+            n: 1,
+            logprobs: None,
         };
         f(&mut g);
         Work::Generate(g)
@@ -147,6 +157,8 @@ mod tests {
                 ..Default::default()
             },
             stop: Vec::new(),
+            n: 1,
+            logprobs: None,
         };
         let e = generate(&g, &|k| format!("parameters.{k}")).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("parameters.temperature"));

@@ -10,7 +10,9 @@ use std::{
     time::Instant,
 };
 
-use flatmesh_runtime::{Engine, FinishReason, GenerateEvent, GenerateRequest, Generation};
+use flatmesh_runtime::{
+    Engine, FinishReason, GenerateEvent, GenerateRequest, Generation, TextDelta,
+};
 use tokio::{
     sync::{mpsc, oneshot},
     task::JoinHandle,
@@ -27,8 +29,8 @@ use crate::policy::{self, CachePrompt};
 /// What a generation reports to its front door.
 #[derive(Debug)]
 pub enum Event {
-    /// New text.
-    Text(String),
+    /// New text of one choice (with its tokens' logprobs when asked for).
+    Text(TextDelta),
     /// The end: the generation (recorded) or why it failed.
     Done(Result<Generation, ServeError>),
 }
@@ -74,7 +76,7 @@ impl Generating {
     /// A generation that is already complete (an answer from the response cache).
     pub fn ready(g: Generation) -> Self {
         let (tx, events) = mpsc::channel(2);
-        let _ = tx.try_send(Event::Text(g.text.clone()));
+        let _ = tx.try_send(Event::Text(g.text.clone().into()));
         let _ = tx.try_send(Event::Done(Ok(g)));
         Generating { events }
     }
@@ -281,6 +283,7 @@ async fn record(
     bill.record(model, g.prompt_tokens, g.completion_tokens)
         .await?;
     tracker.tokens(g.prompt_tokens, g.completion_tokens);
+    tracker.prefix_cache(g.cached_tokens);
     Ok(g)
 }
 

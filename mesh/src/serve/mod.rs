@@ -277,17 +277,28 @@ impl Serve {
         let Work::Generate(gen) = work else {
             return Ok(Lookup::NotAsked);
         };
-        if !self.policies.caches() || req.forwarded.is_some() {
+        // The cache holds one text: an answer with more choices or with logprobs is neither
+        // served from it nor stored in it.
+        let whole_answer = gen.n > 1 || gen.logprobs.is_some();
+        if !self.policies.caches() || req.forwarded.is_some() || whole_answer {
             return Ok(Lookup::NotAsked);
         }
         let cp = CachePrompt {
             request: info.clone(),
             target: model.to_string(),
-            text: policy::prompt_text(&gen.prompt),
+            text: policy::cache_text(gen),
             temperature: gen.sampling.temperature,
             seed: gen.sampling.seed,
         };
         let hit = self.policies.lookup(&cp).await?;
+        // A constrained request takes only an answer that follows its grammar (a semantic
+        // cache may offer one stored for a similar prompt under another format).
+        let hit = hit.filter(|a| match &gen.sampling.grammar {
+            Some(g) => {
+                flatmesh_runtime::constrain::accepts(g, &a.text, a.finish_reason != "length")
+            }
+            None => true,
+        });
         let label = if hit.is_some() { "hit" } else { "miss" };
         self.metrics
             .response_cache
@@ -321,7 +332,10 @@ impl Serve {
 
     fn info(&self, id: &str, req: &Request) -> RequestInfo {
         let (prompt, max_tokens) = match &req.work {
-            Work::Generate(g) | Work::Infer { generate: g, .. } => (Some(&g.prompt), g.max_tokens),
+            // Every choice may generate `max_tokens`.
+            Work::Generate(g) | Work::Infer { generate: g, .. } => {
+                (Some(&g.prompt), g.max_tokens.map(|m| m.saturating_mul(g.n)))
+            }
             Work::Embed { .. } => (None, None),
         };
         request_info(
@@ -510,15 +524,11 @@ fn cached_generation(answer: policy::Answer, prompt_tokens: usize) -> Generation
         usize::from(!answer.text.is_empty()),
         answer.text.len().max(1),
     );
-    Generation {
-        prompt_tokens,
-        completion_tokens,
-        finish_reason: match answer.finish_reason.as_str() {
-            "length" => FinishReason::Length,
-            _ => FinishReason::Stop,
-        },
-        text: answer.text,
-    }
+    let finish_reason = match answer.finish_reason.as_str() {
+        "length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    };
+    Generation::new(answer.text, prompt_tokens, completion_tokens, finish_reason)
 }
 
 /// What the response cache said.

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use flatmesh_runtime::{Embeddings, FinishReason, GenerateRequest, Generation};
+use flatmesh_runtime::{Embeddings, FinishReason, GenerateRequest, Generation, TextDelta};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -87,7 +87,10 @@ pub enum WireEvent {
         model: String,
         node: String,
     },
+    /// New text of choice 0 without logprobs (what every generation sends).
     Text(String),
+    /// New text of another choice, or with its tokens' logprobs.
+    Choice(TextDelta),
     Done(Generation),
     Embeddings(Embeddings),
     Error(WireError),
@@ -99,6 +102,7 @@ impl WireEvent {
         match self {
             WireEvent::Served { .. } => "served",
             WireEvent::Text(_) => "text",
+            WireEvent::Choice(_) => "choice",
             WireEvent::Done(_) => "done",
             WireEvent::Embeddings(_) => "embeddings",
             WireEvent::Error(_) => "error",
@@ -269,7 +273,10 @@ pub async fn serve(
             return Ok(Err(e));
         }
         (WireWork::Embed { .. }, WireEvent::Embeddings(e)) => Output::Embeddings(e),
-        (WireWork::Generate(_), first @ (WireEvent::Text(_) | WireEvent::Done(_))) => {
+        (
+            WireWork::Generate(_),
+            first @ (WireEvent::Text(_) | WireEvent::Choice(_) | WireEvent::Done(_)),
+        ) => {
             let lines = futures::stream::once(async { Ok(first) })
                 .chain(lines)
                 .boxed();
@@ -395,7 +402,12 @@ fn relay(mut lines: Lines, node: String, after: After, until: Option<Instant>) -
             };
             match line {
                 Some(Ok(WireEvent::Text(t))) => {
-                    if tx.send(Event::Text(t)).await.is_err() {
+                    if tx.send(Event::Text(t.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(WireEvent::Choice(d))) => {
+                    if tx.send(Event::Text(d)).await.is_err() {
                         return;
                     }
                 }
@@ -422,6 +434,16 @@ fn relay(mut lines: Lines, node: String, after: After, until: Option<Instant>) -
 }
 
 /// The answer of the serve path on the serving node, as JSON lines.
+/// A text delta on the wire: plain text where that says all of it (what peers without
+/// `n` or logprobs read), else the whole delta.
+fn wire_text(d: TextDelta) -> WireEvent {
+    if d.choice == 0 && d.logprobs.is_empty() {
+        WireEvent::Text(d.text)
+    } else {
+        WireEvent::Choice(d)
+    }
+}
+
 pub fn answer(result: Result<Served, ServeError>, node: &str) -> mpsc::Receiver<WireEvent> {
     let (tx, rx) = mpsc::channel(64);
     let node = node.to_string();
@@ -448,7 +470,7 @@ pub fn answer(result: Result<Served, ServeError>, node: &str) -> mpsc::Receiver<
             Output::Text(mut g) => {
                 while let Some(ev) = g.next_for(&tx).await {
                     let line = match ev {
-                        Event::Text(t) => WireEvent::Text(t),
+                        Event::Text(t) => wire_text(t),
                         Event::Done(Ok(g)) => WireEvent::Done(g),
                         Event::Done(Err(e)) => WireEvent::Error((&e).into()),
                     };

@@ -11,6 +11,8 @@ fn gen() -> GenerateRequest {
         max_tokens: Some(4),
         sampling: Default::default(),
         stop: Vec::new(),
+        n: 1,
+        logprobs: None,
     }
 }
 

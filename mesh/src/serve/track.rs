@@ -148,6 +148,22 @@ impl Tracker {
         self.counter().count(input, output);
     }
 
+    /// A prompt that started with `tokens` tokens from the copy's prefix cache.
+    pub fn prefix_cache(&self, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        let model = [self.model.as_str()];
+        self.metrics
+            .prefix_cache_hits
+            .with_label_values(&model)
+            .inc();
+        self.metrics
+            .prefix_cache_tokens
+            .with_label_values(&model)
+            .inc_by(tokens as u64);
+    }
+
     /// Counts the request's tokens where the tracker cannot go (an embedding recorded after
     /// its client was answered).
     pub fn counter(&self) -> TokenCounter {

@@ -1,6 +1,8 @@
 //! Continuous batching: one step loop per copy. Sequences join at the next step, prompts are
 //! prefilled in chunks beside other sequences' decode steps, and finished or cancelled
-//! sequences leave at once; each step reads every weight once for the whole batch.
+//! sequences leave at once; each step reads every weight once for the whole batch. The `n`
+//! choices of one prompt share its prefill and KV blocks; full blocks stay in the prefix
+//! cache for later prompts that start the same way.
 
 use std::{
     collections::VecDeque,
@@ -13,10 +15,16 @@ use std::{
 use super::{
     cpu::Cpu,
     forward::{forward, Batch},
-    kv::BlockTable,
+    kv::{BlockTable, KvPool},
     model::Model,
 };
-use crate::{device::Lane, engine::FinishReason, sampling::Sampler, SamplingParams};
+use crate::{
+    constrain::Constraint,
+    device::Lane,
+    engine::FinishReason,
+    sampling::{logprobs, Sampler, TokenScores},
+    SamplingParams,
+};
 
 /// How a copy batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +35,9 @@ pub struct BatchConfig {
     pub block_tokens: usize,
     /// Tokens one step computes at most (decodes first, then prompt chunks).
     pub step_tokens: usize,
+    /// Keep full KV blocks for later prompts that start with the same tokens (the prefix
+    /// cache); they stay in the pool until a sequence needs the room.
+    pub prefix_cache: bool,
 }
 
 impl Default for BatchConfig {
@@ -35,6 +46,7 @@ impl Default for BatchConfig {
             kv_tokens: 8192,
             block_tokens: 16,
             step_tokens: 256,
+            prefix_cache: true,
         }
     }
 }
@@ -42,10 +54,17 @@ impl Default for BatchConfig {
 /// What a sequence reports to the caller waiting on it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
-    /// A new token (end-of-generation tokens included); the first follows the prefill.
-    Token(u32),
-    /// No more tokens: `max_tokens` reached or an end-of-generation token sampled.
-    Done(FinishReason),
+    /// A new token of one choice (end-of-generation tokens included), with its scores when
+    /// asked for; the first follows the prefill.
+    Token {
+        choice: usize,
+        token: u32,
+        scores: Option<TokenScores>,
+    },
+    /// No more tokens for this choice: `max_tokens` reached or an end-of-generation token.
+    Done { choice: usize, reason: FinishReason },
+    /// The prompt's first this-many tokens came from the prefix cache (sent when admitted).
+    Reused(usize),
     /// The step computing this sequence failed; the copy goes on with the others.
     Failed(String),
 }
@@ -56,13 +75,38 @@ pub struct Submit {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Choices sampled from the one prefill: choice `i` seeds its sampler with `seed + i`.
+    pub n: usize,
+    /// Score each sampled token with this many alternatives; `None` scores none.
+    pub logprobs: Option<usize>,
     pub events: mpsc::Sender<SeqEvent>,
-    /// Set by the caller when it stops listening: the sequence leaves at the next step.
+    /// Set by the caller when it stops listening: every choice leaves at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// One flag per choice, set when that choice alone is done (it met a stop string).
+    pub stopped: Arc<[AtomicBool]>,
+    /// The grammar the output must follow (`sampling.grammar` compiled), fresh: each choice
+    /// starts from a clone.
+    pub constraint: Option<Constraint>,
+}
+
+/// What the choices of one request share.
+#[derive(Debug)]
+struct Shared {
+    max_tokens: usize,
+    sampling: SamplingParams,
+    logprobs: Option<usize>,
+    events: mpsc::Sender<SeqEvent>,
+    cancel: Arc<AtomicBool>,
+    stopped: Arc<[AtomicBool]>,
+    constraint: Option<Constraint>,
 }
 
 struct Seq {
-    submit: Submit,
+    shared: Arc<Shared>,
+    choice: usize,
+    /// Choices still to start from this one's prompt once it is prefilled.
+    forks: usize,
+    prompt_len: usize,
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     /// Tokens whose K and V are in the cache.
@@ -70,11 +114,21 @@ struct Seq {
     generated: usize,
     table: BlockTable,
     sampler: Sampler,
+    constraint: Option<Constraint>,
 }
 
 impl Seq {
     fn gone(&self) -> bool {
-        self.submit.cancel.load(Ordering::Relaxed)
+        let stopped = self.shared.stopped.get(self.choice);
+        self.shared.cancel.load(Ordering::Relaxed)
+            || stopped.is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// Choice `choice` of the same prompt, its own sampler seeded `seed + choice`.
+    fn sampler_for(sampling: &SamplingParams, choice: usize) -> Sampler {
+        let mut p = sampling.clone();
+        p.seed = p.seed.map(|s| s.wrapping_add(choice as u64));
+        Sampler::new(p)
     }
 }
 
@@ -137,14 +191,17 @@ impl StepLoop {
             "A batch step failed"
         );
         for mut s in self.running.drain(..) {
-            let _ = s.submit.events.send(SeqEvent::Failed(reason.to_string()));
+            let _ = s.shared.events.send(SeqEvent::Failed(reason.to_string()));
             self.cpu.kv.release(&mut s.table);
         }
     }
 
     fn enqueue(&mut self, submit: Submit) {
         if submit.prompt.is_empty() || submit.max_tokens == 0 {
-            let _ = submit.events.send(SeqEvent::Done(FinishReason::Length));
+            for choice in 0..submit.n.max(1) {
+                let reason = FinishReason::Length;
+                let _ = submit.events.send(SeqEvent::Done { choice, reason });
+            }
             return;
         }
         let fits = self.cpu.kv.blocks_for(submit.prompt.len() + 1) <= self.cpu.kv.total_blocks();
@@ -156,14 +213,26 @@ impl StepLoop {
             let _ = submit.events.send(SeqEvent::Failed(reason));
             return;
         }
-        let sampler = Sampler::new(submit.sampling.clone());
+        let shared = Arc::new(Shared {
+            max_tokens: submit.max_tokens,
+            sampling: submit.sampling,
+            logprobs: submit.logprobs,
+            events: submit.events,
+            cancel: submit.cancel,
+            stopped: submit.stopped,
+            constraint: submit.constraint,
+        });
         self.waiting.push_back(Seq {
-            tokens: submit.prompt.clone(),
+            sampler: Seq::sampler_for(&shared.sampling, 0),
+            constraint: shared.constraint.clone(),
+            shared,
+            choice: 0,
+            forks: submit.n.saturating_sub(1),
+            prompt_len: submit.prompt.len(),
+            tokens: submit.prompt,
             cached: 0,
             generated: 0,
             table: BlockTable::default(),
-            sampler,
-            submit,
         });
     }
 
@@ -178,12 +247,11 @@ impl StepLoop {
         self.waiting.retain(|s| !s.gone());
         // Admit in arrival order (the fair scheduler above chose that order), each with room
         // for all its tokens so far and the next one.
-        while let Some(s) = self.waiting.front() {
-            if kv.blocks_for(s.tokens.len() + 1) > kv.free_blocks() {
+        while let Some(s) = self.waiting.front_mut() {
+            if !admit(kv, s) {
                 break;
             }
-            let mut s = self.waiting.pop_front().expect("front exists");
-            kv.grow(&mut s.table, s.tokens.len() + 1);
+            let s = self.waiting.pop_front().expect("front exists");
             self.running.push(s);
         }
         let plan = self.plan();
@@ -221,15 +289,18 @@ impl StepLoop {
         for decoding in [true, false] {
             let mut i = 0;
             while i < self.running.len() && budget > 0 {
-                let s = &self.running[i];
+                let s = &mut self.running[i];
                 let left = s.tokens.len() - s.cached;
                 if (left == 1) != decoding {
                     i += 1;
                     continue;
                 }
                 let n = left.min(budget);
-                let want = s.cached + n + 1;
-                if !self.cpu.kv.grow(&mut self.running[i].table, want) {
+                let (kv, table) = (&mut self.cpu.kv, &mut s.table);
+                // Room for the new positions, in blocks of this sequence's own.
+                let room =
+                    kv.grow(table, s.cached + n + 1) && kv.writable(table, s.cached, s.cached + n);
+                if !room {
                     let newest = self.running.len() - 1;
                     self.preempt(newest);
                     plan.retain(|&(j, _)| j != newest);
@@ -254,37 +325,24 @@ impl StepLoop {
         let vocab = self.model.shape.vocab;
         let mut rows = self.logits.chunks_mut(vocab);
         let mut done = Vec::new();
+        let mut forks = Vec::new();
         for &(si, n) in plan {
             let s = &mut self.running[si];
             s.cached += n;
+            self.cpu.kv.remember(&mut s.table, &s.tokens, s.cached);
             if s.cached < s.tokens.len() {
                 continue;
             }
             let row = rows.next().expect("a logits row per finished run");
-            if s.submit.sampling.ignore_eos {
-                for &t in &self.end_of_generation {
-                    if let Some(logit) = row.get_mut(t as usize) {
-                        *logit = f32::NEG_INFINITY;
-                    }
-                }
+            if s.forks > 0 {
+                forks.push((si, row.to_vec()));
             }
-            let token = s.sampler.sample(row);
-            s.tokens.push(token);
-            s.generated += 1;
-            let finish = if self.end_of_generation.contains(&token) {
-                Some(FinishReason::Stop)
-            } else if s.generated >= s.submit.max_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let sent = s.submit.events.send(SeqEvent::Token(token)).is_ok();
-            if let Some(f) = finish {
-                let _ = s.submit.events.send(SeqEvent::Done(f));
-            }
-            if finish.is_some() || !sent {
+            if !pick(s, row, &self.end_of_generation) {
                 done.push(si);
             }
+        }
+        for (si, row) in forks {
+            self.fork(si, &row);
         }
         done.sort_unstable();
         for si in done.into_iter().rev() {
@@ -292,6 +350,117 @@ impl StepLoop {
             self.cpu.kv.release(&mut s.table);
         }
     }
+
+    /// Start the other choices of a prompt just prefilled: each shares its KV blocks and
+    /// samples its first token from the same logits.
+    fn fork(&mut self, si: usize, row: &[f32]) {
+        let forks = std::mem::take(&mut self.running[si].forks);
+        for choice in 1..=forks {
+            let parent = &self.running[si];
+            let mut s = Seq {
+                shared: parent.shared.clone(),
+                choice,
+                forks: 0,
+                prompt_len: parent.prompt_len,
+                tokens: parent.tokens[..parent.prompt_len].to_vec(),
+                cached: parent.prompt_len,
+                generated: 0,
+                table: self.cpu.kv.share(&parent.table),
+                sampler: Seq::sampler_for(&parent.shared.sampling, choice),
+                constraint: parent.shared.constraint.clone(),
+            };
+            if pick(&mut s, &mut row.to_vec(), &self.end_of_generation) {
+                self.running.push(s);
+            } else {
+                self.cpu.kv.release(&mut s.table);
+            }
+        }
+    }
+}
+
+/// Take blocks for a waiting sequence: the prompt's blocks in the prefix cache, then free
+/// ones for the rest and the next token. At least the last token is computed (its logits
+/// are needed). `false` (nothing taken) when the pool has too few.
+fn admit(kv: &mut KvPool, s: &mut Seq) -> bool {
+    let most = (s.tokens.len() - 1) / kv.block_tokens();
+    let found = kv.reuse(&s.tokens, most);
+    let reused = found.blocks.len();
+    s.table = BlockTable {
+        blocks: found.blocks,
+        hashed: reused,
+        chain: found.chain,
+    };
+    if !kv.grow(&mut s.table, s.tokens.len() + 1) {
+        kv.release(&mut s.table);
+        return false;
+    }
+    s.cached = reused * kv.block_tokens();
+    if s.cached > 0 && s.generated == 0 && s.choice == 0 {
+        let _ = s.shared.events.send(SeqEvent::Reused(s.cached));
+    }
+    true
+}
+
+/// Sample a sequence's next token from its logits `row` and tell the caller. Returns whether
+/// the sequence goes on.
+fn pick(s: &mut Seq, row: &mut [f32], end_of_generation: &[u32]) -> bool {
+    if s.shared.sampling.ignore_eos {
+        for &t in end_of_generation {
+            if let Some(logit) = row.get_mut(t as usize) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if let Some(Err(e)) = s.constraint.as_mut().map(|c| c.mask(row)) {
+        let _ = s
+            .shared
+            .events
+            .send(SeqEvent::Failed(format!("constrained decoding: {e}")));
+        return false;
+    }
+    let token = s.sampler.sample(row);
+    // `sample` left the penalties applied to `row`: the scores are of what it sampled from.
+    let scores = s.shared.logprobs.map(|k| logprobs(row, token, k));
+    s.tokens.push(token);
+    s.generated += 1;
+    let eog = end_of_generation.contains(&token);
+    // The grammar is told the token; a complete output ends as an end-of-generation would.
+    let complete = match s
+        .constraint
+        .as_mut()
+        .filter(|_| !eog)
+        .map(|c| c.commit(token))
+    {
+        Some(Err(e)) => {
+            let _ = s
+                .shared
+                .events
+                .send(SeqEvent::Failed(format!("constrained decoding: {e}")));
+            return false;
+        }
+        Some(Ok(complete)) => complete,
+        None => false,
+    };
+    let finish = if eog || complete {
+        Some(FinishReason::Stop)
+    } else if s.generated >= s.shared.max_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let choice = s.choice;
+    let events = &s.shared.events;
+    let sent = events
+        .send(SeqEvent::Token {
+            choice,
+            token,
+            scores,
+        })
+        .is_ok();
+    if let Some(reason) = finish {
+        let _ = events.send(SeqEvent::Done { choice, reason });
+    }
+    finish.is_none() && sent
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

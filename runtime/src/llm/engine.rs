@@ -4,13 +4,17 @@
 use std::{
     ops::ControlFlow,
     path::Path,
-    sync::{atomic::AtomicBool, mpsc, Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex,
+    },
 };
 
 use candle_core::quantized::gguf_file;
 
 use super::{
     batch::{BatchConfig, SeqEvent, StepLoop, Submit},
+    choices::Choices,
     cpu::Cpu,
     kv::KvPool,
     model::Model,
@@ -18,14 +22,14 @@ use super::{
 use crate::bytes::Bytes;
 use crate::gguf::{bad_gguf, open_error};
 use crate::{
+    constrain::Grammars,
     device::Device,
     engine::{
-        Engine, FinishReason, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind,
-        Prompt,
+        Engine, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind, Prompt,
+        MAX_CHOICES, MAX_TOP_LOGPROBS,
     },
-    stop::{Step, StopMatcher},
     template::ChatTemplate,
-    tokenizer::{GgufTokenizer, StreamDecoder},
+    tokenizer::GgufTokenizer,
     Result, RuntimeError,
 };
 
@@ -70,6 +74,7 @@ pub struct LlmEngine {
     size_bytes: u64,
     kv_bytes: u64,
     submit: Mutex<mpsc::Sender<Submit>>,
+    grammars: Grammars,
 }
 
 impl std::fmt::Debug for LlmEngine {
@@ -138,7 +143,8 @@ impl LlmEngine {
             config.block_tokens,
             shape.layers,
             shape.kv_dim(),
-        );
+        )
+        .with_prefix_cache(config.prefix_cache);
         let kv_bytes = kv.bytes();
         let info = ModelInfo {
             kind: ModelKind::Llm,
@@ -152,6 +158,7 @@ impl LlmEngine {
         let (tx, rx) = mpsc::channel();
         let cpu = Cpu::new(kv, lane.threads());
         let eog = text.tokenizer.end_of_generation.clone();
+        let grammars = Grammars::new(text.tokenizer.clone(), model.shape.vocab);
         let step = StepLoop::new(model.clone(), cpu, lane, config, eog);
         std::thread::Builder::new()
             .name("flatmesh-steps".into())
@@ -164,6 +171,7 @@ impl LlmEngine {
             size_bytes,
             kv_bytes,
             submit: Mutex::new(tx),
+            grammars,
         })
     }
 
@@ -210,7 +218,8 @@ impl LlmEngine {
         Ok(ids)
     }
 
-    /// Hand a sequence to the step loop; its tokens come back on the returned channel.
+    /// Hand a sequence (one choice, no scores) to the step loop; its tokens come back on the
+    /// returned channel.
     pub fn start(
         &self,
         prompt: Vec<u32>,
@@ -219,19 +228,27 @@ impl LlmEngine {
         cancel: Arc<AtomicBool>,
     ) -> Result<mpsc::Receiver<SeqEvent>> {
         let (events, rx) = mpsc::channel();
-        let submit = Submit {
+        let constraint = self.grammars.constraint(sampling.grammar.as_ref())?;
+        self.submit(Submit {
             prompt,
             max_tokens,
             sampling,
+            n: 1,
+            logprobs: None,
             events,
             cancel,
-        };
+            stopped: Arc::new([AtomicBool::new(false)]),
+            constraint,
+        })?;
+        Ok(rx)
+    }
+
+    fn submit(&self, submit: Submit) -> Result<()> {
         self.submit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .send(submit)
-            .map_err(|_| RuntimeError::Inference("the copy's step loop has stopped".into()))?;
-        Ok(rx)
+            .map_err(|_| RuntimeError::Inference("the copy's step loop has stopped".into()))
     }
 }
 
@@ -240,7 +257,7 @@ struct CancelOnDrop(Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -273,26 +290,70 @@ impl Engine for LlmEngine {
                 context,
             });
         }
-        let mut result = Generation {
-            text: String::new(),
-            prompt_tokens: prompt.len(),
-            completion_tokens: 0,
-            finish_reason: FinishReason::Length,
-        };
+        let n = req.n.clamp(1, MAX_CHOICES);
+        let prompt_tokens = prompt.len();
+        let mut choices = Choices::new(&self.text.tokenizer, n, &req.stop, req.logprobs.is_some());
         if max_tokens == 0 {
-            return Ok(result);
+            return Ok(choices.finish(prompt_tokens, false));
         }
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-        let rx = self.start(prompt, max_tokens, req.sampling.clone(), cancel.0.clone())?;
-        let tokenizer = &self.text.tokenizer;
-        let mut decoder = StreamDecoder::default();
-        let mut stops = StopMatcher::new(&req.stop);
-        loop {
-            let token = match rx.recv() {
-                Ok(SeqEvent::Token(t)) => t,
-                Ok(SeqEvent::Done(reason)) => {
-                    result.finish_reason = reason;
-                    break;
+        let stopped: Arc<[AtomicBool]> = (0..n).map(|_| AtomicBool::new(false)).collect();
+        let (events, rx) = mpsc::channel();
+        self.submit(Submit {
+            prompt,
+            max_tokens,
+            sampling: req.sampling.clone(),
+            n,
+            logprobs: req.logprobs.map(|k| k.min(MAX_TOP_LOGPROBS)),
+            events,
+            cancel: cancel.0.clone(),
+            stopped: stopped.clone(),
+            constraint: self.grammars.constraint(req.sampling.grammar.as_ref())?,
+        })?;
+        let mut run = Run {
+            choices: &mut choices,
+            stopped: &stopped,
+            on_event,
+            started: false,
+            prompt_tokens,
+            cached_tokens: 0,
+        };
+        let cancelled = run.follow(&rx)?;
+        let cached_tokens = run.cached_tokens;
+        drop(cancel);
+        let mut g = choices.finish(prompt_tokens, cancelled);
+        g.cached_tokens = cached_tokens;
+        Ok(g)
+    }
+}
+
+/// A generation's events from the step loop to the caller.
+struct Run<'r, 'c> {
+    choices: &'r mut Choices<'c>,
+    stopped: &'r [AtomicBool],
+    on_event: &'r mut dyn FnMut(GenerateEvent) -> ControlFlow<()>,
+    started: bool,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+}
+
+impl Run<'_, '_> {
+    /// Follow the step loop until every choice is done; returns whether the caller left.
+    fn follow(&mut self, rx: &mpsc::Receiver<SeqEvent>) -> Result<bool> {
+        while self.choices.open() {
+            let flow = match rx.recv() {
+                Ok(SeqEvent::Token {
+                    choice,
+                    token,
+                    scores,
+                }) => self.token(choice, token, scores)?,
+                Ok(SeqEvent::Done { choice, reason }) => match self.choices.done(choice, reason) {
+                    Some(delta) => (self.on_event)(GenerateEvent::Text(delta)),
+                    None => ControlFlow::Continue(()),
+                },
+                Ok(SeqEvent::Reused(tokens)) => {
+                    self.cached_tokens = tokens;
+                    ControlFlow::Continue(())
                 }
                 Ok(SeqEvent::Failed(reason)) => return Err(RuntimeError::Inference(reason)),
                 Err(_) => {
@@ -301,43 +362,35 @@ impl Engine for LlmEngine {
                     ))
                 }
             };
-            if result.completion_tokens == 0
-                && on_event(GenerateEvent::Started {
-                    prompt_tokens: result.prompt_tokens,
-                })
-                .is_break()
-            {
-                result.finish_reason = FinishReason::Cancelled;
-                break;
-            }
-            result.completion_tokens += 1;
-            if tokenizer.end_of_generation.contains(&token) {
-                continue;
-            }
-            if let Some(delta) = decoder.push(tokenizer, token)? {
-                let (text, stopped) = match stops.push(&delta) {
-                    Step::Emit(t) => (t, false),
-                    Step::Stop(t) => (t, true),
-                };
-                if !text.is_empty() && on_event(GenerateEvent::Text(text)).is_break() {
-                    result.finish_reason = FinishReason::Cancelled;
-                    break;
-                }
-                if stopped {
-                    result.finish_reason = FinishReason::Stop;
-                    break;
-                }
+            if flow.is_break() {
+                return Ok(true);
             }
         }
-        drop(cancel);
-        if result.finish_reason != FinishReason::Cancelled {
-            let rest = stops.flush();
-            if !rest.is_empty() {
-                let _ = on_event(GenerateEvent::Text(rest));
+        Ok(false)
+    }
+
+    fn token(
+        &mut self,
+        choice: usize,
+        token: u32,
+        scores: Option<crate::sampling::TokenScores>,
+    ) -> Result<ControlFlow<()>> {
+        if !self.started {
+            self.started = true;
+            let prompt_tokens = self.prompt_tokens;
+            if (self.on_event)(GenerateEvent::Started { prompt_tokens }).is_break() {
+                return Ok(ControlFlow::Break(()));
             }
         }
-        result.text = stops.into_text();
-        Ok(result)
+        let stepped = self.choices.token(choice, token, scores)?;
+        if stepped.stopped {
+            // Only this choice ends: the others go on.
+            self.stopped[choice].store(true, Ordering::Relaxed);
+        }
+        Ok(match stepped.delta {
+            Some(delta) => (self.on_event)(GenerateEvent::Text(delta)),
+            None => ControlFlow::Continue(()),
+        })
     }
 }
 

@@ -1,6 +1,10 @@
-//! The paged KV cache of a copy: a fixed pool of f16 blocks that sequences take as they grow.
+//! The paged KV cache of a copy: a fixed pool of f16 blocks that sequences take as they grow,
+//! share (counted references, copied before a shared block is written) and leave to the
+//! prefix cache when they end.
 
 use half::{f16, slice::HalfBitsSliceExt};
+
+use super::prefix::{PrefixCache, ROOT};
 
 /// Blocks of `block_tokens` positions, each holding K and V of every layer for those positions.
 pub struct KvPool {
@@ -9,8 +13,13 @@ pub struct KvPool {
     kv_dim: usize,
     /// f16 values as their bits: a zeroed `u16` vector is allocated without touching it.
     data: Vec<u16>,
+    /// Blocks nobody uses and no cached prefix holds.
     free: Vec<u32>,
+    /// Sequences using each block.
+    refs: Vec<u32>,
     blocks: usize,
+    /// Full blocks by the hash of their prefix; `None` when the prefix cache is off.
+    prefix: Option<PrefixCache>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -18,16 +27,37 @@ impl std::fmt::Debug for KvPool {
         write!(
             f,
             "KvPool({} of {} blocks free)",
-            self.free.len(),
+            self.free_blocks(),
             self.blocks
         )
     }
 }
 
 /// Where one sequence's positions live in the pool.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BlockTable {
     pub blocks: Vec<u32>,
+    /// Leading blocks named in the prefix cache (or found there), and the hash of the last.
+    pub hashed: usize,
+    pub chain: u64,
+}
+
+impl Default for BlockTable {
+    fn default() -> Self {
+        BlockTable {
+            blocks: Vec::new(),
+            hashed: 0,
+            chain: ROOT,
+        }
+    }
+}
+
+/// Blocks of a prompt found in the prefix cache.
+#[derive(Debug, Default)]
+pub struct Reuse {
+    pub blocks: Vec<u32>,
+    /// The hash of the last block found.
+    pub chain: u64,
 }
 
 impl KvPool {
@@ -42,8 +72,20 @@ impl KvPool {
             kv_dim,
             data: vec![0u16; blocks * layers * 2 * block_tokens * kv_dim],
             free: (0..blocks as u32).rev().collect(),
+            refs: vec![0; blocks],
             blocks,
+            prefix: None,
         }
+    }
+
+    /// Keep full blocks in a prefix cache (the pool and its bytes stay the same).
+    pub fn with_prefix_cache(mut self, on: bool) -> KvPool {
+        self.prefix = on.then(PrefixCache::default);
+        self
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
     }
 
     /// Bytes the pool holds.
@@ -60,8 +102,19 @@ impl KvPool {
         self.blocks
     }
 
+    /// Blocks a sequence may take: free ones and idle cached ones.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.prefix.as_ref().map_or(0, PrefixCache::idle)
+    }
+
+    /// A block for a sequence: a free one, else the least recently used idle cached one.
+    fn take(&mut self) -> Option<u32> {
+        let b = self
+            .free
+            .pop()
+            .or_else(|| self.prefix.as_mut().and_then(PrefixCache::evict))?;
+        self.refs[b as usize] = 1;
+        Some(b)
     }
 
     /// Blocks a sequence of `tokens` positions needs.
@@ -73,17 +126,101 @@ impl KvPool {
     /// too few free blocks.
     pub fn grow(&mut self, table: &mut BlockTable, tokens: usize) -> bool {
         let need = self.blocks_for(tokens).saturating_sub(table.blocks.len());
-        if need > self.free.len() {
+        if need > self.free_blocks() {
             return false;
         }
-        let at = self.free.len() - need;
-        table.blocks.extend(self.free.drain(at..));
+        for _ in 0..need {
+            let b = self.take().expect("counted");
+            table.blocks.push(b);
+        }
         true
     }
 
-    /// Give all of `table`'s blocks back.
+    /// Give all of `table`'s blocks back: a block no other sequence uses becomes free, or
+    /// idle in the prefix cache if it holds a cached prefix (last blocks first, so that a
+    /// prefix's tail is evicted before its head).
     pub fn release(&mut self, table: &mut BlockTable) {
-        self.free.append(&mut table.blocks);
+        for b in table.blocks.drain(..).rev() {
+            let refs = &mut self.refs[b as usize];
+            *refs -= 1;
+            if *refs > 0 {
+                continue;
+            }
+            match &mut self.prefix {
+                Some(p) if p.holds(b) => p.park(b),
+                _ => self.free.push(b),
+            }
+        }
+        table.hashed = 0;
+        table.chain = ROOT;
+    }
+
+    /// Another table over the same blocks (another choice of the same prompt).
+    pub fn share(&mut self, table: &BlockTable) -> BlockTable {
+        for &b in &table.blocks {
+            self.refs[b as usize] += 1;
+        }
+        BlockTable {
+            blocks: table.blocks.clone(),
+            hashed: table.hashed,
+            chain: table.chain,
+        }
+    }
+
+    /// Make the blocks holding positions `from..to` the table's own before they are written:
+    /// a block other sequences use is copied first. `false` when no block is free for a copy
+    /// (the blocks copied so far stay the table's own).
+    pub fn writable(&mut self, table: &mut BlockTable, from: usize, to: usize) -> bool {
+        let end = to.div_ceil(self.block_tokens).min(table.blocks.len());
+        for i in from / self.block_tokens..end {
+            let old = table.blocks[i];
+            if self.refs[old as usize] <= 1 {
+                continue;
+            }
+            let Some(new) = self.take() else {
+                return false;
+            };
+            let len = self.layers * 2 * self.block_tokens * self.kv_dim;
+            let (from, to) = (old as usize * len, new as usize * len);
+            self.data.copy_within(from..from + len, to);
+            self.refs[old as usize] -= 1;
+            table.blocks[i] = new;
+        }
+        true
+    }
+
+    /// Name the table's full blocks of computed positions (`tokens[..computed]`) in the
+    /// prefix cache.
+    pub fn remember(&mut self, table: &mut BlockTable, tokens: &[u32], computed: usize) {
+        let bt = self.block_tokens;
+        let Some(p) = &mut self.prefix else { return };
+        while (table.hashed + 1) * bt <= computed.min(tokens.len()) {
+            let i = table.hashed;
+            table.chain = p.insert(table.blocks[i], table.chain, &tokens[i * bt..(i + 1) * bt]);
+            table.hashed += 1;
+        }
+    }
+
+    /// The cached blocks `tokens` starts with, at most `most` of them, each now used by the
+    /// caller (give them back with `release` of a table holding them).
+    pub fn reuse(&mut self, tokens: &[u32], most: usize) -> Reuse {
+        let mut found = Reuse {
+            blocks: Vec::new(),
+            chain: ROOT,
+        };
+        let Some(p) = &mut self.prefix else {
+            return found;
+        };
+        for block in tokens.chunks_exact(self.block_tokens).take(most) {
+            let Some((b, hash)) = p.find(found.chain, block) else {
+                break;
+            };
+            p.touch(b);
+            self.refs[b as usize] += 1;
+            found.blocks.push(b);
+            found.chain = hash;
+        }
+        found
     }
 
     fn base(&self, table: &BlockTable, layer: usize, pos: usize) -> usize {
@@ -123,6 +260,74 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn filled(pool: &mut KvPool, table: &BlockTable, tokens: usize, value: f32) {
+        for pos in 0..tokens {
+            pool.kv_mut(table, 0, pos).0[0] = f16::from_f32(value + pos as f32);
+        }
+    }
+
+    #[test]
+    fn a_shared_block_is_copied_before_it_is_written() {
+        let mut pool = KvPool::new(64, 16, 1, 4);
+        let mut a = BlockTable::default();
+        assert!(pool.grow(&mut a, 20));
+        filled(&mut pool, &a, 20, 1.0);
+        let mut b = pool.share(&a);
+        assert_eq!(pool.free_blocks(), 2, "sharing takes no block");
+        // Position 20 is in the shared partial block: b gets its own copy.
+        assert!(pool.writable(&mut b, 20, 21));
+        assert_eq!(b.blocks[0], a.blocks[0], "the full block stays shared");
+        assert_ne!(b.blocks[1], a.blocks[1]);
+        assert_eq!(pool.free_blocks(), 1);
+        pool.kv_mut(&b, 0, 20).0[0] = f16::from_f32(-1.0);
+        assert_eq!(pool.k(&b, 0, 19)[0].to_f32(), 20.0, "copied");
+        assert_eq!(pool.k(&a, 0, 20)[0].to_f32(), 0.0, "a's block untouched");
+        assert!(pool.writable(&mut a, 20, 21), "a's block is its own again");
+        pool.release(&mut a);
+        assert_eq!(pool.free_blocks(), 2, "the block b still uses stays taken");
+        pool.release(&mut b);
+        assert_eq!(pool.free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_prompt_reuses_cached_blocks_and_idle_ones_go_least_recently_used() {
+        let mut pool = KvPool::new(64, 4, 1, 4).with_prefix_cache(true);
+        let tokens: Vec<u32> = (0..10).collect();
+        let mut a = BlockTable::default();
+        assert!(pool.grow(&mut a, 10));
+        filled(&mut pool, &a, 10, 0.0);
+        pool.remember(&mut a, &tokens, 10);
+        assert_eq!(a.hashed, 2, "two full blocks");
+        let found = pool.reuse(&tokens, 5);
+        assert_eq!(found.blocks, a.blocks[..2]);
+        assert_eq!(found.chain, a.chain);
+        let mut b = BlockTable {
+            blocks: found.blocks,
+            hashed: 2,
+            chain: found.chain,
+        };
+        assert_eq!(pool.k(&b, 0, 7)[0].to_f32(), 7.0);
+        pool.release(&mut a);
+        pool.release(&mut b);
+        // All 16 blocks can be taken; the cached ones go last, oldest first.
+        assert_eq!(pool.free_blocks(), 16);
+        let mut c = BlockTable::default();
+        assert!(pool.grow(&mut c, 14 * 4), "free blocks first");
+        let mut again = BlockTable {
+            blocks: pool.reuse(&tokens, 5).blocks,
+            ..Default::default()
+        };
+        assert_eq!(again.blocks.len(), 2, "still cached");
+        let mut d = BlockTable::default();
+        assert!(!pool.grow(&mut d, 4), "blocks in use cannot be taken");
+        pool.release(&mut again);
+        assert!(
+            pool.grow(&mut d, 8),
+            "idle cached blocks go when nothing else is free"
+        );
+        assert_eq!(pool.reuse(&tokens, 5).blocks.len(), 0, "evicted");
+    }
 
     #[test]
     fn sequences_take_blocks_as_they_grow_and_give_them_back() {

@@ -6,17 +6,21 @@
 //! `kernels` (quantized dot products; the only unsafe code besides the crate's `bytes` (the mmap)).
 
 mod batch;
-mod cpu;
+mod choices;
+pub(crate) mod cpu;
 mod engine;
 #[cfg(test)]
 pub(crate) mod fixture;
-mod forward;
+pub(crate) mod forward;
 pub mod kernels;
-mod kv;
-mod model;
+pub(crate) mod kv;
+pub(crate) mod model;
+mod prefix;
 
 pub use batch::BatchConfig;
 pub use engine::{check, footprint, LlmEngine, TextParts};
 
+#[cfg(test)]
+mod choice_tests;
 #[cfg(test)]
 mod tests;

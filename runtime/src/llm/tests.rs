@@ -37,6 +37,8 @@ fn greedy_req(prompt: &str, n: usize) -> GenerateRequest {
             ..Default::default()
         },
         stop: vec![],
+        n: 1,
+        logprobs: None,
     }
 }
 
@@ -118,7 +120,7 @@ fn greedy_completion_is_deterministic_and_knows_paris() {
     let a = e
         .generate(&req, &mut |ev| {
             if let GenerateEvent::Text(t) = ev {
-                streamed.push_str(&t);
+                streamed.push_str(&t.text);
             }
             ControlFlow::Continue(())
         })
@@ -184,7 +186,7 @@ fn greedy_tokens_equal_llama_cpp_up_to_near_ties() {
         let got: Vec<u32> = rx
             .iter()
             .map_while(|ev| match ev {
-                super::batch::SeqEvent::Token(t) => Some(t),
+                super::batch::SeqEvent::Token { token, .. } => Some(token),
                 _ => None,
             })
             .collect();
@@ -278,6 +280,8 @@ fn prompt_over_context_is_a_clear_error() {
         max_tokens: Some(1),
         sampling: SamplingParams::default(),
         stop: vec![],
+        n: 1,
+        logprobs: None,
     };
     let err = e
         .generate(&req, &mut |_| ControlFlow::Continue(()))

@@ -12,11 +12,18 @@ use axum::{
     response::{sse::Event, IntoResponse, Response, Sse},
     Json,
 };
-use flatmesh_runtime::{FinishReason, GenerateRequest, Generation, Prompt};
+use flatmesh_runtime::{
+    constrain::Grammar, Choice, FinishReason, GenerateRequest, Generation, Prompt, SamplingParams,
+    TextDelta,
+};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::types::{ChatRequest, Common, CompletionRequest, Usage};
+use super::{
+    format, logprobs,
+    tools::{self, Tools},
+    types::{ChatRequest, Common, CompletionRequest, Usage},
+};
 use crate::{
     api::{
         deadline::Deadline,
@@ -50,18 +57,28 @@ impl Shape {
         }
     }
 
-    fn chunk(self, head: &Head, text: Option<&str>, finish: Option<FinishReason>) -> Value {
+    /// One choice's new text (and its tokens' logprobs), or its end.
+    fn chunk(self, head: &Head, delta: &TextDelta, finish: Option<FinishReason>) -> Value {
         let finish = finish.map(finish_reason);
+        let i = delta.choice;
+        let logprobs = match (head.logprobs, self) {
+            (false, _) => Value::Null,
+            (true, Shape::Chat) => logprobs::chat(&delta.logprobs),
+            (true, Shape::Completion) => {
+                let mut offsets = head.offsets.lock().unwrap_or_else(|e| e.into_inner());
+                logprobs::completion(&delta.logprobs, &mut offsets[i])
+            }
+        };
         let choice = match self {
             Shape::Chat => {
-                let delta = match text {
-                    Some(t) => json!({"role": "assistant", "content": t}),
-                    None => json!({}),
+                let delta = match finish {
+                    None => json!({"role": "assistant", "content": delta.text}),
+                    Some(_) => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Shape::Completion => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": i, "text": delta.text, "logprobs": logprobs, "finish_reason": finish})
             }
         };
         let object = match self {
@@ -71,35 +88,71 @@ impl Shape {
         json!({"id": head.id, "object": object, "created": head.created, "model": head.model, "choices": [choice]})
     }
 
-    /// What ends a stream: the chunk with the finish reason, and the usage if asked for.
+    /// What ends a stream: a chunk with each choice's finish reason, and the usage if asked.
     fn tail(self, head: &Head, g: &Generation, include_usage: bool) -> Vec<Value> {
-        let mut tail = vec![self.chunk(head, None, Some(g.finish_reason))];
+        let mut tail: Vec<Value> = choices(g)
+            .into_iter()
+            .enumerate()
+            .map(|(choice, c)| {
+                let end = TextDelta {
+                    choice,
+                    ..Default::default()
+                };
+                let mut v = self.chunk(head, &end, Some(c.finish_reason));
+                v["choices"][0]["logprobs"] = Value::Null;
+                v
+            })
+            .collect();
         if include_usage {
-            let mut u = self.chunk(head, None, None);
+            let mut u = self.chunk(head, &TextDelta::default(), None);
             u["choices"] = json!([]);
-            u["usage"] = json!(Usage::new(g.prompt_tokens, g.completion_tokens));
+            u["usage"] = json!(Usage::new(g));
             tail.push(u);
         }
         tail
     }
 
     fn full(self, head: &Head, g: &Generation) -> Value {
-        let finish = finish_reason(g.finish_reason);
-        let (object, choice) = match self {
-            Shape::Chat => (
-                "chat.completion",
-                json!({"index": 0, "message": {"role": "assistant", "content": g.text}, "logprobs": null, "finish_reason": finish}),
-            ),
-            Shape::Completion => (
-                "text_completion",
-                json!({"index": 0, "text": g.text, "logprobs": null, "finish_reason": finish}),
-            ),
+        let object = match self {
+            Shape::Chat => "chat.completion",
+            Shape::Completion => "text_completion",
         };
+        let choices: Vec<Value> = choices(g)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let finish = finish_reason(c.finish_reason);
+                let lp = c.logprobs.as_deref().filter(|_| head.logprobs);
+                match self {
+                    Shape::Chat => {
+                        let logprobs = lp.map_or(Value::Null, logprobs::chat);
+                        json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                    Shape::Completion => {
+                        let logprobs = lp.map_or(Value::Null, |l| logprobs::completion(l, &mut 0));
+                        json!({"index": i, "text": c.text, "logprobs": logprobs, "finish_reason": finish})
+                    }
+                }
+            })
+            .collect();
         json!({
             "id": head.id, "object": object, "created": head.created, "model": head.model,
-            "choices": [choice], "usage": Usage::new(g.prompt_tokens, g.completion_tokens),
+            "choices": choices, "usage": Usage::new(g),
         })
     }
+}
+
+/// Every choice of a generation, choice 0 first.
+fn choices(g: &Generation) -> Vec<Choice> {
+    let first = Choice {
+        text: g.text.clone(),
+        finish_reason: g.finish_reason,
+        completion_tokens: 0,
+        logprobs: g.logprobs.clone(),
+    };
+    std::iter::once(first)
+        .chain(g.others.iter().cloned())
+        .collect()
 }
 
 /// What every response and chunk of one request repeats.
@@ -107,6 +160,12 @@ struct Head {
     id: String,
     created: u64,
     model: String,
+    /// Whether the client asked for logprobs.
+    logprobs: bool,
+    /// Where each choice's next token starts in its text (completions' `text_offset`).
+    offsets: std::sync::Mutex<Vec<usize>>,
+    /// The tools offered, whose calls are parsed out of the answer.
+    tools: Option<Tools>,
 }
 
 pub async fn chat(
@@ -125,7 +184,15 @@ pub async fn chat(
             ));
         }
         let max_tokens = r.max_completion_tokens.or(common.max_tokens);
-        Ok((Prompt::Chat(r.messages()?), max_tokens, common))
+        let mut messages = r.messages()?;
+        let (grammar, tools) = tools::apply(&v, &mut messages, format::response_format(&v)?)?;
+        let asked = Asked {
+            max_tokens,
+            logprobs: r.top_logprobs()?,
+            grammar,
+            tools,
+        };
+        Ok((Prompt::Chat(messages), asked, common))
     });
     run(state, (caller, deadline), Shape::Chat, req).await
 }
@@ -139,9 +206,27 @@ pub async fn completions(
     let req = body.and_then(|ApiJson(v)| {
         let common: Common = parse(&v)?;
         let r: CompletionRequest = parse(&v)?;
-        Ok((Prompt::Text(r.prompt()?), common.max_tokens, common))
+        let asked = Asked {
+            max_tokens: common.max_tokens,
+            logprobs: r.logprobs(common.n()?)?,
+            grammar: format::response_format(&v)?,
+            tools: None,
+        };
+        tools::refuse(&v)?;
+        Ok((Prompt::Text(r.prompt()?), asked, common))
     });
     run(state, (caller, deadline), Shape::Completion, req).await
+}
+
+/// What the two shapes ask for in fields of their own.
+struct Asked {
+    max_tokens: Option<u32>,
+    /// Alternatives to report beside each token, when logprobs are asked for.
+    logprobs: Option<usize>,
+    /// What the answer must be (`response_format`); `None`: free text.
+    grammar: Option<Grammar>,
+    /// Tools whose calls are parsed out of the answer.
+    tools: Option<Tools>,
 }
 
 /// A validated request on the serve path.
@@ -149,16 +234,27 @@ fn request(
     (caller, deadline): (Caller, Deadline),
     shape: Shape,
     prompt: Prompt,
-    max_tokens: Option<u32>,
+    asked: &Asked,
     common: &Common,
 ) -> Result<Request, ApiError> {
     let gen = GenerateRequest {
         prompt,
-        max_tokens: max_tokens.map(|n| n as usize),
-        sampling: common.sampling()?,
+        max_tokens: asked.max_tokens.map(|n| n as usize),
+        sampling: SamplingParams {
+            grammar: asked.grammar.clone(),
+            ..common.sampling()?
+        },
         stop: common.stop(),
+        n: common.n()?,
+        logprobs: asked.logprobs,
     };
     check::generate(&gen, &check::plain)?;
+    if gen.sampling.ignore_eos && gen.sampling.grammar.is_some() {
+        return Err(ApiError::bad_request(
+            "ignore_eos",
+            "cannot be combined with a JSON response_format (the JSON ends the answer)",
+        ));
+    }
     Ok(Request {
         caller,
         model: common.model.clone(),
@@ -176,12 +272,13 @@ async fn run(
     state: AppState,
     client: (Caller, Deadline),
     shape: Shape,
-    req: Result<(Prompt, Option<u32>, Common), ApiError>,
+    req: Result<(Prompt, Asked, Common), ApiError>,
 ) -> Response {
-    let parsed = req.and_then(|(prompt, max_tokens, common)| {
-        Ok((request(client, shape, prompt, max_tokens, &common)?, common))
+    let parsed = req.and_then(|(prompt, asked, common)| {
+        let r = request(client, shape, prompt, &asked, &common)?;
+        Ok((r, asked, common))
     });
-    let (r, common) = match parsed {
+    let (r, asked, common) = match parsed {
         Ok(p) => p,
         Err(e) => {
             state.serve.refused(shape.endpoint(), e.status.as_u16());
@@ -202,12 +299,21 @@ async fn run(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         model: served.model,
+        logprobs: asked.logprobs.is_some(),
+        offsets: std::sync::Mutex::new(vec![0; common.n().unwrap_or(1)]),
+        tools: asked.tools,
     };
     let mut response = if common.stream {
         stream(shape, head, generating, common.include_usage())
     } else {
         match generating.collect().await {
-            Ok(g) => Json(shape.full(&head, &g)).into_response(),
+            Ok(g) => {
+                let mut v = shape.full(&head, &g);
+                if let Some(t) = &head.tools {
+                    t.answer(&mut v, &head.id);
+                }
+                Json(v).into_response()
+            }
             Err(e) => ApiError::from(shape.name_the_prompt(e)).into_response(),
         }
     };
@@ -222,6 +328,30 @@ async fn run(
     response
 }
 
+/// The end of a stream that offered tools: each choice's calls as one delta (or its text as
+/// content), then the finish reasons (`tool_calls` where there were calls) and the usage.
+fn tool_tail(shape: Shape, head: &Head, g: &Generation, usage: bool, tools: &Tools) -> Vec<Value> {
+    let mut tail = shape.tail(head, g, usage);
+    let mut out = Vec::new();
+    for (i, c) in choices(g).into_iter().enumerate() {
+        let delta = TextDelta {
+            choice: i,
+            text: c.text.clone(),
+            ..Default::default()
+        };
+        let mut v = shape.chunk(head, &delta, None);
+        if let Some(calls) = tools.calls(&c.text) {
+            let calls = tools::to_openai(&calls, &head.id, true);
+            v["choices"][0]["delta"] =
+                json!({"role": "assistant", "content": null, "tool_calls": calls});
+            tail[i]["choices"][0]["finish_reason"] = json!("tool_calls");
+        }
+        out.push(v);
+    }
+    out.extend(tail);
+    out
+}
+
 /// An error in the middle of a stream, as OpenAI sends it.
 fn error_chunk(e: serve::ServeError) -> Value {
     let e = ApiError::from(e);
@@ -233,11 +363,18 @@ fn error_chunk(e: serve::ServeError) -> Value {
 fn stream(shape: Shape, head: Head, mut generating: Generating, include_usage: bool) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let send = |v: Value| Ok(Event::default().data(v.to_string()));
+    let n = head.offsets.lock().map_or(1, |o| o.len());
     tokio::spawn(async move {
         while let Some(ev) = generating.next_for(&tx).await {
             let chunks = match ev {
-                serve::Event::Text(t) => vec![shape.chunk(&head, Some(&t), None)],
-                serve::Event::Done(Ok(g)) => shape.tail(&head, &g, include_usage),
+                serve::Event::Text(t) if t.choice >= n => continue,
+                // With tools the text is held back until it is known to be a call or not.
+                serve::Event::Text(_) if head.tools.is_some() => continue,
+                serve::Event::Text(t) => vec![shape.chunk(&head, &t, None)],
+                serve::Event::Done(Ok(g)) => match &head.tools {
+                    Some(tools) => tool_tail(shape, &head, &g, include_usage, tools),
+                    None => shape.tail(&head, &g, include_usage),
+                },
                 serve::Event::Done(Err(e)) => vec![error_chunk(e)],
             };
             for v in chunks {

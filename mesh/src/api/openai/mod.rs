@@ -2,6 +2,9 @@
 //! over the serve path: parse and validate, run, encode.
 
 mod completions;
+pub(crate) mod format;
+mod logprobs;
+mod tools;
 mod types;
 
 use axum::{

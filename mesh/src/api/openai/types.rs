@@ -1,6 +1,6 @@
 //! Request and response bodies of the OpenAI-compatible API, and their validation.
 
-use flatmesh_runtime::{ChatMessage, SamplingParams};
+use flatmesh_runtime::{ChatMessage, SamplingParams, MAX_CHOICES, MAX_TOP_LOGPROBS};
 use serde::{Deserialize, Serialize};
 
 use crate::{api::error::ApiError, serve::check, units::KeepAlive};
@@ -92,12 +92,30 @@ pub struct ChatRequest {
     pub messages: Vec<Message>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    /// Report the log-probability of each token of the answer.
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    /// And this many most likely alternatives at each (0 to 20; needs `logprobs: true`).
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CompletionRequest {
     pub prompt: OneOrMany,
+    /// Report each token's log-probability and this many alternatives (0 to 5).
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    /// Refused when true: the prompt's own logprobs are not computed.
+    #[serde(default)]
+    pub echo: bool,
+    /// Refused unless it equals `n`: every choice generated is returned.
+    #[serde(default)]
+    pub best_of: Option<u32>,
 }
+
+/// Most alternatives `/v1/completions` reports beside each token (as OpenAI allows).
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct EmbeddingRequest {
@@ -162,7 +180,45 @@ impl ChatRequest {
     }
 }
 
+impl ChatRequest {
+    /// Alternatives to report beside each token; `None` when no logprobs are asked for.
+    pub fn top_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let top = self.top_logprobs.unwrap_or(0);
+        if top as usize > MAX_TOP_LOGPROBS {
+            let m = format!("{top} is more than {MAX_TOP_LOGPROBS}");
+            return Err(ApiError::bad_request("top_logprobs", m));
+        }
+        match self.logprobs {
+            Some(true) => Ok(Some(top as usize)),
+            _ if self.top_logprobs.is_some() => Err(ApiError::bad_request(
+                "top_logprobs",
+                "needs logprobs: true",
+            )),
+            _ => Ok(None),
+        }
+    }
+}
+
 impl CompletionRequest {
+    /// Alternatives to report beside each token; `None` when no logprobs are asked for.
+    /// `echo` and a `best_of` other than `n` (which would change the answer) are refused.
+    pub fn logprobs(&self, n: usize) -> Result<Option<usize>, ApiError> {
+        if self.echo {
+            return Err(ApiError::bad_request("echo", "is not supported"));
+        }
+        if let Some(b) = self.best_of.filter(|&b| b as usize != n) {
+            let m = format!("{b} is not supported: every choice is returned (best_of = n)");
+            return Err(ApiError::bad_request("best_of", m));
+        }
+        match self.logprobs {
+            Some(k) if k > MAX_COMPLETION_LOGPROBS => Err(ApiError::bad_request(
+                "logprobs",
+                format!("{k} is more than {MAX_COMPLETION_LOGPROBS}"),
+            )),
+            k => Ok(k.map(|k| k as usize)),
+        }
+    }
+
     pub fn prompt(&self) -> Result<String, ApiError> {
         match self.prompt.clone().into_vec().as_slice() {
             [one] => Ok(one.clone()),
@@ -181,9 +237,7 @@ impl Common {
         if self.model.is_empty() {
             return Err(ApiError::bad_request("model", "must not be empty"));
         }
-        if self.n.unwrap_or(1) != 1 {
-            return Err(ApiError::bad_request("n", "only n = 1 is supported"));
-        }
+
         Ok(SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p.unwrap_or(1.0),
@@ -192,7 +246,20 @@ impl Common {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             ignore_eos: self.ignore_eos,
+            // `response_format`, parsed from the body by `format`.
+            grammar: None,
         })
+    }
+
+    /// Choices to generate (1 to 16).
+    pub fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) as usize {
+            n @ 1..=MAX_CHOICES => Ok(n),
+            n => Err(ApiError::bad_request(
+                "n",
+                format!("{n} is not between 1 and {MAX_CHOICES}"),
+            )),
+        }
     }
 
     pub fn stop(&self) -> Vec<String> {
@@ -244,19 +311,30 @@ impl EmbeddingRequest {
     }
 }
 
+/// Tokens of a generation: the prompt once, the completions of every choice.
 #[derive(Debug, Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptDetails,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PromptDetails {
+    /// Prompt tokens read from the copy's prefix cache instead of computed.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(g: &flatmesh_runtime::Generation) -> Self {
         Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: g.completion_tokens,
+            total_tokens: g.prompt_tokens + g.completion_tokens,
+            prompt_tokens_details: PromptDetails {
+                cached_tokens: g.cached_tokens,
+            },
         }
     }
 }

@@ -540,7 +540,7 @@ async fn stream_one(
     let model = served.model;
     while let Some(ev) = generating.next_for(tx).await {
         let last = match ev {
-            serve::Event::Text(t) => text_response(&model, &id, t, false),
+            serve::Event::Text(t) => text_response(&model, &id, t.text, false),
             // The record is durable before the final response goes out.
             serve::Event::Done(Ok(_)) => text_response(&model, &id, String::new(), true),
             serve::Event::Done(Err(e)) => return Err(e),

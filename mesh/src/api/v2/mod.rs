@@ -352,6 +352,15 @@ pub fn generate_request(
         Some(Value::Bool(b)) => *b,
         Some(v) => return Err(bad("ignore_eos", format!("must be true or false, got {v}"))),
     };
+    let grammar = match p.get("response_format") {
+        None | Some(Value::Null) => None,
+        Some(v) => crate::api::openai::format::from_parameter(v)
+            .map_err(|e| bad(e.param.as_deref().unwrap_or("response_format"), e.message))?,
+    };
+    if ignore_eos && grammar.is_some() {
+        let m = "cannot be combined with a JSON response_format".to_string();
+        return Err(bad("ignore_eos", m));
+    }
     let g = GenerateRequest {
         prompt: Prompt::Text(prompt),
         max_tokens: Some(max_tokens as usize),
@@ -361,9 +370,12 @@ pub fn generate_request(
             top_k: top_k as usize,
             seed,
             ignore_eos,
+            grammar,
             ..Default::default()
         },
         stop,
+        n: 1,
+        logprobs: None,
     };
     check::generate(&g, &|k| format!("parameters.{k}"))?;
     Ok(g)

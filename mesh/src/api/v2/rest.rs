@@ -424,7 +424,7 @@ async fn generate_stream(
         while let Some(ev) = generating.next_for(&tx).await {
             let data = match ev {
                 serve::Event::Text(t) => {
-                    json!({"model_name": model, "model_version": "1", "text_output": t})
+                    json!({"model_name": model, "model_version": "1", "text_output": t.text})
                 }
                 serve::Event::Done(Ok(_)) => break,
                 serve::Event::Done(Err(e)) => json!({"error": e.message}),

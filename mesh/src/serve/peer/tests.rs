@@ -85,6 +85,8 @@ fn wire() -> WireRequest {
             max_tokens: Some(4),
             sampling: Default::default(),
             stop: Vec::new(),
+            n: 1,
+            logprobs: None,
         }),
         keep_alive: None,
         client_id: None,
