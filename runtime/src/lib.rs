@@ -5,6 +5,7 @@
 mod bert;
 mod bytes;
 pub mod constrain;
+pub mod cuda;
 pub mod device;
 mod engine;
 mod error;
@@ -20,8 +21,9 @@ pub mod tokenizer;
 pub use bert::BertEngine;
 pub use device::{Device, DeviceKind, Lane};
 pub use engine::{
-    ChatMessage, Embeddings, Engine, FinishReason, GenerateEvent, GenerateRequest, Generation,
-    ModelInfo, ModelKind, Prompt,
+    ChatMessage, Choice, Embeddings, Engine, FinishReason, GenerateEvent, GenerateRequest,
+    Generation, ModelInfo, ModelKind, Prompt, TextDelta, TokenLogprob, TokenText, MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
 };
 pub use error::{Result, RuntimeError};
 pub use file::{file_kind, open_regular, read_regular};

@@ -51,6 +51,12 @@ impl Cpu {
         }
     }
 
+    /// A buffer's values (tests compare other backends with them).
+    #[cfg(test)]
+    pub(crate) fn buf(&self, b: Buf) -> &[f32] {
+        &self.bufs[b as usize]
+    }
+
     fn sized(&mut self, buf: Buf, width: usize) -> Vec<f32> {
         let mut v = std::mem::take(&mut self.bufs[buf as usize]);
         v.clear();
