@@ -11,7 +11,8 @@ use flatmesh::{
     cache::residency::{Candidate as Idle, Verdict},
     metrics::Metrics,
     policy::{
-        Answer, CachePrompt, Candidate, PeriodUse, Policies, PolicyConfig, PromptFeatures,
+        Answer, AnswerShape, CachePrompt, Candidate, PeriodUse, Policies, PolicyConfig, PromptFeatures,
+        ResponseFormat,
         RequestInfo, SlotConfig, Usage,
     },
 };
@@ -50,6 +51,12 @@ fn request(i: usize) -> RequestInfo {
             messages: 1,
             code_blocks: 0,
             questions: 1,
+        },
+        shape: AnswerShape {
+            choices: 1,
+            logprobs: None,
+            format: ResponseFormat::Text,
+            tools: Vec::new(),
         },
     }
 }

@@ -4,7 +4,11 @@ use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{sampling::SamplingParams, Result, RuntimeError};
+use crate::{
+    sampling::SamplingParams,
+    template::{ToolCall, ToolOffer},
+    Result, RuntimeError,
+};
 
 /// What a model does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,11 +29,33 @@ pub struct ModelInfo {
     pub embedding_dims: Option<usize>,
 }
 
-/// One message of a chat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One message of a chat. The tool fields are optional on the wire (older payloads, which
+/// lack them, still read) and are handed to the chat template as structured data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The functions offered to the model: carried by the chat's first message (OpenAI sends
+    /// them beside the messages); the template renders them where the model expects them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<ToolOffer>,
+}
+
+impl ChatMessage {
+    /// A message of text only.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,12 @@
-//! Chat templates: the model's own Jinja template, rendered with minijinja.
+//! Chat templates: the model's own Jinja template, rendered with minijinja. A chat that
+//! offers tools is rendered with them (and with earlier calls and results as structured
+//! data) where the template supports tools, and through the generic format otherwise.
+
+mod tools;
 
 use minijinja::{context, Environment};
 
+pub use self::tools::{CallChoice, FunctionCall, ToolCall, ToolFormat, ToolOffer};
 use crate::{ChatMessage, Result, RuntimeError};
 
 /// A compiled chat template.
@@ -10,6 +15,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    tool_format: ToolFormat,
 }
 
 impl ChatTemplate {
@@ -32,7 +38,13 @@ impl ChatTemplate {
             env,
             bos: bos.to_string(),
             eos: eos.to_string(),
+            tool_format: ToolFormat::detect(source),
         })
+    }
+
+    /// The tool format of the template.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Render the messages, ending with the prompt for the assistant's turn.
@@ -43,8 +55,16 @@ impl ChatTemplate {
             ));
         }
         let tmpl = self.env.get_template("chat").expect("added in new()");
+        let (messages, tools) = match self.tool_format {
+            ToolFormat::Generic => (tools::generic(messages), None),
+            _ => (
+                tools::native(messages),
+                tools::offer(messages).map(|o| o.functions.clone()),
+            ),
+        };
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => true,
             bos_token => self.bos,
             eos_token => self.eos,
@@ -54,52 +74,4 @@ impl ChatTemplate {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    // The template SmolLM2-Instruct ships in its GGUF metadata.
-    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-    fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-
-    #[test]
-    fn renders_default_system_prompt_and_generation_prompt() {
-        let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap();
-        let out = t.render(&[msg("user", "Hi")]).unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
-             Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-        );
-    }
-
-    #[test]
-    fn keeps_a_given_system_prompt() {
-        let t = ChatTemplate::new(SMOLLM2, "", "").unwrap();
-        let out = t
-            .render(&[msg("system", "Be brief."), msg("user", "Hi")])
-            .unwrap();
-        assert!(out.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"));
-    }
-
-    #[test]
-    fn python_methods_and_raise_exception_work() {
-        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}\
-                   {% endif %}{{ messages[0].content.strip().upper() }}";
-        let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(t.render(&[msg("user", "  hi ")]).unwrap(), "HI");
-        let err = t.render(&[msg("system", "x")]).unwrap_err().to_string();
-        assert!(err.contains("first must be user"), "{err}");
-    }
-
-    #[test]
-    fn empty_messages_are_rejected() {
-        let t = ChatTemplate::new(SMOLLM2, "", "").unwrap();
-        assert!(t.render(&[]).is_err());
-    }
-}
+mod tests;

@@ -139,6 +139,17 @@ def test_the_alias_is_routed_by_prompt(mesh):
                 "library could share its catalogue with the libraries of three neighbouring towns.")
     assert long.parse().model == "large", long.headers.get("x-flatmesh-route")
     assert "long prompt" in long.headers["x-flatmesh-route"]
+    # The router sees what shapes the answer: a schema or tools make a short prompt complex.
+    schema = {"type": "json_schema", "json_schema": {"name": "yes", "schema": {
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}
+    structured = chat(mesh, "city-a", "Hi!", response_format=schema, max_tokens=8)
+    assert structured.parse().model == "large", structured.headers.get("x-flatmesh-route")
+    assert "structured output" in structured.headers["x-flatmesh-route"]
+    tool = {"type": "function", "function": {"name": "open_case", "parameters": {
+        "type": "object", "properties": {"id": {"type": "integer"}}}}}
+    with_tools = chat(mesh, "city-a", "Hi!", tools=[tool], max_tokens=8)
+    assert with_tools.parse().model == "large", with_tools.headers.get("x-flatmesh-route")
+    assert "tools offered (open_case)" in with_tools.headers["x-flatmesh-route"]
     # A model asked for by name is not routed.
     direct = chat(mesh, "city-a", "Hi!", model="large")
     assert direct.parse().model == "large" and "x-flatmesh-route" not in direct.headers

@@ -21,11 +21,11 @@ use std::{sync::Arc, time::Duration};
 pub use self::config::{OnFailure, PolicyConfig, SlotConfig};
 pub use self::failure::Refusal;
 pub use self::host::{
-    types::{PromptFeatures, RequestInfo, Usage},
+    types::{AnswerShape, PromptFeatures, RequestInfo, ResponseFormat, Usage},
     Answer, Embedder,
 };
 pub use self::name::{NoSuchSlot, SlotName};
-pub use self::prompt::{cache_text, estimate_tokens, features, prompt_text};
+pub use self::prompt::{answer_shape, cache_text, estimate_tokens, features, prompt_text};
 pub use self::slot::{AnySlot, SlotStatus};
 use self::{
     failure::Outcome,

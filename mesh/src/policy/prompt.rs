@@ -1,8 +1,8 @@
 //! What policies learn of a prompt before any model has seen it.
 
-use flatmesh_runtime::{GenerateRequest, Prompt};
+use flatmesh_runtime::{constrain::Grammar, GenerateRequest, Prompt};
 
-use super::host::types::PromptFeatures;
+use super::host::types::{AnswerShape, PromptFeatures, ResponseFormat};
 
 /// Cheap facts about a prompt for policies.
 pub fn features(prompt: &Prompt) -> PromptFeatures {
@@ -32,13 +32,27 @@ pub fn features(prompt: &Prompt) -> PromptFeatures {
     }
 }
 
-/// The prompt as one text: chat messages as `role: content` lines.
+/// The prompt as one text: chat messages as `role: content` lines, each followed by the
+/// tools it offers, the calls it made or the call it answers, as JSON.
 pub fn prompt_text(prompt: &Prompt) -> String {
     match prompt {
         Prompt::Text(t) => t.clone(),
         Prompt::Chat(messages) => messages
             .iter()
-            .map(|m| format!("{}: {}", m.role, m.content))
+            .map(|m| {
+                let mut line = format!("{}: {}", m.role, m.content);
+                let tools = m.tools.as_ref().and_then(|t| serde_json::to_string(t).ok());
+                let calls = (!m.tool_calls.is_empty())
+                    .then(|| serde_json::to_string(&m.tool_calls).ok())
+                    .flatten();
+                let answers = m.tool_call_id.clone();
+                for (key, v) in [("tools", tools), ("tool_calls", calls), ("tool_call_id", answers)] {
+                    if let Some(v) = v {
+                        line.push_str(&format!("\n{key}: {v}"));
+                    }
+                }
+                line
+            })
             .collect::<Vec<_>>()
             .join("\n"),
     }
@@ -46,8 +60,8 @@ pub fn prompt_text(prompt: &Prompt) -> String {
 
 /// The prompt as the response cache sees it: its text, then what else changes the answer
 /// (`response_format: <grammar as JSON>` on a line of its own when the output is constrained;
-/// tools are part of the prompt already), so that an answer to one schema is never served
-/// for another.
+/// tools and calls are part of the prompt text), so that an answer to one schema or one set of
+/// tools is never served for another.
 pub fn cache_text(gen: &GenerateRequest) -> String {
     let mut text = prompt_text(&gen.prompt);
     if let Some(g) = &gen.sampling.grammar {
@@ -56,6 +70,44 @@ pub fn cache_text(gen: &GenerateRequest) -> String {
         text.push_str(&g);
     }
     text
+}
+
+/// What a request asks of its answer beyond the prompt; `None` (embeddings, v2 tensors)
+/// asks for no choices.
+pub fn answer_shape(generate: Option<&GenerateRequest>) -> AnswerShape {
+    let Some(g) = generate else {
+        return AnswerShape {
+            choices: 0,
+            logprobs: None,
+            format: ResponseFormat::Text,
+            tools: Vec::new(),
+        };
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    AnswerShape {
+        choices: count(g.n),
+        logprobs: g.logprobs.map(count),
+        format: match &g.sampling.grammar {
+            None => ResponseFormat::Text,
+            Some(Grammar::JsonObject) => ResponseFormat::JsonObject,
+            Some(Grammar::JsonSchema(s)) => ResponseFormat::JsonSchema(s.to_string()),
+        },
+        tools: offered_tools(&g.prompt),
+    }
+}
+
+/// The names of the functions a chat offers (on its first message); none for text.
+fn offered_tools(prompt: &Prompt) -> Vec<String> {
+    let Prompt::Chat(messages) = prompt else {
+        return Vec::new();
+    };
+    let offer = messages.first().and_then(|m| m.tools.as_ref());
+    offer
+        .map(|o| o.functions.iter())
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["function"]["name"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// Prompt tokens before the model's tokenizer is at hand: about four characters a token.
@@ -91,14 +143,11 @@ mod tests {
     #[test]
     fn prompt_features_count_what_routers_use() {
         let chat = Prompt::Chat(vec![
-            flatmesh_runtime::ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            flatmesh_runtime::ChatMessage {
-                role: "user".into(),
-                content: "Why? And how?\n```rust\nfn main() {}\n```".into(),
-            },
+            flatmesh_runtime::ChatMessage::new("system", "Be brief."),
+            flatmesh_runtime::ChatMessage::new(
+                "user",
+                "Why? And how?\n```rust\nfn main() {}\n```",
+            ),
         ]);
         let f = features(&chat);
         assert_eq!((f.messages, f.code_blocks, f.questions), (2, 1, 2));

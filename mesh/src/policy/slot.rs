@@ -209,7 +209,10 @@ impl<K: Kind> Slot<K> {
             .linker
             .instantiate_pre(&component)
             .and_then(K::pre)
-            .map_err(|e| format!("does not fit the `{}` world: {e:#}", K::SLOT))?;
+            .map_err(|e| {
+                let hint = super::kind::version_hint(&self.runtime.engine, &component);
+                format!("does not fit the `{}` world{hint}: {e:#}", K::SLOT)
+            })?;
         let mut loaded = Loaded {
             version: 0,
             path: path.to_path_buf(),

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use flatmesh_runtime::Prompt;
+use flatmesh_runtime::GenerateRequest;
 
 use super::{endpoint::Endpoint, error::ServeError};
 use crate::{
@@ -15,24 +15,27 @@ use crate::{
 /// Longest client-supplied request id kept beside the ledger's own.
 const MAX_CLIENT_ID: usize = 256;
 
-/// A request as policies see it. `prompt` is absent for embeddings and v2 tensors.
+/// A request as policies see it. `generate` is absent for embeddings and v2 tensors.
 pub fn request_info(
     id: &str,
     caller: &Caller,
     model: &str,
     endpoint: Endpoint,
-    prompt: Option<&Prompt>,
-    max_tokens: Option<usize>,
+    generate: Option<&GenerateRequest>,
     streamed: bool,
 ) -> RequestInfo {
-    let features = prompt
-        .map(policy::features)
+    let features = generate
+        .map(|g| policy::features(&g.prompt))
         .unwrap_or(policy::PromptFeatures {
             chars: 0,
             messages: 0,
             code_blocks: 0,
             questions: 0,
         });
+    // Every choice may generate `max_tokens`.
+    let max_tokens = generate
+        .and_then(|g| g.max_tokens.map(|m| m.saturating_mul(g.n)))
+        .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
     RequestInfo {
         id: id.to_string(),
         tenant: caller.tenant.clone(),
@@ -40,9 +43,10 @@ pub fn request_info(
         model: model.to_string(),
         endpoint: endpoint.label().to_string(),
         prompt_tokens: policy::estimate_tokens(&features),
-        max_tokens: max_tokens.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+        max_tokens,
         streamed,
         features,
+        shape: policy::answer_shape(generate),
     }
 }
 

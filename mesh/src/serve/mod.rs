@@ -331,20 +331,16 @@ impl Serve {
     }
 
     fn info(&self, id: &str, req: &Request) -> RequestInfo {
-        let (prompt, max_tokens) = match &req.work {
-            // Every choice may generate `max_tokens`.
-            Work::Generate(g) | Work::Infer { generate: g, .. } => {
-                (Some(&g.prompt), g.max_tokens.map(|m| m.saturating_mul(g.n)))
-            }
-            Work::Embed { .. } => (None, None),
+        let generate = match &req.work {
+            Work::Generate(g) | Work::Infer { generate: g, .. } => Some(g),
+            Work::Embed { .. } => None,
         };
         request_info(
             id,
             &req.caller,
             &req.model,
             req.endpoint,
-            prompt,
-            max_tokens,
+            generate,
             req.stream,
         )
     }

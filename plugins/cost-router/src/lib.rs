@@ -16,6 +16,7 @@ use serde::Deserialize;
 wit_bindgen::generate!({ path: "../../wit", world: "router" });
 
 use flatmesh::policy::log::{log, Level};
+use flatmesh::policy::types::ResponseFormat;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +89,12 @@ fn complexity(config: &Config, request: &RequestInfo) -> Option<String> {
     }
     if request.features.questions > config.max_questions {
         return Some(format!("{} questions", request.features.questions));
+    }
+    if !request.shape.tools.is_empty() {
+        return Some(format!("tools offered ({})", request.shape.tools.join(", ")));
+    }
+    if !matches!(request.shape.format, ResponseFormat::Text) {
+        return Some("structured output".to_string());
     }
     if request.max_tokens >= config.large_max_tokens {
         return Some(format!("long answer ({} max tokens)", request.max_tokens));

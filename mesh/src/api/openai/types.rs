@@ -171,10 +171,7 @@ impl ChatRequest {
                         text
                     }
                 };
-                Ok(ChatMessage {
-                    role: m.role.clone(),
-                    content,
-                })
+                Ok(ChatMessage::new(m.role.clone(), content))
             })
             .collect()
     }

@@ -1,14 +1,21 @@
-//! Tools (function calling) in the generic format: the functions are listed in a system
-//! prompt section that asks for a `{"tool_calls": [{"name": …, "arguments": {…}}]}` answer;
-//! with `tool_choice` `required` or a named function the answer is constrained to that shape
-//! and the functions' parameter schemas; with `auto` it is parsed, and text that is not a
-//! valid call stays content. Works with any chat template (SmolLM2's has no tool support).
+//! Tools (function calling): the request's `tools` and `tool_choice` checked and handed to
+//! the chat template with the history's calls and results as structured data (the template
+//! renders them in the model's own format where it supports tools, in the generic format
+//! otherwise: see `flatmesh_runtime::template`); with `required` or a named function the
+//! answer is constrained to a call of the functions' schemas; the answer's calls parsed in
+//! any of the formats (`parse`). Text that is not a valid
+//! call stays content.
+
+mod parse;
 
 use flatmesh_runtime::{
     constrain::{self, Grammar},
+    template::{CallChoice, FunctionCall, ToolCall, ToolOffer},
     ChatMessage,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+
+pub use self::parse::parse_calls;
 
 use crate::api::error::ApiError;
 
@@ -110,7 +117,11 @@ impl Tools {
         self.choice != ToolChoice::None
     }
 
-    /// The grammar the answer must follow: `required` and named calls only.
+    /// The grammar the answer must follow: `required` and named calls only. The calls may
+    /// take any JSON shape the formats share, so that each model can write its own: the
+    /// generic `{"tool_calls": [call, …]}`, a bare call (Hermes' tag body, Llama 3's JSON,
+    /// which names the arguments `parameters`) or an array of calls (Mistral's body). The
+    /// tags and control tokens around them are not forced.
     pub fn grammar(&self) -> Option<Grammar> {
         let items: Vec<Value> = self
             .functions
@@ -120,81 +131,75 @@ impl Tools {
                 ToolChoice::Named(n) => &f.name == n,
                 ToolChoice::None | ToolChoice::Auto => false,
             })
-            .map(|f| {
-                json!({
-                    "type": "object",
-                    "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-                    "required": ["name", "arguments"],
-                    "additionalProperties": false,
+            .flat_map(|f| {
+                ["arguments", "parameters"].map(|key| {
+                    json!({
+                        "type": "object",
+                        "properties": {"name": {"const": f.name}, key: f.parameters},
+                        "required": ["name", key],
+                        "additionalProperties": false,
+                    })
                 })
             })
             .collect();
-        let item = match items.len() {
-            0 => return None,
-            1 => items.into_iter().next().expect("one"),
-            _ => json!({"anyOf": items}),
-        };
-        let mut calls = json!({"type": "array", "items": item, "minItems": 1});
-        if !self.parallel {
-            calls["maxItems"] = json!(1);
+        if items.is_empty() {
+            return None;
         }
-        Some(Grammar::JsonSchema(json!({
+        let call = json!({"anyOf": items});
+        let mut list = json!({"type": "array", "items": call, "minItems": 1});
+        if !self.parallel {
+            list["maxItems"] = json!(1);
+        }
+        let generic = json!({
             "type": "object",
-            "properties": {"tool_calls": calls},
+            "properties": {"tool_calls": list},
             "required": ["tool_calls"],
             "additionalProperties": false,
-        })))
-    }
-
-    /// Offer the tools in the system prompt (its first message, or a new one).
-    pub fn prompt(&self, messages: &mut Vec<ChatMessage>) {
-        if !self.offered() {
-            return;
-        }
-        let section = self.section();
-        match messages.first_mut() {
-            Some(m) if m.role == "system" || m.role == "developer" => {
-                m.content = format!("{}\n\n{section}", m.content);
-            }
-            _ => messages.insert(
-                0,
-                ChatMessage {
-                    role: "system".into(),
-                    content: section,
-                },
-            ),
-        }
-    }
-
-    /// The generic format's system prompt section.
-    fn section(&self) -> String {
-        let mut s = String::from(
-            "# Tools\n\nYou can call these functions. Each is a JSON object with its name, \
-             description and the JSON schema of its arguments:\n",
-        );
-        for f in &self.functions {
-            let mut d = json!({"name": f.name, "parameters": f.parameters});
-            if let Some(desc) = &f.description {
-                d["description"] = json!(desc);
-            }
-            s.push('\n');
-            s.push_str(&d.to_string());
-        }
-        s.push_str(
-            "\n\nTo call functions, answer with only a JSON object of this form:\n\
-             {\"tool_calls\": [{\"name\": \"<function name>\", \"arguments\": {<the arguments>}}]}\n",
-        );
-        s.push_str(match &self.choice {
-            ToolChoice::Named(_) | ToolChoice::Required => "You must call a function now.",
-            _ => "If no function is needed, answer in plain text.",
         });
-        if let ToolChoice::Named(n) = &self.choice {
-            s.push_str(&format!(" Call {n}."));
+        Some(Grammar::JsonSchema(json!({"anyOf": [generic, call, list]})))
+    }
+
+    /// What the chat template is handed: the functions in OpenAI's shape, the choice;
+    /// `None` when they are not offered.
+    pub fn offer(&self) -> Option<ToolOffer> {
+        let choice = match &self.choice {
+            ToolChoice::None => return None,
+            ToolChoice::Auto => CallChoice::Auto,
+            ToolChoice::Required => CallChoice::Required,
+            ToolChoice::Named(n) => CallChoice::Function(n.clone()),
+        };
+        let functions = self
+            .functions
+            .iter()
+            .map(|f| {
+                let mut d = json!({"name": f.name, "parameters": f.parameters});
+                if let Some(desc) = &f.description {
+                    d["description"] = json!(desc);
+                }
+                json!({"type": "function", "function": d})
+            })
+            .collect();
+        Some(ToolOffer {
+            functions,
+            choice,
+            parallel: self.parallel,
+        })
+    }
+
+    /// Offer the tools with the chat (on its first message).
+    pub fn prompt(&self, messages: &mut [ChatMessage]) {
+        if let Some(first) = messages.first_mut() {
+            first.tools = self.offer();
         }
-        if !self.parallel {
-            s.push_str(" Make at most one call.");
+    }
+
+    /// Whether `name` may be called.
+    pub fn allows(&self, name: &str) -> bool {
+        match &self.choice {
+            ToolChoice::None => false,
+            ToolChoice::Named(n) => n == name,
+            _ => self.functions.iter().any(|f| f.name == name),
         }
-        s
     }
 
     /// The calls an answer holds, if it is a valid call of offered functions; else `None`
@@ -204,12 +209,9 @@ impl Tools {
             return None;
         }
         let calls = parse_calls(text)?;
-        let known = |c: &Call| match &self.choice {
-            ToolChoice::Named(n) => &c.name == n,
-            _ => self.functions.iter().any(|f| f.name == c.name),
-        };
-        let fits =
-            !calls.is_empty() && calls.iter().all(known) && (self.parallel || calls.len() == 1);
+        let fits = !calls.is_empty()
+            && calls.iter().all(|c| self.allows(&c.name))
+            && (self.parallel || calls.len() == 1);
         fits.then_some(calls)
     }
 }
@@ -313,72 +315,45 @@ fn tool_choice(c: &Value, functions: &[Function]) -> Result<ToolChoice, ApiError
     }
 }
 
-/// Calls in an answer: `{"tool_calls": [{"name", "arguments"}]}`, or one bare
-/// `{"name", "arguments"}`, optionally in a ```json fence; arguments an object or a JSON
-/// string of one.
-pub fn parse_calls(text: &str) -> Option<Vec<Call>> {
-    let t = text.trim();
-    let t = t
-        .strip_prefix("```json")
-        .or_else(|| t.strip_prefix("```"))
-        .and_then(|t| t.trim_end().strip_suffix("```"))
-        .unwrap_or(t)
-        .trim();
-    let v: Value = serde_json::from_str(t).ok()?;
-    let list = match v.get("tool_calls") {
-        Some(Value::Array(list)) => list.clone(),
-        Some(_) => return None,
-        None => vec![v],
-    };
-    list.iter().map(call).collect()
-}
-
-fn call(v: &Value) -> Option<Call> {
-    let o = v.as_object()?;
-    let f = o.get("function").and_then(Value::as_object).unwrap_or(o);
-    let name = f.get("name")?.as_str()?.to_string();
-    let arguments = match f.get("arguments").or_else(|| f.get("parameters")) {
-        Some(a @ Value::Object(_)) => a.clone(),
-        Some(Value::String(s)) => serde_json::from_str::<Map<String, Value>>(s)
-            .ok()
-            .map(Value::Object)?,
-        None => json!({}),
-        Some(_) => return None,
-    };
-    Some(Call { name, arguments })
-}
-
-/// Tool calls and results earlier in the chat, written into the messages' text as the generic
-/// format has them: an assistant's `tool_calls` as the JSON answer it gave, a `tool`
-/// message's result as its content.
+/// Tool calls and results earlier in the chat, as structured data for the template: an
+/// assistant's `tool_calls` (arguments as objects), a `tool` message's `tool_call_id`.
 pub fn history(body: &Value, messages: &mut [ChatMessage]) -> Result<(), ApiError> {
     let Some(raw) = body.get("messages").and_then(Value::as_array) else {
         return Ok(());
     };
     for (i, (m, raw)) in messages.iter_mut().zip(raw).enumerate() {
+        match raw.get("tool_call_id") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(id)) if m.role == "tool" => m.tool_call_id = Some(id.clone()),
+            Some(_) => {
+                return Err(bad(
+                    format!("messages[{i}].tool_call_id"),
+                    "must be a string, on a tool message",
+                ))
+            }
+        }
         match raw.get("tool_calls") {
-            None | Some(Value::Null) => continue,
+            None | Some(Value::Null) => {}
             Some(Value::Array(calls)) if m.role == "assistant" => {
-                let calls = calls
+                let at = format!("messages[{i}].tool_calls");
+                m.tool_calls = calls
                     .iter()
-                    .map(call)
-                    .collect::<Option<Vec<Call>>>()
-                    .ok_or_else(|| {
-                        bad(
-                            format!("messages[{i}].tool_calls"),
-                            "each call needs a function with a name and arguments",
-                        )
-                    })?;
-                let list: Vec<Value> = calls
-                    .into_iter()
-                    .map(|c| json!({"name": c.name, "arguments": c.arguments}))
-                    .collect();
-                let answer = json!({"tool_calls": list}).to_string();
-                m.content = if m.content.is_empty() {
-                    answer
-                } else {
-                    format!("{}\n{answer}", m.content)
-                };
+                    .enumerate()
+                    .map(|(k, c)| {
+                        let call = parse::call(c).ok_or_else(|| {
+                            bad(&at, "each call needs a function with a name and arguments")
+                        })?;
+                        let id = c.get("id").and_then(Value::as_str);
+                        Ok(ToolCall {
+                            id: id.map_or_else(|| format!("call_{i}_{k}"), str::to_string),
+                            kind: "function".into(),
+                            function: FunctionCall {
+                                name: call.name,
+                                arguments: call.arguments,
+                            },
+                        })
+                    })
+                    .collect::<Result<_, ApiError>>()?;
             }
             Some(_) => {
                 return Err(bad(
@@ -391,13 +366,13 @@ pub fn history(body: &Value, messages: &mut [ChatMessage]) -> Result<(), ApiErro
     Ok(())
 }
 
-/// A chat request's tools applied: earlier calls written into the history, the tools offered
-/// in the system prompt; returns the grammar the answer must follow (the response format's,
+/// A chat request's tools applied: earlier calls and results put into the history, the tools
+/// offered with the chat; returns the grammar the answer must follow (the response format's,
 /// or the call schema for `required` and named choices) and the tools whose calls are to be
 /// parsed out of the answer.
 pub fn apply(
     body: &Value,
-    messages: &mut Vec<ChatMessage>,
+    messages: &mut [ChatMessage],
     format: Option<Grammar>,
 ) -> Result<(Option<Grammar>, Option<Tools>), ApiError> {
     history(body, messages)?;
@@ -470,5 +445,4 @@ pub fn to_openai(calls: &[Call], id: &str, with_index: bool) -> Value {
 }
 
 #[cfg(test)]
-#[path = "tools_tests.rs"]
 mod tests;

@@ -117,62 +117,60 @@ fn required_and_named_choices_constrain_to_the_call_schema() {
     let Some(Grammar::JsonSchema(s)) = tools(json!("required")).grammar() else {
         panic!()
     };
-    assert_eq!(
-        s["properties"]["tool_calls"]["items"]["anyOf"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
-    assert!(constrain::check(&Grammar::JsonSchema(s)).is_ok());
+    // The generic object, a bare call, or a list of calls; each call of either function, its
+    // arguments named `arguments` or (Llama 3) `parameters`.
+    let shapes = s["anyOf"].as_array().unwrap();
+    assert_eq!(shapes.len(), 3);
+    let calls = shapes[0]["properties"]["tool_calls"]["items"]["anyOf"]
+        .as_array()
+        .unwrap();
+    assert_eq!(calls.len(), 4);
+    assert_eq!(shapes[1]["anyOf"].as_array().unwrap().len(), 4);
+    assert_eq!(shapes[2]["minItems"], 1);
+    assert!(constrain::check(&Grammar::JsonSchema(s.clone())).is_ok());
     let named = json!({"type": "function", "function": {"name": "get_weather"}});
     let Some(Grammar::JsonSchema(s)) = tools(named).grammar() else {
         panic!()
     };
-    let item = &s["properties"]["tool_calls"]["items"];
-    assert_eq!(item["properties"]["name"]["const"], "get_weather");
-    assert_eq!(item["properties"]["arguments"]["required"], json!(["city"]));
+    let call = s["anyOf"][1]["anyOf"].as_array().unwrap();
+    assert_eq!(call.len(), 2, "only the named function");
+    assert_eq!(call[0]["properties"]["name"]["const"], "get_weather");
+    assert_eq!(call[0]["properties"]["arguments"]["required"], json!(["city"]));
+    assert_eq!(call[1]["properties"]["parameters"]["required"], json!(["city"]));
+    let single = Tools {
+        parallel: false,
+        ..tools(json!("required"))
+    };
+    let Some(Grammar::JsonSchema(s)) = single.grammar() else {
+        panic!()
+    };
+    assert_eq!(s["anyOf"][2]["maxItems"], 1);
 }
 
 #[test]
-fn the_tools_go_into_the_system_prompt() {
-    let mut m = vec![ChatMessage {
-        role: "user".into(),
-        content: "Weather in Oslo?".into(),
-    }];
-    tools(json!("auto")).prompt(&mut m);
-    assert_eq!(m[0].role, "system");
-    assert!(
-        m[0].content.contains(r#""name":"get_weather""#),
-        "{}",
-        m[0].content
-    );
-    assert!(m[0]
-        .content
-        .contains(r#"{"tool_calls": [{"name": "<function name>""#));
+fn the_tools_are_offered_with_the_first_message() {
     let mut m = vec![
-        ChatMessage {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "Hi".into(),
-        },
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Weather in Oslo?"),
     ];
     tools(json!("required")).prompt(&mut m);
-    assert_eq!(m.len(), 2);
-    assert!(m[0].content.starts_with("Be brief.\n\n# Tools"));
-    let mut m = vec![ChatMessage {
-        role: "user".into(),
-        content: "Hi".into(),
-    }];
+    assert_eq!(m.len(), 2, "the template, not the host, writes the tools");
+    let offer = m[0].tools.as_ref().expect("offered on the first message");
+    assert_eq!(offer.choice, CallChoice::Required);
+    assert_eq!(offer.functions[0]["function"]["name"], "get_weather");
+    assert_eq!(offer.functions[1]["function"]["name"], "get_time");
+    assert!(m[1].tools.is_none());
+    let mut m = vec![ChatMessage::new("user", "Hi")];
     tools(json!("none")).prompt(&mut m);
-    assert_eq!(m.len(), 1);
+    assert!(m[0].tools.is_none(), "tool_choice none offers nothing");
+    let named = json!({"type": "function", "function": {"name": "get_time"}});
+    tools(named).prompt(&mut m);
+    let choice = &m[0].tools.as_ref().unwrap().choice;
+    assert_eq!(*choice, CallChoice::Function("get_time".into()));
 }
 
 #[test]
-fn earlier_calls_are_written_as_the_answer_the_model_gave() {
+fn earlier_calls_and_results_go_into_the_history_as_data() {
     let body = json!({"messages": [
         {"role": "user", "content": "Weather?"},
         {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
@@ -181,17 +179,14 @@ fn earlier_calls_are_written_as_the_answer_the_model_gave() {
     ]});
     let mut m: Vec<ChatMessage> = ["user", "assistant", "tool"]
         .iter()
-        .map(|r| ChatMessage {
-            role: r.to_string(),
-            content: String::new(),
-        })
+        .map(|r| ChatMessage::new(*r, ""))
         .collect();
     history(&body, &mut m).unwrap();
-    let v: Value = serde_json::from_str(&m[1].content).unwrap();
-    assert_eq!(
-        v,
-        json!({"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]})
-    );
+    let call = &m[1].tool_calls[0];
+    assert_eq!(call.id, "call_1");
+    assert_eq!(call.function.name, "get_weather");
+    assert_eq!(call.function.arguments, json!({"city": "Oslo"}));
+    assert_eq!(m[2].tool_call_id.as_deref(), Some("call_1"));
     let bad = json!({"messages": [{"role": "user", "content": "x", "tool_calls": [1]}]});
     let e = history(&bad, &mut m[..1]).unwrap_err();
     assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
