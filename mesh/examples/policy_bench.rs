@@ -11,9 +11,8 @@ use flatmesh::{
     cache::residency::{Candidate as Idle, Verdict},
     metrics::Metrics,
     policy::{
-        Answer, AnswerShape, CachePrompt, Candidate, PeriodUse, Policies, PolicyConfig, PromptFeatures,
-        ResponseFormat,
-        RequestInfo, SlotConfig, Usage,
+        Answer, AnswerShape, CachePrompt, Candidate, PeriodUse, Policies, PolicyConfig,
+        PromptFeatures, RequestInfo, ResponseFormat, SlotConfig, Usage,
     },
 };
 use serde_json::json;

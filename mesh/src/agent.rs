@@ -47,6 +47,9 @@ impl Agent {
         let metrics = Metrics::new();
         let (cache, mesh_registry) = open_cache(&config, &metrics).await?;
         let ledger = Ledger::open(&config.state_dir)?;
+        if config.ledger.postgres.is_some() {
+            ledger.share(&config.ledger, &node_name(&config))?;
+        }
         let gpus = discover_gpus().await?;
         let policies = open_policies(&config, &cache, &metrics).await?;
         let limits = Limits::new(ledger.clone());
@@ -149,7 +152,8 @@ async fn open_cache(
     }
 }
 
-/// The CUDA GPUs of this machine, reported only: engines run on host memory.
+/// The CUDA GPUs of this machine, reported (copies go to a GPU through the `kind = "cuda"`
+/// devices of `cache.devices`).
 async fn discover_gpus() -> anyhow::Result<Vec<flatmesh_runtime::device::GpuInfo>> {
     let gpus = tokio::task::spawn_blocking(flatmesh_runtime::device::discover_cuda).await?;
     Ok(match gpus {
@@ -160,12 +164,12 @@ async fn discover_gpus() -> anyhow::Result<Vec<flatmesh_runtime::device::GpuInfo
         Ok(gpus) => {
             for g in &gpus {
                 tracing::info!(gpu = g.ordinal, name = %g.name, total_bytes = g.total_bytes, free_bytes = g.free_bytes,
-                    "Found a CUDA GPU; engines run on host memory, so copies are placed on host devices");
+                    "Found a CUDA GPU (copies go to it through cache.devices of kind \"cuda\")");
             }
             gpus
         }
         Err(reason) => {
-            tracing::info!(%reason, "No CUDA driver; the pool is host memory");
+            tracing::info!(%reason, "No CUDA driver; only host devices take copies");
             Vec::new()
         }
     })
@@ -289,15 +293,20 @@ fn announce(config: &Config, listeners: &Listeners) -> anyhow::Result<()> {
     tracing::info!(http = %addr, grpc = %grpc_addr, models = config.models.len(), "Listening");
     if let Some(path) = &config.server.addr_file {
         let json = serde_json::json!({"http": addr.to_string(), "grpc": grpc_addr.to_string()});
-        std::fs::write(path, json.to_string()).map_err(|e| {
-            anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
-        })?;
+        // Written beside and renamed into place: whoever waits for the file never reads half.
+        let mut part = path.clone().into_os_string();
+        part.push(".part");
+        std::fs::write(&part, json.to_string())
+            .and_then(|()| std::fs::rename(&part, path))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot write server.addr_file {}: {e}", path.display())
+            })?;
     }
     Ok(())
 }
 
 /// The tasks beside the front doors, each stopped by the stop signal: the policy watch,
-/// the reaper of idle copies, and preloading.
+/// the reaper of idle copies, preloading, and the shipper of the shared ledger.
 fn spawn_background(config: &Config, state: &AppState, stop_rx: &watch::Receiver<bool>) {
     if config.policy.watch {
         state.serve.policies.watch(stopped(stop_rx.clone()));
@@ -305,6 +314,12 @@ fn spawn_background(config: &Config, state: &AppState, stop_rx: &watch::Receiver
     let reaper = state.serve.cache.clone();
     let stop = stopped(stop_rx.clone());
     tokio::spawn(async move { reaper.run_reaper(stop).await });
+    if let Some(shared) = state.serve.ledger.shared() {
+        let ledger = state.serve.ledger.clone();
+        let metrics = state.serve.metrics.clone();
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(crate::ledger::shipper::run(ledger, shared, metrics, stop));
+    }
     let preload = state.serve.cache.clone();
     let stop = stopped(stop_rx.clone());
     tokio::spawn(async move {
@@ -365,4 +380,16 @@ async fn serve_http(
         max_body_bytes: config.server.max_body_bytes,
     };
     api::serve_with(listener, app, state, stop, grace, limits).await
+}
+
+/// This node's name in the shared ledger: its mesh name, else the host's.
+fn node_name(config: &Config) -> String {
+    match &config.mesh {
+        Some(m) => m.node.clone(),
+        None => std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map_or_else(|| "local".to_string(), |h| h.trim().to_string()),
+    }
 }

@@ -100,6 +100,9 @@ struct ServeArgs {
     /// The token the nodes of the mesh prove themselves to each other with (mesh.token).
     #[arg(long, env = "FLATMESH_MESH_TOKEN", hide_env_values = true)]
     mesh_token: Option<String>,
+    /// The shared ledger's PostgreSQL URL (ledger.postgres).
+    #[arg(long, env = "FLATMESH_LEDGER_POSTGRES", hide_env_values = true)]
+    ledger_postgres: Option<String>,
 }
 
 fn parse_secs(s: &str) -> Result<Secs, String> {
@@ -150,6 +153,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.otlp_endpoint {
             c.telemetry.otlp_endpoint = Some(v);
+        }
+        if let Some(v) = self.ledger_postgres {
+            c.ledger.postgres = Some(v);
         }
         if let Some(v) = self.mesh_etcd {
             match &mut c.mesh {
@@ -209,13 +215,15 @@ pub fn main() -> ExitCode {
         }
     };
     if print_only {
-        // Tokens are shown as set, never printed (an init container's log keeps this).
+        // Tokens (and the shared ledger's URL, which holds a password) are shown as set,
+        // never printed (an init container's log keeps this).
         let mut shown = config.clone();
         let mesh_token = shown.mesh.as_mut().map(|m| &mut m.token);
         for token in [
             Some(&mut shown.server.admin_token),
             Some(&mut shown.server.metrics_token),
             mesh_token,
+            Some(&mut shown.ledger.postgres),
         ]
         .into_iter()
         .flatten()

@@ -36,6 +36,8 @@ pub struct Config {
     pub mesh: Option<crate::cluster::MeshConfig>,
     /// Traces over OTLP (off unless `otlp_endpoint` is set).
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The shared ledger in PostgreSQL (off unless `postgres` is set).
+    pub ledger: crate::ledger::LedgerConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,6 +225,7 @@ impl Default for Config {
             models: Vec::new(),
             mesh: None,
             telemetry: Default::default(),
+            ledger: Default::default(),
         }
     }
 }
@@ -279,6 +282,7 @@ impl Config {
             }
         }
         self.telemetry.validate()?;
+        self.ledger.validate()?;
         if self.scheduler.slots == 0 {
             anyhow::bail!("scheduler.slots: must be at least 1");
         }

@@ -6,6 +6,9 @@ use prometheus::{
     register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, GaugeVec,
     Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
+use prometheus::{
+    register_gauge_with_registry, register_int_counter_with_registry, Gauge, IntCounter,
+};
 
 /// Every metric family, registered once in one registry.
 #[derive(Clone)]
@@ -30,6 +33,7 @@ pub struct Metrics {
     pub device_used_bytes: IntGaugeVec,
     pub device_capacity_bytes: IntGaugeVec,
     pub device_copies: IntGaugeVec,
+    pub device_driver_used_bytes: IntGaugeVec,
     pub queue_wait_seconds: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub rejections: IntCounterVec,
@@ -51,6 +55,10 @@ pub struct Metrics {
     pub mesh_forward_seconds: HistogramVec,
     pub mesh_placements: IntCounterVec,
     pub mesh_copies: IntGaugeVec,
+    pub ledger_shipped: IntCounterVec,
+    pub ledger_unshipped: IntGauge,
+    pub ledger_ship_errors: IntCounter,
+    pub ledger_ship_lag_seconds: Gauge,
 }
 
 impl Metrics {
@@ -192,6 +200,13 @@ impl Metrics {
             device_copies: register_int_gauge_vec_with_registry!(
                 "flatmesh_device_copies",
                 "Copies of models on a device (loading or ready).",
+                &["device"],
+                r
+            )
+            .expect("register"),
+            device_driver_used_bytes: register_int_gauge_vec_with_registry!(
+                "flatmesh_device_driver_used_bytes",
+                "Bytes in use on a cuda device's GPU as the driver counts them (all processes, all budgets on that GPU).",
                 &["device"],
                 r
             )
@@ -341,6 +356,31 @@ impl Metrics {
                 "flatmesh_mesh_copies",
                 "Ready copies of a model on the live nodes of the mesh, as this node sees them.",
                 &["model"],
+                r
+            )
+            .expect("register"),
+            ledger_shipped: register_int_counter_vec_with_registry!(
+                "flatmesh_ledger_shipped_records_total",
+                "Records shipped to the shared ledger, by result (new; duplicate: there already from a try whose acknowledgement was lost).",
+                &["result"],
+                r
+            )
+            .expect("register"),
+            ledger_unshipped: register_int_gauge_with_registry!(
+                "flatmesh_ledger_unshipped_records",
+                "Records in this node's outbox not yet in the shared ledger.",
+                r
+            )
+            .expect("register"),
+            ledger_ship_errors: register_int_counter_with_registry!(
+                "flatmesh_ledger_ship_errors_total",
+                "Shipments to the shared ledger that failed (retried with a doubling wait).",
+                r
+            )
+            .expect("register"),
+            ledger_ship_lag_seconds: register_gauge_with_registry!(
+                "flatmesh_ledger_ship_lag_seconds",
+                "Age of the oldest record not yet in the shared ledger (0 when none waits).",
                 r
             )
             .expect("register"),

@@ -17,7 +17,8 @@ use serde::Serialize;
 pub enum DeviceKind {
     /// Host memory, computed on by the CPU cores.
     Host,
-    /// A CUDA GPU (discovered and reported; engines do not run on one yet).
+    /// A budget on a CUDA GPU (several budgets may share one GPU). LLM copies run on it
+    /// through the `Cuda` backend (UNVERIFIED on a GPU: see `cuda/README.md`).
     Cuda { ordinal: usize },
 }
 
@@ -30,6 +31,8 @@ pub enum DeviceKind {
 pub struct Lane {
     turn: Arc<Mutex<()>>,
     workers: Arc<OnceLock<rayon::ThreadPool>>,
+    /// A GPU's lane: the step runs on the calling thread (the GPU computes), no host pool.
+    gpu: bool,
 }
 
 impl std::fmt::Debug for Lane {
@@ -43,6 +46,14 @@ impl Lane {
         Lane::default()
     }
 
+    /// The lane of one GPU: budgets on the same GPU share it.
+    pub fn gpu() -> Self {
+        Lane {
+            gpu: true,
+            ..Lane::default()
+        }
+    }
+
     /// Wait for the lane's turn; it is held until the guard drops.
     pub fn turn(&self) -> MutexGuard<'_, ()> {
         self.turn.lock().unwrap_or_else(|e| e.into_inner())
@@ -50,13 +61,20 @@ impl Lane {
 
     /// The threads that compute on this lane (one per core).
     pub fn threads(&self) -> usize {
-        self.workers().current_num_threads()
+        match self.gpu {
+            true => 1,
+            false => self.workers().current_num_threads(),
+        }
     }
 
-    /// Run `f` in the lane's turn, on its worker pool (parallel work inside `f` uses it).
+    /// Run `f` in the lane's turn, on its worker pool (parallel work inside `f` uses it);
+    /// on a GPU's lane, on the calling thread.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         let _turn = self.turn();
-        self.workers().install(f)
+        match self.gpu {
+            true => f(),
+            false => self.workers().install(f),
+        }
     }
 
     fn workers(&self) -> &rayon::ThreadPool {
@@ -128,14 +146,28 @@ impl Device {
         &self.lane
     }
 
-    /// The lane an engine loaded onto this device takes turns on; engines run on host
-    /// memory only, today.
+    /// The lane an engine loaded onto this device takes turns on.
     pub fn engine_lane(&self) -> crate::Result<Lane> {
+        Ok(self.lane.clone())
+    }
+
+    /// The lane of an engine that computes on the host only (the BERT embedding engine):
+    /// refused on a GPU's budget, whose bytes it would not use.
+    pub fn host_lane(&self) -> crate::Result<Lane> {
         match self.kind {
             DeviceKind::Host => Ok(self.lane.clone()),
-            DeviceKind::Cuda { .. } => {
-                Err(crate::RuntimeError::Unsupported("running on a CUDA device"))
-            }
+            DeviceKind::Cuda { .. } => Err(crate::RuntimeError::Unsupported(
+                "an embedding model on a CUDA device (embedding models run on host devices)",
+            )),
+        }
+    }
+
+    /// The driver's (free, total) bytes of this device's GPU; `None` on the host or without
+    /// a driver. Several budgets on one GPU report the same numbers.
+    pub fn driver_memory(&self) -> Option<(u64, u64)> {
+        match self.kind {
+            DeviceKind::Host => None,
+            DeviceKind::Cuda { ordinal } => crate::cuda::gpu::mem_info(ordinal).ok(),
         }
     }
 
@@ -261,13 +293,31 @@ mod tests {
         drop(turn);
         assert_eq!(rx.recv().unwrap().unwrap(), 1);
         worker.join().unwrap();
+    }
+
+    #[test]
+    fn without_a_driver_a_load_onto_a_gpu_fails_with_a_reason_and_no_panic() {
+        use crate::Format;
+        if crate::cuda::gpu::driver_present() {
+            return;
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2-135m-instruct/model.gguf");
         let cuda = Device::new(
             DeviceKind::Cuda { ordinal: 0 },
             "gpu0",
             1 << 30,
-            Lane::new(),
+            Lane::gpu(),
         );
+        assert_eq!(cuda.driver_memory(), None);
         let refused = crate::load(&path, Format::Gguf, &cuda, Default::default())
+            .err()
+            .unwrap();
+        assert_eq!(refused.kind(), "inference_error");
+        assert!(refused.to_string().contains("gpu0 (GPU 0)"), "{refused}");
+        let bert =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/all-minilm-l6-v2");
+        let refused = crate::load(&bert, Format::BertSafetensors, &cuda, Default::default())
             .err()
             .unwrap();
         assert_eq!(refused.kind(), "unsupported_operation");

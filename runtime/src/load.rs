@@ -116,7 +116,7 @@ pub fn load_keeping_image(
             (Arc::new(engine), Some(image))
         }
         Format::BertSafetensors => {
-            device.engine_lane()?;
+            device.host_lane()?;
             (Arc::new(BertEngine::load(path)?), None)
         }
     })
@@ -142,7 +142,7 @@ pub fn load(
     Ok(match format {
         Format::Gguf => Arc::new(LlmEngine::load(path, device, batch)?),
         Format::BertSafetensors => {
-            device.engine_lane()?;
+            device.host_lane()?;
             Arc::new(BertEngine::load(path)?)
         }
     })

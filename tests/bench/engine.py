@@ -3,6 +3,7 @@
 
     python3 tests/bench/engine.py [--prompt-tokens 128] [--new-tokens 128] [--runs 3]
     python3 tests/bench/engine.py --llama-bench /path/to/llama-bench   # a reference of your own
+    python3 tests/bench/engine.py --kernels avx2 --profile   # AVX2 kernels on an AVX-512 CPU; per-op times
 
 flatmesh's engine is timed by `runtime/examples/llm_bench.rs` (in-process, no HTTP);
 llama.cpp by its own `llama-bench`, built for this CPU with every SIMD extension it has by
@@ -29,11 +30,15 @@ def cpu_model():
     return "unknown"
 
 
-def flatmesh(prompt_tokens, new_tokens):
-    out = subprocess.run([str(ROOT / "target/release/examples/llm_bench"), str(MODEL),
-                          str(prompt_tokens), str(new_tokens)], check=True, capture_output=True, text=True)
+def flatmesh(prompt_tokens, new_tokens, kernels=None, profile=False):
+    env = dict(os.environ)
+    if kernels:
+        env["FLATMESH_KERNELS"] = kernels
+    cmd = [str(ROOT / "target/release/examples/llm_bench"), str(MODEL), str(prompt_tokens), str(new_tokens)]
+    out = subprocess.run(cmd + (["--profile"] if profile else []), check=True, capture_output=True,
+                         text=True, env=env)
     r = json.loads(out.stdout)
-    return r["prefill_tok_s"], r["decode_tok_s"], r["kernels"]
+    return r["prefill_tok_s"], r["decode_tok_s"], r["kernels"], r.get("profile")
 
 
 def llama_bench(binary, prompt_tokens, new_tokens):
@@ -53,6 +58,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-bench", help="a llama-bench binary instead of tests/bench/llama-cpp-build's")
+    ap.add_argument("--kernels", choices=["scalar", "avx2", "avx512-vnni"],
+                    help="flatmesh's kernel level (FLATMESH_KERNELS); default: the best this CPU has")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print flatmesh's time per operation (llm_bench --profile, last run)")
     args = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "-p", "flatmesh-runtime", "--example", "llm_bench"],
@@ -68,7 +77,7 @@ def main():
 
     rows = {"flatmesh": [], "llama.cpp": []}
     for _ in range(args.runs):
-        rows["flatmesh"].append(flatmesh(args.prompt_tokens, args.new_tokens))
+        rows["flatmesh"].append(flatmesh(args.prompt_tokens, args.new_tokens, args.kernels, args.profile))
         rows["llama.cpp"].append(llama_bench(reference, args.prompt_tokens, args.new_tokens))
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     print(f"flatmesh kernels: {rows['flatmesh'][0][2]}")
@@ -82,6 +91,9 @@ def main():
         print(f"  {name:10s} {med[name][0]:14.1f} {med[name][1]:13.1f}")
     print(f"  ratio flatmesh/llama.cpp: prefill {med['flatmesh'][0] / med['llama.cpp'][0]:.2f}x, "
           f"decode {med['flatmesh'][1] / med['llama.cpp'][1]:.2f}x")
+    if args.profile:
+        print("flatmesh per-operation profile (microseconds per step, last run):")
+        print(json.dumps(rows["flatmesh"][-1][3], indent=1))
 
 
 if __name__ == "__main__":

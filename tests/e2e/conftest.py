@@ -314,3 +314,95 @@ class EtcdCluster:
         for f in self.logs:
             f.close()
         self.dir.cleanup()
+
+
+def postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL server's bin directory (`FLATMESH_PG_BIN` wins), or None."""
+    if os.environ.get("FLATMESH_PG_BIN"):
+        return Path(os.environ["FLATMESH_PG_BIN"])
+    found = [d / "bin" for d in Path("/usr/lib/postgresql").glob("*") if (d / "bin" / "initdb").exists()]
+    found.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
+    return found[-1] if found else None
+
+
+class Postgres:
+    """One real PostgreSQL server (Debian `postgresql`) on a free loopback port, its cluster made
+    by initdb in a temporary directory (password login over TCP, user and database `flatmesh`).
+
+    `url` is its connection URL. `stop()` stops it (fast shutdown) and keeps the data, `start()`
+    starts it again on the same port, `sql(query)` runs a query with psql and returns the rows
+    (lists of strings), `close()` stops it and removes the data (call it in a `finally`). Run as
+    root, the server runs as the `postgres` user. Skips the test when initdb is missing.
+    """
+
+    PASSWORD = "ledger-secret"
+
+    def __init__(self, ready_timeout: float = 60.0):
+        self.bin = postgres_bin()
+        if self.bin is None or not (self.bin / "pg_ctl").exists():
+            pytest.skip("PostgreSQL is missing (no /usr/lib/postgresql/*/bin/initdb): "
+                        "apt-get install postgresql (./deploy/setup lists it)")
+        self.user = None
+        if os.geteuid() == 0:  # initdb refuses root: hand the cluster to the postgres user
+            import pwd
+            try:
+                self.user = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root without a `postgres` user to run PostgreSQL as")
+        self.dir = tempfile.TemporaryDirectory(prefix="flatmesh-pg-")
+        root = Path(self.dir.name)
+        self.data, self.sockets, self.logfile = root / "data", root / "sock", root / "postgres.log"
+        self.sockets.mkdir()
+        pwfile = root / "pw"
+        pwfile.write_text(self.PASSWORD + "\n")
+        if self.user:
+            for p in (root, self.sockets, pwfile):
+                os.chown(p, self.user.pw_uid, self.user.pw_gid)
+        self.port = free_port()
+        self.url = f"postgres://flatmesh:{self.PASSWORD}@127.0.0.1:{self.port}/flatmesh?sslmode=disable"
+        self.ready_timeout = ready_timeout
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", "flatmesh", f"--pwfile={pwfile}",
+                      "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+            self.start()
+            self._run("createdb", "-h", str(self.sockets), "-p", str(self.port), "-U", "flatmesh", "flatmesh")
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, tool: str, *args, timeout: float = 60.0) -> str:
+        kw = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
+        r = subprocess.run([str(self.bin / tool), *args], capture_output=True, text=True,
+                           timeout=timeout, cwd=self.dir.name, **kw)
+        if r.returncode != 0:
+            raise RuntimeError(f"{tool} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}\n{self.logs()}")
+        return r.stdout
+
+    def start(self):
+        """Start the server and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", str(int(self.ready_timeout)),
+                  "-o", f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off",
+                  "start", timeout=self.ready_timeout + 5)
+
+    def stop(self):
+        """Stop it (fast: open sessions are cut); the data stays for `start()`."""
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def sql(self, query: str) -> list:
+        out = self._run("psql", "-h", str(self.sockets), "-p", str(self.port), "-U", "flatmesh", "-d", "flatmesh",
+                        "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-c", query)
+        return [line.split("\t") for line in out.splitlines() if line]
+
+    def logs(self) -> str:
+        try:
+            return self.logfile.read_text()
+        except OSError:
+            return ""
+
+    def close(self):
+        """Stop it and remove its data."""
+        try:
+            self.stop()
+        finally:
+            self.dir.cleanup()

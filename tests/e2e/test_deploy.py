@@ -675,3 +675,31 @@ def test_image_build_assembles_a_root_file_system_and_an_oci_archive(tmp_path):
     pod = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "flatmesh")["spec"]["template"]["spec"]
     assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == config["config"]["User"]
     assert pod["containers"][0]["args"] == config["config"]["Cmd"]
+
+
+def test_the_external_postgres_component_gives_the_agents_the_ledger_url(tmp_path):
+    # The site overlay plus the component and the Secret, as its kustomization.yaml says.
+    site = site_overlay(tmp_path)
+    rel = os.path.relpath(K8S / "components/external-postgres", site)
+    url = "postgres://flatmesh:pw@db.infra.svc:5432/flatmesh?sslmode=disable"
+    (site / "ledger.env").write_text(f"url={url}\n")
+    k = (site / "kustomization.yaml").read_text()
+    k = k.replace("components:\n", f"components:\n  - {rel}\n", 1).replace("secretGenerator:\n", """\
+secretGenerator:
+  - name: flatmesh-ledger
+    namespace: flatmesh
+    envs: [ledger.env]
+    options: {disableNameSuffixHash: true}
+""", 1)
+    (site / "kustomization.yaml").write_text(k)
+    docs = render(site)
+    found = problems(docs, "site")
+    assert not found, "\n".join(found)
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert base64.b64decode(by[("Secret", "flatmesh-ledger")]["data"]["url"]).decode() == url
+    env = {e["name"]: e for e in by[("StatefulSet", "flatmesh")]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FLATMESH_LEDGER_POSTGRES"]["valueFrom"] == {"secretKeyRef": {"name": "flatmesh-ledger", "key": "url"}}
+    # Without the component the agents get no ledger URL.
+    plain = render(site_overlay(tmp_path / "plain"))
+    sts = next(d for d in plain if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "flatmesh")
+    assert "FLATMESH_LEDGER_POSTGRES" not in {e["name"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "tests" / "gpu" / "run"
 TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-NOT_BUILT = {"fifty_models", "oom", "two_budgets", "pagein_benchmark", "decode_benchmark"}
+NOT_BUILT = {"fifty_models", "two_budgets", "pagein_benchmark", "decode_benchmark"}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nvidia-smi") is not None, reason="a GPU machine: run tests/gpu/run there instead"

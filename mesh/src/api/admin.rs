@@ -108,11 +108,24 @@ async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> R
 }
 
 async fn list(State(state): State<AppState>) -> Json<Value> {
+    // Cuda devices add their GPU, the driver's free and total bytes of it (null when the
+    // driver cannot say) and why the device takes no copies (null when it does).
     let devices: Vec<Value> = state
-        .serve.cache
-        .devices()
+        .serve
+        .cache
+        .device_views()
         .into_iter()
-        .map(|(name, used, capacity)| json!({"name": name, "used_bytes": used, "capacity_bytes": capacity}))
+        .map(|(v, driver)| {
+            let d = &v.device;
+            let mut j = json!({"name": d.name(), "kind": v.kind(), "gpu": v.gpu(),
+                "used_bytes": d.used(), "capacity_bytes": d.capacity()});
+            if v.gpu().is_some() {
+                j["driver_free_bytes"] = json!(driver.map(|m| m.0));
+                j["driver_total_bytes"] = json!(driver.map(|m| m.1));
+                j["unusable"] = json!(v.unusable);
+            }
+            j
+        })
         .collect();
     Json(
         json!({"models": state.serve.cache.status(), "vmodels": state.serve.cache.vmodels(), "devices": devices}),
@@ -280,7 +293,7 @@ async fn revoke_key(
 
 /// Invoice lines from the pricing plugin, with each tenant's use beside them; `None` when the
 /// built-in flat rate applies.
-async fn settle(
+pub(super) async fn settle(
     state: &AppState,
     p: &Period,
     tenants: &[(String, String)],

@@ -39,7 +39,7 @@ pub async fn same_origin_json(req: Request, next: Next) -> Response {
 
 /// Why a request comes from another origin, if it does. The target is the `Host` header, or
 /// the URI's authority (HTTP/2) where there is none.
-fn cross_origin(h: &HeaderMap, uri_authority: Option<&str>) -> Option<&'static str> {
+pub(super) fn cross_origin(h: &HeaderMap, uri_authority: Option<&str>) -> Option<&'static str> {
     let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
     if get("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
         return Some("Sec-Fetch-Site: cross-site");

@@ -60,6 +60,7 @@ async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .serve
         .limits
         .publish_budgets(&state.tenancy, &state.serve.metrics);
+    state.serve.cache.publish_driver_memory();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.serve.metrics.render(),

@@ -73,12 +73,15 @@ pub struct Gathered {
     pub nodes: Vec<String>,
     /// Live nodes that did not answer.
     pub unreachable: Vec<String>,
+    /// Summed from the shared ledger (PostgreSQL) rather than asked of the nodes.
+    pub shared: bool,
 }
 
 impl Gathered {
     /// The `nodes` and `unreachable` fields of an answer.
     pub fn describe(&self) -> Value {
-        json!({"nodes": self.nodes, "unreachable": self.unreachable})
+        let ledger = if self.shared { "postgres" } else { "nodes" };
+        json!({"nodes": self.nodes, "unreachable": self.unreachable, "ledger": ledger})
     }
 }
 
@@ -105,18 +108,37 @@ pub async fn own_usage(
     ))
 }
 
-/// The usage of a period on this node and, in a mesh, on every other live node, summed.
+/// The usage of a period: from the shared ledger plus this node's records not shipped yet
+/// when there is one (and it answers); otherwise on this node and, in a mesh, on every other
+/// live node, summed.
 pub async fn gather(
     state: &AppState,
     tenant: Option<&str>,
     p: &Period,
 ) -> Result<Gathered, ApiError> {
+    let (from, to) = p.millis();
+    match state.serve.ledger.shared_usage(tenant, from, to).await {
+        Some(Ok(usage)) => {
+            return Ok(Gathered {
+                usage,
+                nodes: vec![],
+                unreachable: vec![],
+                shared: true,
+            })
+        }
+        Some(Err(e)) => tracing::warn!(
+            error = format!("{e:#}"),
+            "The shared ledger cannot be read; asking the nodes instead"
+        ),
+        None => {}
+    }
     let mut all = usage_here(state, tenant, p).await?;
     let Some(cluster) = &state.cluster else {
         return Ok(Gathered {
             usage: all,
             nodes: vec![],
             unreachable: vec![],
+            shared: false,
         });
     };
     let mut nodes = vec![cluster.node().to_string()];
@@ -165,5 +187,6 @@ pub async fn gather(
         usage: all,
         nodes,
         unreachable,
+        shared: false,
     })
 }

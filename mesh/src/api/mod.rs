@@ -9,6 +9,7 @@ mod guard;
 mod health;
 pub mod mesh_ledger;
 mod openai;
+mod pages;
 mod server;
 mod status;
 pub mod v2;
@@ -89,6 +90,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     router
         .merge(health::routes())
         .merge(status::routes())
+        .merge(pages::routes())
         .merge(
             v2::rest::routes().route_layer(axum::middleware::from_fn_with_state(
                 state.clone(),

@@ -1,6 +1,7 @@
 //! The status page for operators (`GET /status`): this node — or every node of its mesh —
 //! with devices, models and their copies, tiers with their queue and this month's use against
-//! their budget, and recent page-ins and evictions; plain HTML,
+//! their budget, and recent page-ins and evictions, with a link to every tenant's month
+//! (`/status/tenants`, in `pages`); plain HTML,
 //! refreshed every two seconds, no scripts. Protected like `/admin` (a bearer token, or the
 //! admin token as the password of HTTP Basic auth, so a browser can open it).
 
@@ -51,7 +52,7 @@ fn bar(used: u64, capacity: u64) -> Markup {
 }
 
 /// The admin token as a bearer token, or as the password of Basic auth.
-fn allowed(h: &HeaderMap, token: &str) -> bool {
+pub(super) fn allowed(h: &HeaderMap, token: &str) -> bool {
     if super::guard::has_bearer(h, token) {
         return true;
     }
@@ -96,6 +97,11 @@ fn render(state: &AppState) -> String {
             }
             body {
                 h1 { "flatmesh · " (node) }
+                p {
+                    a href="/status/tenants" { "Tenants: usage, budgets and invoices this month" }
+                    " · "
+                    a href="/pages/compare" { "Compare models" }
+                }
                 @if let Some(c) = &state.cluster {
                     (nodes(c))
                 }
@@ -144,9 +150,14 @@ fn devices(state: &AppState) -> Markup {
     html! {
         h2 { "Devices" }
         table {
-            tr { th { "device" } th { "used / capacity" } }
-            @for (name, used, capacity) in state.serve.cache.devices() {
-                tr { td { (name) } td { (bar(used, capacity)) } }
+            tr { th { "device" } th { "kind" } th { "used / capacity" } }
+            @for (v, _) in state.serve.cache.device_views() {
+                @let kind = match (v.gpu(), &v.unusable) {
+                    (Some(g), None) => format!("cuda (GPU {g})"),
+                    (Some(g), Some(why)) => format!("cuda (GPU {g}, not usable: {why})"),
+                    (None, _) => "host".to_string(),
+                };
+                tr { td { (v.device.name()) } td { (kind) } td { (bar(v.device.used(), v.device.capacity())) } }
             }
         }
     }

@@ -48,6 +48,17 @@ impl super::Cache {
             }
         }
         self.load(target).await?;
+        self.switch_vmodel(name, target).await
+    }
+
+    /// Point vmodel `name` at `target` as another node of the mesh did (it loaded the target
+    /// first): traffic moves at once, to a copy wherever the mesh places one, so that a switch
+    /// does not load the target on every node.
+    pub async fn adopt_vmodel(&self, name: &str, target: &str) -> Result<(), CacheError> {
+        self.switch_vmodel(name, target).await
+    }
+
+    async fn switch_vmodel(&self, name: &str, target: &str) -> Result<(), CacheError> {
         let _order = self.inner.persist.lock().await;
         let saved = {
             let mut st = self.inner.state.lock();
@@ -116,6 +127,32 @@ impl super::Cache {
             .iter()
             .map(|d| (d.name().to_string(), d.used(), d.capacity()))
             .collect()
+    }
+
+    /// Every device with its kind, why a GPU device takes no copies, and (for a usable GPU)
+    /// the driver's (free, total) bytes, also published as `flatmesh_device_driver_used_bytes`.
+    /// The driver is asked outside the state lock.
+    pub fn device_views(&self) -> Vec<(super::DeviceView, Option<(u64, u64)>)> {
+        let views = self.inner.state.lock().device_views();
+        views
+            .into_iter()
+            .map(|v| {
+                let driver = v.driver_memory();
+                if let Some((free, total)) = driver {
+                    self.inner
+                        .metrics
+                        .device_driver_used_bytes
+                        .with_label_values(&[v.device.name()])
+                        .set(total.saturating_sub(free) as i64);
+                }
+                (v, driver)
+            })
+            .collect()
+    }
+
+    /// Refresh `flatmesh_device_driver_used_bytes` (before a scrape).
+    pub fn publish_driver_memory(&self) {
+        self.device_views();
     }
 
     /// Copies of unregistered models still serving their last leases, by model.

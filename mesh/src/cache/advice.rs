@@ -22,7 +22,7 @@ impl State {
         metrics: &Metrics,
     ) -> Result<bool, CacheError> {
         let need = self.need(id, now, metrics)?;
-        Ok(fits_without_eviction(&self.rooms(), need).is_none())
+        Ok(fits_without_eviction(&self.rooms(id), need).is_none())
     }
 
     /// The copies the cache may evict now, with what a plugin may weigh.

@@ -76,15 +76,79 @@ pub struct CacheConfig {
     pub residency: Residency,
 }
 
+/// One device of the node's pool: host memory, or a budget on one CUDA GPU.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
     pub name: String,
-    /// Only `host` (host memory) runs engines today.
+    /// `host` (host memory, computed on by the CPU cores; the default) or `cuda` (a budget on
+    /// one GPU; several devices may name the same GPU and share it).
     #[serde(default = "default_device_kind")]
     pub kind: String,
-    /// Bytes this device may hold: a number or `512MiB`, `2GiB`.
-    pub capacity: Bytes,
+    /// The GPU's ordinal as the driver counts them (`kind = "cuda"` only; default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<usize>,
+    /// Bytes this device may hold: a number or `512MiB`, `60GiB`; on a `cuda` device also a
+    /// fraction of the GPU's total memory as the driver reports it at start (`0.8`).
+    pub capacity: Capacity,
+}
+
+/// A device's capacity as written: bytes, or a fraction of a GPU's memory (resolved to bytes
+/// by `CacheConfig::finish`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Capacity {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl Capacity {
+    /// The bytes; 0 for a fraction not yet resolved (`CacheConfig::finish` resolves them).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Capacity::Bytes(n) => *n,
+            Capacity::Fraction(_) => 0,
+        }
+    }
+}
+
+impl std::str::FromStr for Capacity {
+    type Err = String;
+    /// A number with a decimal point and no unit is a fraction (`0.8`); anything else a size.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.contains('.') {
+            if let Ok(f) = t.parse::<f64>() {
+                return Ok(Capacity::Fraction(f));
+            }
+        }
+        t.parse::<Bytes>().map(|b| Capacity::Bytes(b.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Capacity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            F(f64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Capacity::Bytes(n)),
+            Raw::F(f) => Ok(Capacity::Fraction(f)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Capacity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Capacity::Bytes(n) => s.serialize_u64(*n),
+            Capacity::Fraction(f) => s.serialize_f64(*f),
+        }
+    }
 }
 
 fn default_device_kind() -> String {
@@ -111,23 +175,28 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
-    /// Fill in the default device and check what serde cannot. Errors name the field.
+    /// Fill in the default device, resolve GPU fractions through the driver and check what
+    /// serde cannot. Errors name the field.
     pub fn finish(&mut self) -> anyhow::Result<()> {
+        self.finish_with(&gpu_total_bytes)
+    }
+
+    /// `finish`, asking `total` for a GPU's total bytes (only when a fraction needs it).
+    pub fn finish_with(
+        &mut self,
+        total: &dyn Fn(usize) -> Result<u64, String>,
+    ) -> anyhow::Result<()> {
         if self.devices.is_empty() {
             self.devices.push(DeviceConfig {
                 name: "host0".into(),
                 kind: default_device_kind(),
-                capacity: Bytes(default_host_capacity()),
+                gpu: None,
+                capacity: Capacity::Bytes(default_host_capacity()),
             });
         }
         let mut names = HashSet::new();
-        for (i, d) in self.devices.iter().enumerate() {
-            if d.kind != "host" {
-                anyhow::bail!(
-                    "cache.devices[{i}].kind: {:?} is not supported (only \"host\")",
-                    d.kind
-                );
-            }
+        for (i, d) in self.devices.iter_mut().enumerate() {
+            d.finish(i, total)?;
             if !names.insert(d.name.clone()) {
                 anyhow::bail!("cache.devices[{i}].name: {:?} is declared twice", d.name);
             }
@@ -137,6 +206,55 @@ impl CacheConfig {
         }
         Ok(())
     }
+}
+
+impl DeviceConfig {
+    /// Check the kind, GPU and capacity of `cache.devices[i]`; resolve a fraction to bytes.
+    fn finish(
+        &mut self,
+        i: usize,
+        total: &dyn Fn(usize) -> Result<u64, String>,
+    ) -> anyhow::Result<()> {
+        match self.kind.as_str() {
+            "host" => {
+                if let Some(g) = self.gpu {
+                    anyhow::bail!("cache.devices[{i}].gpu: {g} is set on a host device (only kind = \"cuda\" names a GPU)");
+                }
+                if let Capacity::Fraction(f) = self.capacity {
+                    anyhow::bail!("cache.devices[{i}].capacity: {f} is a fraction, which only a cuda device takes (of its GPU's memory); give bytes, e.g. \"8GiB\"");
+                }
+            }
+            "cuda" => {
+                let gpu = *self.gpu.get_or_insert(0);
+                if let Capacity::Fraction(f) = self.capacity {
+                    if !(f > 0.0 && f <= 1.0) {
+                        anyhow::bail!("cache.devices[{i}].capacity: {f} is not a fraction in (0, 1] of the GPU's memory");
+                    }
+                    let bytes = total(gpu).map_err(|e| anyhow::anyhow!(
+                        "cache.devices[{i}].capacity: {f} of GPU {gpu}'s memory needs the driver's count, which is not there ({e}); give bytes, e.g. \"60GiB\""
+                    ))?;
+                    self.capacity = Capacity::Bytes((bytes as f64 * f) as u64);
+                }
+            }
+            other => anyhow::bail!(
+                "cache.devices[{i}].kind: {other:?} is not supported (\"host\" or \"cuda\")"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// GPU `ordinal`'s total bytes as the CUDA driver reports them, or why not.
+fn gpu_total_bytes(ordinal: usize) -> Result<u64, String> {
+    gpu_memory(ordinal).map(|(_, total)| total)
+}
+
+/// The driver's (free, total) bytes of GPU `ordinal`, or why not; a panic of the driver
+/// bindings (a library that lacks a symbol) is a reason too, never the end of the process.
+pub fn gpu_memory(ordinal: usize) -> Result<(u64, u64), String> {
+    std::panic::catch_unwind(|| flatmesh_runtime::cuda::gpu::mem_info(ordinal))
+        .map_err(|_| "the CUDA driver bindings failed (see the panic above)".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Half of the memory this process may use: the machine's (`/proc/meminfo`), or its cgroup's
@@ -258,20 +376,95 @@ mod tests {
     }
 
     #[test]
-    fn devices_default_to_host_memory_and_other_kinds_are_refused() {
+    fn devices_default_to_host_memory_and_unknown_kinds_are_refused() {
         let mut c = CacheConfig::default();
         c.finish().unwrap();
         assert_eq!(c.devices.len(), 1);
         assert_eq!(c.devices[0].kind, "host");
         c.devices.push(DeviceConfig {
-            name: "gpu0".into(),
-            kind: "cuda".into(),
-            capacity: Bytes(1),
+            name: "tpu0".into(),
+            kind: "tpu".into(),
+            gpu: None,
+            capacity: Capacity::Bytes(1),
         });
-        assert!(c
-            .finish()
-            .unwrap_err()
-            .to_string()
-            .starts_with("cache.devices[1].kind"));
+        let e = c.finish().unwrap_err().to_string();
+        assert!(e.starts_with("cache.devices[1].kind: \"tpu\""), "{e}");
+    }
+
+    fn devices(toml: &str, total: Result<u64, String>) -> anyhow::Result<Vec<DeviceConfig>> {
+        let mut c: CacheConfig = toml::from_str(toml).unwrap();
+        c.finish_with(&|_| total.clone())?;
+        Ok(c.devices)
+    }
+
+    #[test]
+    fn cuda_devices_take_bytes_or_a_fraction_of_the_gpu() {
+        let d = devices(
+            "[[devices]]\nname = 'h'\ncapacity = '1GiB'\n\
+             [[devices]]\nname = 'g0'\nkind = 'cuda'\ncapacity = '60GiB'\n\
+             [[devices]]\nname = 'g1a'\nkind = 'cuda'\ngpu = 1\ncapacity = '0.25'\n\
+             [[devices]]\nname = 'g1b'\nkind = 'cuda'\ngpu = 1\ncapacity = 0.5\n",
+            Ok(80 << 30),
+        )
+        .unwrap();
+        let got: Vec<_> = d
+            .iter()
+            .map(|d| (d.kind.as_str(), d.gpu, d.capacity))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("host", None, Capacity::Bytes(1 << 30)),
+                ("cuda", Some(0), Capacity::Bytes(60 << 30)),
+                ("cuda", Some(1), Capacity::Bytes(20 << 30)),
+                ("cuda", Some(1), Capacity::Bytes(40 << 30)),
+            ]
+        );
+        // Bytes need no driver.
+        let d = devices(
+            "[[devices]]\nname = 'g'\nkind = 'cuda'\ncapacity = 1024\n",
+            Err("no driver".into()),
+        );
+        assert_eq!(d.unwrap()[0].capacity, Capacity::Bytes(1024));
+    }
+
+    #[test]
+    fn bad_gpu_devices_are_refused_naming_the_field() {
+        let err =
+            |toml: &str, total: Result<u64, String>| devices(toml, total).unwrap_err().to_string();
+        let e = err(
+            "[[devices]]\nname = 'g'\nkind = 'cuda'\ncapacity = '0.8'\n",
+            Err("no CUDA driver library".into()),
+        );
+        assert!(
+            e.starts_with("cache.devices[0].capacity: 0.8 of GPU 0"),
+            "{e}"
+        );
+        assert!(e.contains("no CUDA driver library"), "{e}");
+        for bad in ["'0.0'", "1.5", "'-0.5'"] {
+            let e = err(
+                &format!("[[devices]]\nname = 'g'\nkind = 'cuda'\ncapacity = {bad}\n"),
+                Ok(1 << 30),
+            );
+            assert!(
+                e.starts_with("cache.devices[0].capacity") && e.contains("(0, 1]"),
+                "{bad}: {e}"
+            );
+        }
+        let e = err("[[devices]]\nname = 'h'\ncapacity = '0.5'\n", Ok(1 << 30));
+        assert!(
+            e.starts_with("cache.devices[0].capacity: 0.5 is a fraction"),
+            "{e}"
+        );
+        let e = err(
+            "[[devices]]\nname = 'h'\ngpu = 0\ncapacity = '1GiB'\n",
+            Ok(1 << 30),
+        );
+        assert!(e.starts_with("cache.devices[0].gpu"), "{e}");
+        let e = err(
+            "[[devices]]\nname = 'g'\nkind = 'cuda'\ncapacity = '1GiB'\n[[devices]]\nname = 'g'\nkind = 'cuda'\ncapacity = '1GiB'\n",
+            Ok(1 << 30),
+        );
+        assert!(e.starts_with("cache.devices[1].name"), "{e}");
     }
 }

@@ -9,11 +9,13 @@ mod admin;
 mod advice;
 pub mod config;
 mod copy;
+mod devices;
 mod error;
 mod evict;
 mod history;
 mod pin;
 mod plan;
+mod pool;
 pub mod residency;
 mod state;
 mod status;
@@ -31,6 +33,7 @@ use tokio::{
 };
 
 pub use self::copy::CopyId;
+pub use self::devices::DeviceView;
 pub use self::error::CacheError;
 pub use self::history::{CacheEvent, EventKind};
 use self::state::{Origin, State};
@@ -169,6 +172,7 @@ impl Cache {
         let mut state = State::new(&config.devices, config.keep_alive, &metrics);
         state.residency = config.residency;
         state.min_residency = config.min_residency.0;
+        state.check_gpus(&config::gpu_memory);
         let size = |m: &ModelConfig| match m.format {
             Some(f) => flatmesh_runtime::footprint(&m.path, f),
             None => Err(flatmesh_runtime::RuntimeError::InvalidRequest(

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use flatmesh_runtime::{Device, DeviceKind, Engine, Footprint, Format, Lane, RuntimeError};
+use flatmesh_runtime::{Device, Engine, Footprint, Format, RuntimeError};
 use tokio::time::Instant;
 
 use crate::scheduler::Scheduler;
@@ -13,7 +13,7 @@ use super::{
     copy::{CopyId, CopyState, Draining, ModelCopy, Ready},
     error::CacheError,
     history::Why,
-    plan::{fits_without_eviction, place, Advice, DeviceRoom, Resident},
+    plan::{fits_without_eviction, place, Advice, Resident},
     residency::{Demand, Residency},
 };
 use crate::{metrics::Metrics, registry::Saved, units::KeepAlive};
@@ -82,6 +82,8 @@ pub struct State {
     pub min_residency: Duration,
     /// Recent demand of every model (used by `Residency::Demand`).
     pub demand: Demand,
+    /// GPUs found not usable at start, with the reason: their devices take no copies.
+    pub gpu_down: BTreeMap<usize, String>,
 }
 
 /// Failed loads are retried after 1 s, 2 s, 4 s ... up to a minute.
@@ -90,20 +92,9 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl State {
-    /// The configured devices; host devices share one execution lane (the same cores).
+    /// The configured devices (`pool::build`); GPUs are checked by `check_gpus`.
     pub fn new(devices: &[DeviceConfig], default_keep_alive: KeepAlive, metrics: &Metrics) -> Self {
-        let host_lane = Lane::new();
-        let devices: Vec<Arc<Device>> = devices
-            .iter()
-            .map(|d| {
-                Arc::new(Device::new(
-                    DeviceKind::Host,
-                    d.name.clone(),
-                    d.capacity.0,
-                    host_lane.clone(),
-                ))
-            })
-            .collect();
+        let devices = super::pool::build(devices);
         for d in &devices {
             metrics
                 .device_capacity_bytes
@@ -126,6 +117,7 @@ impl State {
             residency: Residency::default(),
             min_residency: Duration::ZERO,
             demand: Demand::default(),
+            gpu_down: BTreeMap::new(),
         }
     }
 
@@ -152,8 +144,7 @@ impl State {
         let (predicted, failure) = match footprint {
             Ok(f) => {
                 let total = f.with_kv_tokens(config.batch().kv_tokens);
-                let largest = self.devices.iter().map(|d| d.capacity()).max();
-                let largest = largest.unwrap_or(0);
+                let largest = self.largest_for(config.format);
                 if total > largest {
                     return Err(CacheError::TooLarge {
                         id: config.id.clone(),
@@ -269,20 +260,13 @@ impl State {
             return None;
         }
         let need = entry.predicted?;
-        let rooms: Vec<DeviceRoom> = self
-            .devices
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DeviceRoom {
-                capacity: d.capacity(),
-                // A device that already holds a copy of this model counts as full.
-                used: if entry.copies.iter().any(|c| c.device == i) {
-                    d.capacity()
-                } else {
-                    d.used()
-                },
-            })
-            .collect();
+        // A device that already holds a copy of this model counts as full.
+        let mut rooms = self.rooms(id);
+        for c in &entry.copies {
+            if let Some(r) = rooms.get_mut(c.device) {
+                r.used = r.capacity;
+            }
+        }
         let device = fits_without_eviction(&rooms, need)?;
         let load = self.new_copy(id, device, need)?;
         tracing::info!(model = %id, device = %load.device.name(), "Every copy is busy: adding a copy");
@@ -325,7 +309,15 @@ impl State {
         advice: &Advice<(String, CopyId)>,
     ) -> Result<Option<Load>, CacheError> {
         let need = self.need(id, now, metrics)?;
-        let rooms = self.rooms();
+        if let Some(why) = self.no_device(id, need) {
+            let (reason, retry_after) = self.fail(id, why, now, metrics, "no_device");
+            return Err(CacheError::Failed {
+                id: id.into(),
+                reason,
+                retry_after,
+            });
+        }
+        let rooms = self.rooms(id);
         let mut residents = self.residents(now);
         let why = match advice {
             Advice::BuiltIn => Why::Room(self.residency),
@@ -355,17 +347,6 @@ impl State {
         self.publish_device(plan.device, metrics);
         load.map(Some)
             .ok_or_else(|| CacheError::NotFound(id.to_string()))
-    }
-
-    /// The devices as placement sees them.
-    pub fn rooms(&self) -> Vec<DeviceRoom> {
-        self.devices
-            .iter()
-            .map(|d| DeviceRoom {
-                capacity: d.capacity(),
-                used: d.used(),
-            })
-            .collect()
     }
 
     /// The ready copies as placement sees them, valued by the residency policy.

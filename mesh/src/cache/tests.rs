@@ -6,12 +6,12 @@ use flatmesh_runtime::Format;
 use flatmesh_tests::fixtures::{write_llama_gguf, Size};
 
 use super::{
-    config::{CacheConfig, DeviceConfig, ModelConfig},
+    config::{CacheConfig, Capacity, DeviceConfig, ModelConfig},
     Cache, CacheError, CopyPhase, ModelState,
 };
 use crate::{
     metrics::Metrics,
-    units::{Bytes, KeepAlive, Secs},
+    units::{KeepAlive, Secs},
 };
 
 fn model(
@@ -48,7 +48,8 @@ fn cache_on(models: &[ModelConfig], capacities: &[u64]) -> Cache {
             .map(|(i, c)| DeviceConfig {
                 name: format!("host{i}"),
                 kind: "host".into(),
-                capacity: Bytes(*c),
+                gpu: None,
+                capacity: Capacity::Bytes(*c),
             })
             .collect(),
         keep_alive: KeepAlive::For(Duration::from_secs(10)),
@@ -212,7 +213,8 @@ fn registry_cache(dir: &std::path::Path, capacity: u64) -> Cache {
         devices: vec![DeviceConfig {
             name: "host0".into(),
             kind: "host".into(),
-            capacity: Bytes(capacity),
+            gpu: None,
+            capacity: Capacity::Bytes(capacity),
         }],
         keep_alive: KeepAlive::For(Duration::from_secs(10)),
         min_residency: Secs(Duration::ZERO),
@@ -433,7 +435,8 @@ async fn registry_writes_never_block_requests_and_land_in_order() {
         devices: vec![DeviceConfig {
             name: "host0".into(),
             kind: "host".into(),
-            capacity: Bytes(64 << 20),
+            gpu: None,
+            capacity: Capacity::Bytes(64 << 20),
         }],
         ..CacheConfig::default()
     };

@@ -248,11 +248,12 @@ async fn adopt_model(cache: &Cache, m: ModelConfig) {
     }
 }
 
-/// A vmodel switch loads its target first: in the background, so the watch goes on.
+/// A vmodel switch made on another node (which loaded the target first) moves traffic here at
+/// once; in the background, so the watch goes on.
 fn adopt_vmodel(cache: &Cache, name: String, target: String) {
     let cache = cache.clone();
     tokio::spawn(async move {
-        if let Err(e) = cache.set_vmodel(&name, &target).await {
+        if let Err(e) = cache.adopt_vmodel(&name, &target).await {
             tracing::debug!(vmodel = %name, %target, error = %e, "Shared vmodel not applied here");
         }
     });
@@ -270,7 +271,12 @@ impl ModelRegistry for MeshRegistry {
     async fn save(&self, saved: Saved) -> anyhow::Result<()> {
         tokio::time::timeout(SAVE_WITHIN, self.share(saved))
             .await
-            .map_err(|_| anyhow::anyhow!("etcd did not answer within {SAVE_WITHIN:?}"))?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "etcd did not confirm within {SAVE_WITHIN:?}; the change stands on this node \
+                     and reaches the mesh when etcd answers (making it again conflicts)"
+                )
+            })?
     }
 }
 

@@ -1,7 +1,12 @@
 //! The ledger: a durable record of usage (one SQLite row per finished request, committed
-//! before the response completes), and the usage and invoices summed from it.
+//! before the response completes), and the usage and invoices summed from it; in a mesh with
+//! `[ledger] postgres`, the SQLite file is the outbox of the shared ledger (see README.md).
 
 mod import;
+pub mod month;
+pub mod outbox;
+pub mod postgres;
+pub mod shipper;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -11,7 +16,7 @@ use parking_lot::Mutex;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, OnceLock},
 };
 
 use anyhow::Context;
@@ -20,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::tenancy::Tier;
 pub use import::{Imported, JSONL};
+pub use postgres::LedgerConfig;
+pub use shipper::Shared;
 pub use sqlite::Who;
 
 /// The ledger's database in the state directory.
@@ -92,6 +99,10 @@ struct Inner {
     path: PathBuf,
     writer: writer::Writer,
     readers: Mutex<Vec<Connection>>,
+    /// This file's id among the shared ledger's origins.
+    origin: i64,
+    /// The shared ledger, once attached.
+    shared: OnceLock<Arc<Shared>>,
 }
 
 impl Ledger {
@@ -103,14 +114,113 @@ impl Ledger {
         let path = state_dir.join(FILE);
         let mut conn = sqlite::open(&path)?;
         import::jsonl_once(&mut conn, state_dir)?;
+        let origin = outbox::origin(&conn)
+            .with_context(|| format!("cannot write the ledger {}", path.display()))?;
         let writer = writer::Writer::start(conn)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 path,
                 writer,
                 readers: Mutex::new(Vec::new()),
+                origin,
+                shared: OnceLock::new(),
             }),
         })
+    }
+
+    /// Make this ledger the outbox of the shared one (`ledger.postgres`), as node `node`;
+    /// nothing is connected yet. Returns the handle the shipper runs with.
+    pub fn share(&self, config: &LedgerConfig, node: &str) -> anyhow::Result<Arc<Shared>> {
+        let shared = Arc::new(Shared::new(config, node, self.inner.origin)?);
+        self.inner
+            .shared
+            .set(shared.clone())
+            .map_err(|_| anyhow::anyhow!("the ledger is shared already"))?;
+        Ok(shared)
+    }
+
+    /// The shared ledger, when attached.
+    pub fn shared(&self) -> Option<Arc<Shared>> {
+        self.inner.shared.get().cloned()
+    }
+
+    /// This ledger file's id among the shared ledger's origins.
+    pub fn origin(&self) -> i64 {
+        self.inner.origin
+    }
+
+    /// Usage per tenant in `[from, to)` from the shared ledger plus this node's records not
+    /// shipped yet, each record counted once; `None` when there is no shared ledger.
+    pub async fn shared_usage(
+        &self,
+        tenant: Option<&str>,
+        from: u64,
+        to: u64,
+    ) -> Option<anyhow::Result<Vec<Usage>>> {
+        let shared = self.inner.shared.get()?.clone();
+        let me = self.clone();
+        let who = tenant.map(str::to_string);
+        let got = async move {
+            let (shipped, here) = tokio::task::spawn_blocking(move || {
+                me.read(|c| outbox::unshipped_usage(c, who.as_deref(), from, to))
+            })
+            .await??;
+            let there = shared.usage(tenant, (from, to), shipped).await?;
+            Ok(merge_usage(there, here))
+        };
+        Some(got.await)
+    }
+
+    /// One tenant's usage in `[from, to)` by UTC day and model, from the shared ledger plus
+    /// this node's records not shipped yet (each record once), summed per (day start in Unix
+    /// ms, model); `None` when there is no shared ledger.
+    pub async fn shared_by_day_and_model(
+        &self,
+        tenant: &str,
+        from: u64,
+        to: u64,
+    ) -> Option<anyhow::Result<Vec<outbox::DayModel>>> {
+        let shared = self.inner.shared.get()?.clone();
+        let me = self.clone();
+        let who = tenant.to_string();
+        let got = async move {
+            let (shipped, here) = tokio::task::spawn_blocking(move || {
+                me.read(|c| outbox::unshipped_by_day_and_model(c, &who, from, to))
+            })
+            .await??;
+            let there = shared.by_day_and_model(tenant, (from, to), shipped).await?;
+            let mut by: BTreeMap<(u64, String), Usage> = BTreeMap::new();
+            for (day, model, u) in there.into_iter().chain(here) {
+                let sum = by.entry((day, model)).or_default();
+                sum.tenant = u.tenant;
+                sum.requests += u.requests;
+                sum.input_tokens += u.input_tokens;
+                sum.output_tokens += u.output_tokens;
+                sum.device_seconds += u.device_seconds;
+            }
+            Ok(by.into_iter().map(|((d, m), u)| (d, m, u)).collect())
+        };
+        Some(got.await)
+    }
+
+    /// Tokens the other nodes used this month (starting `month_start`) as the shared ledger
+    /// last said; `None` without one, or before it was first read.
+    pub fn others_tokens(&self, tenant: &str, month_start: u64) -> Option<u64> {
+        self.inner.shared.get()?.others_tokens(tenant, month_start)
+    }
+
+    /// What waits in the outbox.
+    pub fn backlog(&self) -> anyhow::Result<outbox::Backlog> {
+        self.read(outbox::backlog)
+    }
+
+    /// Every record up to rowid `seq` is in the shared ledger (durable when this returns).
+    pub async fn mark_shipped(&self, seq: i64) -> anyhow::Result<()> {
+        let wait = self.inner.writer.shipped(seq).map_err(anyhow::Error::msg)?;
+        match wait.await {
+            Ok(result) => result.map_err(anyhow::Error::msg),
+            Err(_) => Err(anyhow::anyhow!("the ledger's writer has stopped")),
+        }
     }
 
     /// The database file.

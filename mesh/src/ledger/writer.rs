@@ -21,6 +21,9 @@ enum Job {
     /// Records taken over from elsewhere: those with a known id are skipped; answered with
     /// how many were new.
     Import(Vec<Record>, oneshot::Sender<Result<u64, String>>),
+    /// Every record up to this rowid is in the shared ledger: the outbox's watermark moves
+    /// there (never back).
+    Shipped(i64, oneshot::Sender<Result<(), String>>),
 }
 
 /// Records and transactions committed since the ledger opened.
@@ -67,6 +70,13 @@ impl Writer {
             .map_err(stopped)?;
         wait.blocking_recv().map_err(stopped)?
     }
+
+    /// Move the outbox's watermark up to `seq`; the receiver answers once committed.
+    pub fn shipped(&self, seq: i64) -> Result<oneshot::Receiver<Result<(), String>>, String> {
+        let (done, wait) = oneshot::channel();
+        self.jobs.send(Job::Shipped(seq, done)).map_err(stopped)?;
+        Ok(wait)
+    }
 }
 
 fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: &Counters) {
@@ -86,6 +96,7 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: &Counters) {
 enum Outcome {
     Appended(Result<(), String>),
     Imported(Result<u64, String>),
+    Marked(Result<(), String>),
 }
 
 /// Apply every job in one transaction and commit it; then answer each job. A job that fails
@@ -110,6 +121,9 @@ fn commit(conn: &mut Connection, jobs: Vec<Job>, counters: &Counters) {
                         .inspect(|n| added += n)
                         .map_err(|e| format!("import failed: {e}")),
                 ),
+                Job::Shipped(seq, _) => Outcome::Marked(
+                    mark(&tx, *seq).map_err(|e| format!("the watermark did not move: {e}")),
+                ),
             })
             .collect();
         tx.commit()?;
@@ -123,6 +137,7 @@ fn commit(conn: &mut Connection, jobs: Vec<Job>, counters: &Counters) {
                 match (job, outcome) {
                     (Job::Append(_, done), Outcome::Appended(r)) => drop(done.send(r)),
                     (Job::Import(_, done), Outcome::Imported(r)) => drop(done.send(r)),
+                    (Job::Shipped(_, done), Outcome::Marked(r)) => drop(done.send(r)),
                     _ => unreachable!("one outcome per job, in order"),
                 }
             }
@@ -134,8 +149,17 @@ fn commit(conn: &mut Connection, jobs: Vec<Job>, counters: &Counters) {
                 match job {
                     Job::Append(_, done) => drop(done.send(Err(why.clone()))),
                     Job::Import(_, done) => drop(done.send(Err(why.clone()))),
+                    Job::Shipped(_, done) => drop(done.send(Err(why.clone()))),
                 }
             }
         }
     }
+}
+
+/// Move the outbox's watermark up to `seq` (a lower one leaves it).
+fn mark(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
+    if super::outbox::shipped(conn)? < seq {
+        sqlite::set_meta(conn, super::outbox::SHIPPED, seq)?;
+    }
+    Ok(())
 }

@@ -46,7 +46,11 @@ pub fn prompt_text(prompt: &Prompt) -> String {
                     .then(|| serde_json::to_string(&m.tool_calls).ok())
                     .flatten();
                 let answers = m.tool_call_id.clone();
-                for (key, v) in [("tools", tools), ("tool_calls", calls), ("tool_call_id", answers)] {
+                for (key, v) in [
+                    ("tools", tools),
+                    ("tool_calls", calls),
+                    ("tool_call_id", answers),
+                ] {
                     if let Some(v) = v {
                         line.push_str(&format!("\n{key}: {v}"));
                     }
@@ -144,10 +148,7 @@ mod tests {
     fn prompt_features_count_what_routers_use() {
         let chat = Prompt::Chat(vec![
             flatmesh_runtime::ChatMessage::new("system", "Be brief."),
-            flatmesh_runtime::ChatMessage::new(
-                "user",
-                "Why? And how?\n```rust\nfn main() {}\n```",
-            ),
+            flatmesh_runtime::ChatMessage::new("user", "Why? And how?\n```rust\nfn main() {}\n```"),
         ]);
         let f = features(&chat);
         assert_eq!((f.messages, f.code_blocks, f.questions), (2, 1, 2));

@@ -24,14 +24,15 @@ pub fn request_info(
     generate: Option<&GenerateRequest>,
     streamed: bool,
 ) -> RequestInfo {
-    let features = generate
-        .map(|g| policy::features(&g.prompt))
-        .unwrap_or(policy::PromptFeatures {
-            chars: 0,
-            messages: 0,
-            code_blocks: 0,
-            questions: 0,
-        });
+    let features =
+        generate
+            .map(|g| policy::features(&g.prompt))
+            .unwrap_or(policy::PromptFeatures {
+                chars: 0,
+                messages: 0,
+                code_blocks: 0,
+                questions: 0,
+            });
     // Every choice may generate `max_tokens`.
     let max_tokens = generate
         .and_then(|g| g.max_tokens.map(|m| m.saturating_mul(g.n)))

@@ -1,91 +1,28 @@
 //! The CUDA backend of the forward pass: the kernels of this module on one GPU, through
 //! cudarc. UNVERIFIED: it builds in CI and takes the launch configurations and argument lists
-//! the emulated backend (`emu.rs`) checks against the CPU, but it has not yet run on a GPU,
-//! and no engine uses it.
+//! the emulated backend (`emu.rs`) checks against the CPU, but it has not yet run on a GPU.
 //!
-//! The model's GGUF bytes go to device memory as stored (one allocation; tensors keep their
-//! file offsets); norm weights and biases, which the `Backend` trait passes as host slices,
-//! are uploaded once and found again by their host address. Logits are copied back.
+//! The model's GGUF bytes go to device memory as stored (one allocation, copied in chunks on
+//! the copy's stream; tensors keep their file offsets); norm weights and biases, which the
+//! `Backend` trait passes as host slices, are uploaded once and found again by their host
+//! address. The KV cache is on the GPU (the `KvPool` keeps only the block tables). Every
+//! allocation is counted in the copy's `Held` bytes. Tokens are sampled on the GPU; logits
+//! come back only for sequences that need them on the host.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig,
-    PushKernelArg,
-};
-use cudarc::nvrtc::Ptx;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{nvrtc, suffix, Launch, SOURCES};
-use crate::llm::{
-    forward::{Backend, Batch, Buf},
-    kernels::Act,
-    model::{Matrix, Model},
-};
-
-/// What went wrong setting up or running the backend.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CudaError {
-    #[error("CUDA driver: {0}")]
-    Driver(String),
-    #[error(transparent)]
-    Nvrtc(#[from] nvrtc::NvrtcError),
-}
-
-impl From<DriverError> for CudaError {
-    fn from(e: DriverError) -> Self {
-        CudaError::Driver(e.to_string())
-    }
-}
-
-/// Every source compiled for one architecture, once per process.
-fn cubins(arch: u32) -> Result<Arc<Vec<nvrtc::Cubin>>, CudaError> {
-    type Cache = Mutex<HashMap<u32, Arc<Vec<nvrtc::Cubin>>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    if let Some(c) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&arch) {
-        return Ok(c.clone());
-    }
-    let built: Vec<nvrtc::Cubin> = SOURCES
-        .iter()
-        .map(|s| nvrtc::compile(s, arch))
-        .collect::<Result<_, _>>()?;
-    let built = Arc::new(built);
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(cache.entry(arch).or_insert(built).clone())
-}
-
-/// One GPU with the kernels loaded.
-pub struct Gpu {
-    pub ctx: Arc<CudaContext>,
-    pub stream: Arc<CudaStream>,
-    funcs: HashMap<&'static str, CudaFunction>,
-}
-
-impl Gpu {
-    pub fn new(ordinal: usize) -> Result<Gpu, CudaError> {
-        // SAFETY: only tries to open the driver library by its candidate names (cudarc
-        // panics at the first call into a library it cannot open).
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(CudaError::Driver(
-                "the CUDA driver library (libcuda.so) was not found".into(),
-            ));
-        }
-        let ctx = CudaContext::new(ordinal)?;
-        let (major, minor) = ctx.compute_capability()?;
-        let arch = (major * 10 + minor) as u32;
-        let mut funcs = HashMap::new();
-        for (src, cubin) in SOURCES.iter().zip(cubins(arch)?.iter()) {
-            let module = ctx.load_module(Ptx::from_binary(cubin.image.clone()))?;
-            for k in src.kernels {
-                funcs.insert(*k, module.load_function(k)?);
-            }
-        }
-        let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, funcs })
-    }
-}
+use super::gpu::{addr, grow, DBuf, Mem, Pinned};
+pub use super::gpu::{CudaError, Gpu};
+use super::pagein::{self, Counted, Held, PageIn, CHUNK_BYTES};
+use super::{suffix, Launch};
+use crate::llm::batch::StepBackend;
+use crate::llm::forward::{Backend, Batch, Buf, DeviceSampling};
+use crate::llm::kernels::Act;
+use crate::llm::kv::KvPool;
+use crate::llm::model::{Matrix, Model};
 
 /// A kernel argument: a device address, an i32 or an f32.
 enum Arg {
@@ -94,52 +31,50 @@ enum Arg {
     F(f32),
 }
 
-/// A device buffer that grows to what a step needs.
-struct DBuf<T> {
-    mem: Option<CudaSlice<T>>,
-    ptr: u64,
-}
-
-impl<T> Default for DBuf<T> {
-    fn default() -> Self {
-        DBuf { mem: None, ptr: 0 }
-    }
-}
-
 /// The forward pass of one copy on one GPU.
 pub struct Cuda {
     gpu: Gpu,
-    weights: (CudaSlice<u8>, u64),
-    vectors: HashMap<usize, (CudaSlice<f32>, u64)>,
+    mem: Mem,
+    /// Every byte this copy holds on the GPU.
+    held: Held,
+    weights: (Counted<cudarc::driver::CudaSlice<u8>>, u64),
+    vectors: HashMap<usize, (Counted<cudarc::driver::CudaSlice<u8>>, u64)>,
     tokens: usize,
-    bufs: [DBuf<f32>; Buf::COUNT],
+    bufs: [DBuf; Buf::COUNT],
     /// Values per token of each buffer, as last sized.
     widths: [usize; Buf::COUNT],
-    act: [DBuf<f32>; 3],
-    kv: (CudaSlice<u16>, u64),
+    act: [DBuf; 3],
+    kv: (Counted<cudarc::driver::CudaSlice<u8>>, u64),
+    /// The block tables of the KV cache (its values are in `kv`).
+    pool: KvPool,
+    kv_block_bytes: usize,
     layers: usize,
     block_tokens: usize,
-    meta: [DBuf<i32>; 4],
-    scores: DBuf<f32>,
-    norm: DBuf<f32>,
-    out: DBuf<f32>,
+    meta: [DBuf; 8],
+    scores: DBuf,
+    norm: DBuf,
+    out: DBuf,
     logits: Vec<f32>,
     /// The first failed call; later launches are skipped.
     pub error: Option<CudaError>,
 }
 
 impl Cuda {
-    /// `model`'s weights uploaded as stored, and a KV cache of `blocks` blocks laid out as
-    /// the CPU's `KvPool`.
+    /// A copy of `model` on `gpu`: its GGUF bytes paged in as stored (page-locked for the
+    /// copy, in chunks on the copy's stream) while the norm vectors, the KV cache of `pool`'s
+    /// blocks and a step's buffers for `step_tokens` tokens are allocated. An allocation the
+    /// GPU cannot make fails the whole copy, and every byte taken is handed back.
     pub fn new(
         gpu: Gpu,
         model: &Model,
-        blocks: usize,
-        block_tokens: usize,
+        pool: KvPool,
+        step_tokens: usize,
     ) -> Result<Cuda, CudaError> {
         let s = &model.shape;
-        let weights = gpu.stream.clone_htod(&model.bytes[..])?;
-        let wptr = ptr(&gpu.stream, &weights);
+        let mem = gpu.memory();
+        let image: &[u8] = &model.bytes[..];
+        let pinned = Pinned::new(&gpu.ctx, image);
+        let page = PageIn::start(&mem, image, CHUNK_BYTES)?;
         let mut vectors = HashMap::new();
         let mut host: Vec<&[f32]> = vec![&model.norm];
         for l in &model.layers {
@@ -149,16 +84,24 @@ impl Cuda {
             }
         }
         for v in host {
-            let d = gpu.stream.clone_htod(v)?;
-            let p = ptr(&gpu.stream, &d);
+            let bytes = f32_bytes(v);
+            let mut d = page.alloc(bytes.len(), "the norm weights and biases")?;
+            pagein::DeviceMemory::copy_in(&mem, &mut d.block, 0, &bytes)
+                .map_err(|_| CudaError::Driver("copying the norm weights failed".into()))?;
+            let p = addr(&mem.0, &d.block);
             vectors.insert(v.as_ptr() as usize, (d, p));
         }
-        let kv = gpu
-            .stream
-            .alloc_zeros::<u16>(blocks * s.layers * 2 * block_tokens * s.kv_dim())?;
-        let kvp = ptr(&gpu.stream, &kv);
-        Ok(Cuda {
+        let kv_block_bytes = s.layers * 2 * pool.block_tokens() * s.kv_dim() * 2;
+        let kv = page.alloc(pool.total_blocks() * kv_block_bytes, "the KV cache")?;
+        let kvp = addr(&mem.0, &kv.block);
+        let (weights, held) = page.finish()?;
+        // `vectors`' host sources were copied from pageable memory: the wait above covers them.
+        drop(pinned);
+        let wptr = addr(&mem.0, &weights.block);
+        let mut cuda = Cuda {
             gpu,
+            mem,
+            held,
             weights: (weights, wptr),
             vectors,
             tokens: 0,
@@ -166,15 +109,81 @@ impl Cuda {
             widths: [0; Buf::COUNT],
             act: Default::default(),
             kv: (kv, kvp),
+            block_tokens: pool.block_tokens(),
+            pool,
+            kv_block_bytes,
             layers: s.layers,
-            block_tokens,
             meta: Default::default(),
             scores: Default::default(),
             norm: Default::default(),
             out: Default::default(),
             logits: Vec::new(),
             error: None,
-        })
+        };
+        cuda.reserve_step(model, step_tokens.max(1));
+        match cuda.error.take() {
+            Some(e) => Err(e),
+            None => Ok(cuda),
+        }
+    }
+
+    /// Allocate a step's buffers for `tokens` tokens up front, so that the copy's bytes are
+    /// known at load (attention's scratch for the whole KV capacity; longer prefills are
+    /// chunked by the step budget).
+    fn reserve_step(&mut self, model: &Model, tokens: usize) {
+        let s = &model.shape;
+        let widest = [s.dim, s.q_dim(), s.kv_dim(), s.hidden]
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        self.tokens = tokens;
+        for b in 0..Buf::COUNT {
+            grow(
+                &self.mem,
+                &self.held,
+                &mut self.bufs[b],
+                tokens * widest * 4,
+                &mut self.error,
+            );
+        }
+        for a in 0..3 {
+            grow(
+                &self.mem,
+                &self.held,
+                &mut self.act[a],
+                tokens * widest * 4,
+                &mut self.error,
+            );
+        }
+        let ctx = self.pool.capacity();
+        let scores = tokens * s.heads * ctx.min(s.context.max(1)) * 4;
+        grow(
+            &self.mem,
+            &self.held,
+            &mut self.scores,
+            scores,
+            &mut self.error,
+        );
+        grow(
+            &self.mem,
+            &self.held,
+            &mut self.norm,
+            tokens * s.dim * 4,
+            &mut self.error,
+        );
+        grow(
+            &self.mem,
+            &self.held,
+            &mut self.out,
+            tokens * s.vocab * 4,
+            &mut self.error,
+        );
+        self.tokens = 0;
+    }
+
+    /// Bytes this copy holds on its GPU (weights, vectors, KV cache, a step's buffers).
+    pub fn held_bytes(&self) -> u64 {
+        self.held.bytes()
     }
 
     /// The GPU back, for another copy (the copy's memory is freed).
@@ -221,9 +230,20 @@ impl Cuda {
         if let Some((_, p)) = self.vectors.get(&(v.as_ptr() as usize)) {
             return *p;
         }
-        match self.gpu.stream.clone_htod(v) {
+        let bytes = f32_bytes(v);
+        let uploaded =
+            pagein::alloc(&self.mem, &self.held, bytes.len(), "a vector").and_then(|mut d| {
+                pagein::DeviceMemory::copy_in(&self.mem, &mut d.block, 0, &bytes).map_err(|f| {
+                    pagein::MemError::Driver {
+                        what: "a vector's copy",
+                        reason: format!("{f:?}"),
+                    }
+                })?;
+                Ok(d)
+            });
+        match uploaded {
             Ok(d) => {
-                let p = ptr(&self.gpu.stream, &d);
+                let p = addr(&self.mem.0, &d.block);
                 self.vectors.insert(v.as_ptr() as usize, (d, p));
                 p
             }
@@ -234,22 +254,31 @@ impl Cuda {
         }
     }
 
-    fn upload_meta(&mut self, slot: usize, v: &[i32]) -> u64 {
-        let stream = self.gpu.stream.clone();
-        match stream.clone_htod(v) {
-            Ok(d) => {
-                let p = ptr(&stream, &d);
-                self.meta[slot] = DBuf {
-                    mem: Some(d),
-                    ptr: p,
-                };
-                p
-            }
-            Err(e) => {
-                self.fail(e);
-                0
-            }
+    /// Copy `bytes` into the step's argument buffer `slot`; its device address.
+    fn upload(&mut self, slot: usize, bytes: &[u8]) -> u64 {
+        let p = grow(
+            &self.mem,
+            &self.held,
+            &mut self.meta[slot],
+            bytes.len(),
+            &mut self.error,
+        );
+        if self.error.is_some() {
+            return p;
         }
+        let Some(m) = self.meta[slot].mem.as_mut() else {
+            return p;
+        };
+        let mut view = m.block.slice_mut(0..bytes.len());
+        if let Err(e) = self.mem.0.memcpy_htod(bytes, &mut view) {
+            self.fail(e);
+        }
+        p
+    }
+
+    fn upload_meta(&mut self, slot: usize, v: &[i32]) -> u64 {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        self.upload(slot, &bytes)
     }
 
     fn weight(&self, m: &Matrix) -> u64 {
@@ -267,9 +296,10 @@ impl Cuda {
             Act::Q8K => (n.div_ceil(4), n / 256, n / 16),
         };
         let [pa, pd, px] = [a, d, x].map(|len| len.max(1));
-        let pa = grow(&self.gpu.stream, &mut self.act[0], pa, &mut self.error);
-        let pd = grow(&self.gpu.stream, &mut self.act[1], pd, &mut self.error);
-        let px = grow(&self.gpu.stream, &mut self.act[2], px, &mut self.error);
+        let (m, h, e) = (&self.mem, &self.held, &mut self.error);
+        let pa = grow(m, h, &mut self.act[0], pa * 4, e);
+        let pd = grow(m, h, &mut self.act[1], pd * 4, e);
+        let px = grow(m, h, &mut self.act[2], px * 4, e);
         let c = Arg::I(cols as i32);
         match act {
             Act::F16 => self.run(
@@ -314,9 +344,10 @@ impl Cuda {
         self.widths[b as usize] = width;
         let n = (self.tokens * width).max(1);
         grow(
-            &self.gpu.stream,
+            &self.mem,
+            &self.held,
             &mut self.bufs[b as usize],
-            n,
+            n * 4,
             &mut self.error,
         )
     }
@@ -326,217 +357,9 @@ impl Cuda {
     }
 }
 
-fn ptr<T>(stream: &CudaStream, s: &CudaSlice<T>) -> u64 {
-    s.device_ptr(stream).0
-}
+mod ops;
 
-/// `b` with room for `n` values (reallocated, contents lost, when smaller); its address.
-fn grow<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    b: &mut DBuf<T>,
-    n: usize,
-    error: &mut Option<CudaError>,
-) -> u64 {
-    if b.mem.as_ref().is_some_and(|m| m.len() >= n) {
-        return b.ptr;
-    }
-    match stream.alloc_zeros::<T>(n) {
-        Ok(m) => {
-            b.ptr = ptr(stream, &m);
-            b.mem = Some(m);
-        }
-        Err(e) => {
-            error.get_or_insert(e.into());
-        }
-    }
-    b.ptr
-}
-
-impl Backend for Cuda {
-    fn begin(&mut self, tokens: usize) {
-        self.tokens = tokens;
-    }
-
-    fn embed(&mut self, model: &Model, ids: &[u32]) {
-        let x = self.sized(Buf::X, model.shape.dim);
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let p = self.upload_meta(0, &ids);
-        let args = [
-            Arg::P(self.weight(&model.embed)),
-            Arg::I(model.shape.dim as i32),
-            Arg::P(p),
-            Arg::P(x),
-        ];
-        let name = format!("embed_{}", suffix(model.embed.qtype));
-        self.run(&name, Launch::per_row(ids.len()), &args);
-    }
-
-    fn rms_norm(&mut self, from: Buf, weight: &[f32], eps: f32, to: Buf) {
-        let w = self.vector(weight);
-        let out = self.sized(to, weight.len());
-        let args = [
-            Arg::P(self.buf(from)),
-            Arg::P(0),
-            Arg::I(weight.len() as i32),
-            Arg::P(w),
-            Arg::F(eps),
-            Arg::P(out),
-        ];
-        self.run("rms_norm", Launch::per_row(self.tokens), &args);
-    }
-
-    fn matmul(&mut self, _model: &Model, from: Buf, outs: &[(&Matrix, Buf)]) {
-        let input = self.buf(from);
-        for (w, to) in outs {
-            let out = self.sized(*to, w.rows);
-            self.matvec(w, input, self.tokens, out);
-        }
-    }
-
-    fn add_bias(&mut self, to: Buf, bias: &[f32]) {
-        let b = self.vector(bias);
-        let n = self.tokens * bias.len();
-        let args = [
-            Arg::P(self.buf(to)),
-            Arg::P(b),
-            Arg::I(bias.len() as i32),
-            Arg::I(n as i32),
-        ];
-        self.run("add_bias", Launch::elementwise(n), &args);
-    }
-
-    fn rope(&mut self, buf: Buf, head_dim: usize, base: f32, positions: &[usize]) {
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        let p = self.upload_meta(1, &pos);
-        let width = self.widths[buf as usize];
-        let args = [
-            Arg::P(self.buf(buf)),
-            Arg::I(width as i32),
-            Arg::I(head_dim as i32),
-            Arg::F(base.powf(-2.0 / head_dim as f32)),
-            Arg::P(p),
-        ];
-        self.run("rope", Launch::per_row(self.tokens), &args);
-    }
-
-    fn attention(&mut self, model: &Model, layer: usize, batch: &Batch) {
-        let s = &model.shape;
-        let max_blocks = batch
-            .tables
-            .iter()
-            .map(|t| t.blocks.len())
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        let mut flat = vec![0i32; batch.tables.len() * max_blocks];
-        for (row, t) in flat.chunks_mut(max_blocks).zip(&batch.tables) {
-            for (o, b) in row.iter_mut().zip(&t.blocks) {
-                *o = *b as i32;
-            }
-        }
-        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
-        let seq: Vec<i32> = batch.seq_of.iter().map(|&p| p as i32).collect();
-        let (pp, sp, tp) = (
-            self.upload_meta(1, &pos),
-            self.upload_meta(2, &seq),
-            self.upload_meta(3, &flat),
-        );
-        let common = |k: &Self| {
-            [pp, sp, tp].map(Arg::P).into_iter().chain([
-                Arg::I(max_blocks as i32),
-                Arg::I(k.layers as i32),
-                Arg::I(layer as i32),
-                Arg::I(k.block_tokens as i32),
-            ])
-        };
-        let mut args = vec![
-            Arg::P(self.buf(Buf::K)),
-            Arg::P(self.buf(Buf::V)),
-            Arg::I(s.kv_dim() as i32),
-        ];
-        args.extend(common(self));
-        args.push(Arg::P(self.kv.1));
-        self.run("kv_store", Launch::per_row(self.tokens), &args);
-        let ctx = pos.iter().max().map_or(1, |&p| p as usize + 1);
-        let scores = grow(
-            &self.gpu.stream,
-            &mut self.scores,
-            self.tokens * s.heads * ctx,
-            &mut self.error,
-        );
-        let out = self.sized(Buf::Att, s.q_dim());
-        let mut args = vec![Arg::P(self.buf(Buf::Q)), Arg::P(self.kv.1)];
-        args.extend(common(self));
-        args.extend([
-            Arg::I(s.heads as i32),
-            Arg::I(s.kv_heads as i32),
-            Arg::I(s.head_dim as i32),
-            Arg::F(1.0 / (s.head_dim as f32).sqrt()),
-            Arg::P(scores),
-            Arg::I(ctx as i32),
-            Arg::P(out),
-        ]);
-        self.run("attention", Launch::attention(s.heads, self.tokens), &args);
-    }
-
-    fn silu_mul(&mut self) {
-        let n = self.tokens * self.widths[Buf::Gate as usize];
-        let args = [
-            Arg::P(self.buf(Buf::Gate)),
-            Arg::P(self.buf(Buf::Up)),
-            Arg::I(n as i32),
-        ];
-        self.run("silu_mul", Launch::elementwise(n), &args);
-    }
-
-    fn add(&mut self, to: Buf, from: Buf) {
-        let n = self.widths[to as usize] * self.tokens;
-        let args = [
-            Arg::P(self.buf(to)),
-            Arg::P(self.buf(from)),
-            Arg::I(n as i32),
-        ];
-        self.run("add", Launch::elementwise(n), &args);
-    }
-
-    fn logits(&mut self, model: &Model, rows: &[usize]) -> &[f32] {
-        self.logits.clear();
-        if rows.is_empty() {
-            return &self.logits;
-        }
-        let d = model.shape.dim;
-        let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
-        let ip = self.upload_meta(0, &idx);
-        let w = self.vector(&model.norm);
-        let norm = grow(
-            &self.gpu.stream,
-            &mut self.norm,
-            rows.len() * d,
-            &mut self.error,
-        );
-        let args = [
-            Arg::P(self.buf(Buf::X)),
-            Arg::P(ip),
-            Arg::I(d as i32),
-            Arg::P(w),
-            Arg::F(model.shape.eps),
-            Arg::P(norm),
-        ];
-        self.run("rms_norm", Launch::per_row(rows.len()), &args);
-        let n = rows.len() * model.output.rows;
-        let out = grow(&self.gpu.stream, &mut self.out, n, &mut self.error);
-        self.matvec(&model.output, norm, rows.len(), out);
-        self.logits.resize(n, 0.0);
-        if self.error.is_none() {
-            let stream = self.gpu.stream.clone();
-            let copied = match &self.out.mem {
-                Some(m) => stream.memcpy_dtoh(&m.slice(0..n), &mut self.logits[..]),
-                None => Ok(()),
-            };
-            if let Err(e) = copied.and_then(|_| stream.synchronize()) {
-                self.fail(e);
-            }
-        }
-        &self.logits
-    }
+/// A vector's bytes as the device reads them.
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
 }

@@ -44,17 +44,22 @@ fn on_a_gpu_the_cuda_backend_gives_the_cpus_greedy_tokens_else_it_is_refused() {
     for q in QType::ALL {
         let m = fixture::model(q, 9, q == QType::Q8_0);
         let s = &m.shape;
-        let mut kv = KvPool::new(64, 4, s.layers, s.kv_dim());
         let prompts: [&[u32]; 2] = [&[1, 17, 42, 99, 7], &[3, 1, 4]];
-        let tables: Vec<BlockTable> = prompts
-            .iter()
-            .map(|p| {
-                let mut t = BlockTable::default();
-                assert!(kv.grow(&mut t, p.len() + 4));
-                t
-            })
-            .collect();
-        let blocks = kv.total_blocks();
+        // Two pools grown alike: the same block tables address both.
+        let pool = || {
+            let mut kv = KvPool::new(64, 4, s.layers, s.kv_dim());
+            let tables: Vec<BlockTable> = prompts
+                .iter()
+                .map(|p| {
+                    let mut t = BlockTable::default();
+                    assert!(kv.grow(&mut t, p.len() + 4));
+                    t
+                })
+                .collect();
+            (kv, tables)
+        };
+        let (kv, tables) = pool();
+        let (blocks, _) = pool();
         let mut cpu = Cpu::new(kv, 2);
         // A failed upload consumed the handle: open the GPU again for the next type.
         let opened = gpu.take().map(Ok).unwrap_or_else(|| Gpu::new(0));

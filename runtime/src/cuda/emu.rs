@@ -10,8 +10,10 @@ use flatmesh_cuda_emu::params;
 
 use super::{suffix, Launch};
 use crate::llm::{
-    forward::{Backend, Batch, Buf},
+    batch::StepBackend,
+    forward::{Backend, Batch, Buf, DeviceSampling},
     kernels::Act,
+    kv::KvPool,
     model::{Matrix, Model},
 };
 
@@ -117,6 +119,9 @@ pub struct Emu {
     norm: Vec<f32>,
     logits: Vec<f32>,
     ids: Vec<i32>,
+    /// The block tables a step loop drives (`with_pool`); the values are in `kv`.
+    pool: Option<KvPool>,
+    kv_block: usize,
 }
 
 impl Emu {
@@ -132,7 +137,17 @@ impl Emu {
             norm: Vec::new(),
             logits: Vec::new(),
             ids: Vec::new(),
+            pool: None,
+            kv_block: layers * 2 * block_tokens * kv_dim,
         }
+    }
+
+    /// The backend of a step loop over `pool` (a `KvPool::blocks_only`): its KV values here,
+    /// as a GPU backend holds them in device memory.
+    pub fn with_pool(pool: KvPool, layers: usize, kv_dim: usize) -> Emu {
+        let mut emu = Emu::new(pool.total_blocks(), pool.block_tokens(), layers, kv_dim);
+        emu.pool = Some(pool);
+        emu
     }
 
     pub fn buf(&self, b: Buf) -> &[f32] {
@@ -322,6 +337,55 @@ impl Backend for Emu {
         matvec(model, &model.output, &self.norm, rows.len(), &mut logits);
         self.logits = logits;
         &self.logits
+    }
+
+    fn samples(&self) -> bool {
+        true
+    }
+
+    fn sample(&mut self, model: &Model, rows: &[usize], how: &[DeviceSampling]) -> Vec<u32> {
+        let vocab = model.shape.vocab;
+        self.logits(model, rows);
+        Emu::sample_rows(&self.logits, vocab, how)
+    }
+
+    fn copy_blocks(&mut self, copies: &[(u32, u32)]) {
+        let len = self.kv_block;
+        for &(from, to) in copies {
+            let (from, to) = (from as usize * len, to as usize * len);
+            self.kv.copy_within(from..from + len, to);
+        }
+    }
+}
+
+impl Emu {
+    /// The `sample` kernel over rows of logits, one `how` each.
+    pub fn sample_rows(logits: &[f32], vocab: usize, how: &[DeviceSampling]) -> Vec<u32> {
+        let rows = how.len();
+        let t: Vec<f32> = how.iter().map(|h| h.temperature).collect();
+        let k: Vec<i32> = how
+            .iter()
+            .map(|h| h.top_k.min(i32::MAX as u32) as i32)
+            .collect();
+        let p: Vec<f32> = how.iter().map(|h| h.top_p).collect();
+        let seeds: Vec<u64> = how.iter().map(|h| h.seed).collect();
+        let steps: Vec<u32> = how.iter().map(|h| h.step).collect();
+        let mut out = vec![0i32; rows];
+        let (mut lp, mut v) = (logits.as_ptr(), vocab as i32);
+        let (mut tp, mut kp, mut pp) = (t.as_ptr(), k.as_ptr(), p.as_ptr());
+        let (mut sp, mut stp, mut o) = (seeds.as_ptr(), steps.as_ptr(), out.as_mut_ptr());
+        run(
+            "sample",
+            Launch::per_row(rows),
+            &mut params![lp, v, tp, kp, pp, sp, stp, o],
+        );
+        out.into_iter().map(|t| t.max(0) as u32).collect()
+    }
+}
+
+impl StepBackend for Emu {
+    fn kv(&mut self) -> &mut KvPool {
+        self.pool.as_mut().expect("an Emu made with_pool")
     }
 }
 

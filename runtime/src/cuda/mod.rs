@@ -6,7 +6,10 @@
 //! launch emulation of `runtime/cuda-emu` (`emu`). See README.md beside this file.
 
 pub mod backend;
+pub mod copy;
+pub mod gpu;
 pub mod nvrtc;
+pub mod pagein;
 
 #[cfg(test)]
 mod backend_tests;
@@ -14,6 +17,8 @@ mod backend_tests;
 mod emu;
 #[cfg(test)]
 mod emu_tests;
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod sample_tests;
 #[cfg(test)]

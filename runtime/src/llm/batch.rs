@@ -14,7 +14,7 @@ use std::{
 
 use super::{
     cpu::Cpu,
-    forward::{forward, Batch},
+    forward::{layers, Backend, Batch, DeviceSampling},
     kv::{BlockTable, KvPool},
     model::Model,
 };
@@ -115,6 +115,8 @@ struct Seq {
     table: BlockTable,
     sampler: Sampler,
     constraint: Option<Constraint>,
+    /// The seed of the device sampler: the request's (`+ choice`), or drawn at random.
+    device_seed: u64,
 }
 
 impl Seq {
@@ -122,6 +124,29 @@ impl Seq {
         let stopped = self.shared.stopped.get(self.choice);
         self.shared.cancel.load(Ordering::Relaxed)
             || stopped.is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
+    /// How this sequence's next token is chosen on a device that samples, or `None` when
+    /// its logits are needed on the host: a grammar to mask, scores to report, penalties,
+    /// masked end-of-generation tokens, or choices still to fork from the same logits.
+    fn device_sampling(&self) -> Option<DeviceSampling> {
+        let p = &self.shared.sampling;
+        let host = self.constraint.is_some()
+            || self.shared.logprobs.is_some()
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || p.ignore_eos
+            || self.forks > 0;
+        if host {
+            return None;
+        }
+        Some(DeviceSampling {
+            temperature: p.temperature,
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            seed: self.device_seed,
+            step: self.generated as u32,
+        })
     }
 
     /// Choice `choice` of the same prompt, its own sampler seeded `seed + choice`.
@@ -132,11 +157,23 @@ impl Seq {
     }
 }
 
+/// A backend a step loop drives: the forward pass's operations and the copy's KV pool (its
+/// block tables; the values may live on the backend's device).
+pub trait StepBackend: Backend + Send + 'static {
+    fn kv(&mut self) -> &mut KvPool;
+}
+
+impl StepBackend for Cpu {
+    fn kv(&mut self) -> &mut KvPool {
+        &mut self.kv
+    }
+}
+
 /// The step loop of one copy: owns its KV pool and scratch; runs until the engine is dropped
 /// and every sequence has left.
-pub struct StepLoop {
+pub struct StepLoop<B: StepBackend = Cpu> {
     pub model: Arc<Model>,
-    pub cpu: Cpu,
+    pub cpu: B,
     pub lane: Lane,
     pub config: BatchConfig,
     pub end_of_generation: Vec<u32>,
@@ -145,14 +182,14 @@ pub struct StepLoop {
     logits: Vec<f32>,
 }
 
-impl StepLoop {
+impl<B: StepBackend> StepLoop<B> {
     pub fn new(
         model: Arc<Model>,
-        cpu: Cpu,
+        cpu: B,
         lane: Lane,
         config: BatchConfig,
         end_of_generation: Vec<u32>,
-    ) -> StepLoop {
+    ) -> Self {
         StepLoop {
             model,
             cpu,
@@ -192,7 +229,7 @@ impl StepLoop {
         );
         for mut s in self.running.drain(..) {
             let _ = s.shared.events.send(SeqEvent::Failed(reason.to_string()));
-            self.cpu.kv.release(&mut s.table);
+            self.cpu.kv().release(&mut s.table);
         }
     }
 
@@ -204,7 +241,8 @@ impl StepLoop {
             }
             return;
         }
-        let fits = self.cpu.kv.blocks_for(submit.prompt.len() + 1) <= self.cpu.kv.total_blocks();
+        let fits =
+            self.cpu.kv().blocks_for(submit.prompt.len() + 1) <= self.cpu.kv().total_blocks();
         if !fits {
             let reason = format!(
                 "{} prompt tokens do not fit this copy's KV cache",
@@ -224,6 +262,7 @@ impl StepLoop {
         });
         self.waiting.push_back(Seq {
             sampler: Seq::sampler_for(&shared.sampling, 0),
+            device_seed: shared.sampling.seed.unwrap_or_else(rand::random),
             constraint: shared.constraint.clone(),
             shared,
             choice: 0,
@@ -239,7 +278,7 @@ impl StepLoop {
     /// Drop cancelled sequences, admit waiting ones while their tokens fit the pool, plan
     /// and run one forward pass, and sample.
     fn step(&mut self) {
-        let kv = &mut self.cpu.kv;
+        let kv = self.cpu.kv();
         for s in self.running.iter_mut().filter(|s| s.gone()) {
             kv.release(&mut s.table);
         }
@@ -271,11 +310,46 @@ impl StepLoop {
                 batch.logits_for.push(batch.tokens.len() - 1);
             }
         }
+        let copies = self.cpu.kv().take_copies();
+        // Rows whose sequence is sampled where the logits are (only token ids come back),
+        // and rows whose logits the host needs.
+        let on_device = self.cpu.samples();
+        let (mut device, mut host, mut how) = (Vec::new(), Vec::new(), Vec::new());
+        for (&(si, n), &row) in plan
+            .iter()
+            .filter(|&&(si, n)| self.running[si].cached + n == self.running[si].tokens.len())
+            .zip(&batch.logits_for)
+        {
+            let _ = n;
+            match self.running[si].device_sampling().filter(|_| on_device) {
+                Some(h) => {
+                    device.push(row);
+                    how.push(h);
+                }
+                None => host.push(row),
+            }
+        }
         let (model, cpu) = (&self.model, &mut self.cpu);
-        let logits = self.lane.run(|| forward(cpu, model, &batch).to_vec());
+        let (logits, tokens) = self.lane.run(|| {
+            cpu.copy_blocks(&copies);
+            layers(cpu, model, &batch);
+            let tokens = match device.is_empty() {
+                true => Vec::new(),
+                false => cpu.sample(model, &device, &how),
+            };
+            let logits = match host.is_empty() {
+                true => Vec::new(),
+                false => cpu.logits(model, &host).to_vec(),
+            };
+            (logits, tokens)
+        });
         drop(batch);
+        if let Some(reason) = self.cpu.take_error() {
+            self.fail_running(&reason);
+            return;
+        }
         self.logits = logits;
-        self.sample(&plan);
+        self.sample(&plan, &tokens);
     }
 
     /// Tokens each running sequence computes this step: one for each decoding sequence,
@@ -296,7 +370,7 @@ impl StepLoop {
                     continue;
                 }
                 let n = left.min(budget);
-                let (kv, table) = (&mut self.cpu.kv, &mut s.table);
+                let (kv, table) = (self.cpu.kv(), &mut s.table);
                 // Room for the new positions, in blocks of this sequence's own.
                 let room =
                     kv.grow(table, s.cached + n + 1) && kv.writable(table, s.cached, s.cached + n);
@@ -316,21 +390,32 @@ impl StepLoop {
 
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
-        self.cpu.kv.release(&mut s.table);
+        self.cpu.kv().release(&mut s.table);
         s.cached = 0;
         self.waiting.push_front(s);
     }
 
-    fn sample(&mut self, plan: &[(usize, usize)]) {
+    fn sample(&mut self, plan: &[(usize, usize)], device_tokens: &[u32]) {
         let vocab = self.model.shape.vocab;
+        let on_device = self.cpu.samples();
         let mut rows = self.logits.chunks_mut(vocab);
+        let mut tokens = device_tokens.iter();
         let mut done = Vec::new();
         let mut forks = Vec::new();
         for &(si, n) in plan {
             let s = &mut self.running[si];
             s.cached += n;
-            self.cpu.kv.remember(&mut s.table, &s.tokens, s.cached);
+            self.cpu.kv().remember(&mut s.table, &s.tokens, s.cached);
             if s.cached < s.tokens.len() {
+                continue;
+            }
+            if on_device && s.device_sampling().is_some() {
+                let token = *tokens
+                    .next()
+                    .expect("a token per run sampled on the device");
+                if !emit(s, token, &self.end_of_generation) {
+                    done.push(si);
+                }
                 continue;
             }
             let row = rows.next().expect("a logits row per finished run");
@@ -347,7 +432,7 @@ impl StepLoop {
         done.sort_unstable();
         for si in done.into_iter().rev() {
             let mut s = self.running.remove(si);
-            self.cpu.kv.release(&mut s.table);
+            self.cpu.kv().release(&mut s.table);
         }
     }
 
@@ -365,14 +450,15 @@ impl StepLoop {
                 tokens: parent.tokens[..parent.prompt_len].to_vec(),
                 cached: parent.prompt_len,
                 generated: 0,
-                table: self.cpu.kv.share(&parent.table),
+                table: self.cpu.kv().share(&parent.table),
                 sampler: Seq::sampler_for(&parent.shared.sampling, choice),
+                device_seed: parent.device_seed.wrapping_add(choice as u64),
                 constraint: parent.shared.constraint.clone(),
             };
             if pick(&mut s, &mut row.to_vec(), &self.end_of_generation) {
                 self.running.push(s);
             } else {
-                self.cpu.kv.release(&mut s.table);
+                self.cpu.kv().release(&mut s.table);
             }
         }
     }
@@ -421,6 +507,20 @@ fn pick(s: &mut Seq, row: &mut [f32], end_of_generation: &[u32]) -> bool {
     let token = s.sampler.sample(row);
     // `sample` left the penalties applied to `row`: the scores are of what it sampled from.
     let scores = s.shared.logprobs.map(|k| logprobs(row, token, k));
+    emit_scored(s, token, scores, end_of_generation)
+}
+
+/// Tell the caller a token chosen on the device. Returns whether the sequence goes on.
+fn emit(s: &mut Seq, token: u32, end_of_generation: &[u32]) -> bool {
+    emit_scored(s, token, None, end_of_generation)
+}
+
+fn emit_scored(
+    s: &mut Seq,
+    token: u32,
+    scores: Option<TokenScores>,
+    end_of_generation: &[u32],
+) -> bool {
     s.tokens.push(token);
     s.generated += 1;
     let eog = end_of_generation.contains(&token);

@@ -1,12 +1,20 @@
 //! The CPU backend: the forward pass's operations on host memory, split over the device's
 //! worker pool, with the quantized kernels chosen for this CPU at run time.
 
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Instant,
+};
+
 use half::f16;
 use rayon::prelude::*;
 
 use super::{
     forward::{Backend, Batch, Buf},
-    kernels::{Act, Kernels},
+    kernels::{
+        profile::{self, Op, Phase},
+        Act, Kernels,
+    },
     kv::KvPool,
     model::{Matrix, Model},
 };
@@ -28,6 +36,13 @@ pub struct Cpu {
     pub kv: KvPool,
     logits: Vec<f32>,
     norm: Vec<f32>,
+    /// The rotations of this step's positions: per token, `(sin, cos)` of each pair's angle,
+    /// for the `(head_dim, base)` they were computed for (shared by Q and K of every layer).
+    rope: Vec<(f32, f32)>,
+    rope_for: Option<(usize, u32)>,
+    /// The current step's phase and start time (profiling only).
+    phase: Phase,
+    started: Option<Instant>,
 }
 
 impl std::fmt::Debug for Cpu {
@@ -48,6 +63,10 @@ impl Cpu {
             kv,
             logits: Vec::new(),
             norm: Vec::new(),
+            rope: Vec::new(),
+            rope_for: None,
+            phase: Phase::Decode,
+            started: None,
         }
     }
 
@@ -69,6 +88,7 @@ impl Cpu {
         if let Some(i) = self.quantized.iter().position(|(a, _)| *a == act) {
             return i;
         }
+        let t0 = profile::start();
         let rb = act.row_bytes(cols);
         let mut out = vec![0u8; rb * self.tokens];
         let k = self.kernels;
@@ -82,11 +102,13 @@ impl Cpu {
             }
         }
         self.quantized.push((act, out));
+        profile::add(self.phase, Op::Quantize, t0);
         self.quantized.len() - 1
     }
 }
 
-/// Multiply rows `rows` of `w` by the quantized inputs, writing `out[r][t]`.
+/// Multiply the `out.len() / t` rows of `w` from `r0` by the quantized inputs, writing
+/// `out[r][t]`.
 fn matmul_rows(
     k: &Kernels,
     model: &Model,
@@ -96,17 +118,21 @@ fn matmul_rows(
     out: &mut [f32],
     t: usize,
 ) {
-    for (i, o) in out.chunks_mut(t).enumerate() {
-        k.dot_many(w.qtype, model.row(w, r0 + i), x, w.cols, o);
-    }
+    let (rb, rows) = (w.row_bytes(), out.len() / t);
+    let bytes = &model.bytes[w.offset + r0 * rb..w.offset + (r0 + rows) * rb];
+    k.matmul(w.qtype, bytes, x, w.cols, t, out);
 }
 
 impl Backend for Cpu {
     fn begin(&mut self, tokens: usize) {
         self.tokens = tokens;
+        self.rope_for = None;
+        self.phase = Phase::of(tokens);
+        self.started = profile::start();
     }
 
     fn embed(&mut self, model: &Model, ids: &[u32]) {
+        let t0 = profile::start();
         let d = model.shape.dim;
         let mut x = self.sized(Buf::X, d);
         for (row, &id) in x.chunks_mut(d).zip(ids) {
@@ -117,15 +143,18 @@ impl Backend for Cpu {
             );
         }
         self.bufs[Buf::X as usize] = x;
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn rms_norm(&mut self, from: Buf, weight: &[f32], eps: f32, to: Buf) {
+        let t0 = profile::start();
         let d = weight.len();
         let mut out = self.sized(to, d);
         for (o, x) in out.chunks_mut(d).zip(self.bufs[from as usize].chunks(d)) {
             rms_norm(x, weight, eps, o);
         }
         self.bufs[to as usize] = out;
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn matmul(&mut self, model: &Model, from: Buf, outs: &[(&Matrix, Buf)]) {
@@ -151,8 +180,22 @@ impl Backend for Cpu {
             }
         }
         let k = self.kernels;
-        jobs.into_par_iter()
-            .for_each(|(w, x, r0, out)| matmul_rows(k, model, w, x, r0, out, t));
+        let t0 = profile::start();
+        if t0.is_some() {
+            let busy = AtomicU64::new(0);
+            jobs.into_par_iter().for_each(|(w, x, r0, out)| {
+                let began = Instant::now();
+                matmul_rows(k, model, w, x, r0, out, t);
+                busy.fetch_add(began.elapsed().as_nanos() as u64, Relaxed);
+            });
+            let (wall, busy) = (profile::since(t0), busy.load(Relaxed) / self.threads as u64);
+            profile::add_ns(self.phase, Op::MatVec, busy.min(wall));
+            profile::add_ns(self.phase, Op::Pool, wall.saturating_sub(busy));
+        } else {
+            jobs.into_par_iter()
+                .for_each(|(w, x, r0, out)| matmul_rows(k, model, w, x, r0, out, t));
+        }
+        let t0 = profile::start();
         for ((w, to), src) in outs.iter().zip(&tmp) {
             let mut out = self.sized(*to, w.rows);
             if t == 1 {
@@ -167,33 +210,49 @@ impl Backend for Cpu {
             self.bufs[*to as usize] = out;
         }
         self.transposed = tmp;
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn add_bias(&mut self, to: Buf, bias: &[f32]) {
+        let t0 = profile::start();
         for row in self.bufs[to as usize].chunks_mut(bias.len()) {
             row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
         }
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn rope(&mut self, buf: Buf, head_dim: usize, base: f32, positions: &[usize]) {
-        let x = &mut self.bufs[buf as usize];
-        let width = x.len() / self.tokens.max(1);
-        let theta_scale = base.powf(-2.0 / head_dim as f32);
-        for (row, &pos) in x.chunks_mut(width).zip(positions) {
-            for head in row.chunks_mut(head_dim) {
+        let t0 = profile::start();
+        let half = head_dim / 2;
+        if self.rope_for != Some((head_dim, base.to_bits())) {
+            // The angles of one position: pos · base^(-2i/head_dim), by repeated products.
+            let theta_scale = base.powf(-2.0 / head_dim as f32);
+            self.rope.clear();
+            for &pos in positions {
                 let mut theta = pos as f32;
-                for pair in head.chunks_exact_mut(2) {
-                    let (sin, cos) = theta.sin_cos();
-                    let (x0, x1) = (pair[0], pair[1]);
-                    pair[0] = x0 * cos - x1 * sin;
-                    pair[1] = x0 * sin + x1 * cos;
+                for _ in 0..half {
+                    self.rope.push(theta.sin_cos());
                     theta *= theta_scale;
                 }
             }
+            self.rope_for = Some((head_dim, base.to_bits()));
         }
+        let x = &mut self.bufs[buf as usize];
+        let width = x.len() / self.tokens.max(1);
+        for (row, rot) in x.chunks_mut(width).zip(self.rope.chunks(half)) {
+            for head in row.chunks_mut(head_dim) {
+                for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(rot) {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    pair[0] = x0 * cos - x1 * sin;
+                    pair[1] = x0 * sin + x1 * cos;
+                }
+            }
+        }
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn attention(&mut self, model: &Model, layer: usize, batch: &Batch) {
+        let t0 = profile::start();
         let s = &model.shape;
         let (hd, kv_dim) = (s.head_dim, s.kv_dim());
         let k = std::mem::take(&mut self.bufs[Buf::K as usize]);
@@ -212,8 +271,8 @@ impl Backend for Cpu {
         let group = s.heads / s.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         att.par_chunks_mut(hd).enumerate().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(scores, qh), (idx, out)| {
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(scores, qh, rows), (idx, out)| {
                 let (t, h) = (idx / s.heads, idx % s.heads);
                 let (table, pos) = (batch.tables[batch.seq_of[t]], batch.positions[t]);
                 let g = (h / group) * hd;
@@ -225,48 +284,62 @@ impl Backend for Cpu {
                         .iter()
                         .map(|x| f16::from_f32(*x).to_f32()),
                 );
+                rows.clear();
+                rows.extend((0..=pos).map(|j| &kv.k(table, layer, j)[g..g + hd]));
                 scores.clear();
-                scores.extend(
-                    (0..=pos).map(|j| kern.dot_f16(&kv.k(table, layer, j)[g..g + hd], qh) * scale),
-                );
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+                scores.resize(pos + 1, 0.0);
+                kern.dot_f16_rows(rows, qh, scores);
+                let mut max = f32::NEG_INFINITY;
+                for x in scores.iter_mut() {
+                    *x *= scale;
+                    max = max.max(*x);
+                }
                 let mut sum = 0f64;
                 for x in scores.iter_mut() {
                     *x = (*x - max).exp();
                     sum += *x as f64;
                 }
                 let inv = (1.0 / sum) as f32;
-                out.fill(0.0);
-                for (j, p) in scores.iter().enumerate() {
-                    let p = f16::from_f32(p * inv).to_f32();
-                    kern.axpy_f16(out, p, &kv.v(table, layer, j)[g..g + hd]);
+                for p in scores.iter_mut() {
+                    *p = f16::from_f32(*p * inv).to_f32();
                 }
+                rows.clear();
+                rows.extend((0..=pos).map(|j| &kv.v(table, layer, j)[g..g + hd]));
+                out.fill(0.0);
+                kern.axpy_f16_rows(out, scores, rows);
             },
         );
         self.bufs[Buf::Att as usize] = att;
+        profile::add(self.phase, Op::Attention, t0);
     }
 
     fn silu_mul(&mut self) {
+        let t0 = profile::start();
         let up = std::mem::take(&mut self.bufs[Buf::Up as usize]);
         for (g, u) in self.bufs[Buf::Gate as usize].iter_mut().zip(&up) {
             *g = *g / (1.0 + (-*g).exp()) * u;
         }
         self.bufs[Buf::Up as usize] = up;
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn add(&mut self, to: Buf, from: Buf) {
+        let t0 = profile::start();
         let src = std::mem::take(&mut self.bufs[from as usize]);
         self.bufs[to as usize]
             .iter_mut()
             .zip(&src)
             .for_each(|(x, y)| *x += y);
         self.bufs[from as usize] = src;
+        profile::add(self.phase, Op::Elementwise, t0);
     }
 
     fn logits(&mut self, model: &Model, rows: &[usize]) -> &[f32] {
         if rows.is_empty() {
+            profile::step(self.phase, self.tokens, self.started);
             return &[];
         }
+        let t0 = profile::start();
         let d = model.shape.dim;
         self.norm.clear();
         self.norm.resize(rows.len() * d, 0.0);
@@ -275,6 +348,7 @@ impl Backend for Cpu {
             rms_norm(&x[r * d..(r + 1) * d], &model.norm, model.shape.eps, o);
         }
         // The head runs over the selected rows only: borrow `H` as the input buffer.
+        profile::add(self.phase, Op::Elementwise, t0);
         let (tokens, h) = (self.tokens, std::mem::take(&mut self.norm));
         self.tokens = rows.len();
         let saved = std::mem::replace(&mut self.bufs[Buf::H as usize], h);
@@ -282,6 +356,7 @@ impl Backend for Cpu {
         self.norm = std::mem::replace(&mut self.bufs[Buf::H as usize], saved);
         self.tokens = tokens;
         self.logits = std::mem::take(&mut self.bufs[Buf::Gate as usize]);
+        profile::step(self.phase, tokens, self.started);
         &self.logits
     }
 }

@@ -13,7 +13,7 @@ use std::{
 use candle_core::quantized::gguf_file;
 
 use super::{
-    batch::{BatchConfig, SeqEvent, StepLoop, Submit},
+    batch::{BatchConfig, SeqEvent, StepBackend, StepLoop, Submit},
     choices::Choices,
     cpu::Cpu,
     kv::KvPool,
@@ -23,7 +23,7 @@ use crate::bytes::Bytes;
 use crate::gguf::{bad_gguf, open_error};
 use crate::{
     constrain::Grammars,
-    device::Device,
+    device::{Device, DeviceKind, Lane},
     engine::{
         Engine, GenerateEvent, GenerateRequest, Generation, ModelInfo, ModelKind, Prompt,
         MAX_CHOICES, MAX_TOP_LOGPROBS,
@@ -73,6 +73,7 @@ pub struct LlmEngine {
     info: ModelInfo,
     size_bytes: u64,
     kv_bytes: u64,
+    kernels: &'static str,
     submit: Mutex<mpsc::Sender<Submit>>,
     grammars: Grammars,
 }
@@ -138,28 +139,51 @@ impl LlmEngine {
         }
         let (model, text) = parts(bytes, path, text)?;
         let shape = &model.shape;
-        let kv = KvPool::new(
-            config.kv_tokens,
-            config.block_tokens,
-            shape.layers,
-            shape.kv_dim(),
-        )
-        .with_prefix_cache(config.prefix_cache);
-        let kv_bytes = kv.bytes();
+        match device.kind() {
+            DeviceKind::Host => {
+                let kv = KvPool::new(
+                    config.kv_tokens,
+                    config.block_tokens,
+                    shape.layers,
+                    shape.kv_dim(),
+                )
+                .with_prefix_cache(config.prefix_cache);
+                let bytes = model.weight_bytes() + kv.bytes();
+                let cpu = Cpu::new(kv, lane.threads());
+                let kernels = super::kernels::Kernels::best().name();
+                Self::launch(model, text, (cpu, bytes, kernels), lane, config)
+            }
+            DeviceKind::Cuda { ordinal } => {
+                let gpu = crate::cuda::copy::backend(ordinal, device.name(), &model, &config)?;
+                let bytes = gpu.held_bytes();
+                Self::launch(model, text, (gpu, bytes, "cuda"), lane, config)
+            }
+        }
+    }
+
+    /// Start the copy's step loop over `backend`, which holds `bytes` on its device (the
+    /// weights the copy uses, its KV pool, its buffers).
+    pub(crate) fn launch<B: StepBackend>(
+        model: Model,
+        text: TextParts,
+        (mut backend, size_bytes, kernels): (B, u64, &'static str),
+        lane: Lane,
+        config: BatchConfig,
+    ) -> Result<Self> {
+        let shape = &model.shape;
+        let kv_bytes = backend.kv().bytes();
         let info = ModelInfo {
             kind: ModelKind::Llm,
             architecture: model.arch.clone(),
             // One sequence may use the whole pool, but never more than the model was trained for.
-            context_length: shape.context.min(kv.capacity()),
+            context_length: shape.context.min(backend.kv().capacity()),
             embedding_dims: None,
         };
-        let size_bytes = model.weight_bytes() + kv_bytes;
         let model = Arc::new(model);
         let (tx, rx) = mpsc::channel();
-        let cpu = Cpu::new(kv, lane.threads());
         let eog = text.tokenizer.end_of_generation.clone();
         let grammars = Grammars::new(text.tokenizer.clone(), model.shape.vocab);
-        let step = StepLoop::new(model.clone(), cpu, lane, config, eog);
+        let step = StepLoop::new(model.clone(), backend, lane, config, eog);
         std::thread::Builder::new()
             .name("flatmesh-steps".into())
             .spawn(move || step.run(rx))
@@ -170,6 +194,7 @@ impl LlmEngine {
             info,
             size_bytes,
             kv_bytes,
+            kernels,
             submit: Mutex::new(tx),
             grammars,
         })
@@ -189,9 +214,9 @@ impl LlmEngine {
         self.kv_bytes
     }
 
-    /// The kernels this copy computes with ("avx512-vnni", "avx2", "scalar").
+    /// The kernels this copy computes with ("avx512-vnni", "avx2", "scalar", "cuda").
     pub fn kernels(&self) -> &'static str {
-        super::kernels::Kernels::best().name()
+        self.kernels
     }
 
     /// The prompt's tokens, after the chat template where the prompt is a chat.

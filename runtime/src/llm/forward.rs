@@ -66,10 +66,72 @@ pub trait Backend {
     /// Logits of the given token rows of `X` (after the final norm and the output head),
     /// one `vocab`-long row each.
     fn logits(&mut self, model: &Model, rows: &[usize]) -> &[f32];
+
+    /// Whether `sample` chooses tokens where the logits are (a GPU backend): then only token
+    /// ids come back. The host backend reads the logits and samples on the host.
+    fn samples(&self) -> bool {
+        false
+    }
+
+    /// The next token of each of the given token rows of `X` (after the final norm and the
+    /// output head), chosen where the logits are, one `how` per row. Only called when
+    /// `samples()`; the default computes the logits and picks on the host.
+    fn sample(&mut self, model: &Model, rows: &[usize], how: &[DeviceSampling]) -> Vec<u32> {
+        let vocab = model.shape.vocab;
+        let logits = self.logits(model, rows);
+        logits
+            .chunks(vocab)
+            .zip(how)
+            .map(|(row, h)| h.pick_on_host(row))
+            .collect()
+    }
+
+    /// Copy whole KV blocks `(from, to)` before the step's writes, for a backend whose KV
+    /// cache is not the `KvPool`'s own memory (it records the copies instead of making them).
+    fn copy_blocks(&mut self, _copies: &[(u32, u32)]) {}
+
+    /// The first failure of a call since the last `take_error` (a device error); the host
+    /// backend never fails this way.
+    fn take_error(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// How one sequence's next token is chosen on the device (`Backend::sample`): greedy when
+/// `temperature <= 0`, otherwise the device sampler's seeded draw (see `cuda/README.md`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampling {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed: u64,
+    /// Tokens sampled so far in the sequence.
+    pub step: u32,
+}
+
+impl DeviceSampling {
+    /// The greedy choice of a row (largest logit, lowest id on ties, NaN never); what a
+    /// backend that cannot sample uses for a greedy row.
+    pub fn pick_on_host(&self, row: &[f32]) -> u32 {
+        let mut best = (0u32, f32::NEG_INFINITY);
+        for (i, &v) in row.iter().enumerate() {
+            if v > best.1 {
+                best = (i as u32, v);
+            }
+        }
+        best.0
+    }
 }
 
 /// Run the model over `batch`; returns one row of logits per `batch.logits_for` entry.
+#[cfg(test)]
 pub fn forward<'b, B: Backend>(b: &'b mut B, model: &Model, batch: &Batch) -> &'b [f32] {
+    layers(b, model, batch);
+    b.logits(model, &batch.logits_for)
+}
+
+/// Every layer of the model over `batch`, leaving the residual stream in `X`.
+pub fn layers<B: Backend>(b: &mut B, model: &Model, batch: &Batch) {
     let s = &model.shape;
     b.begin(batch.tokens.len());
     b.embed(model, &batch.tokens);
@@ -96,5 +158,4 @@ pub fn forward<'b, B: Backend>(b: &'b mut B, model: &Model, batch: &Batch) -> &'
         b.matmul(model, Buf::Gate, &[(&l.down, Buf::H)]);
         b.add(Buf::X, Buf::H);
     }
-    b.logits(model, &batch.logits_for)
 }

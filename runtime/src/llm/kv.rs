@@ -20,6 +20,10 @@ pub struct KvPool {
     blocks: usize,
     /// Full blocks by the hash of their prefix; `None` when the prefix cache is off.
     prefix: Option<PrefixCache>,
+    /// Whether the K and V values live elsewhere (a GPU's memory): then `data` is empty and
+    /// block copies are recorded for the backend (`take_copies`) instead of made.
+    elsewhere: bool,
+    copies: Vec<(u32, u32)>,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -75,7 +79,33 @@ impl KvPool {
             refs: vec![0; blocks],
             blocks,
             prefix: None,
+            elsewhere: false,
+            copies: Vec::new(),
         }
+    }
+
+    /// The same pool's blocks, with the values held by a backend elsewhere (a GPU): no host
+    /// memory for them; `bytes` still counts what the backend holds.
+    pub fn blocks_only(tokens: usize, block_tokens: usize, layers: usize, kv_dim: usize) -> KvPool {
+        let blocks = tokens.div_ceil(block_tokens).max(1);
+        KvPool {
+            block_tokens,
+            layers,
+            kv_dim,
+            data: Vec::new(),
+            free: (0..blocks as u32).rev().collect(),
+            refs: vec![0; blocks],
+            blocks,
+            prefix: None,
+            elsewhere: true,
+            copies: Vec::new(),
+        }
+    }
+
+    /// Block copies `(from, to)` the backend must make before the next step writes, in order
+    /// (only a pool of `blocks_only` records them).
+    pub fn take_copies(&mut self) -> Vec<(u32, u32)> {
+        std::mem::take(&mut self.copies)
     }
 
     /// Keep full blocks in a prefix cache (the pool and its bytes stay the same).
@@ -90,7 +120,7 @@ impl KvPool {
 
     /// Bytes the pool holds.
     pub fn bytes(&self) -> u64 {
-        (self.data.len() * 2) as u64
+        (self.blocks * self.layers * 2 * self.block_tokens * self.kv_dim * 2) as u64
     }
 
     /// Positions the whole pool holds.
@@ -181,8 +211,12 @@ impl KvPool {
                 return false;
             };
             let len = self.layers * 2 * self.block_tokens * self.kv_dim;
-            let (from, to) = (old as usize * len, new as usize * len);
-            self.data.copy_within(from..from + len, to);
+            if self.elsewhere {
+                self.copies.push((old, new));
+            } else {
+                let (from, to) = (old as usize * len, new as usize * len);
+                self.data.copy_within(from..from + len, to);
+            }
             self.refs[old as usize] -= 1;
             table.blocks[i] = new;
         }

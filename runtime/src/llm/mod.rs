@@ -5,10 +5,10 @@
 //! `forward` (one pass over a batch, over the `Backend` trait) → `cpu` (the host backend) →
 //! `kernels` (quantized dot products; the only unsafe code besides the crate's `bytes` (the mmap)).
 
-mod batch;
+pub(crate) mod batch;
 mod choices;
 pub(crate) mod cpu;
-mod engine;
+pub(crate) mod engine;
 #[cfg(test)]
 pub(crate) mod fixture;
 pub(crate) mod forward;

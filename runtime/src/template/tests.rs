@@ -184,8 +184,14 @@ fn hermes_templates_get_tools_calls_and_results() {
     let mut chat = chat_with_a_call();
     chat[0].tools = None;
     let out = t.render(&chat).unwrap();
-    assert!(out.starts_with("<|im_start|>user\nWeather in Oslo?"), "{out}");
-    assert!(out.contains("<tool_call>\n{\"name\": \"get_weather\""), "{out}");
+    assert!(
+        out.starts_with("<|im_start|>user\nWeather in Oslo?"),
+        "{out}"
+    );
+    assert!(
+        out.contains("<tool_call>\n{\"name\": \"get_weather\""),
+        "{out}"
+    );
 }
 
 #[test]
@@ -193,18 +199,29 @@ fn llama3_templates_get_tools_calls_and_results() {
     let t = ChatTemplate::new(LLAMA3, "<|begin_of_text|>", "").unwrap();
     let out = t.render(&chat_with_a_call()).unwrap();
     assert!(
-        out.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"),
+        out.starts_with(
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
+        ),
         "{out}"
     );
-    assert!(out.contains("  \"function\": {\n    \"description\": \"Weather now\","), "{out}");
-    assert!(out.ends_with(
-        "<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \
+    assert!(
+        out.contains("  \"function\": {\n    \"description\": \"Weather now\","),
+        "{out}"
+    );
+    assert!(
+        out.ends_with(
+            "<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"get_weather\", \
          \"parameters\": {\"city\":\"Oslo\"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\
          \n\n12 C<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    ), "{out}");
+        ),
+        "{out}"
+    );
     // A plain chat renders no tool turn at all.
     let out = t.render(&[msg("user", "Hi")]).unwrap();
-    assert!(!out.contains("ipython") && !out.contains("tool_calls"), "{out}");
+    assert!(
+        !out.contains("ipython") && !out.contains("tool_calls"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -232,7 +249,10 @@ fn templates_without_tools_get_the_generic_format() {
     let section = tools::section(&offer(CallChoice::Auto));
     // Key order follows serde_json's features, which the workspace unifies: compare as JSON.
     assert!(section.contains(r#""name":"get_weather""#), "{section}");
-    assert!(section.contains(r#""description":"Weather now""#), "{section}");
+    assert!(
+        section.contains(r#""description":"Weather now""#),
+        "{section}"
+    );
     assert!(section.ends_with("If no function is needed, answer in plain text."));
     let head = format!(
         "<|im_start|>system\n{section}<|im_end|>\n<|im_start|>user\nWeather in Oslo?<|im_end|>\n\
@@ -253,7 +273,10 @@ fn templates_without_tools_get_the_generic_format() {
         ..offer(CallChoice::Function("get_weather".into()))
     });
     let out = t.render(&chat).unwrap();
-    assert!(out.starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n"), "{out}");
+    assert!(
+        out.starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n"),
+        "{out}"
+    );
     assert!(
         out.contains("You must call a function now. Call get_weather. Make at most one call."),
         "{out}"

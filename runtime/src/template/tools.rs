@@ -105,7 +105,10 @@ fn uses_name(source: &str, name: &str) -> bool {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     source.match_indices(name).any(|(i, _)| {
         let before = source[..i].chars().next_back().is_none_or(|c| !word(c));
-        let after = source[i + name.len()..].chars().next().is_none_or(|c| !word(c));
+        let after = source[i + name.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !word(c));
         before && after
     })
 }
@@ -158,7 +161,8 @@ pub fn section(offer: &ToolOffer) -> String {
     );
     for t in &offer.functions {
         let f = t.get("function").unwrap_or(t);
-        let mut d = json!({"name": f["name"], "parameters": f.get("parameters").unwrap_or(&json!({}))});
+        let mut d =
+            json!({"name": f["name"], "parameters": f.get("parameters").unwrap_or(&json!({}))});
         if let Some(desc) = f.get("description").filter(|d| !d.is_null()) {
             d["description"] = desc.clone();
         }

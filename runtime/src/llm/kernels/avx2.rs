@@ -11,11 +11,11 @@ use half::f16;
 use std::arch::x86_64::*;
 
 // Weight kinds of the 32-value block family (const generic tags).
-const T_Q4_0: u8 = 0;
-const T_Q4_1: u8 = 1;
-const T_Q5_0: u8 = 2;
-const T_Q5_1: u8 = 3;
-const T_Q8_0: u8 = 4;
+pub(super) const T_Q4_0: u8 = 0;
+pub(super) const T_Q4_1: u8 = 1;
+pub(super) const T_Q5_0: u8 = 2;
+pub(super) const T_Q5_1: u8 = 3;
+pub(super) const T_Q8_0: u8 = 4;
 
 /// (weight block bytes, activation block bytes, signed weights, has min).
 pub(super) const fn kind(t: u8) -> (usize, usize, bool, bool) {
@@ -102,7 +102,7 @@ fn bits_x10(x: u32) -> __m256i {
 /// Unpack one weight block: (|w| or unsigned w, signed w for the sign trick, d, m).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn unpack<const T: u8>(p: *const u8) -> (__m256i, __m256i, f32, f32) {
+pub(super) unsafe fn unpack<const T: u8>(p: *const u8) -> (__m256i, __m256i, f32, f32) {
     // SAFETY: the caller guarantees a whole block of kind T at p.
     unsafe {
         let d = h2f(rd_u16(p));
@@ -400,15 +400,9 @@ pub(super) fn dot_many(qt: QType, w: &[u8], acts: &[u8], n: usize, out: &mut [f3
     true
 }
 
-/// Activation quantization with SIMD where it is exact (F16, F32); false otherwise.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn quantize_act(act: Act, x: &[f32], out: &mut [u8]) -> bool {
-    let _ = (act, x, out);
-    false
-}
-
 /// `sum k[i] * q[i]`.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 pub(super) fn dot_f16(k: &[f16], q: &[f32]) -> f32 {
     let n = k.len().min(q.len());
     let (kp, qp) = (k.as_ptr().cast::<u8>(), q.as_ptr());

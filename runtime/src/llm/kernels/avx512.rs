@@ -218,3 +218,119 @@ pub(super) fn dot_many(qt: QType, w: &[u8], acts: &[u8], n: usize, out: &mut [f3
     }
     true
 }
+
+/// Blocks i and i1 of R weight rows (stride `wrow` bytes) against one activation row: the
+/// activation pair is loaded once for all R rows. Per row, the same operations as `pair`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pair_rows<const T: u8, const R: usize>(
+    w: *const u8,
+    wrow: usize,
+    a: *const u8,
+    i: usize,
+    two: bool,
+    acc: &mut [__m512; R],
+    summ: &mut [__m128; R],
+) {
+    let (wbb, abb, signed, has_m) = kind(T);
+    let i1 = if two { i + 1 } else { i };
+    let sc_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+    let zero = _mm512_setzero_si512();
+    // SAFETY: the caller guarantees blocks i and i1 in each of the R weight rows at w (stride
+    // wrow) and in the activation row at a.
+    unsafe {
+        let (a0, a1) = (a.add(i * abb), a.add(i1 * abb));
+        let y0 = ld2x256(a0.add(abb - 32), a1.add(abb - 32));
+        let adm = halves(a0, a1, has_m, two);
+        for r in 0..R {
+            let wr = w.add(r * wrow);
+            let (q, neg, wdm) = unpack2::<T>(wr.add(i * wbb), wr.add(i1 * wbb), two);
+            let y = if signed {
+                _mm512_mask_sub_epi8(y0, neg, zero, y0)
+            } else {
+                y0
+            };
+            let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q, y));
+            let ds = _mm_mul_ps(wdm, adm);
+            let scale = _mm512_permutexvar_ps(sc_idx, _mm512_castps128_ps512(ds));
+            acc[r] = _mm512_fmadd_ps(scale, p, acc[r]);
+            if has_m {
+                summ[r] = _mm_add_ps(summ[r], ds);
+            }
+        }
+    }
+}
+
+/// R weight rows (stride `wrow`) of `nb` blocks against one activation row; per row the
+/// block order and sums of `tile32::<T, 1>`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows<const T: u8, const R: usize>(
+    w: *const u8,
+    wrow: usize,
+    a: *const u8,
+    nb: usize,
+    out: &mut [f32],
+) {
+    let (mut acc0, mut acc1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    let (mut sm0, mut sm1) = ([_mm_setzero_ps(); R], [_mm_setzero_ps(); R]);
+    let mut i = 0;
+    while i + 4 <= nb {
+        // SAFETY: the caller guarantees nb blocks in each weight row and in the activation
+        // row; indices passed are < nb.
+        unsafe {
+            pair_rows::<T, R>(w, wrow, a, i, true, &mut acc0, &mut sm0);
+            pair_rows::<T, R>(w, wrow, a, i + 2, true, &mut acc1, &mut sm1);
+        }
+        i += 4;
+    }
+    while i < nb {
+        // SAFETY: as above, with i < nb (and i + 1 < nb when two blocks are read).
+        unsafe { pair_rows::<T, R>(w, wrow, a, i, i + 1 < nb, &mut acc0, &mut sm0) };
+        i += 2;
+    }
+    for r in 0..R {
+        let s = _mm_add_ps(sm0[r], sm1[r]);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps::<0b01>(s, s))
+            + _mm_cvtss_f32(_mm_shuffle_ps::<0b11>(s, s));
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + m;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+fn gemv_t<const T: u8>(w: &[u8], a: &[u8], nb: usize, out: &mut [f32]) {
+    let wrow = nb * kind(T).0;
+    let n = out.len();
+    let mut r = 0;
+    while r + 4 <= n {
+        // SAFETY: w holds n rows of wrow bytes and a one row of nb blocks (checked by the
+        // caller); this reads rows r..r + 4 <= n.
+        unsafe { rows::<T, 4>(w[r * wrow..].as_ptr(), wrow, a.as_ptr(), nb, &mut out[r..]) };
+        r += 4;
+    }
+    while r < n {
+        // SAFETY: as above, for row r < n.
+        unsafe { rows::<T, 1>(w[r * wrow..].as_ptr(), wrow, a.as_ptr(), nb, &mut out[r..]) };
+        r += 1;
+    }
+}
+
+/// `out[r] = w_r · a` for the `out.len()` rows of `w` and one activation row; false when
+/// this level has no kernel for `qt`. Bit-identical to `dot_many` row by row.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) fn gemv(qt: QType, w: &[u8], a: &[u8], n: usize, out: &mut [f32]) -> bool {
+    if qt.block_elems() != 32 {
+        return false;
+    }
+    let nb = n / 32;
+    assert!(w.len() >= out.len() * qt.row_bytes(n) && a.len() >= qt.act().row_bytes(n));
+    match qt {
+        QType::Q4_0 => gemv_t::<T_Q4_0>(w, a, nb, out),
+        QType::Q4_1 => gemv_t::<T_Q4_1>(w, a, nb, out),
+        QType::Q5_0 => gemv_t::<T_Q5_0>(w, a, nb, out),
+        QType::Q5_1 => gemv_t::<T_Q5_1>(w, a, nb, out),
+        QType::Q8_0 => gemv_t::<T_Q8_0>(w, a, nb, out),
+        _ => return false,
+    }
+    true
+}

@@ -20,7 +20,14 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_act;
+#[cfg(target_arch = "x86_64")]
+mod avx2_attn;
+#[cfg(target_arch = "x86_64")]
+mod avx2_rows;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod profile;
 mod quantize;
 mod scalar;
 #[cfg(test)]
@@ -30,6 +37,7 @@ mod types;
 pub use quantize::quantize_weights;
 pub use types::{Act, QType, QK_K};
 
+use half::f16;
 use std::sync::OnceLock;
 
 /// SIMD level of a [`Kernels`] set.
@@ -133,7 +141,7 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         if self.level != Level::Scalar {
             // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C.
-            if unsafe { avx2::quantize_act(act, x, out) } {
+            if unsafe { avx2_act::quantize_act(act, x, out) } {
                 return;
             }
         }
@@ -186,6 +194,44 @@ impl Kernels {
         }
     }
 
+    /// Consecutive weight rows against `t` activation rows: `w` holds `out.len() / t` rows
+    /// of `n` values stored as `qt`, back to back; `out[r * t + j] = w_r · a_j`. Bit-identical
+    /// to [`Kernels::dot_many`] row by row; one activation row (a decode step) takes a kernel
+    /// that walks several weight rows at once.
+    pub fn matmul(&self, qt: QType, w: &[u8], acts: &[u8], n: usize, t: usize, out: &mut [f32]) {
+        assert!(
+            t > 0 && out.len().is_multiple_of(t),
+            "matmul: output length"
+        );
+        let (wb, ab) = (qt.row_bytes(n), qt.act().row_bytes(n));
+        let rows = out.len() / t;
+        assert!(
+            w.len() >= wb * rows && acts.len() >= ab * t,
+            "matmul: {} weight bytes for {rows} rows, {} activation bytes for {t} rows",
+            w.len(),
+            acts.len()
+        );
+        let acts = &acts[..ab * t];
+        #[cfg(target_arch = "x86_64")]
+        if t == 1 {
+            let done = match self.level {
+                // SAFETY: this level exists only after `has_avx512()` detected AVX-512
+                // F/BW/VL/VNNI, AVX2, FMA and F16C; lengths were checked above.
+                Level::Avx512 => unsafe { avx512::gemv(qt, w, acts, n, out) },
+                // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and
+                // F16C; lengths were checked above.
+                Level::Avx2 => unsafe { avx2_rows::gemv(qt, w, acts, n, out) },
+                Level::Scalar => false,
+            };
+            if done {
+                return;
+            }
+        }
+        for (r, o) in out.chunks_mut(t).enumerate() {
+            self.dot_many(qt, &w[r * wb..(r + 1) * wb], acts, n, o);
+        }
+    }
+
     /// Dequantize one weight row into `out` (its length is the row's value count).
     pub fn dequantize_row(&self, qt: QType, w: &[u8], out: &mut [f32]) {
         let wb = qt.row_bytes(out.len());
@@ -198,7 +244,7 @@ impl Kernels {
     }
 
     /// `sum_i k[i] * q[i]` over an f16 row.
-    pub fn dot_f16(&self, k: &[half::f16], q: &[f32]) -> f32 {
+    pub fn dot_f16(&self, k: &[f16], q: &[f32]) -> f32 {
         assert_eq!(k.len(), q.len(), "dot_f16: lengths differ");
         #[cfg(target_arch = "x86_64")]
         if self.level != Level::Scalar {
@@ -209,7 +255,7 @@ impl Kernels {
     }
 
     /// `y += a * v` over an f16 row.
-    pub fn axpy_f16(&self, y: &mut [f32], a: f32, v: &[half::f16]) {
+    pub fn axpy_f16(&self, y: &mut [f32], a: f32, v: &[f16]) {
         assert_eq!(y.len(), v.len(), "axpy_f16: lengths differ");
         #[cfg(target_arch = "x86_64")]
         if self.level != Level::Scalar {
@@ -220,8 +266,42 @@ impl Kernels {
         scalar::axpy_f16(y, a, v);
     }
 
+    /// `out[j] = rows[j] · q` (each exactly as [`Kernels::dot_f16`]).
+    pub fn dot_f16_rows(&self, rows: &[&[f16]], q: &[f32], out: &mut [f32]) {
+        assert!(
+            rows.len() == out.len() && rows.iter().all(|r| r.len() == q.len()),
+            "dot_f16_rows: lengths differ"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            unsafe { avx2_attn::dot_f16_rows(rows, q, out) };
+            return;
+        }
+        for (o, k) in out.iter_mut().zip(rows) {
+            *o = scalar::dot_f16(k, q);
+        }
+    }
+
+    /// `y += p[j] * rows[j]` for every j in order (each step exactly as [`Kernels::axpy_f16`]).
+    pub fn axpy_f16_rows(&self, y: &mut [f32], p: &[f32], rows: &[&[f16]]) {
+        assert!(
+            rows.len() == p.len() && rows.iter().all(|r| r.len() == y.len()),
+            "axpy_f16_rows: lengths differ"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            unsafe { avx2_attn::axpy_f16_rows(y, p, rows) };
+            return;
+        }
+        for (&a, v) in p.iter().zip(rows) {
+            scalar::axpy_f16(y, a, v);
+        }
+    }
+
     /// f32 → f16 row (round to nearest even).
-    pub fn to_f16(&self, x: &[f32], out: &mut [half::f16]) {
+    pub fn to_f16(&self, x: &[f32], out: &mut [f16]) {
         assert_eq!(x.len(), out.len(), "to_f16: lengths differ");
         #[cfg(target_arch = "x86_64")]
         if self.level != Level::Scalar {

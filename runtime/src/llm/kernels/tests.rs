@@ -447,3 +447,78 @@ fn f16_helpers() {
         }
     }
 }
+
+#[test]
+fn simd_activation_quantization_is_bit_identical() {
+    let mut rng = Rng(4242);
+    for act in [Act::Q8_0, Act::Q8_1, Act::Q8K, Act::F16, Act::F32] {
+        for case in 0..40 {
+            let n = if act == Act::Q8K {
+                512
+            } else {
+                32 * (1 + case % 7)
+            };
+            let mut x = rng.vec(n, 1.0 + case as f32);
+            match case % 5 {
+                // Ties on the largest magnitude with both signs (Q8_K keeps the first).
+                0 => {
+                    x[5] = 9.0;
+                    x[3] = -9.0;
+                    x[200 % n] = 9.0;
+                }
+                // All-zero first block.
+                1 => x[..32.min(n)].fill(0.0),
+                // Values on exact rounding ties for amax = 127.
+                2 => {
+                    for (i, v) in x.iter_mut().enumerate() {
+                        *v = (i % 255) as f32 / 2.0 - 63.5;
+                    }
+                    x[0] = 127.0;
+                }
+                _ => {}
+            }
+            let rb = act.row_bytes(n);
+            let mut want = vec![0u8; rb];
+            Kernels::scalar().quantize_act(act, &x, &mut want);
+            for k in Kernels::all() {
+                let mut got = vec![0u8; rb];
+                k.quantize_act(act, &x, &mut got);
+                assert_eq!(got, want, "{} {act:?} case {case}", k.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_equals_dot_many_row_by_row() {
+    for qt in QType::ALL {
+        let n = if qt.block_elems() == 256 { 512 } else { 96 };
+        let mut rng = Rng(31 + qt.ggml_id() as u64);
+        let rows = 11;
+        let w: Vec<u8> = (0..rows)
+            .flat_map(|_| random_weights(qt, n, &mut rng, true))
+            .collect();
+        let (_, a) = acts_for(qt, 3, n, &mut rng);
+        let wb = qt.row_bytes(n);
+        for k in Kernels::all() {
+            for t in [1, 3] {
+                for r in [1, 4, 7, 11] {
+                    let mut got = vec![0f32; r * t];
+                    k.matmul(qt, &w[..r * wb], &a, n, t, &mut got);
+                    for (i, o) in got.chunks(t).enumerate() {
+                        let mut want = vec![0f32; t];
+                        k.dot_many(qt, &w[i * wb..(i + 1) * wb], &a, n, &mut want);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(o),
+                            bits(&want),
+                            "{} {} t={t} row {i}",
+                            k.name(),
+                            qt.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -15,7 +15,7 @@ use flatmesh_runtime::{
 };
 use serde_json::{json, Value};
 
-pub use self::parse::parse_calls;
+pub use self::parse::{parse_calls, Call};
 
 use crate::api::error::ApiError;
 
@@ -48,14 +48,6 @@ pub struct Tools {
     pub choice: ToolChoice,
     /// More than one call in an answer (`parallel_tool_calls`, default true).
     pub parallel: bool,
-}
-
-/// A call the model made.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Call {
-    pub name: String,
-    /// The arguments, a JSON object.
-    pub arguments: Value,
 }
 
 fn bad(param: impl Into<String>, m: impl Into<String>) -> ApiError {

@@ -8,7 +8,13 @@
 
 use serde_json::{json, Map, Value};
 
-use super::Call;
+/// A call the model made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub name: String,
+    /// The arguments, a JSON object.
+    pub arguments: Value,
+}
 
 /// Markers a format may put before its calls.
 const PREFIXES: [&str; 2] = ["<|python_tag|>", "[TOOL_CALLS]"];
@@ -98,14 +104,19 @@ mod tests {
     fn hermes_calls_parse() {
         let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
         assert_eq!(names(one), oslo());
-        let two = format!("{one}\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>\n");
+        let two = format!(
+            "{one}\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>\n"
+        );
         let got = names(&two).unwrap();
         assert_eq!(got[1], ("get_time".into(), json!({})));
         // Cut before the closing tag: still the call that was written.
         assert_eq!(names(&one[..one.len() - CLOSE.len()]), oslo());
         // Text after the calls, or a broken body: not calls.
         assert_eq!(names(&format!("{one} It is sunny.")), None);
-        assert_eq!(names("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\n</tool_call>"), None);
+        assert_eq!(
+            names("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\n</tool_call>"),
+            None
+        );
     }
 
     #[test]

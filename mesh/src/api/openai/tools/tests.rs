@@ -135,8 +135,14 @@ fn required_and_named_choices_constrain_to_the_call_schema() {
     let call = s["anyOf"][1]["anyOf"].as_array().unwrap();
     assert_eq!(call.len(), 2, "only the named function");
     assert_eq!(call[0]["properties"]["name"]["const"], "get_weather");
-    assert_eq!(call[0]["properties"]["arguments"]["required"], json!(["city"]));
-    assert_eq!(call[1]["properties"]["parameters"]["required"], json!(["city"]));
+    assert_eq!(
+        call[0]["properties"]["arguments"]["required"],
+        json!(["city"])
+    );
+    assert_eq!(
+        call[1]["properties"]["parameters"]["required"],
+        json!(["city"])
+    );
     let single = Tools {
         parallel: false,
         ..tools(json!("required"))

@@ -1,0 +1,385 @@
+//! The mesh's shared ledger in PostgreSQL: its `[ledger]` config, the versioned schema
+//! (migrated at start under an advisory lock), the idempotent batch insert, and the sums
+//! usage, invoices and budgets are read from.
+
+use std::{collections::HashMap, str::FromStr, time::Duration};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio_postgres::{config::SslMode, Client, NoTls};
+
+use super::{Record, Usage};
+use crate::units::Secs;
+
+/// `[ledger]`: the shared ledger (off unless `postgres` is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// `postgres://user:password@host:port/database?sslmode=disable` (or
+    /// `FLATMESH_LEDGER_POSTGRES`): every node ships its records there, and usage, invoices
+    /// and budgets are read from there. Unset: each node's SQLite ledger is all there is, and
+    /// mesh-wide queries ask every live node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
+    /// How often a node ships what it recorded since (default 1 s); a full batch is followed
+    /// by the next at once.
+    pub ship_interval: Secs,
+    /// Most records one shipment carries (default 2000).
+    pub ship_batch: usize,
+    /// The longest wait between tries while PostgreSQL cannot be reached (default 30 s); the
+    /// wait starts at `ship_interval` and doubles.
+    pub max_backoff: Secs,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            postgres: None,
+            ship_interval: Secs(Duration::from_secs(1)),
+            ship_batch: 2000,
+            max_backoff: Secs(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// Check the URL and the numbers; errors name the key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.postgres {
+            pg_config(url)?;
+        }
+        if self.ship_interval.0 < Duration::from_millis(10) {
+            bail!("ledger.ship_interval: must be at least 10ms");
+        }
+        if !(1..=50_000).contains(&self.ship_batch) {
+            bail!(
+                "ledger.ship_batch: {} is not in [1, 50000]",
+                self.ship_batch
+            );
+        }
+        if self.max_backoff.0 < self.ship_interval.0 {
+            bail!("ledger.max_backoff: must not be shorter than ledger.ship_interval");
+        }
+        Ok(())
+    }
+}
+
+/// The connection settings of `url`. TLS is not built in: a URL that asks for it is refused
+/// (its password never appears in the message).
+pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        bail!("ledger.postgres: must be a postgres:// or postgresql:// URL");
+    }
+    let lower = url.to_ascii_lowercase();
+    for tls in ["require", "verify-ca", "verify-full"] {
+        if lower.contains(&format!("sslmode={tls}")) {
+            bail!(
+                "ledger.postgres: sslmode={tls}: TLS to PostgreSQL is not built into this agent; \
+                 use sslmode=disable on a network you trust (or a TLS tunnel such as a sidecar \
+                 proxy on loopback)"
+            );
+        }
+    }
+    let config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| anyhow::anyhow!("ledger.postgres: not a valid PostgreSQL URL: {e}"))?;
+    if config.get_ssl_mode() == SslMode::Require {
+        bail!(
+            "ledger.postgres: TLS to PostgreSQL is not built into this agent: use sslmode=disable"
+        );
+    }
+    if config.get_hosts().is_empty() {
+        bail!("ledger.postgres: the URL names no host");
+    }
+    Ok(config)
+}
+
+/// The table of applied migrations.
+const VERSIONS: &str = "CREATE TABLE IF NOT EXISTS flatmesh_schema_versions (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// The schema, one step per version, applied in order, each in its own transaction.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE flatmesh_ledger_records (
+        id text PRIMARY KEY,
+        client_id text,
+        node text NOT NULL,
+        origin bigint NOT NULL,
+        seq bigint NOT NULL,
+        tenant text NOT NULL,
+        tier text NOT NULL,
+        model text NOT NULL,
+        endpoint text NOT NULL,
+        input_tokens bigint NOT NULL,
+        output_tokens bigint NOT NULL,
+        device_seconds double precision NOT NULL,
+        cache_hit boolean NOT NULL,
+        started_ms bigint NOT NULL,
+        finished_ms bigint NOT NULL,
+        shipped_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX flatmesh_ledger_records_by_time ON flatmesh_ledger_records (finished_ms);
+    CREATE INDEX flatmesh_ledger_records_by_tenant ON flatmesh_ledger_records (tenant, finished_ms);
+    CREATE INDEX flatmesh_ledger_records_by_origin ON flatmesh_ledger_records (origin, seq);",
+)];
+
+/// The schema version this agent writes.
+pub fn schema_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.0)
+}
+
+/// `pg_advisory_lock` key of the migrations ("FMLG").
+const MIGRATION_LOCK: i64 = 0x464d_4c47;
+
+/// Connect (bounded by `timeout`); the connection runs on its own task until the client
+/// is dropped.
+pub async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> anyhow::Result<Client> {
+    let mut config = config.clone();
+    config.connect_timeout(timeout);
+    if config.get_application_name().is_none() {
+        config.application_name("flatmesh");
+    }
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting timed out after {timeout:?}"))??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "The shared ledger's connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Bring the schema up to this agent's version: whichever node holds the advisory lock
+/// applies the missing steps; the others wait on it, then find nothing to do. Returns the
+/// version found before. A database newer than this agent is an error.
+pub async fn migrate(client: &mut Client) -> anyhow::Result<i32> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("cannot take the migration lock")?;
+    let applied = apply(client).await;
+    // Closing the session would release it too.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    applied
+}
+
+async fn apply(client: &mut Client) -> anyhow::Result<i32> {
+    client.batch_execute(VERSIONS).await?;
+    let found: i32 = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM flatmesh_schema_versions",
+            &[],
+        )
+        .await?
+        .get(0);
+    if found > schema_version() {
+        bail!(
+            "the shared ledger has schema version {found}, newer than this agent's {}",
+            schema_version()
+        );
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version} failed"))?;
+        tx.execute(
+            "INSERT INTO flatmesh_schema_versions (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, "Migrated the shared ledger");
+    }
+    Ok(found)
+}
+
+/// Add a batch of `(seq, record)` of one origin in one statement; a known id is skipped
+/// (shipped before, by a try whose acknowledgement was lost). Returns the records added.
+pub async fn insert(
+    client: &Client,
+    node: &str,
+    origin: i64,
+    batch: &[(i64, Record)],
+) -> anyhow::Result<u64> {
+    let seq: Vec<i64> = batch.iter().map(|(s, _)| *s).collect();
+    let col = |f: fn(&Record) -> String| batch.iter().map(|(_, r)| f(r)).collect::<Vec<_>>();
+    let int = |f: fn(&Record) -> u64| {
+        batch
+            .iter()
+            .map(|(_, r)| i64::try_from(f(r)).unwrap_or(i64::MAX))
+            .collect::<Vec<_>>()
+    };
+    let client_id: Vec<Option<String>> = batch.iter().map(|(_, r)| r.client_id.clone()).collect();
+    let device: Vec<f64> = batch.iter().map(|(_, r)| r.device_seconds).collect();
+    let hit: Vec<bool> = batch.iter().map(|(_, r)| r.cache_hit).collect();
+    let n = client
+        .execute(
+            "INSERT INTO flatmesh_ledger_records (id, client_id, node, origin, seq, tenant, tier,
+                model, endpoint, input_tokens, output_tokens, device_seconds, cache_hit,
+                started_ms, finished_ms)
+             SELECT u.id, u.client_id, $1, $2, u.seq, u.tenant, u.tier, u.model, u.endpoint,
+                u.input_tokens, u.output_tokens, u.device_seconds, u.cache_hit, u.started_ms,
+                u.finished_ms
+             FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::text[], $9::text[], $10::bigint[], $11::bigint[], $12::float8[],
+                $13::bool[], $14::bigint[], $15::bigint[])
+                AS u(seq, id, client_id, tenant, tier, model, endpoint, input_tokens,
+                     output_tokens, device_seconds, cache_hit, started_ms, finished_ms)
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &node,
+                &origin,
+                &seq,
+                &col(|r| r.id.clone()),
+                &client_id,
+                &col(|r| r.tenant.clone()),
+                &col(|r| r.tier.clone()),
+                &col(|r| r.model.clone()),
+                &col(|r| r.endpoint.clone()),
+                &int(|r| r.input_tokens),
+                &int(|r| r.output_tokens),
+                &device,
+                &hit,
+                &int(|r| r.started_ms),
+                &int(|r| r.finished_ms),
+            ],
+        )
+        .await?;
+    Ok(n)
+}
+
+fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Usage per tenant in `[from, to)` (sorted by tenant), without `origin`'s records above
+/// `shipped` (the caller counts those from its outbox). A tenant's tier is the one of its
+/// first record in the period.
+pub async fn usage(
+    client: &Client,
+    tenant: Option<&str>,
+    (from, to): (u64, u64),
+    (origin, shipped): (i64, i64),
+) -> anyhow::Result<Vec<Usage>> {
+    let rows = client
+        .query(
+            "SELECT tenant, (array_agg(tier ORDER BY finished_ms))[1], count(*),
+                coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint,
+                coalesce(sum(device_seconds), 0)::float8
+             FROM flatmesh_ledger_records
+             WHERE finished_ms >= $1 AND finished_ms < $2
+               AND ($3::text IS NULL OR tenant = $3)
+               AND NOT (origin = $4 AND seq > $5)
+             GROUP BY tenant ORDER BY tenant",
+            &[&ms(from), &ms(to), &tenant, &origin, &shipped],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Usage {
+            tenant: r.get(0),
+            tier: r.get(1),
+            requests: r.get::<_, i64>(2) as u64,
+            input_tokens: r.get::<_, i64>(3) as u64,
+            output_tokens: r.get::<_, i64>(4) as u64,
+            device_seconds: r.get(5),
+        })
+        .collect())
+}
+
+/// One tenant's usage in `[from, to)` by UTC day and model, without `origin`'s records above
+/// `shipped` (as `usage`).
+pub async fn by_day_and_model(
+    client: &Client,
+    tenant: &str,
+    (from, to): (u64, u64),
+    (origin, shipped): (i64, i64),
+) -> anyhow::Result<Vec<super::outbox::DayModel>> {
+    let rows = client
+        .query(
+            "SELECT (finished_ms / $6) * $6, model, count(*),
+                coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint,
+                coalesce(sum(device_seconds), 0)::float8
+             FROM flatmesh_ledger_records
+             WHERE finished_ms >= $1 AND finished_ms < $2 AND tenant = $3
+               AND NOT (origin = $4 AND seq > $5)
+             GROUP BY 1, 2",
+            &[
+                &ms(from),
+                &ms(to),
+                &tenant,
+                &origin,
+                &shipped,
+                &super::outbox::DAY_MS,
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let usage = Usage {
+                tenant: tenant.to_string(),
+                tier: String::new(),
+                requests: r.get::<_, i64>(2) as u64,
+                input_tokens: r.get::<_, i64>(3) as u64,
+                output_tokens: r.get::<_, i64>(4) as u64,
+                device_seconds: r.get(5),
+            };
+            (r.get::<_, i64>(0) as u64, r.get(1), usage)
+        })
+        .collect())
+}
+
+/// Tokens (input and output) per tenant since `from`, of every origin but `origin`: what
+/// the other nodes used, for the budgets here.
+pub async fn others_tokens(
+    client: &Client,
+    from: u64,
+    origin: i64,
+) -> anyhow::Result<HashMap<String, u64>> {
+    let rows = client
+        .query(
+            "SELECT tenant, coalesce(sum(input_tokens + output_tokens), 0)::bigint
+             FROM flatmesh_ledger_records WHERE finished_ms >= $1 AND origin <> $2
+             GROUP BY tenant",
+            &[&ms(from), &origin],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_and_tls_is_refused_by_name() {
+        let ok = pg_config("postgres://flatmesh:pw@127.0.0.1:5432/ledger?sslmode=disable").unwrap();
+        assert_eq!(ok.get_dbname(), Some("ledger"));
+        let e = pg_config("postgres://u:secret@db/l?sslmode=verify-full").unwrap_err();
+        let e = e.to_string();
+        assert!(e.starts_with("ledger.postgres: sslmode=verify-full"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert!(pg_config("mysql://db/l").is_err());
+        assert!(pg_config("postgres://db/l?sslmode=bogus").is_err());
+        let c = LedgerConfig {
+            ship_batch: 0,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("ledger.ship_batch"));
+        assert_eq!(schema_version(), MIGRATIONS.len() as i32);
+    }
+}
