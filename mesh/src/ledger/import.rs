@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context;
 use rusqlite::Connection;
 
-use super::{sqlite, Record};
+use super::{record::Record, sqlite};
 
 /// The file the agent kept its records in before.
 pub const JSONL: &str = "ledger.jsonl";

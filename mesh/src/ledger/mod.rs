@@ -6,6 +6,7 @@ mod import;
 pub mod month;
 pub mod outbox;
 pub mod postgres;
+pub mod record;
 pub mod shipper;
 mod sqlite;
 #[cfg(test)]
@@ -21,11 +22,12 @@ use std::{
 
 use anyhow::Context;
 use rusqlite::Connection;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::tenancy::Tier;
 pub use import::{Imported, JSONL};
 pub use postgres::LedgerConfig;
+pub use record::{Record, Usage};
 pub use shipper::Shared;
 pub use sqlite::Who;
 
@@ -34,40 +36,7 @@ pub const FILE: &str = "ledger.sqlite3";
 /// Reader connections kept open between queries.
 const IDLE_READERS: usize = 4;
 
-/// One finished request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    /// The agent's own unique id of the request (also the OpenAI response's id).
-    pub id: String,
-    /// The id the client gave its request (v2 `id`), bounded; never relied on as unique.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    pub tenant: String,
-    pub tier: String,
-    pub model: String,
-    pub endpoint: String,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    /// Seconds the request held its model copy.
-    pub device_seconds: f64,
-    pub cache_hit: bool,
-    /// Unix milliseconds.
-    pub started_ms: u64,
-    pub finished_ms: u64,
-}
-
 pub use crate::util::now_ms;
-
-/// Usage of one tenant over a period.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Usage {
-    pub tenant: String,
-    pub tier: String,
-    pub requests: u64,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub device_seconds: f64,
-}
 
 /// One line of an invoice.
 #[derive(Debug, Clone, PartialEq, Serialize)]

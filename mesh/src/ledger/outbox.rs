@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection};
 
 use super::{
+    record::{Record, Usage},
     sqlite::{self, ms},
-    Record, Usage,
 };
 
 /// `meta` key: every record with a rowid up to this one is in the shared ledger.

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{config::SslMode, Client, NoTls};
 
-use super::{Record, Usage};
+use super::record::{Record, Usage};
 use crate::units::Secs;
 
 /// `[ledger]`: the shared ledger (off unless `postgres` is set).

@@ -12,7 +12,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio_postgres::Client;
 
-use super::{outbox, postgres, Ledger, LedgerConfig, Usage};
+use super::{outbox, postgres, postgres::LedgerConfig, record::Usage, Ledger};
 use crate::{metrics::Metrics, util::now_ms};
 
 /// How long a reader's connection attempt may take.

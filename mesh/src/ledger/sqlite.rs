@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io::Read, path::Path, time::Duration};
 use anyhow::{bail, Context};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Record, Usage};
+use super::record::{Record, Usage};
 
 /// `PRAGMA application_id` of a flatmesh ledger ("FMLG"): a file without it is not ours.
 pub const APPLICATION_ID: i32 = 0x464d_4c47;
