@@ -7,6 +7,7 @@ pub mod month;
 pub mod outbox;
 pub mod postgres;
 pub mod record;
+mod shared;
 pub mod shipper;
 mod sqlite;
 #[cfg(test)]
@@ -28,7 +29,7 @@ use crate::tenancy::Tier;
 pub use import::{Imported, JSONL};
 pub use postgres::LedgerConfig;
 pub use record::{Record, Usage};
-pub use shipper::Shared;
+pub use shared::Shared;
 pub use sqlite::Who;
 
 /// The ledger's database in the state directory.

@@ -1,0 +1,110 @@
+//! The shared ledger as one node sees it: where PostgreSQL is, who this node is in it, a
+//! connection for queries, and what the other nodes used this month (for the budgets).
+
+use std::{collections::HashMap, future::Future, time::Duration};
+
+use parking_lot::Mutex;
+use tokio_postgres::Client;
+
+use super::{outbox, postgres, postgres::LedgerConfig, record::Usage};
+
+/// How long a reader's connection attempt may take.
+pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a reader's query may take (a month's sums over many records).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shared ledger as one node sees it: where it is, who this node is in it, a
+/// connection for queries, and what the other nodes used this month.
+pub struct Shared {
+    pub(super) config: tokio_postgres::Config,
+    pub(super) settings: LedgerConfig,
+    /// This node's name (a label in the shared ledger only).
+    pub(super) node: String,
+    /// This node's ledger file's origin id.
+    pub(super) origin: i64,
+    reader: tokio::sync::Mutex<Option<Client>>,
+    /// (start of month, tokens per tenant of the other origins).
+    pub(super) others: Mutex<Option<(u64, HashMap<String, u64>)>>,
+}
+
+impl Shared {
+    pub fn new(settings: &LedgerConfig, node: &str, origin: i64) -> anyhow::Result<Shared> {
+        let url = settings
+            .postgres
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("ledger.postgres is not set"))?;
+        Ok(Shared {
+            config: postgres::pg_config(url)?,
+            settings: settings.clone(),
+            node: node.to_string(),
+            origin,
+            reader: tokio::sync::Mutex::new(None),
+            others: Mutex::new(None),
+        })
+    }
+
+    /// Usage per tenant from the shared ledger, without this origin's records above
+    /// `shipped`; one connection kept for queries, opened again after a failure.
+    pub async fn usage(
+        &self,
+        tenant: Option<&str>,
+        period: (u64, u64),
+        shipped: i64,
+    ) -> anyhow::Result<Vec<Usage>> {
+        let mut reader = self.reader.lock().await;
+        let client = take_or_connect(&mut reader, &self.config).await?;
+        let me = (self.origin, shipped);
+        let got = bounded(postgres::usage(&client, tenant, period, me)).await;
+        if got.is_ok() {
+            *reader = Some(client);
+        }
+        got
+    }
+
+    /// One tenant's usage by UTC day and model from the shared ledger, without this
+    /// origin's records above `shipped`.
+    pub async fn by_day_and_model(
+        &self,
+        tenant: &str,
+        period: (u64, u64),
+        shipped: i64,
+    ) -> anyhow::Result<Vec<outbox::DayModel>> {
+        let mut reader = self.reader.lock().await;
+        let client = take_or_connect(&mut reader, &self.config).await?;
+        let me = (self.origin, shipped);
+        let got = bounded(postgres::by_day_and_model(&client, tenant, period, me)).await;
+        if got.is_ok() {
+            *reader = Some(client);
+        }
+        got
+    }
+
+    /// What the other nodes used this month, as last read (`None`: not read yet or another
+    /// month).
+    pub fn others_tokens(&self, tenant: &str, month_start: u64) -> Option<u64> {
+        match &*self.others.lock() {
+            Some((start, by)) if *start == month_start => {
+                Some(by.get(tenant).copied().unwrap_or(0))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The readers' connection if it is open, else a new one.
+async fn take_or_connect(
+    reader: &mut Option<Client>,
+    config: &tokio_postgres::Config,
+) -> anyhow::Result<Client> {
+    match reader.take() {
+        Some(c) if !c.is_closed() => Ok(c),
+        _ => postgres::connect(config, READ_TIMEOUT).await,
+    }
+}
+
+/// A reader's query, bounded by `QUERY_TIMEOUT`.
+async fn bounded<T>(query: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(QUERY_TIMEOUT, query)
+        .await
+        .map_err(|_| anyhow::anyhow!("the shared ledger did not answer in {QUERY_TIMEOUT:?}"))?
+}
