@@ -28,9 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use self::claim::Claims;
 pub use self::config::{host_name, MeshConfig};
-use self::endpoints::{Endpoints, Unreachable};
+use self::endpoints::Endpoints;
 pub use self::registry::MeshRegistry;
-use self::session::Carry;
 use self::tenancy::SharedTenancy;
 use crate::{
     cache::{Cache, CopyPhase},
@@ -350,65 +349,6 @@ impl Cluster {
 
     fn key(&self, what: &str) -> String {
         format!("{}/{what}", self.inner.config.prefix)
-    }
-
-    /// How long the node goes on through the other etcd members, under the same lease and
-    /// still counted as connected, before it takes etcd as lost: the lease's TTL (at least 3 s,
-    /// time for the members to elect a new leader).
-    fn failover_window(&self) -> Duration {
-        self.inner.config.lease_ttl.0.max(Duration::from_secs(3))
-    }
-
-    /// Connect, publish and watch. When a call fails, the next session goes on through another
-    /// etcd member under the same lease, at once; when no member answers within the failover
-    /// window, the node serves alone and tries again every second.
-    async fn run(self) {
-        let mut carry = Carry::new();
-        // The first loss after a success (or at start) is told; the retries are not.
-        let mut told = false;
-        loop {
-            let Err(e) = self.session(&mut carry).await else {
-                return;
-            };
-            self.inner
-                .metrics
-                .mesh_etcd_errors
-                .with_label_values(&[&self.inner.config.node])
-                .inc();
-            let lost = e.downcast_ref::<Unreachable>().is_some()
-                || carry.last_ok.elapsed() >= self.failover_window();
-            if !lost {
-                tracing::debug!(
-                    error = format!("{e:#}"),
-                    "An etcd call failed; going on through another member"
-                );
-                carry.why = Some(format!("{e:#}"));
-                // Soon the first time (100 ms); a member that keeps failing is not hammered.
-                let pause = Duration::from_millis(100 << carry.retries.min(4));
-                carry.retries += 1;
-                tokio::time::sleep(pause).await;
-                continue;
-            }
-            carry.why = None;
-            self.inner.claims.disconnect();
-            let was = self
-                .inner
-                .connected
-                .swap(false, std::sync::atomic::Ordering::Relaxed);
-            told &= !was;
-            if was {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "Lost etcd; serving what this node holds and forwarding to known peers"
-                );
-            } else if !told {
-                tracing::warn!(error = format!("{e:#}"), "Cannot join the mesh through etcd; serving alone and trying again every second");
-            } else {
-                tracing::debug!(error = format!("{e:#}"), "etcd still unreachable");
-            }
-            told = true;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
     }
 
     fn take_unwritten(&self) -> Option<crate::tenancy::Shared> {
