@@ -1,5 +1,5 @@
-//! One connected session with etcd, through one member: the lease and this node's record under
-//! it, the catch-up (or the watches resumed where they were), and the watches.
+//! Sessions with etcd, one member at a time: the loop that moves to another member or serves
+//! alone, the lease and this node's record under it, the catch-up, and the watches.
 
 use std::time::{Duration, Instant};
 
