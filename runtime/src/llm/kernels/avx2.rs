@@ -134,13 +134,45 @@ pub(super) unsafe fn unpack<const T: u8>(p: *const u8) -> (__m256i, __m256i, f32
     }
 }
 
-/// Block i against R activation rows.
+/// The activation rows' block scales as f32 (`d`, and `s` where the type has one), row after
+/// row: converted once per matrix rather than once per weight row (F16C conversions are
+/// exact, so the products are the same bits).
+struct ActScales {
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl ActScales {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn of<const T: u8>(acts: &[u8], rows: usize, arow: usize, nb: usize) -> ActScales {
+        let (_, abb, _, has_m) = kind(T);
+        let (mut d, mut s) = (Vec::with_capacity(rows * nb), Vec::new());
+        for r in 0..rows {
+            for i in 0..nb {
+                let b = &acts[r * arow + i * abb..][..4];
+                d.push(h2f(u16::from_le_bytes([b[0], b[1]])));
+                if has_m {
+                    s.push(h2f(u16::from_le_bytes([b[2], b[3]])));
+                }
+            }
+        }
+        if !has_m {
+            s.resize(d.len(), 0.0);
+        }
+        ActScales { d, s }
+    }
+}
+
+/// Block i against R activation rows; `da`/`sa` point at the first row's scales, and each
+/// row's follow `nb` further on.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn block<const T: u8, const R: usize>(
     w: *const u8,
     a: *const u8,
     arow: usize,
+    (da, sa, nb): (*const f32, *const f32, usize),
     i: usize,
     acc: &mut [__m256; R],
     summ: &mut [f32; R],
@@ -148,7 +180,7 @@ unsafe fn block<const T: u8, const R: usize>(
     let (wbb, abb, signed, has_m) = kind(T);
     let ones = _mm256_set1_epi16(1);
     // SAFETY: the caller guarantees block i exists in the weight row at w and in each of the
-    // R activation rows at a (row stride arow).
+    // R activation rows at a (row stride arow), and R rows of nb scales at da and sa.
     unsafe {
         let (q, s, d, m) = unpack::<T>(w.add(i * wbb));
         for r in 0..R {
@@ -158,40 +190,90 @@ unsafe fn block<const T: u8, const R: usize>(
                 y = _mm256_sign_epi8(y, s);
             }
             let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * h2f(rd_u16(ap))), p, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * *da.add(r * nb + i)), p, acc[r]);
             if has_m {
-                summ[r] += m * h2f(rd_u16(ap.add(2)));
+                summ[r] += m * *sa.add(r * nb + i);
             }
         }
     }
 }
 
-/// R activation rows (stride `arow` bytes) against one weight row of `nb` blocks of kind T.
-/// Two independent accumulator sets hide the FMA latency.
+/// R activation rows (stride `arow` bytes, scales at `sc`) against one weight row of `nb`
+/// blocks of kind T. Two independent accumulator sets hide the FMA latency.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile32<const T: u8, const R: usize>(
     w: *const u8,
     a: *const u8,
     arow: usize,
-    nb: usize,
+    sc: (*const f32, *const f32, usize),
     out: &mut [f32],
 ) {
+    let nb = sc.2;
     let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     let (mut sm0, mut sm1) = ([0f32; R], [0f32; R]);
     let mut i = 0;
     while i + 2 <= nb {
-        // SAFETY: the caller guarantees nb blocks in the weight row and in each activation row; indices passed are < nb.
-        unsafe { block::<T, R>(w, a, arow, i, &mut acc0, &mut sm0) };
-        // SAFETY: the caller guarantees nb blocks in the weight row and in each activation row; indices passed are < nb.
-        unsafe { block::<T, R>(w, a, arow, i + 1, &mut acc1, &mut sm1) };
+        // SAFETY: the caller guarantees nb blocks in the weight row and in each activation
+        // row, and their scales; indices passed are < nb.
+        unsafe {
+            block::<T, R>(w, a, arow, sc, i, &mut acc0, &mut sm0);
+            block::<T, R>(w, a, arow, sc, i + 1, &mut acc1, &mut sm1);
+        }
         i += 2;
     }
     if i < nb {
-        // SAFETY: the caller guarantees nb blocks in the weight row and in each activation row; indices passed are < nb.
-        unsafe { block::<T, R>(w, a, arow, i, &mut acc0, &mut sm0) };
+        // SAFETY: as above, with i < nb.
+        unsafe { block::<T, R>(w, a, arow, sc, i, &mut acc0, &mut sm0) };
     }
     for r in 0..R {
         out[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + (sm0[r] + sm1[r]);
+    }
+}
+
+/// One weight row of kind T against every activation row (`out.len()` rows, stride `arow`),
+/// in tiles of up to four.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tiles32<const T: u8>(
+    w: &[u8],
+    acts: &[u8],
+    arow: usize,
+    sc: &ActScales,
+    nb: usize,
+    out: &mut [f32],
+) {
+    let k = out.len();
+    assert!(w.len() >= nb * kind(T).0 && acts.len() >= k * arow && sc.d.len() >= k * nb);
+    let mut r = 0;
+    while r < k {
+        let a = acts[r * arow..].as_ptr();
+        let s = (sc.d[r * nb..].as_ptr(), sc.s[r * nb..].as_ptr(), nb);
+        let o = &mut out[r..];
+        let step = match k - r {
+            1 => 1,
+            2 | 3 => 2,
+            _ => 4,
+        };
+        // SAFETY: checked above: w has nb blocks, acts k rows of arow bytes and sc k rows of
+        // nb scales; the tile reads rows r..r + step <= k.
+        unsafe {
+            match step {
+                1 => tile32::<T, 1>(w.as_ptr(), a, arow, s, o),
+                2 => tile32::<T, 2>(w.as_ptr(), a, arow, s, o),
+                _ => tile32::<T, 4>(w.as_ptr(), a, arow, s, o),
+            }
+        }
+        r += step;
+    }
+}
+
+/// Consecutive weight rows of kind T against `t` activation rows: `out[r * t + j]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn matmul_t<const T: u8>(w: &[u8], acts: &[u8], n: usize, t: usize, out: &mut [f32]) {
+    let (nb, wb) = (n / 32, n / 32 * kind(T).0);
+    let arow = nb * kind(T).1;
+    let sc = ActScales::of::<T>(acts, t, arow, nb);
+    for (r, o) in out.chunks_mut(t).enumerate() {
+        tiles32::<T>(&w[r * wb..(r + 1) * wb], acts, arow, &sc, nb, o);
     }
 }
 
@@ -351,32 +433,6 @@ fn dot_float(f16w: bool, w: &[u8], a: &[u8], n: usize) -> f32 {
     sum
 }
 
-macro_rules! tiles32 {
-    ($t:expr, $w:expr, $acts:expr, $arow:expr, $nb:expr, $out:expr) => {{
-        let k = $out.len();
-        let mut r = 0;
-        while r < k {
-            let a = $acts[r * $arow..].as_ptr();
-            let o = &mut $out[r..];
-            let step = match k - r {
-                1 => 1,
-                2 | 3 => 2,
-                _ => 4,
-            };
-            // SAFETY: the entry point checked w (nb blocks) and acts (k rows of arow bytes);
-            // the tile reads rows r..r + step <= k.
-            unsafe {
-                match step {
-                    1 => tile32::<{ $t }, 1>($w.as_ptr(), a, $arow, $nb, o),
-                    2 => tile32::<{ $t }, 2>($w.as_ptr(), a, $arow, $nb, o),
-                    _ => tile32::<{ $t }, 4>($w.as_ptr(), a, $arow, $nb, o),
-                }
-            }
-            r += step;
-        }
-    }};
-}
-
 /// `out[r] = w · acts[r]`; false when this level has no kernel for `qt`.
 /// Lengths: w = qt.row_bytes(n), acts = out.len() * qt.act().row_bytes(n) (checked by the caller).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -391,11 +447,40 @@ pub(super) fn dot_many(qt: QType, w: &[u8], acts: &[u8], n: usize, out: &mut [f3
             }
         }
         QType::Q4K | QType::Q5K | QType::Q6K => dot_many_k(qt, w, acts, n, out),
-        QType::Q4_0 => tiles32!(T_Q4_0, w, acts, arow, nb, out),
-        QType::Q4_1 => tiles32!(T_Q4_1, w, acts, arow, nb, out),
-        QType::Q5_0 => tiles32!(T_Q5_0, w, acts, arow, nb, out),
-        QType::Q5_1 => tiles32!(T_Q5_1, w, acts, arow, nb, out),
-        QType::Q8_0 => tiles32!(T_Q8_0, w, acts, arow, nb, out),
+        QType::Q4_0 => dot_rows::<T_Q4_0>(w, acts, arow, nb, out),
+        QType::Q4_1 => dot_rows::<T_Q4_1>(w, acts, arow, nb, out),
+        QType::Q5_0 => dot_rows::<T_Q5_0>(w, acts, arow, nb, out),
+        QType::Q5_1 => dot_rows::<T_Q5_1>(w, acts, arow, nb, out),
+        QType::Q8_0 => dot_rows::<T_Q8_0>(w, acts, arow, nb, out),
+    }
+    true
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_rows<const T: u8>(w: &[u8], acts: &[u8], arow: usize, nb: usize, out: &mut [f32]) {
+    let sc = ActScales::of::<T>(acts, out.len(), arow, nb);
+    tiles32::<T>(w, acts, arow, &sc, nb, out);
+}
+
+/// `out[r * t + j] = w_r · a_j` for consecutive weight rows of a 32-value block type, the
+/// activations' scales converted once; false for other types. Bit-identical to `dot_many`
+/// row by row. Lengths as `Kernels::matmul` checks them.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn matmul(
+    qt: QType,
+    w: &[u8],
+    acts: &[u8],
+    n: usize,
+    t: usize,
+    out: &mut [f32],
+) -> bool {
+    match qt {
+        QType::Q4_0 => matmul_t::<T_Q4_0>(w, acts, n, t, out),
+        QType::Q4_1 => matmul_t::<T_Q4_1>(w, acts, n, t, out),
+        QType::Q5_0 => matmul_t::<T_Q5_0>(w, acts, n, t, out),
+        QType::Q5_1 => matmul_t::<T_Q5_1>(w, acts, n, t, out),
+        QType::Q8_0 => matmul_t::<T_Q8_0>(w, acts, n, t, out),
+        _ => return false,
     }
     true
 }

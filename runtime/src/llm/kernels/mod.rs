@@ -227,6 +227,12 @@ impl Kernels {
                 return;
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C;
+        // lengths were checked above.
+        if self.level == Level::Avx2 && unsafe { avx2::matmul(qt, w, acts, n, t, out) } {
+            return;
+        }
         for (r, o) in out.chunks_mut(t).enumerate() {
             self.dot_many(qt, &w[r * wb..(r + 1) * wb], acts, n, o);
         }

@@ -498,10 +498,10 @@ fn matmul_equals_dot_many_row_by_row() {
         let w: Vec<u8> = (0..rows)
             .flat_map(|_| random_weights(qt, n, &mut rng, true))
             .collect();
-        let (_, a) = acts_for(qt, 3, n, &mut rng);
+        let (_, a) = acts_for(qt, 9, n, &mut rng);
         let wb = qt.row_bytes(n);
         for k in Kernels::all() {
-            for t in [1, 3] {
+            for t in [1, 3, 9] {
                 for r in [1, 4, 7, 11] {
                     let mut got = vec![0f32; r * t];
                     k.matmul(qt, &w[..r * wb], &a, n, t, &mut got);
