@@ -13,7 +13,7 @@ use super::{
     forward::{Backend, Batch, Buf},
     kernels::{
         profile::{self, Op, Phase},
-        Act, Kernels,
+        Act, ActScales, Kernels,
     },
     kv::KvPool,
     model::{Matrix, Model},
@@ -23,14 +23,39 @@ use super::{
 /// to balance over the cores.
 const MIN_TASK_ROWS: usize = 16;
 
+/// From this many tokens in a step (a prefill chunk, a big batch), the per-token operations
+/// (norms, rotations, activations, sums, transposes) are split over the cores too.
+const PAR_TOKENS: usize = 8;
+
+/// `f(out_row, in_row)` over rows of widths `wo` and `wi`, on the worker pool when `par`.
+fn each_row<T: Send, U: Sync>(
+    par: bool,
+    out: &mut [T],
+    wo: usize,
+    input: &[U],
+    wi: usize,
+    f: impl Fn(&mut [T], &[U]) + Sync + Send,
+) {
+    if par {
+        out.par_chunks_mut(wo)
+            .zip(input.par_chunks(wi))
+            .for_each(|(o, x)| f(o, x));
+    } else {
+        out.chunks_mut(wo)
+            .zip(input.chunks(wi))
+            .for_each(|(o, x)| f(o, x));
+    }
+}
+
 /// Activations, quantized activations, the KV pool and scratch of one copy.
 pub struct Cpu {
     kernels: &'static Kernels,
     threads: usize,
     tokens: usize,
     bufs: [Vec<f32>; Buf::COUNT],
-    /// Rows of the input of the current matmul, quantized for each activation type in use.
-    quantized: Vec<(Act, Vec<u8>)>,
+    /// Rows of the input of the current matmul, quantized for each activation type in use,
+    /// with their block scales (read once per matmul when there are several rows).
+    quantized: Vec<(Act, Vec<u8>, ActScales)>,
     /// Matmul outputs laid out by weight row (`rows × tokens`), before the transpose.
     transposed: Vec<Vec<f32>>,
     pub kv: KvPool,
@@ -76,16 +101,17 @@ impl Cpu {
         &self.bufs[b as usize]
     }
 
+    /// Buffer `buf` taken out, `tokens × width` long; what it holds is left from earlier
+    /// steps (not zeroed: every caller writes each value).
     fn sized(&mut self, buf: Buf, width: usize) -> Vec<f32> {
         let mut v = std::mem::take(&mut self.bufs[buf as usize]);
-        v.clear();
-        v.resize(self.tokens * width, 0.0);
+        resize(&mut v, self.tokens * width);
         v
     }
 
     /// Quantize the rows of `from` for activation type `act` (once per matmul input).
     fn quantize(&mut self, from: &[f32], cols: usize, act: Act) -> usize {
-        if let Some(i) = self.quantized.iter().position(|(a, _)| *a == act) {
+        if let Some(i) = self.quantized.iter().position(|(a, ..)| *a == act) {
             return i;
         }
         let t0 = profile::start();
@@ -101,7 +127,11 @@ impl Cpu {
                 k.quantize_act(act, x, o);
             }
         }
-        self.quantized.push((act, out));
+        let scales = match self.tokens {
+            1 => ActScales::default(),
+            t => ActScales::of(act, &out, cols, t),
+        };
+        self.quantized.push((act, out, scales));
         profile::add(self.phase, Op::Quantize, t0);
         self.quantized.len() - 1
     }
@@ -113,14 +143,14 @@ fn matmul_rows(
     k: &Kernels,
     model: &Model,
     w: &Matrix,
-    x: &[u8],
+    (x, scales): (&[u8], &ActScales),
     r0: usize,
     out: &mut [f32],
     t: usize,
 ) {
     let (rb, rows) = (w.row_bytes(), out.len() / t);
     let bytes = &model.bytes[w.offset + r0 * rb..w.offset + (r0 + rows) * rb];
-    k.matmul(w.qtype, bytes, x, w.cols, t, out);
+    k.matmul_scaled(w.qtype, bytes, x, scales, w.cols, t, out);
 }
 
 impl Backend for Cpu {
@@ -150,9 +180,10 @@ impl Backend for Cpu {
         let t0 = profile::start();
         let d = weight.len();
         let mut out = self.sized(to, d);
-        for (o, x) in out.chunks_mut(d).zip(self.bufs[from as usize].chunks(d)) {
-            rms_norm(x, weight, eps, o);
-        }
+        let par = self.tokens >= PAR_TOKENS;
+        each_row(par, &mut out, d, &self.bufs[from as usize], d, |o, x| {
+            rms_norm(x, weight, eps, o)
+        });
         self.bufs[to as usize] = out;
         profile::add(self.phase, Op::Elementwise, t0);
     }
@@ -173,10 +204,10 @@ impl Backend for Cpu {
         tmp.resize_with(outs.len(), Vec::new);
         let mut jobs = Vec::new();
         for (((w, _), q), buf) in outs.iter().zip(&which).zip(tmp.iter_mut()) {
-            buf.clear();
-            buf.resize(w.rows * t, 0.0);
+            resize(buf, w.rows * t);
             for (c, chunk) in buf.chunks_mut(per * t).enumerate() {
-                jobs.push((*w, &self.quantized[*q].1, c * per, chunk));
+                let (_, x, scales) = &self.quantized[*q];
+                jobs.push((*w, (&x[..], scales), c * per, chunk));
             }
         }
         let k = self.kernels;
@@ -201,10 +232,22 @@ impl Backend for Cpu {
             if t == 1 {
                 out.copy_from_slice(src);
             } else {
-                for (r, col) in src.chunks(t).enumerate() {
-                    for (i, v) in col.iter().enumerate() {
-                        out[i * w.rows + r] = *v;
+                // Tokens i0.. gather their columns of the row-major result: eight tokens at a
+                // time, so each weight row's eight values are read together.
+                let rows = w.rows;
+                let gather = |(c, band): (usize, &mut [f32])| {
+                    let i0 = c * 8;
+                    let n = band.len() / rows;
+                    for r in 0..rows {
+                        let col = &src[r * t + i0..r * t + i0 + n];
+                        for (k, v) in col.iter().enumerate() {
+                            band[k * rows + r] = *v;
+                        }
                     }
+                };
+                match t >= PAR_TOKENS {
+                    true => out.par_chunks_mut(rows * 8).enumerate().for_each(gather),
+                    false => out.chunks_mut(rows * 8).enumerate().for_each(gather),
                 }
             }
             self.bufs[*to as usize] = out;
@@ -239,7 +282,8 @@ impl Backend for Cpu {
         }
         let x = &mut self.bufs[buf as usize];
         let width = x.len() / self.tokens.max(1);
-        for (row, rot) in x.chunks_mut(width).zip(self.rope.chunks(half)) {
+        let par = self.tokens >= PAR_TOKENS;
+        each_row(par, x, width, &self.rope, half, |row, rot| {
             for head in row.chunks_mut(head_dim) {
                 for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(rot) {
                     let (x0, x1) = (pair[0], pair[1]);
@@ -247,7 +291,7 @@ impl Backend for Cpu {
                     pair[1] = x0 * sin + x1 * cos;
                 }
             }
-        }
+        });
         profile::add(self.phase, Op::Elementwise, t0);
     }
 
@@ -316,9 +360,20 @@ impl Backend for Cpu {
     fn silu_mul(&mut self) {
         let t0 = profile::start();
         let up = std::mem::take(&mut self.bufs[Buf::Up as usize]);
-        for (g, u) in self.bufs[Buf::Gate as usize].iter_mut().zip(&up) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        let gate = &mut self.bufs[Buf::Gate as usize];
+        let width = gate.len() / self.tokens.max(1);
+        each_row(
+            self.tokens >= PAR_TOKENS,
+            gate,
+            width,
+            &up,
+            width,
+            |g, u| {
+                for (g, u) in g.iter_mut().zip(u) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            },
+        );
         self.bufs[Buf::Up as usize] = up;
         profile::add(self.phase, Op::Elementwise, t0);
     }
@@ -326,10 +381,11 @@ impl Backend for Cpu {
     fn add(&mut self, to: Buf, from: Buf) {
         let t0 = profile::start();
         let src = std::mem::take(&mut self.bufs[from as usize]);
-        self.bufs[to as usize]
-            .iter_mut()
-            .zip(&src)
-            .for_each(|(x, y)| *x += y);
+        let to = &mut self.bufs[to as usize];
+        let width = to.len() / self.tokens.max(1);
+        each_row(self.tokens >= PAR_TOKENS, to, width, &src, width, |x, y| {
+            x.iter_mut().zip(y).for_each(|(x, y)| *x += y)
+        });
         self.bufs[from as usize] = src;
         profile::add(self.phase, Op::Elementwise, t0);
     }
@@ -359,6 +415,12 @@ impl Backend for Cpu {
         profile::step(self.phase, tokens, self.started);
         &self.logits
     }
+}
+
+/// `v` made `len` long; values already there stay (only new room is zeroed).
+fn resize(v: &mut Vec<f32>, len: usize) {
+    v.truncate(len);
+    v.resize(len, 0.0);
 }
 
 /// RMSNorm with squares in f32 summed in f64, as the reference engine computes it.

@@ -6,7 +6,7 @@
 //! `sum(m * s)` at the end.
 
 use super::scalar::KBlock;
-use super::types::{Act, QType};
+use super::types::{Act, ActScales, QType};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -134,35 +134,6 @@ pub(super) unsafe fn unpack<const T: u8>(p: *const u8) -> (__m256i, __m256i, f32
     }
 }
 
-/// The activation rows' block scales as f32 (`d`, and `s` where the type has one), row after
-/// row: converted once per matrix rather than once per weight row (F16C conversions are
-/// exact, so the products are the same bits).
-struct ActScales {
-    d: Vec<f32>,
-    s: Vec<f32>,
-}
-
-impl ActScales {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn of<const T: u8>(acts: &[u8], rows: usize, arow: usize, nb: usize) -> ActScales {
-        let (_, abb, _, has_m) = kind(T);
-        let (mut d, mut s) = (Vec::with_capacity(rows * nb), Vec::new());
-        for r in 0..rows {
-            for i in 0..nb {
-                let b = &acts[r * arow + i * abb..][..4];
-                d.push(h2f(u16::from_le_bytes([b[0], b[1]])));
-                if has_m {
-                    s.push(h2f(u16::from_le_bytes([b[2], b[3]])));
-                }
-            }
-        }
-        if !has_m {
-            s.resize(d.len(), 0.0);
-        }
-        ActScales { d, s }
-    }
-}
-
 /// Block i against R activation rows; `da`/`sa` point at the first row's scales, and each
 /// row's follow `nb` further on.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -268,12 +239,18 @@ fn tiles32<const T: u8>(
 
 /// Consecutive weight rows of kind T against `t` activation rows: `out[r * t + j]`.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn matmul_t<const T: u8>(w: &[u8], acts: &[u8], n: usize, t: usize, out: &mut [f32]) {
+fn matmul_t<const T: u8>(
+    w: &[u8],
+    acts: &[u8],
+    sc: &ActScales,
+    n: usize,
+    t: usize,
+    out: &mut [f32],
+) {
     let (nb, wb) = (n / 32, n / 32 * kind(T).0);
     let arow = nb * kind(T).1;
-    let sc = ActScales::of::<T>(acts, t, arow, nb);
     for (r, o) in out.chunks_mut(t).enumerate() {
-        tiles32::<T>(&w[r * wb..(r + 1) * wb], acts, arow, &sc, nb, o);
+        tiles32::<T>(&w[r * wb..(r + 1) * wb], acts, arow, sc, nb, o);
     }
 }
 
@@ -458,28 +435,30 @@ pub(super) fn dot_many(qt: QType, w: &[u8], acts: &[u8], n: usize, out: &mut [f3
 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_rows<const T: u8>(w: &[u8], acts: &[u8], arow: usize, nb: usize, out: &mut [f32]) {
-    let sc = ActScales::of::<T>(acts, out.len(), arow, nb);
+    let act = if kind(T).3 { Act::Q8_1 } else { Act::Q8_0 };
+    let sc = ActScales::of(act, acts, nb * 32, out.len());
     tiles32::<T>(w, acts, arow, &sc, nb, out);
 }
 
-/// `out[r * t + j] = w_r · a_j` for consecutive weight rows of a 32-value block type, the
-/// activations' scales converted once; false for other types. Bit-identical to `dot_many`
-/// row by row. Lengths as `Kernels::matmul` checks them.
+/// `out[r * t + j] = w_r · a_j` for consecutive weight rows of a 32-value block type, with
+/// the activations' scales `sc`; false for other types. Bit-identical to `dot_many` row by
+/// row. Lengths as `Kernels::matmul` checks them.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn matmul(
     qt: QType,
     w: &[u8],
     acts: &[u8],
+    sc: &ActScales,
     n: usize,
     t: usize,
     out: &mut [f32],
 ) -> bool {
     match qt {
-        QType::Q4_0 => matmul_t::<T_Q4_0>(w, acts, n, t, out),
-        QType::Q4_1 => matmul_t::<T_Q4_1>(w, acts, n, t, out),
-        QType::Q5_0 => matmul_t::<T_Q5_0>(w, acts, n, t, out),
-        QType::Q5_1 => matmul_t::<T_Q5_1>(w, acts, n, t, out),
-        QType::Q8_0 => matmul_t::<T_Q8_0>(w, acts, n, t, out),
+        QType::Q4_0 => matmul_t::<T_Q4_0>(w, acts, sc, n, t, out),
+        QType::Q4_1 => matmul_t::<T_Q4_1>(w, acts, sc, n, t, out),
+        QType::Q5_0 => matmul_t::<T_Q5_0>(w, acts, sc, n, t, out),
+        QType::Q5_1 => matmul_t::<T_Q5_1>(w, acts, sc, n, t, out),
+        QType::Q8_0 => matmul_t::<T_Q8_0>(w, acts, sc, n, t, out),
         _ => return false,
     }
     true

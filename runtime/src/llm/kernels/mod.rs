@@ -35,7 +35,7 @@ mod tests;
 mod types;
 
 pub use quantize::quantize_weights;
-pub use types::{Act, QType, QK_K};
+pub use types::{Act, ActScales, QType, QK_K};
 
 use half::f16;
 use std::sync::OnceLock;
@@ -199,6 +199,26 @@ impl Kernels {
     /// to [`Kernels::dot_many`] row by row; one activation row (a decode step) takes a kernel
     /// that walks several weight rows at once.
     pub fn matmul(&self, qt: QType, w: &[u8], acts: &[u8], n: usize, t: usize, out: &mut [f32]) {
+        let scales = match t {
+            1 => ActScales::default(),
+            _ => ActScales::of(qt.act(), acts, n, t),
+        };
+        self.matmul_scaled(qt, w, acts, &scales, n, t, out);
+    }
+
+    /// [`Kernels::matmul`] with the activations' scales read already (`ActScales::of` the
+    /// same rows; empty for one row): a matrix split over the cores reads them once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_scaled(
+        &self,
+        qt: QType,
+        w: &[u8],
+        acts: &[u8],
+        scales: &ActScales,
+        n: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
         assert!(
             t > 0 && out.len().is_multiple_of(t),
             "matmul: output length"
@@ -228,10 +248,12 @@ impl Kernels {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C;
-        // lengths were checked above.
-        if self.level == Level::Avx2 && unsafe { avx2::matmul(qt, w, acts, n, t, out) } {
-            return;
+        if self.level == Level::Avx2 && t > 1 {
+            // SAFETY: this level exists only after `has_avx2()` detected AVX2, FMA and F16C;
+            // lengths were checked above.
+            if unsafe { avx2::matmul(qt, w, acts, scales, n, t, out) } {
+                return;
+            }
         }
         for (r, o) in out.chunks_mut(t).enumerate() {
             self.dot_many(qt, &w[r * wb..(r + 1) * wb], acts, n, o);

@@ -163,3 +163,31 @@ impl Act {
         n / self.block_elems() * self.block_bytes()
     }
 }
+
+/// Quantized activation rows' block scales as f32 (`d`, and `s` for `Q8_1`), row after row:
+/// read once per matrix product rather than once per weight row. Empty for other types
+/// (their kernels read their scales themselves).
+#[derive(Debug, Default)]
+pub struct ActScales {
+    pub(super) d: Vec<f32>,
+    pub(super) s: Vec<f32>,
+}
+
+impl ActScales {
+    /// The scales of `rows` activation rows of `n` values quantized as `act`, back to back.
+    pub fn of(act: Act, acts: &[u8], n: usize, rows: usize) -> ActScales {
+        let (has_s, bb) = match act {
+            Act::Q8_0 => (false, 34),
+            Act::Q8_1 => (true, 36),
+            _ => return ActScales::default(),
+        };
+        let f = |b: &[u8]| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+        let blocks = acts[..act.row_bytes(n) * rows].chunks_exact(bb);
+        let d = blocks.clone().map(&f).collect::<Vec<_>>();
+        let s = match has_s {
+            true => blocks.map(|b| f(&b[2..])).collect(),
+            false => vec![0.0; d.len()],
+        };
+        ActScales { d, s }
+    }
+}
