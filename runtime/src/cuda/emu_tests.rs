@@ -216,9 +216,11 @@ fn every_op_of_a_batched_forward_pass_matches_the_cpu_for_every_type() {
         }
         println!("{:>5}: {:?}", q.name(), ls.worst);
         // Exactly the CPU's arithmetic: the same formulas in the same order, no FMA.
-        for op in ["embed", "add", "add_bias", "silu_mul", "rope"] {
+        for op in ["embed", "add", "add_bias", "rope"] {
             assert_eq!(ls.worst(op), 0.0, "{} {op}", q.name());
         }
+        // `exp` within 2 ulp: the CPU's in SIMD, the GPU's `expf`.
+        assert!(ls.worst("silu_mul") < 1e-6, "{} silu_mul", q.name());
         // Sums in another order: f64 (RMSNorm), f32 (dot products, attention).
         assert!(ls.worst("rms_norm") < 1e-6, "{} rms_norm", q.name());
         assert!(ls.worst("matmul") < 2e-5, "{} matmul", q.name());

@@ -338,11 +338,7 @@ impl Backend for Cpu {
                     *x *= scale;
                     max = max.max(*x);
                 }
-                let mut sum = 0f64;
-                for x in scores.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x as f64;
-                }
+                let sum = kern.exp_shifted(scores, max);
                 let inv = (1.0 / sum) as f32;
                 for p in scores.iter_mut() {
                     *p = f16::from_f32(*p * inv).to_f32();
@@ -362,17 +358,14 @@ impl Backend for Cpu {
         let up = std::mem::take(&mut self.bufs[Buf::Up as usize]);
         let gate = &mut self.bufs[Buf::Gate as usize];
         let width = gate.len() / self.tokens.max(1);
+        let k = self.kernels;
         each_row(
             self.tokens >= PAR_TOKENS,
             gate,
             width,
             &up,
             width,
-            |g, u| {
-                for (g, u) in g.iter_mut().zip(u) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
-            },
+            |g, u| k.silu_mul(g, u),
         );
         self.bufs[Buf::Up as usize] = up;
         profile::add(self.phase, Op::Elementwise, t0);

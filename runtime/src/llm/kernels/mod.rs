@@ -24,6 +24,8 @@ mod avx2_act;
 #[cfg(target_arch = "x86_64")]
 mod avx2_attn;
 #[cfg(target_arch = "x86_64")]
+mod avx2_math;
+#[cfg(target_arch = "x86_64")]
 mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -326,6 +328,35 @@ impl Kernels {
         for (&a, v) in p.iter().zip(rows) {
             scalar::axpy_f16(y, a, v);
         }
+    }
+
+    /// `g = silu(g) · u` (the gated activation), elementwise.
+    pub fn silu_mul(&self, g: &mut [f32], u: &[f32]) {
+        assert_eq!(g.len(), u.len(), "silu_mul: lengths differ");
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level; lengths are equal.
+            unsafe { avx2_math::silu_mul(g, u) };
+            return;
+        }
+        for (g, u) in g.iter_mut().zip(u) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+
+    /// `x = e^(x − max)` in place (a softmax's numerators); returns their sum.
+    pub fn exp_shifted(&self, xs: &mut [f32], max: f32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: AVX2, FMA and F16C were detected for this level.
+            return unsafe { avx2_math::exp_shifted(xs, max) };
+        }
+        let mut sum = 0f64;
+        for x in xs.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x as f64;
+        }
+        sum
     }
 
     /// f32 → f16 row (round to nearest even).
