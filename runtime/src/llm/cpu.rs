@@ -329,7 +329,7 @@ impl Backend for Cpu {
                         .map(|x| f16::from_f32(*x).to_f32()),
                 );
                 rows.clear();
-                rows.extend((0..=pos).map(|j| &kv.k(table, layer, j)[g..g + hd]));
+                kv.rows(table, layer, pos + 1, false, g..g + hd, rows);
                 scores.clear();
                 scores.resize(pos + 1, 0.0);
                 kern.dot_f16_rows(rows, qh, scores);
@@ -344,7 +344,7 @@ impl Backend for Cpu {
                     *p = f16::from_f32(*p * inv).to_f32();
                 }
                 rows.clear();
-                rows.extend((0..=pos).map(|j| &kv.v(table, layer, j)[g..g + hd]));
+                kv.rows(table, layer, pos + 1, true, g..g + hd, rows);
                 out.fill(0.0);
                 kern.axpy_f16_rows(out, scores, rows);
             },

@@ -264,14 +264,40 @@ impl KvPool {
     }
 
     /// K of `pos` in `layer` (V is `block_tokens` rows further).
+    #[cfg(test)]
     pub fn k(&self, table: &BlockTable, layer: usize, pos: usize) -> &[f16] {
         let at = self.base(table, layer, pos);
         self.data[at..at + self.kv_dim].reinterpret_cast()
     }
 
+    #[cfg(test)]
     pub fn v(&self, table: &BlockTable, layer: usize, pos: usize) -> &[f16] {
         let at = self.base(table, layer, pos) + self.block_tokens * self.kv_dim;
         self.data[at..at + self.kv_dim].reinterpret_cast()
+    }
+
+    /// Columns `cols` of the K rows (or, with `v`, the V rows) of positions `0..upto` in
+    /// `layer`, appended to `out`: block by block, without a division per position.
+    pub fn rows<'a>(
+        &'a self,
+        table: &BlockTable,
+        layer: usize,
+        upto: usize,
+        v: bool,
+        cols: std::ops::Range<usize>,
+        out: &mut Vec<&'a [f16]>,
+    ) {
+        let (bt, d) = (self.block_tokens, self.kv_dim);
+        assert!(cols.end <= d, "rows: columns past the KV width");
+        for (i, &block) in table.blocks.iter().enumerate().take(upto.div_ceil(bt)) {
+            let first = ((block as usize * self.layers + layer) * 2 * bt + v as usize * bt) * d;
+            let slots = (upto - i * bt).min(bt);
+            let rows = &self.data[first..first + slots * d];
+            out.extend(
+                rows.chunks_exact(d)
+                    .map(|r| -> &[f16] { r[cols.clone()].reinterpret_cast() }),
+            );
+        }
     }
 
     /// Mutable K and V rows of `pos` in `layer`.
@@ -298,6 +324,40 @@ mod tests {
     fn filled(pool: &mut KvPool, table: &BlockTable, tokens: usize, value: f32) {
         for pos in 0..tokens {
             pool.kv_mut(table, 0, pos).0[0] = f16::from_f32(value + pos as f32);
+        }
+    }
+
+    #[test]
+    fn rows_are_the_positions_k_and_v_in_order() {
+        let mut pool = KvPool::new(128, 16, 2, 8);
+        let (mut a, mut b) = (BlockTable::default(), BlockTable::default());
+        // Interleaved growth, so a's blocks are not contiguous in the pool.
+        for n in [10, 20, 37] {
+            assert!(pool.grow(&mut a, n) && pool.grow(&mut b, n));
+        }
+        for pos in 0..37 {
+            let (k, v) = pool.kv_mut(&a, 1, pos);
+            k.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = f16::from_f32((pos * 8 + i) as f32));
+            v.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = f16::from_f32(-((pos * 8 + i) as f32)));
+        }
+        for upto in [1, 16, 17, 37] {
+            for v in [false, true] {
+                let mut got = Vec::new();
+                pool.rows(&a, 1, upto, v, 2..6, &mut got);
+                assert_eq!(got.len(), upto);
+                for (pos, row) in got.iter().enumerate() {
+                    let want = if v {
+                        pool.v(&a, 1, pos)
+                    } else {
+                        pool.k(&a, 1, pos)
+                    };
+                    assert_eq!(*row, &want[2..6], "upto {upto} pos {pos} v {v}");
+                }
+            }
         }
     }
 
