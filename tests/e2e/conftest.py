@@ -329,6 +329,9 @@ class Postgres:
     """One real PostgreSQL server (Debian `postgresql`) on a free loopback port, its cluster made
     by initdb in a temporary directory (password login over TCP, user and database `flatmesh`).
 
+    With `tls=(cert, key)` it speaks TLS with that certificate and takes TCP connections over
+    TLS only (`hostssl`); `url` then has no `sslmode`.
+
     `url` is its connection URL. `stop()` stops it (fast shutdown) and keeps the data, `start()`
     starts it again on the same port, `sql(query)` runs a query with psql and returns the rows
     (lists of strings), `close()` stops it and removes the data (call it in a `finally`). Run as
@@ -337,7 +340,7 @@ class Postgres:
 
     PASSWORD = "ledger-secret"
 
-    def __init__(self, ready_timeout: float = 60.0):
+    def __init__(self, ready_timeout: float = 60.0, tls: tuple[Path, Path] | None = None):
         self.bin = postgres_bin()
         if self.bin is None or not (self.bin / "pg_ctl").exists():
             pytest.skip("PostgreSQL is missing (no /usr/lib/postgresql/*/bin/initdb): "
@@ -359,16 +362,35 @@ class Postgres:
             for p in (root, self.sockets, pwfile):
                 os.chown(p, self.user.pw_uid, self.user.pw_gid)
         self.port = free_port()
-        self.url = f"postgres://flatmesh:{self.PASSWORD}@127.0.0.1:{self.port}/flatmesh?sslmode=disable"
+        self.url = f"postgres://flatmesh:{self.PASSWORD}@127.0.0.1:{self.port}/flatmesh"
+        if tls is None:
+            self.url += "?sslmode=disable"
         self.ready_timeout = ready_timeout
+        self.options = ""
         try:
             self._run("initdb", "-D", str(self.data), "-U", "flatmesh", f"--pwfile={pwfile}",
                       "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
+            if tls:
+                self._use_tls(*tls)
             self.start()
             self._run("createdb", "-h", str(self.sockets), "-p", str(self.port), "-U", "flatmesh", "flatmesh")
         except BaseException:
             self.close()
             raise
+
+    def _use_tls(self, cert: Path, key: Path):
+        """The server's certificate and key in its data directory (the key private to it), and
+        TCP logins over TLS only."""
+        for src, name in ((cert, "server.crt"), (key, "server.key")):
+            dst = self.data / name
+            dst.write_bytes(Path(src).read_bytes())
+            dst.chmod(0o600)
+            if self.user:
+                os.chown(dst, self.user.pw_uid, self.user.pw_gid)
+        hba = self.data / "pg_hba.conf"
+        lines = [("hostssl" + l[4:]) if l.startswith("host ") else l for l in hba.read_text().splitlines()]
+        hba.write_text("\n".join(lines) + "\n")
+        self.options = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
 
     def _run(self, tool: str, *args, timeout: float = 60.0) -> str:
         kw = {"user": self.user.pw_uid, "group": self.user.pw_gid} if self.user else {}
@@ -381,7 +403,7 @@ class Postgres:
     def start(self):
         """Start the server and wait until it accepts connections."""
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", str(int(self.ready_timeout)),
-                  "-o", f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off",
+                  "-o", f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off{self.options}",
                   "start", timeout=self.ready_timeout + 5)
 
     def stop(self):

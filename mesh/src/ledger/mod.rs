@@ -12,6 +12,7 @@ pub mod shipper;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 mod writer;
 
 use parking_lot::Mutex;

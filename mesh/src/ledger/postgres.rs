@@ -2,22 +2,25 @@
 //! (migrated at start under an advisory lock), the idempotent batch insert, and the sums
 //! usage, invoices and budgets are read from.
 
-use std::{collections::HashMap, str::FromStr, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{config::SslMode, Client, NoTls};
+use tokio_postgres::Client;
 
-use super::record::{Record, Usage};
+use super::{
+    record::{Record, Usage},
+    tls::Target,
+};
 use crate::units::Secs;
 
 /// `[ledger]`: the shared ledger (off unless `postgres` is set).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
-    /// `postgres://user:password@host:port/database?sslmode=disable` (or
-    /// `FLATMESH_LEDGER_POSTGRES`): every node ships its records there, and usage, invoices
-    /// and budgets are read from there. Unset: each node's SQLite ledger is all there is, and
+    /// `postgres://user:password@host:port/database?sslmode=verify-full&sslrootcert=ca.pem`
+    /// (or `FLATMESH_LEDGER_POSTGRES`; `sslmode` as libpq reads it, see `tls`): every node
+    /// ships its records there, and usage, invoices and budgets are read from there. Unset: each node's SQLite ledger is all there is, and
     /// mesh-wide queries ask every live node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postgres: Option<String>,
@@ -46,7 +49,7 @@ impl LedgerConfig {
     /// Check the URL and the numbers; errors name the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(url) = &self.postgres {
-            pg_config(url)?;
+            Target::parse(url)?;
         }
         if self.ship_interval.0 < Duration::from_millis(10) {
             bail!("ledger.ship_interval: must be at least 10ms");
@@ -62,35 +65,6 @@ impl LedgerConfig {
         }
         Ok(())
     }
-}
-
-/// The connection settings of `url`. TLS is not built in: a URL that asks for it is refused
-/// (its password never appears in the message).
-pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        bail!("ledger.postgres: must be a postgres:// or postgresql:// URL");
-    }
-    let lower = url.to_ascii_lowercase();
-    for tls in ["require", "verify-ca", "verify-full"] {
-        if lower.contains(&format!("sslmode={tls}")) {
-            bail!(
-                "ledger.postgres: sslmode={tls}: TLS to PostgreSQL is not built into this agent; \
-                 use sslmode=disable on a network you trust (or a TLS tunnel such as a sidecar \
-                 proxy on loopback)"
-            );
-        }
-    }
-    let config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| anyhow::anyhow!("ledger.postgres: not a valid PostgreSQL URL: {e}"))?;
-    if config.get_ssl_mode() == SslMode::Require {
-        bail!(
-            "ledger.postgres: TLS to PostgreSQL is not built into this agent: use sslmode=disable"
-        );
-    }
-    if config.get_hosts().is_empty() {
-        bail!("ledger.postgres: the URL names no host");
-    }
-    Ok(config)
 }
 
 /// The table of applied migrations.
@@ -135,20 +109,15 @@ const MIGRATION_LOCK: i64 = 0x464d_4c47;
 
 /// Connect (bounded by `timeout`); the connection runs on its own task until the client
 /// is dropped.
-pub async fn connect(config: &tokio_postgres::Config, timeout: Duration) -> anyhow::Result<Client> {
-    let mut config = config.clone();
+pub async fn connect(target: &Target, timeout: Duration) -> anyhow::Result<Client> {
+    let mut config = target.config.clone();
     config.connect_timeout(timeout);
     if config.get_application_name().is_none() {
         config.application_name("flatmesh");
     }
-    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+    let client = tokio::time::timeout(timeout, target.connect(&config))
         .await
         .map_err(|_| anyhow::anyhow!("connecting timed out after {timeout:?}"))??;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "The shared ledger's connection ended");
-        }
-    });
     Ok(client)
 }
 
@@ -362,15 +331,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_checked_and_tls_is_refused_by_name() {
-        let ok = pg_config("postgres://flatmesh:pw@127.0.0.1:5432/ledger?sslmode=disable").unwrap();
-        assert_eq!(ok.get_dbname(), Some("ledger"));
-        let e = pg_config("postgres://u:secret@db/l?sslmode=verify-full").unwrap_err();
-        let e = e.to_string();
-        assert!(e.starts_with("ledger.postgres: sslmode=verify-full"), "{e}");
-        assert!(!e.contains("secret"), "{e}");
-        assert!(pg_config("mysql://db/l").is_err());
-        assert!(pg_config("postgres://db/l?sslmode=bogus").is_err());
+    fn settings_are_checked_by_name() {
+        let bad_url = LedgerConfig {
+            postgres: Some("postgres://db/l?sslmode=bogus".into()),
+            ..Default::default()
+        };
+        assert!(bad_url.validate().is_err());
         let c = LedgerConfig {
             ship_batch: 0,
             ..Default::default()

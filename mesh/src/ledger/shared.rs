@@ -6,7 +6,7 @@ use std::{collections::HashMap, future::Future, time::Duration};
 use parking_lot::Mutex;
 use tokio_postgres::Client;
 
-use super::{outbox, postgres, postgres::LedgerConfig, record::Usage};
+use super::{outbox, postgres, postgres::LedgerConfig, record::Usage, tls::Target};
 
 /// How long a reader's connection attempt may take.
 pub(super) const READ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -16,7 +16,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shared ledger as one node sees it: where it is, who this node is in it, a
 /// connection for queries, and what the other nodes used this month.
 pub struct Shared {
-    pub(super) config: tokio_postgres::Config,
+    /// Where PostgreSQL is and how TLS reaches it.
+    pub(super) target: Target,
     pub(super) settings: LedgerConfig,
     /// This node's name (a label in the shared ledger only).
     pub(super) node: String,
@@ -34,7 +35,7 @@ impl Shared {
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("ledger.postgres is not set"))?;
         Ok(Shared {
-            config: postgres::pg_config(url)?,
+            target: Target::parse(url)?,
             settings: settings.clone(),
             node: node.to_string(),
             origin,
@@ -52,7 +53,7 @@ impl Shared {
         shipped: i64,
     ) -> anyhow::Result<Vec<Usage>> {
         let mut reader = self.reader.lock().await;
-        let client = take_or_connect(&mut reader, &self.config).await?;
+        let client = take_or_connect(&mut reader, &self.target).await?;
         let me = (self.origin, shipped);
         let got = bounded(postgres::usage(&client, tenant, period, me)).await;
         if got.is_ok() {
@@ -70,7 +71,7 @@ impl Shared {
         shipped: i64,
     ) -> anyhow::Result<Vec<outbox::DayModel>> {
         let mut reader = self.reader.lock().await;
-        let client = take_or_connect(&mut reader, &self.config).await?;
+        let client = take_or_connect(&mut reader, &self.target).await?;
         let me = (self.origin, shipped);
         let got = bounded(postgres::by_day_and_model(&client, tenant, period, me)).await;
         if got.is_ok() {
@@ -92,13 +93,10 @@ impl Shared {
 }
 
 /// The readers' connection if it is open, else a new one.
-async fn take_or_connect(
-    reader: &mut Option<Client>,
-    config: &tokio_postgres::Config,
-) -> anyhow::Result<Client> {
+async fn take_or_connect(reader: &mut Option<Client>, target: &Target) -> anyhow::Result<Client> {
     match reader.take() {
         Some(c) if !c.is_closed() => Ok(c),
-        _ => postgres::connect(config, READ_TIMEOUT).await,
+        _ => postgres::connect(target, READ_TIMEOUT).await,
     }
 }
 

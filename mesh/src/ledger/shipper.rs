@@ -81,7 +81,7 @@ impl Shipper {
     async fn round(&mut self) -> anyhow::Result<()> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             let timeout = self.shared.settings.ship_interval.0.max(READ_TIMEOUT);
-            let mut client = postgres::connect(&self.shared.config, timeout).await?;
+            let mut client = postgres::connect(&self.shared.target, timeout).await?;
             postgres::migrate(&mut client).await?;
             self.client = Some(client);
         }
