@@ -40,6 +40,8 @@ pub async fn run(
     };
     let mut wait = interval;
     loop {
+        // Measured as shipping starts: the backlog then is the most the node could lose.
+        ship.measure().await;
         let result = tokio::select! {
             _ = &mut stop => break,
             r = ship.round() => r,
@@ -54,7 +56,6 @@ pub async fn run(
                 wait = (wait * 2).min(ship.shared.settings.max_backoff.0);
             }
         }
-        ship.measure().await;
         tokio::select! {
             _ = &mut stop => break,
             _ = tokio::time::sleep(wait) => {}
