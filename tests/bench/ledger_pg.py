@@ -96,15 +96,18 @@ def invoices(agent, pg, total):
     if total > have:
         now_ms = int(time.time() * 1000)
         t0 = time.time()
-        # This month's records (the last ~17 minutes), two tenants, another origin.
-        pg.sql(f"""INSERT INTO flatmesh_ledger_records (id, node, origin, seq, tenant, tier, model,
+        # This month's records (the last ~17 minutes), two tenants, another origin; a million
+        # rows per statement.
+        for lo in range(have + 1, total + 1, 1_000_000):
+            hi = min(total, lo + 999_999)
+            pg.sql(f"""INSERT INTO flatmesh_ledger_records (id, node, origin, seq, tenant, tier, model,
                    endpoint, input_tokens, output_tokens, device_seconds, cache_hit, started_ms, finished_ms)
                    SELECT 'bench-' || g, 'bench', 999999, g,
                           CASE WHEN g % 2 = 0 THEN 'city-a' ELSE 'city-b' END,
                           CASE WHEN g % 2 = 0 THEN 'gold' ELSE 'basic' END,
                           '{EMBED}', 'embeddings', 5, 0, 0.001, false,
                           {now_ms} - (g % 1000000) - 1, {now_ms} - (g % 1000000)
-                   FROM generate_series({have + 1}, {total}) AS g""")
+                   FROM generate_series({lo}, {hi}) AS g""")
         pg.sql("ANALYZE flatmesh_ledger_records")
         print(f"  inserted {total - have} synthetic records in {time.time() - t0:.1f} s")
     for path in ("/admin/invoice", "/admin/usage"):
