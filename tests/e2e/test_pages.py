@@ -3,6 +3,9 @@ real agent, over plain HTTP: a tenant's page opens with its own key only and sho
 figures (equal to the ledger's), never another tenant's; the operators' view needs the admin
 token; the comparison page sends one prompt to two models the tier may use through the serve
 path, and both answers are recorded in the ledger like any request.
+
+The last test does it all again in a real browser (headless Chromium over the DevTools
+protocol): signing in with the form, the cookie, the figures as rendered, the comparison form.
 """
 import re
 import sqlite3
@@ -11,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cdp import BROWSER, Browser
 from conftest import BIN, LLM, Agent, key_for
 
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -196,3 +200,53 @@ def test_compare_sends_one_prompt_to_two_models_through_the_serve_path(site):
     assert usage_of(a, "city-basic")["requests"] == 1
     page = httpx.get(f"{a.url}/pages/tenants/city-gold", headers=gold, timeout=30).text
     assert f"<td>{TWIN}</td>" in page
+
+
+def ledger_sums(agent, tenant) -> tuple:
+    """(requests, input tokens, output tokens) of a tenant, straight from the ledger's database."""
+    db = sqlite3.connect(f"file:{Path(agent.dir.name) / 'state' / 'ledger.sqlite3'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM records "
+                          "WHERE tenant = ?", (tenant,)).fetchone()
+    finally:
+        db.close()
+
+
+@pytest.mark.skipif(not BROWSER, reason="no headless chromium: ./deploy/setup installs chromium-headless-shell")
+def test_in_a_browser_a_tenant_signs_in_sees_its_own_figures_and_compares_two_models(site):
+    a = site
+    with Browser() as b:
+        # Not signed in: the page is the sign-in form. The key goes in, the form is sent.
+        b.open(f"{a.url}/pages/tenants/city-gold")
+        assert b.eval("!!document.querySelector('form[action=\"/pages/login\"] #key')")
+        assert b.eval("document.querySelector('#requests')") is None
+        b.run(f"document.querySelector('#key').value = {a.keys['city-gold']!r}; document.forms[0].submit()")
+        b.wait_for("location.pathname == '/pages/tenants/city-gold' && document.querySelector('#requests')")
+        # The figures as the browser renders them are the database's.
+        requests, tokens_in, tokens_out = ledger_sums(a, "city-gold")
+        assert int(b.text("#requests")) == requests
+        assert int(b.text("#input-tokens")) == tokens_in
+        assert int(b.text("#output-tokens")) == tokens_out
+        assert int(b.text("#budget-left")) == 500000 - tokens_in - tokens_out
+        assert b.text("#invoice-total") == "1000.00"
+        assert "city-basic" not in b.html()
+        # The cookie is this tenant's: another tenant's page stays shut.
+        b.open(f"{a.url}/pages/tenants/city-basic")
+        assert "another tenant" in b.eval("document.body.innerText")
+        assert b.eval("document.querySelector('#requests')") is None and "900000" not in b.html()
+        # The comparison form: the tier's two models ticked, one prompt, both answers rendered.
+        b.open(f"{a.url}/pages/compare")
+        offered = b.eval("[...document.querySelectorAll('input[name=model]')].map(e => e.value).sort()")
+        assert offered == sorted([LLM, TWIN])
+        b.run("document.querySelector('#prompt').value = 'Name a colour.';"
+              "document.querySelector('#max_tokens').value = '3';"
+              "document.querySelectorAll('input[name=model]').forEach(e => e.checked = true);"
+              "document.forms[0].submit()")
+        b.wait_for("document.querySelectorAll('.answer').length == 2")
+        assert b.eval("document.querySelectorAll('.failure').length") == 0
+        ids = b.eval("[...document.querySelectorAll('code.id')].map(e => e.textContent)")
+        outputs = b.eval("[...document.querySelectorAll('.output-tokens')].map(e => +e.textContent)")
+    assert len(set(ids)) == 2 and all(1 <= n <= 3 for n in outputs)
+    rec = records(a)
+    assert sorted(rec[i] for i in ids) == sorted([("city-gold", LLM), ("city-gold", TWIN)])
+    assert ledger_sums(a, "city-gold")[0] == requests + 2

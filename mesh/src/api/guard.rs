@@ -37,12 +37,18 @@ pub async fn same_origin_json(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Why a request comes from another origin, if it does. The target is the `Host` header, or
-/// the URI's authority (HTTP/2) where there is none.
+/// Why a request comes from another origin, if it does. A browser's `Sec-Fetch-Site` says it
+/// outright (and is the only word where the page's referrer policy makes the Origin `null`);
+/// otherwise the Origin must name the target: the `Host` header, or the URI's authority
+/// (HTTP/2) where there is none. Clients that send neither (curl, SDKs) are not browsers.
 pub(super) fn cross_origin(h: &HeaderMap, uri_authority: Option<&str>) -> Option<&'static str> {
     let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-    if get("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
-        return Some("Sec-Fetch-Site: cross-site");
+    if let Some(site) = get("sec-fetch-site") {
+        return match site.to_ascii_lowercase().as_str() {
+            // "none": the user's own navigation (a typed address, a bookmark).
+            "same-origin" | "none" => None,
+            _ => Some("Sec-Fetch-Site says it comes from another site"),
+        };
     }
     let origin = h.get(header::ORIGIN)?;
     let authority = origin
@@ -126,8 +132,19 @@ mod tests {
         }
         let fetch = headers(&[host, ("sec-fetch-site", "cross-site")]);
         assert!(cross_origin(&fetch, None).is_some());
-        let same_site = headers(&[host, ("sec-fetch-site", "same-origin")]);
-        assert_eq!(cross_origin(&same_site, None), None);
+        let same_origin = headers(&[host, ("sec-fetch-site", "same-origin")]);
+        assert_eq!(cross_origin(&same_origin, None), None);
+        // A form on a page with `Referrer-Policy: no-referrer` posts `Origin: null`.
+        let null = headers(&[host, ("origin", "null"), ("sec-fetch-site", "same-origin")]);
+        assert_eq!(cross_origin(&null, None), None);
+        for site in ["same-site", "cross-site"] {
+            let other = headers(&[
+                host,
+                ("origin", "http://127.0.0.1:8000"),
+                ("sec-fetch-site", site),
+            ]);
+            assert!(cross_origin(&other, None).is_some(), "{site}");
+        }
         let h2 = headers(&[("origin", "http://127.0.0.1:8000")]);
         assert_eq!(cross_origin(&h2, Some("127.0.0.1:8000")), None);
         assert!(cross_origin(&h2, None).is_some());

@@ -87,7 +87,8 @@ fn page(status: StatusCode, markup: Markup) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        // Not `no-referrer`: with it a browser posts these pages' forms with `Origin: null`.
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         "x-content-type-options",
