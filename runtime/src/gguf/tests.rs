@@ -259,3 +259,68 @@ fn the_fuzz_seeds_and_regression_inputs_are_read_without_a_panic() {
     }
     assert!(regressions >= 8, "{regressions} regression inputs");
 }
+
+/// The suite's short fuzzing run (libFuzzer's long one is `fuzz/run`): the seeds and
+/// regression inputs, mutated at random (a fixed seed, so a failure repeats) as fuzzers mutate
+/// them — bits flipped, bytes and integers set to edge values, cuts, ranges deleted or
+/// repeated, mostly in the header and metadata — and loaded as a load reads them. An error is
+/// fine; a panic fails the test.
+#[test]
+fn mutated_seeds_load_or_fail_cleanly() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut seeds = Vec::new();
+    for dir in ["corpus/gguf", "regressions/gguf"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            seeds.push(std::fs::read(entry.unwrap().path()).unwrap());
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(0x6767_7566);
+    let mut loaded = 0;
+    for round in 0..40_000 {
+        let mut b = seeds[round % seeds.len()].clone();
+        for _ in 0..rng.random_range(1..=4) {
+            if b.is_empty() {
+                break;
+            }
+            // Mostly where the structure is (header, metadata, tensor infos), sometimes anywhere.
+            let span = if rng.random_bool(0.8) {
+                b.len().min(4096)
+            } else {
+                b.len()
+            };
+            let at = rng.random_range(0..span);
+            match rng.random_range(0..7) {
+                0 => b[at] ^= 1 << rng.random_range(0..8),
+                1 => b[at] = [0, 1, 0x7f, 0x80, 0xff][rng.random_range(0..5)],
+                2 if at + 4 <= b.len() => {
+                    let v =
+                        [0u32, 1, 2, 33, 0x1_0000, 0x7fff_ffff, u32::MAX][rng.random_range(0..7)];
+                    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                3 if at + 8 <= b.len() => {
+                    let v = [0u64, 1, 1 << 32, 1 << 62, u64::MAX][rng.random_range(0..5)];
+                    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                4 => b.truncate(at),
+                5 => {
+                    let end = (at + rng.random_range(1..=64)).min(b.len());
+                    b.drain(at..end);
+                }
+                _ => {
+                    let end = (at + rng.random_range(1..=64)).min(b.len());
+                    let copy = b[at..end].to_vec();
+                    b.splice(at..at, copy);
+                }
+            }
+        }
+        if crate::llm::check(b).is_ok() {
+            loaded += 1;
+        }
+    }
+    // Most mutations of the one loadable seed touch only metadata it does not need.
+    assert!(
+        loaded > 0,
+        "no mutated file loaded at all: the mutations never reach a loader"
+    );
+}
