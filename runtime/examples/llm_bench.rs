@@ -1,9 +1,12 @@
 //! Times the LLM engine in-process: prefill and decode tokens/s for one sequence.
 //!
-//! `cargo run --release -p flatmesh-runtime --example llm_bench -- MODEL.gguf [PROMPT_TOKENS] [NEW_TOKENS] [--runs N] [--profile]`
+//! `cargo run --release -p flatmesh-runtime --example llm_bench -- MODEL.gguf [PROMPT_TOKENS] [NEW_TOKENS] [--runs N] [--streams S] [--profile]`
 //! prints one JSON line, so scripts can set it beside other engines. With `--runs N` it
 //! runs N times (each prompt distinct, so no prefix-cache hit) and reports the best prefill
-//! and the best decode rate.
+//! and the best decode rate. With `--streams S` each run is S sequences submitted at once,
+//! batched by the step loop as concurrent requests are; it adds `batch_tok_s`, the completion
+//! tokens of all S over the run's wall time (the best run), and the profile's multi-token
+//! steps are then the last run's batched decode steps (counted from its streams' first tokens).
 //! `--profile` adds the time per operation class of an average decode step and prefill
 //! chunk over all runs (`kernels::profile`), the engine's time around the forward passes (sampling,
 //! detokenization, scheduling), and standalone timings of greedy sampling and streaming
@@ -21,7 +24,7 @@ use flatmesh_runtime::{
 };
 
 const USAGE: &str =
-    "usage: llm_bench MODEL.gguf [PROMPT_TOKENS] [NEW_TOKENS] [--runs N] [--profile]";
+    "usage: llm_bench MODEL.gguf [PROMPT_TOKENS] [NEW_TOKENS] [--runs N] [--streams S] [--profile]";
 
 /// First words of the prompts: each run starts differently, so none reuses another's KV.
 const FIRST: [&str; 12] = [
@@ -60,13 +63,15 @@ fn prompt(engine: &LlmEngine, first: &str, tokens: usize) -> String {
     p
 }
 
-fn run(engine: &LlmEngine, req: &GenerateRequest) -> Run {
+/// One request to its end. `on_start` runs when its first token is out.
+fn run(engine: &LlmEngine, req: &GenerateRequest, on_start: &dyn Fn()) -> Run {
     let start = Instant::now();
     let mut prefilled = None;
     let g = engine
         .generate(req, &mut |ev| {
             if let GenerateEvent::Started { .. } = ev {
                 prefilled = Some(Instant::now());
+                on_start();
             }
             ControlFlow::Continue(())
         })
@@ -85,18 +90,19 @@ fn run(engine: &LlmEngine, req: &GenerateRequest) -> Run {
 
 fn main() {
     let mut pos = Vec::new();
-    let (mut runs, mut with_profile) = (1usize, false);
+    let (mut runs, mut streams, mut with_profile) = (1usize, 1usize, false);
     let mut args = std::env::args().skip(1);
+    let count = |args: &mut dyn Iterator<Item = String>| -> usize {
+        args.next()
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n > 0)
+            .expect(USAGE)
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
             "--profile" => with_profile = true,
-            "--runs" => {
-                runs = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .filter(|n| *n > 0)
-                    .expect(USAGE)
-            }
+            "--runs" => runs = count(&mut args),
+            "--streams" => streams = count(&mut args),
             _ => pos.push(a),
         }
     }
@@ -117,10 +123,37 @@ fn main() {
     profile::enable(with_profile);
     profile::reset();
     let mut all = Vec::new();
+    let mut batch_tok_s = 0f64;
     for i in 0..runs {
-        let p = format!("{} {}", FIRST[i % FIRST.len()], i / FIRST.len());
-        let req = greedy(prompt(&engine, &p, prompt_tokens), new_tokens);
-        all.push(run(&engine, &req));
+        let reqs: Vec<_> = (0..streams)
+            .map(|j| {
+                let k = i * streams + j;
+                let p = format!("{} {}", FIRST[k % FIRST.len()], k / FIRST.len());
+                greedy(prompt(&engine, &p, prompt_tokens), new_tokens)
+            })
+            .collect();
+        let t = Instant::now();
+        // With several streams the profile starts over once every stream has its first token,
+        // so its multi-token steps are batched decode steps, not the prompts' prefill.
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let on_start = || {
+            if streams > 1
+                && started.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == streams
+            {
+                profile::reset();
+            }
+        };
+        let done: Vec<Run> = std::thread::scope(|s| {
+            let (engine, on_start) = (&engine, &on_start);
+            let all: Vec<_> = reqs
+                .iter()
+                .map(|r| s.spawn(move || run(engine, r, on_start)))
+                .collect();
+            all.into_iter().map(|h| h.join().expect("run")).collect()
+        });
+        let tokens: usize = done.iter().map(|r| r.completion_tokens).sum();
+        batch_tok_s = batch_tok_s.max(tokens as f64 / t.elapsed().as_secs_f64());
+        all.extend(done);
     }
     let snap = profile::snapshot();
     // Best of the runs for each phase (the machine is shared; the fastest run is the least
@@ -149,9 +182,20 @@ fn main() {
             per_step(&snap.prefill),
         ));
         eprintln!("per decode step (us):   {}", per_step(&snap.decode));
-        eprintln!("per prefill chunk (us): {}", per_step(&snap.prefill));
+        match streams {
+            1 => eprintln!("per prefill chunk (us): {}", per_step(&snap.prefill)),
+            _ => eprintln!(
+                "per batched decode step, last run (us): {}",
+                per_step(&snap.prefill)
+            ),
+        }
         eprintln!("decode engine time outside forward per step: {engine_us:.1} us");
         eprintln!("greedy sampling {sample_us:.1} us/token, detokenization {detok_us:.2} us/token (standalone)");
+    }
+    if streams > 1 {
+        line.push_str(&format!(
+            ",\"streams\":{streams},\"batch_tok_s\":{batch_tok_s:.1}"
+        ));
     }
     line.push('}');
     println!("{line}");
