@@ -171,13 +171,20 @@ fn main() {
     );
     if with_profile {
         let (sample_us, detok_us) = standalone(Path::new(path), &r.text);
-        // Decode wall time not spent in forward passes: sampling, detokenization, the step loop.
+        // Decode wall time not spent in forward passes: sampling, detokenization, the step loop
+        // (one stream only: streams overlap in time, and their steps are batched ones).
         let decode_ns: f64 = all.iter().map(|r| r.decode_s * 1e9).sum();
-        let engine_us = (decode_ns - snap.decode.forward_ns as f64).max(0.0)
-            / 1e3
-            / snap.decode.steps.max(1) as f64;
+        let engine_us = match streams {
+            1 => format!(
+                "{:.1}",
+                (decode_ns - snap.decode.forward_ns as f64).max(0.0)
+                    / 1e3
+                    / snap.decode.steps.max(1) as f64
+            ),
+            _ => "null".to_string(),
+        };
         line.push_str(&format!(
-            ",\"profile\":{{\"decode_step_us\":{},\"prefill_chunk_us\":{},\"decode_engine_other_us\":{engine_us:.1},\"sample_greedy_us\":{sample_us:.1},\"detokenize_us\":{detok_us:.2}}}",
+            ",\"profile\":{{\"decode_step_us\":{},\"prefill_chunk_us\":{},\"decode_engine_other_us\":{engine_us},\"sample_greedy_us\":{sample_us:.1},\"detokenize_us\":{detok_us:.2}}}",
             per_step(&snap.decode),
             per_step(&snap.prefill),
         ));
@@ -189,7 +196,7 @@ fn main() {
                 per_step(&snap.prefill)
             ),
         }
-        eprintln!("decode engine time outside forward per step: {engine_us:.1} us");
+        eprintln!("decode engine time outside forward per step: {engine_us} us");
         eprintln!("greedy sampling {sample_us:.1} us/token, detokenization {detok_us:.2} us/token (standalone)");
     }
     if streams > 1 {
