@@ -94,13 +94,18 @@ def usage_of(agent, tenant) -> dict:
     return next(u for u in usage if u["tenant"] == tenant)
 
 
-def records(agent) -> dict:
-    """The agent's ledger (its SQLite file, read-only): id → (tenant, model)."""
+def ledger(agent, sql: str, *args) -> list:
+    """Rows of a query on the agent's ledger (its SQLite file, read-only)."""
     db = sqlite3.connect(f"file:{Path(agent.dir.name) / 'state' / 'ledger.sqlite3'}?mode=ro", uri=True)
     try:
-        return {r[0]: (r[1], r[2]) for r in db.execute("SELECT id, tenant, model FROM records")}
+        return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def records(agent) -> dict:
+    """The agent's ledger: id → (tenant, model)."""
+    return {r[0]: (r[1], r[2]) for r in ledger(agent, "SELECT id, tenant, model FROM records")}
 
 
 def test_a_tenant_page_shows_its_own_figures_and_never_another_tenants(site):
@@ -204,12 +209,8 @@ def test_compare_sends_one_prompt_to_two_models_through_the_serve_path(site):
 
 def ledger_sums(agent, tenant) -> tuple:
     """(requests, input tokens, output tokens) of a tenant, straight from the ledger's database."""
-    db = sqlite3.connect(f"file:{Path(agent.dir.name) / 'state' / 'ledger.sqlite3'}?mode=ro", uri=True)
-    try:
-        return db.execute("SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM records "
-                          "WHERE tenant = ?", (tenant,)).fetchone()
-    finally:
-        db.close()
+    return ledger(agent, "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM records "
+                  "WHERE tenant = ?", tenant)[0]
 
 
 @pytest.mark.skipif(not BROWSER, reason="no headless chromium: ./deploy/setup installs chromium-headless-shell")
