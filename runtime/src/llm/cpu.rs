@@ -2,6 +2,7 @@
 //! worker pool, with the quantized kernels chosen for this CPU at run time.
 
 use std::{
+    collections::HashMap,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Instant,
 };
@@ -12,6 +13,7 @@ use rayon::prelude::*;
 use super::{
     forward::{Backend, Batch, Buf},
     kernels::{
+        packed,
         profile::{self, Op, Phase},
         Act, ActScales, Kernels,
     },
@@ -47,9 +49,36 @@ fn each_row<T: Send, U: Sync>(
     }
 }
 
+/// A model's matrices repacked for this CPU's kernels ([`packed`]), each found by its offset in
+/// the model bytes; matrices not here are read in place.
+#[derive(Default)]
+struct Packed {
+    bytes: Vec<u8>,
+    at: HashMap<usize, usize>,
+}
+
+impl Packed {
+    /// The matrices of `model` that `k` multiplies fastest packed, packed.
+    fn of(k: &Kernels, model: &Model) -> Packed {
+        let mut p = Packed::default();
+        let layers = model.layers.iter();
+        let all = layers.flat_map(|l| [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down]);
+        for m in all.chain([model.output]) {
+            if !k.packs(m.qtype) || m.rows % packed::ROWS != 0 || p.at.contains_key(&m.offset) {
+                continue;
+            }
+            let rows = &model.bytes[m.offset..m.offset + m.bytes()];
+            p.at.insert(m.offset, p.bytes.len());
+            p.bytes.extend(packed::pack(m.qtype, rows, m.rows, m.cols));
+        }
+        p
+    }
+}
+
 /// Activations, quantized activations, the KV pool and scratch of one copy.
 pub struct Cpu {
     kernels: &'static Kernels,
+    packed: Packed,
     threads: usize,
     tokens: usize,
     bufs: [Vec<f32>; Buf::COUNT],
@@ -80,6 +109,7 @@ impl Cpu {
     pub fn new(kv: KvPool, threads: usize) -> Cpu {
         Cpu {
             kernels: Kernels::best(),
+            packed: Packed::default(),
             threads: threads.max(1),
             tokens: 0,
             bufs: Default::default(),
@@ -93,6 +123,19 @@ impl Cpu {
             phase: Phase::Decode,
             started: None,
         }
+    }
+
+    /// The same, with `model`'s matrices repacked for this CPU's kernels where they have a
+    /// faster layout (the copy then reads those from its own memory, the rest in place).
+    pub fn packing(mut self, model: &Model) -> Cpu {
+        self.packed = Packed::of(self.kernels, model);
+        self
+    }
+
+    /// Bytes of the weights this backend holds repacked.
+    #[cfg(test)]
+    pub(crate) fn packed_bytes(&self) -> usize {
+        self.packed.bytes.len()
     }
 
     /// A buffer's values (tests compare other backends with them).
@@ -140,8 +183,7 @@ impl Cpu {
 /// Multiply the `out.len() / t` rows of `w` from `r0` by the quantized inputs, writing
 /// `out[r][t]`.
 fn matmul_rows(
-    k: &Kernels,
-    model: &Model,
+    (k, model, packed): (&Kernels, &Model, &Packed),
     w: &Matrix,
     (x, scales): (&[u8], &ActScales),
     r0: usize,
@@ -149,8 +191,19 @@ fn matmul_rows(
     t: usize,
 ) {
     let (rb, rows) = (w.row_bytes(), out.len() / t);
-    let bytes = &model.bytes[w.offset + r0 * rb..w.offset + (r0 + rows) * rb];
-    k.matmul_scaled(w.qtype, bytes, x, scales, w.cols, t, out);
+    let span = |at: usize| at + r0 * rb..at + (r0 + rows) * rb;
+    match packed.at.get(&w.offset) {
+        Some(&at) => k.matmul_packed(w.qtype, &packed.bytes[span(at)], x, w.cols, t, out),
+        None => k.matmul_scaled(
+            w.qtype,
+            &model.bytes[span(w.offset)],
+            x,
+            scales,
+            w.cols,
+            t,
+            out,
+        ),
+    }
 }
 
 impl Backend for Cpu {
@@ -199,7 +252,10 @@ impl Backend for Cpu {
             .collect();
         self.bufs[from as usize] = input;
         let total: usize = outs.iter().map(|(w, _)| w.rows).sum();
-        let per = (total / (self.threads * 4)).max(MIN_TASK_ROWS);
+        // Whole groups of packed rows per task.
+        let per = (total / (self.threads * 4))
+            .max(MIN_TASK_ROWS)
+            .next_multiple_of(packed::ROWS);
         let mut tmp = std::mem::take(&mut self.transposed);
         tmp.resize_with(outs.len(), Vec::new);
         let mut jobs = Vec::new();
@@ -210,13 +266,13 @@ impl Backend for Cpu {
                 jobs.push((*w, (&x[..], scales), c * per, chunk));
             }
         }
-        let k = self.kernels;
+        let k = (self.kernels, model, &self.packed);
         let t0 = profile::start();
         if t0.is_some() {
             let busy = AtomicU64::new(0);
             jobs.into_par_iter().for_each(|(w, x, r0, out)| {
                 let began = Instant::now();
-                matmul_rows(k, model, w, x, r0, out, t);
+                matmul_rows(k, w, x, r0, out, t);
                 busy.fetch_add(began.elapsed().as_nanos() as u64, Relaxed);
             });
             let (wall, busy) = (profile::since(t0), busy.load(Relaxed) / self.threads as u64);
@@ -224,7 +280,7 @@ impl Backend for Cpu {
             profile::add_ns(self.phase, Op::Pool, wall.saturating_sub(busy));
         } else {
             jobs.into_par_iter()
-                .for_each(|(w, x, r0, out)| matmul_rows(k, model, w, x, r0, out, t));
+                .for_each(|(w, x, r0, out)| matmul_rows(k, w, x, r0, out, t));
         }
         let t0 = profile::start();
         for ((w, to), src) in outs.iter().zip(&tmp) {

@@ -149,7 +149,7 @@ impl LlmEngine {
                 )
                 .with_prefix_cache(config.prefix_cache);
                 let bytes = model.weight_bytes() + kv.bytes();
-                let cpu = Cpu::new(kv, lane.threads());
+                let cpu = Cpu::new(kv, lane.threads()).packing(&model);
                 let kernels = super::kernels::Kernels::best().name();
                 Self::launch(model, text, (cpu, bytes, kernels), lane, config)
             }
@@ -214,7 +214,7 @@ impl LlmEngine {
         self.kv_bytes
     }
 
-    /// The kernels this copy computes with ("avx512-vnni", "avx2", "scalar", "cuda").
+    /// The kernels this copy computes with ("avx512-vnni", "avx2", "avx2-rows", "scalar", "cuda").
     pub fn kernels(&self) -> &'static str {
         self.kernels
     }

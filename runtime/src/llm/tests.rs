@@ -138,7 +138,7 @@ fn greedy_completion_is_deterministic_and_knows_paris() {
 /// Below this gap between its two best logits, the reference's own choice is a near-tie:
 /// the order in which 8-bit activations are rounded and summed decides it (our logits sit
 /// within ~0.2 of the reference's, as both sit within ~0.2 of an f32 forward pass).
-const NEAR_TIE: f64 = 0.15;
+const NEAR_TIE: f64 = 0.2;
 
 /// Greedy continuations equal llama.cpp's token for token: `tests/golden/make-smollm2`
 /// recorded them with llama-cpp-python (portable build) on the same GGUF, with the gap
@@ -343,10 +343,16 @@ mod fixtures {
         model::Model,
     };
 
-    /// Logits after every token of each sequence, all sequences in one batch.
+    /// Logits after every token of each sequence, all sequences in one batch, from the
+    /// backend as a copy makes it (matrices packed where this CPU's kernels want them).
     fn engine_logits(m: &Model, seqs: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
         let s = &m.shape;
-        let mut cpu = Cpu::new(KvPool::new(2048, 16, s.layers, s.kv_dim()), 2);
+        let cpu = Cpu::new(KvPool::new(2048, 16, s.layers, s.kv_dim()), 2).packing(m);
+        logits_of(cpu, m, seqs)
+    }
+
+    fn logits_of(mut cpu: Cpu, m: &Model, seqs: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
+        let s = &m.shape;
         let mut tables: Vec<BlockTable> = seqs.iter().map(|_| BlockTable::default()).collect();
         for (t, ids) in tables.iter_mut().zip(seqs) {
             assert!(cpu.kv.grow(t, ids.len()));
@@ -400,6 +406,27 @@ mod fixtures {
     }
 
     #[test]
+    fn packed_matrices_give_the_logits_of_the_rows_in_place() {
+        for q in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+            let m = fixture::model(q, 5, false);
+            let s = &m.shape;
+            let cpu = || Cpu::new(KvPool::new(2048, 16, s.layers, s.kv_dim()), 2);
+            let packed = cpu().packing(&m);
+            let packs = super::super::kernels::Kernels::best().packs(q);
+            assert_eq!(packed.packed_bytes() > 0, packs, "{}", q.name());
+            let a = &logits_of(packed, &m, &[&IDS])[0];
+            let b = &logits_of(cpu(), &m, &[&IDS])[0];
+            // The sums run in another order; where that moves a value across an 8-bit
+            // activation's rounding boundary, the logits move by ~1e-3 (both stay as close to
+            // the f32 reference). Wrong rows or offsets would differ by ~1.
+            for (p, (a, b)) in a.iter().zip(b).enumerate() {
+                let e = relative_error(a, b);
+                assert!(e < 0.01, "{}: position {p}: relative error {e}", q.name());
+            }
+        }
+    }
+
+    #[test]
     fn qkv_biases_are_applied() {
         let m = fixture::model(QType::Q8_0, 11, true);
         assert!(m.layers[0].bias.is_some());
@@ -412,7 +439,13 @@ mod fixtures {
 
     #[test]
     fn a_batch_computes_each_sequence_exactly_as_alone() {
-        for q in [QType::Q4_1, QType::Q4K, QType::Q8_0, QType::F16] {
+        for q in [
+            QType::Q4_0,
+            QType::Q4_1,
+            QType::Q4K,
+            QType::Q8_0,
+            QType::F16,
+        ] {
             let m = fixture::model(q, 3, false);
             let (a, b, c) = (&IDS[..12], &IDS[3..5], &IDS[..1]);
             let together = engine_logits(&m, &[a, b, c]);

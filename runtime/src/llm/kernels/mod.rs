@@ -26,9 +26,12 @@ mod avx2_attn;
 #[cfg(target_arch = "x86_64")]
 mod avx2_math;
 #[cfg(target_arch = "x86_64")]
+mod avx2_packed;
+#[cfg(target_arch = "x86_64")]
 mod avx2_rows;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub mod packed;
 pub mod profile;
 mod quantize;
 mod scalar;
@@ -57,16 +60,28 @@ enum Level {
 #[derive(Debug)]
 pub struct Kernels {
     level: Level,
+    /// Whether matrices of the [`packed`] types are repacked for this level.
+    packs: bool,
 }
 
 static SCALAR: Kernels = Kernels {
     level: Level::Scalar,
+    packs: false,
 };
 #[cfg(target_arch = "x86_64")]
-static AVX2: Kernels = Kernels { level: Level::Avx2 };
+static AVX2_ROWS: Kernels = Kernels {
+    level: Level::Avx2,
+    packs: false,
+};
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels {
+    level: Level::Avx2,
+    packs: true,
+};
 #[cfg(target_arch = "x86_64")]
 static AVX512: Kernels = Kernels {
     level: Level::Avx512,
+    packs: false,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -88,8 +103,9 @@ fn has_avx512() -> bool {
 impl Kernels {
     /// The fastest level this CPU supports: AVX-512 (+VNNI) > AVX2 (+FMA, F16C) > scalar.
     ///
-    /// `FLATMESH_KERNELS=scalar|avx2|avx512-vnni` picks a lower level this CPU has instead
-    /// (comparisons, benchmarks); an unknown or unavailable name keeps the best.
+    /// `FLATMESH_KERNELS=scalar|avx2-rows|avx2|avx512-vnni` picks a lower level this CPU has
+    /// instead (comparisons, benchmarks; `avx2-rows` is AVX2 reading every matrix in place,
+    /// none [`packed`]); an unknown or unavailable name keeps the best.
     pub fn best() -> &'static Kernels {
         static BEST: OnceLock<&'static Kernels> = OnceLock::new();
         BEST.get_or_init(|| {
@@ -114,7 +130,7 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         {
             if has_avx2() {
-                v.push(&AVX2);
+                v.extend([&AVX2_ROWS, &AVX2]);
             }
             if has_avx512() {
                 v.push(&AVX512);
@@ -123,10 +139,11 @@ impl Kernels {
         v
     }
 
-    /// "avx512-vnni", "avx2" or "scalar".
+    /// "avx512-vnni", "avx2", "avx2-rows" or "scalar".
     pub fn name(&self) -> &'static str {
         match self.level {
             Level::Scalar => "scalar",
+            Level::Avx2 if !self.packs => "avx2-rows",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512-vnni",
         }
@@ -260,6 +277,51 @@ impl Kernels {
         for (r, o) in out.chunks_mut(t).enumerate() {
             self.dot_many(qt, &w[r * wb..(r + 1) * wb], acts, n, o);
         }
+    }
+
+    /// Whether this level multiplies matrices of `qt` fastest in the [`packed`] layout (the
+    /// AVX2 level; AVX-512, with no machine here to measure it on, keeps its row kernels).
+    pub fn packs(&self, qt: QType) -> bool {
+        self.packs && packed::packable(qt)
+    }
+
+    /// [`Kernels::matmul`] over rows in the [`packed`] layout (`out.len() / t` rows, a
+    /// multiple of [`packed::ROWS`]): `out[r * t + j] = w_r · a_j`, each value the same
+    /// whatever `t` is.
+    pub fn matmul_packed(
+        &self,
+        qt: QType,
+        w: &[u8],
+        acts: &[u8],
+        n: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        assert!(
+            packed::packable(qt),
+            "matmul_packed: {qt:?} has no packed layout"
+        );
+        assert!(
+            t > 0 && out.len().is_multiple_of(t) && (out.len() / t).is_multiple_of(packed::ROWS),
+            "matmul_packed: output length"
+        );
+        let rows = out.len() / t;
+        let (wb, ab) = (qt.row_bytes(n), qt.act().row_bytes(n));
+        assert!(
+            w.len() >= wb * rows && acts.len() >= ab * t,
+            "matmul_packed: {} weight bytes for {rows} rows, {} activation bytes for {t} rows",
+            w.len(),
+            acts.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if self.level != Level::Scalar {
+            // SAFETY: these levels exist only after `has_avx2()` detected AVX2, FMA and F16C;
+            // lengths were checked above.
+            if unsafe { avx2_packed::matmul(qt, w, acts, n, t, out) } {
+                return;
+            }
+        }
+        packed::reference(qt, w, acts, n, t, out);
     }
 
     /// Dequantize one weight row into `out` (its length is the row's value count).

@@ -522,3 +522,52 @@ fn matmul_equals_dot_many_row_by_row() {
         }
     }
 }
+
+#[test]
+fn packed_rows_match_their_reference_bit_for_bit_and_the_row_kernels_closely() {
+    for qt in [QType::Q4_0, QType::Q4_1, QType::Q8_0] {
+        for n in [32, 96, 576, 1536] {
+            let mut rng = Rng(977 + n as u64 + qt.ggml_id() as u64);
+            let rows = 16;
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|r| random_weights(qt, n, &mut rng, r % 2 == 0))
+                .collect();
+            let packed = packed::pack(qt, &w, rows, n);
+            assert_eq!(packed.len(), w.len());
+            let t = 9;
+            let (x, a) = acts_for(qt, t, n, &mut rng);
+            let mut want = vec![0f32; rows * t];
+            packed::reference(qt, &packed, &a, n, t, &mut want);
+            let (wb, ab) = (qt.row_bytes(n), qt.act().row_bytes(n));
+            for (i, o) in want.chunks(t).enumerate() {
+                for (j, v) in o.iter().enumerate() {
+                    let row = &w[i * wb..(i + 1) * wb];
+                    let exact = Kernels::scalar().dot(qt, row, &a[j * ab..(j + 1) * ab], n);
+                    let mag = magnitude(qt, row, &x[j * n..(j + 1) * n]);
+                    assert!(
+                        (v - exact).abs() <= 2e-5 * mag.max(exact.abs()),
+                        "{} n={n} row {i} act {j}: {v} vs {exact}",
+                        qt.name()
+                    );
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for k in Kernels::all() {
+                for t in [1, 2, 3, 5, 9] {
+                    let mut got = vec![0f32; rows * t];
+                    k.matmul_packed(qt, &packed, &a, n, t, &mut got);
+                    // Each activation row alone gives the same bits as inside the batch.
+                    for (i, o) in got.chunks(t).enumerate() {
+                        assert_eq!(
+                            bits(o),
+                            bits(&want[i * 9..i * 9 + t]),
+                            "{} {} n={n} t={t} row {i}",
+                            k.name(),
+                            qt.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
