@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-bench", help="a llama-bench binary instead of tests/bench/llama-cpp-build's")
-    ap.add_argument("--kernels", choices=["scalar", "avx2-rows", "avx2", "avx512-vnni"],
+    ap.add_argument("--kernels", choices=["scalar", "avx2-rows", "avx2", "avx512-vnni-rows", "avx512-vnni"],
                     help="flatmesh's kernel level (FLATMESH_KERNELS); default: the best this CPU has")
     ap.add_argument("--profile", action="store_true",
                     help="also print flatmesh's time per operation (llm_bench --profile, last run)")

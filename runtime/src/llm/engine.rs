@@ -149,7 +149,9 @@ impl LlmEngine {
                 )
                 .with_prefix_cache(config.prefix_cache);
                 let bytes = model.weight_bytes() + kv.bytes();
-                let cpu = Cpu::new(kv, lane.threads()).packing(&model);
+                let cpu = Cpu::new(kv, lane.threads()).packing(&model).map_err(|e| {
+                    RuntimeError::Inference(format!("no memory for the packed weights: {e}"))
+                })?;
                 let kernels = super::kernels::Kernels::best().name();
                 Self::launch(model, text, (cpu, bytes, kernels), lane, config)
             }
@@ -214,7 +216,7 @@ impl LlmEngine {
         self.kv_bytes
     }
 
-    /// The kernels this copy computes with ("avx512-vnni", "avx2", "avx2-rows", "scalar", "cuda").
+    /// The kernels this copy computes with (`Kernels::name`, or "cuda").
     pub fn kernels(&self) -> &'static str {
         self.kernels
     }

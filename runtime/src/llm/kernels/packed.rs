@@ -35,40 +35,38 @@ pub(super) const fn head(qt: QType) -> usize {
     }
 }
 
-/// `rows` row-major weight rows of `n` values of a [`packable`] type, repacked; `rows` must be
-/// a multiple of [`ROWS`].
-pub fn pack(qt: QType, w: &[u8], rows: usize, n: usize) -> Vec<u8> {
+/// `rows` row-major weight rows of `n` values of a [`packable`] type, repacked into `out`
+/// (the same length); `rows` must be a multiple of [`ROWS`].
+pub fn pack(qt: QType, w: &[u8], rows: usize, n: usize, out: &mut [u8]) {
     assert!(
         packable(qt) && rows.is_multiple_of(ROWS),
         "pack: {qt:?} × {rows} rows"
     );
     let (rb, bb, h) = (qt.row_bytes(n), qt.block_bytes(), head(qt));
     assert!(
-        w.len() >= rows * rb,
-        "pack: {} bytes for {rows} rows",
-        w.len()
+        w.len() == rows * rb && out.len() == rows * rb,
+        "pack: {} bytes in, {} out, for {rows} rows of {rb}",
+        w.len(),
+        out.len()
     );
-    let mut out = vec![0u8; rows * rb];
     for (src, dst) in w
         .chunks_exact(ROWS * rb)
         .zip(out.chunks_exact_mut(ROWS * rb))
     {
         for (i, blk) in dst.chunks_exact_mut(ROWS * bb).enumerate() {
+            let (scales, vals) = blk.split_at_mut(ROWS * h);
             for r in 0..ROWS {
                 let b = &src[r * rb + i * bb..r * rb + (i + 1) * bb];
                 // The scales: d of every row, then m of every row.
                 for (k, s) in b[..h].chunks_exact(2).enumerate() {
-                    blk[k * 2 * ROWS + 2 * r..k * 2 * ROWS + 2 * r + 2].copy_from_slice(s);
+                    scales[2 * (k * ROWS + r)..][..2].copy_from_slice(s);
                 }
-                let vals = &mut blk[ROWS * h..];
                 for (c, v) in b[h..].chunks_exact(CHUNK).enumerate() {
-                    let at = (c * ROWS + r) * CHUNK;
-                    vals[at..at + CHUNK].copy_from_slice(v);
+                    vals[(c * ROWS + r) * CHUNK..][..CHUNK].copy_from_slice(v);
                 }
             }
         }
     }
-    out
 }
 
 /// The arithmetic of the packed kernels, one row and one activation row at a time, in scalar
