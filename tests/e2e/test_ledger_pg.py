@@ -4,7 +4,9 @@ loopback port for this module). An invoice from any node is the sum of every rec
 PostgreSQL stopped under load (FLATMESH_PG_AWAY_S, 6 s by default; the issue's 20 s with
 FLATMESH_PG_AWAY_S=20) no request fails and every record arrives exactly once
 after; a node killed with records not shipped ships them when it comes back; a batch shipped
-again (the node died between PostgreSQL's commit and marking it shipped) counts once.
+again (the node died between PostgreSQL's commit and marking it shipped) counts once; the hourly
+and daily sums that invoices read equal the records' own, after a migration from the first
+schema too.
 """
 import os
 import sqlite3
@@ -156,7 +158,8 @@ def test_every_node_ships_and_any_invoice_is_the_sum_of_all_records(mesh):
     records = shared(m)
     assert set(done) <= set(records)
     assert {n for n in NODES if shared(m, n)} == set(NODES)
-    assert m.pg.sql("SELECT max(version) FROM flatmesh_schema_versions") == [["1"]]
+    assert m.pg.sql("SELECT max(version) FROM flatmesh_schema_versions") == [["2"]]
+    assert_rollups_match(m)
     for a in m.agents.values():
         assert invoice_totals(a) == ("postgres", totals(records))
     usage = httpx.get(f"{m.agents['b'].url}/admin/usage", headers=ADMIN).json()
@@ -248,8 +251,45 @@ def test_a_batch_shipped_twice_counts_once(mesh):
                lambda: metric(c, "flatmesh_ledger_shipped_records_total", '{result="duplicate"}'))
     assert metric(c, "flatmesh_ledger_shipped_records_total", '{result="new"}') == 0
     assert totals(shared(m)) == before
+    assert_rollups_match(m)  # the duplicates added nothing to the sums either
     for a in m.agents.values():
         assert invoice_totals(a) == ("postgres", before)
+
+
+def test_a_ledger_of_the_first_schema_gets_its_sums_filled_once(mesh):
+    """Schema 2 adds the hourly and daily sums that invoices and budgets read: a database
+    still at schema 1 (its records there, no sums) gets them filled from its records when a
+    node migrates it, while the other nodes keep shipping."""
+    m = mesh
+    wait_until(lambda: all_shipped(m), 15, "everything shipped")
+    m.agents["a"].stop()
+    m.pg.sql("DROP TRIGGER flatmesh_ledger_roll_up ON flatmesh_ledger_records;"
+             " DROP FUNCTION flatmesh_ledger_roll_up(); DROP TABLE flatmesh_ledger_hours, flatmesh_ledger_origin_days;"
+             " DELETE FROM flatmesh_schema_versions WHERE version = 2;")
+    # Records shipped to the schema-1 database, with no sums kept.
+    assert all(call(m.agents["b"], m.keys["city-b"]) for _ in range(3))
+    wait_until(lambda: local(m, "b") == shared(m, "b"), 15, "b shipped to the schema-1 database")
+    start(m, "a")  # migrates
+    assert m.pg.sql("SELECT max(version) FROM flatmesh_schema_versions") == [["2"]]
+    assert all(call(m.agents["c"], m.keys["city-a"]) for _ in range(2))
+    wait_until(lambda: all_shipped(m), 15, "everything shipped")
+    assert_rollups_match(m)
+    records = shared(m)
+    for a in m.agents.values():
+        assert invoice_totals(a) == ("postgres", totals(records))
+
+
+def assert_rollups_match(m):
+    """The hourly and daily sums equal the same sums taken over the records."""
+    hours = ("SELECT hour_ms, tenant, tier, model, requests, input_tokens, output_tokens"
+             " FROM flatmesh_ledger_hours ORDER BY 1, 2, 3, 4")
+    from_records = ("SELECT (finished_ms / 3600000) * 3600000, tenant, tier, model, count(*), sum(input_tokens),"
+                    " sum(output_tokens) FROM flatmesh_ledger_records GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")
+    assert m.pg.sql(hours) == m.pg.sql(from_records)
+    days = "SELECT day_ms, origin, tenant, tokens FROM flatmesh_ledger_origin_days ORDER BY 1, 2, 3"
+    from_records = ("SELECT (finished_ms / 86400000) * 86400000, origin, tenant, sum(input_tokens + output_tokens)"
+                    " FROM flatmesh_ledger_records GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+    assert m.pg.sql(days) == m.pg.sql(from_records)
 
 
 def test_the_printed_config_never_shows_the_ledger_password(tmp_path):

@@ -74,9 +74,10 @@ const VERSIONS: &str = "CREATE TABLE IF NOT EXISTS flatmesh_schema_versions (
 )";
 
 /// The schema, one step per version, applied in order, each in its own transaction.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE flatmesh_ledger_records (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE flatmesh_ledger_records (
         id text PRIMARY KEY,
         client_id text,
         node text NOT NULL,
@@ -97,7 +98,65 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE INDEX flatmesh_ledger_records_by_time ON flatmesh_ledger_records (finished_ms);
     CREATE INDEX flatmesh_ledger_records_by_tenant ON flatmesh_ledger_records (tenant, finished_ms);
     CREATE INDEX flatmesh_ledger_records_by_origin ON flatmesh_ledger_records (origin, seq);",
-)];
+    ),
+    (2, ROLLUPS),
+];
+
+/// Version 2: sums by hour (tenant, tier, model) and by day (origin, tenant), kept by a
+/// trigger on every insert of records (whatever agent version inserts them; only the rows an
+/// insert really added, so a batch shipped twice counts once), and filled from the records
+/// already there. Creating the trigger locks out inserts until the migration commits, so each
+/// record is summed exactly once. A month's usage, invoice or budget then reads at most
+/// ~750 hours per tenant and model instead of every record.
+const ROLLUPS: &str = "CREATE TABLE flatmesh_ledger_hours (
+        hour_ms bigint NOT NULL,
+        tenant text NOT NULL,
+        tier text NOT NULL,
+        model text NOT NULL,
+        requests bigint NOT NULL,
+        input_tokens bigint NOT NULL,
+        output_tokens bigint NOT NULL,
+        device_seconds double precision NOT NULL,
+        first_ms bigint NOT NULL,
+        PRIMARY KEY (hour_ms, tenant, tier, model)
+    );
+    CREATE INDEX flatmesh_ledger_hours_by_tenant ON flatmesh_ledger_hours (tenant, hour_ms);
+    CREATE TABLE flatmesh_ledger_origin_days (
+        day_ms bigint NOT NULL,
+        origin bigint NOT NULL,
+        tenant text NOT NULL,
+        tokens bigint NOT NULL,
+        PRIMARY KEY (day_ms, origin, tenant)
+    );
+    CREATE FUNCTION flatmesh_ledger_roll_up() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO flatmesh_ledger_hours AS h
+        SELECT (finished_ms / 3600000) * 3600000, tenant, tier, model, count(*),
+            sum(input_tokens), sum(output_tokens), sum(device_seconds), min(finished_ms)
+        FROM added GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+        ON CONFLICT (hour_ms, tenant, tier, model) DO UPDATE SET
+            requests = h.requests + excluded.requests,
+            input_tokens = h.input_tokens + excluded.input_tokens,
+            output_tokens = h.output_tokens + excluded.output_tokens,
+            device_seconds = h.device_seconds + excluded.device_seconds,
+            first_ms = least(h.first_ms, excluded.first_ms);
+        INSERT INTO flatmesh_ledger_origin_days AS d
+        SELECT (finished_ms / 86400000) * 86400000, origin, tenant,
+            sum(input_tokens + output_tokens)
+        FROM added GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (day_ms, origin, tenant) DO UPDATE SET tokens = d.tokens + excluded.tokens;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER flatmesh_ledger_roll_up AFTER INSERT ON flatmesh_ledger_records
+        REFERENCING NEW TABLE AS added
+        FOR EACH STATEMENT EXECUTE FUNCTION flatmesh_ledger_roll_up();
+    INSERT INTO flatmesh_ledger_hours
+    SELECT (finished_ms / 3600000) * 3600000, tenant, tier, model, count(*),
+        sum(input_tokens), sum(output_tokens), sum(device_seconds), min(finished_ms)
+    FROM flatmesh_ledger_records GROUP BY 1, 2, 3, 4;
+    INSERT INTO flatmesh_ledger_origin_days
+    SELECT (finished_ms / 86400000) * 86400000, origin, tenant, sum(input_tokens + output_tokens)
+    FROM flatmesh_ledger_records GROUP BY 1, 2, 3;";
 
 /// The schema version this agent writes.
 pub fn schema_version() -> i32 {
@@ -227,26 +286,57 @@ fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+const HOUR_MS: u64 = 3_600_000;
+
+/// The whole multiples of `unit` inside `[from, to)`, `[start, end)`, read from a rollup; the
+/// ragged ends `[from, start)` and `[end, to)` are read from the records. `(to, to)` when
+/// there are none.
+fn whole(unit: u64, (from, to): (u64, u64)) -> (i64, i64) {
+    let start = from.div_ceil(unit).saturating_mul(unit);
+    let end = to / unit * unit;
+    match start < end {
+        true => (ms(start), ms(end)),
+        false => (ms(to), ms(to)),
+    }
+}
+
 /// Usage per tenant in `[from, to)` (sorted by tenant), without `origin`'s records above
 /// `shipped` (the caller counts those from its outbox). A tenant's tier is the one of its
-/// first record in the period.
+/// first record in the period. Whole hours come from `flatmesh_ledger_hours`, less this
+/// origin's records above `shipped` that they hold (a batch shipped after the caller read
+/// its outbox); the ragged ends from the records.
 pub async fn usage(
     client: &Client,
     tenant: Option<&str>,
     (from, to): (u64, u64),
     (origin, shipped): (i64, i64),
 ) -> anyhow::Result<Vec<Usage>> {
+    let (h0, h1) = whole(HOUR_MS, (from, to));
     let rows = client
         .query(
-            "SELECT tenant, (array_agg(tier ORDER BY finished_ms))[1], count(*),
-                coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint,
-                coalesce(sum(device_seconds), 0)::float8
-             FROM flatmesh_ledger_records
-             WHERE finished_ms >= $1 AND finished_ms < $2
-               AND ($3::text IS NULL OR tenant = $3)
-               AND NOT (origin = $4 AND seq > $5)
-             GROUP BY tenant ORDER BY tenant",
-            &[&ms(from), &ms(to), &tenant, &origin, &shipped],
+            "WITH parts AS (
+                SELECT tenant, tier, first_ms, requests, input_tokens, output_tokens,
+                    device_seconds
+                FROM flatmesh_ledger_hours
+                WHERE hour_ms >= $6 AND hour_ms < $7 AND ($3::text IS NULL OR tenant = $3)
+              UNION ALL
+                SELECT tenant, tier, finished_ms, 1, input_tokens, output_tokens, device_seconds
+                FROM flatmesh_ledger_records
+                WHERE (finished_ms >= $1 AND finished_ms < $6
+                       OR finished_ms >= $7 AND finished_ms < $2)
+                  AND ($3::text IS NULL OR tenant = $3) AND NOT (origin = $4 AND seq > $5)
+              UNION ALL
+                SELECT tenant, tier, 9223372036854775807, -1, -input_tokens, -output_tokens,
+                    -device_seconds
+                FROM flatmesh_ledger_records
+                WHERE origin = $4 AND seq > $5 AND finished_ms >= $6 AND finished_ms < $7
+                  AND ($3::text IS NULL OR tenant = $3)
+             )
+             SELECT tenant, (array_agg(tier ORDER BY first_ms))[1], sum(requests)::bigint,
+                sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+                sum(device_seconds)::float8
+             FROM parts GROUP BY tenant HAVING sum(requests) > 0 ORDER BY tenant",
+            &[&ms(from), &ms(to), &tenant, &origin, &shipped, &h0, &h1],
         )
         .await?;
     Ok(rows
@@ -263,28 +353,46 @@ pub async fn usage(
 }
 
 /// One tenant's usage in `[from, to)` by UTC day and model, without `origin`'s records above
-/// `shipped` (as `usage`).
+/// `shipped` (read as `usage` reads it).
 pub async fn by_day_and_model(
     client: &Client,
     tenant: &str,
     (from, to): (u64, u64),
     (origin, shipped): (i64, i64),
 ) -> anyhow::Result<Vec<super::outbox::DayModel>> {
+    let (h0, h1) = whole(HOUR_MS, (from, to));
     let rows = client
         .query(
-            "SELECT (finished_ms / $6) * $6, model, count(*),
-                coalesce(sum(input_tokens), 0)::bigint, coalesce(sum(output_tokens), 0)::bigint,
-                coalesce(sum(device_seconds), 0)::float8
-             FROM flatmesh_ledger_records
-             WHERE finished_ms >= $1 AND finished_ms < $2 AND tenant = $3
-               AND NOT (origin = $4 AND seq > $5)
-             GROUP BY 1, 2",
+            "WITH parts AS (
+                SELECT (hour_ms / $8) * $8 AS day, model, requests, input_tokens,
+                    output_tokens, device_seconds
+                FROM flatmesh_ledger_hours
+                WHERE tenant = $3 AND hour_ms >= $6 AND hour_ms < $7
+              UNION ALL
+                SELECT (finished_ms / $8) * $8, model, 1, input_tokens, output_tokens,
+                    device_seconds
+                FROM flatmesh_ledger_records
+                WHERE tenant = $3 AND (finished_ms >= $1 AND finished_ms < $6
+                                       OR finished_ms >= $7 AND finished_ms < $2)
+                  AND NOT (origin = $4 AND seq > $5)
+              UNION ALL
+                SELECT (finished_ms / $8) * $8, model, -1, -input_tokens, -output_tokens,
+                    -device_seconds
+                FROM flatmesh_ledger_records
+                WHERE origin = $4 AND seq > $5 AND tenant = $3
+                  AND finished_ms >= $6 AND finished_ms < $7
+             )
+             SELECT day, model, sum(requests)::bigint, sum(input_tokens)::bigint,
+                sum(output_tokens)::bigint, sum(device_seconds)::float8
+             FROM parts GROUP BY 1, 2 HAVING sum(requests) > 0",
             &[
                 &ms(from),
                 &ms(to),
                 &tenant,
                 &origin,
                 &shipped,
+                &h0,
+                &h1,
                 &super::outbox::DAY_MS,
             ],
         )
@@ -306,18 +414,26 @@ pub async fn by_day_and_model(
 }
 
 /// Tokens (input and output) per tenant since `from`, of every origin but `origin`: what
-/// the other nodes used, for the budgets here.
+/// the other nodes used, for the budgets here (whole days from
+/// `flatmesh_ledger_origin_days`, the ragged start from the records).
 pub async fn others_tokens(
     client: &Client,
     from: u64,
     origin: i64,
 ) -> anyhow::Result<HashMap<String, u64>> {
+    let day = super::outbox::DAY_MS as u64;
+    let d0 = ms(from.div_ceil(day).saturating_mul(day));
     let rows = client
         .query(
-            "SELECT tenant, coalesce(sum(input_tokens + output_tokens), 0)::bigint
-             FROM flatmesh_ledger_records WHERE finished_ms >= $1 AND origin <> $2
-             GROUP BY tenant",
-            &[&ms(from), &origin],
+            "WITH parts AS (
+                SELECT tenant, tokens FROM flatmesh_ledger_origin_days
+                WHERE day_ms >= $3 AND origin <> $2
+              UNION ALL
+                SELECT tenant, input_tokens + output_tokens FROM flatmesh_ledger_records
+                WHERE finished_ms >= $1 AND finished_ms < $3 AND origin <> $2
+             )
+             SELECT tenant, sum(tokens)::bigint FROM parts GROUP BY tenant",
+            &[&ms(from), &origin, &d0],
         )
         .await?;
     Ok(rows
@@ -347,5 +463,24 @@ mod tests {
             .to_string()
             .starts_with("ledger.ship_batch"));
         assert_eq!(schema_version(), MIGRATIONS.len() as i32);
+    }
+
+    #[test]
+    fn a_period_splits_into_whole_hours_and_ragged_ends() {
+        let h = HOUR_MS;
+        assert_eq!(whole(h, (0, 3 * h)), (0, 3 * h as i64));
+        assert_eq!(whole(h, (h / 2, 3 * h + 5)), (h as i64, 3 * h as i64));
+        // Inside one hour, or less than a whole one: records only.
+        assert_eq!(
+            whole(h, (h + 1, 2 * h - 1)),
+            (2 * h as i64 - 1, 2 * h as i64 - 1)
+        );
+        assert_eq!(
+            whole(h, (h / 2, h + h / 2)),
+            (h as i64 + h as i64 / 2, h as i64 + h as i64 / 2)
+        );
+        assert_eq!(whole(h, (5, 5)), (5, 5));
+        // The far future stays in range.
+        assert_eq!(whole(h, (u64::MAX - 1, u64::MAX)).0, i64::MAX);
     }
 }
