@@ -279,6 +279,23 @@ def test_a_ledger_of_the_first_schema_gets_its_sums_filled_once(mesh):
         assert invoice_totals(a) == ("postgres", totals(records))
 
 
+def test_a_database_of_a_newer_agent_is_shown_refused_and_shipping_resumes_when_it_is_not(mesh):
+    m = mesh
+    wait_until(lambda: all_shipped(m), 15, "everything shipped")
+    m.agents["a"].stop()
+    m.pg.sql("INSERT INTO flatmesh_schema_versions (version) VALUES (99)")
+    a = start(m, "a")
+    status = lambda: httpx.get(f"{a.url}/status", headers=ADMIN, timeout=10).text
+    wait_until(lambda: "refused" in status(), 10, status)
+    assert "schema version 99, newer than this agent" in status()
+    # It serves and records meanwhile; nothing reaches the newer database.
+    ids = [call(a, m.keys["city-a"]) for _ in range(2)]
+    assert all(ids) and not set(ids) & set(shared(m))
+    m.pg.sql("DELETE FROM flatmesh_schema_versions WHERE version = 99")
+    wait_until(lambda: set(ids) <= set(shared(m)), 15, "shipped once the database is not newer")
+    wait_until(lambda: "shipping; last round" in status(), 5, status)
+
+
 def assert_rollups_match(m):
     """The hourly and daily sums equal the same sums taken over the records."""
     hours = ("SELECT hour_ms, tenant, tier, model, requests, input_tokens, output_tokens"

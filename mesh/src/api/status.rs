@@ -17,6 +17,7 @@ use maud::{html, Markup, PreEscaped};
 
 use super::AppState;
 use crate::cache::EventKind;
+use crate::ledger::ShipState;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/status", get(page))
@@ -108,6 +109,9 @@ fn render(state: &AppState) -> String {
                 (devices(state))
                 (models(state))
                 (tiers(state))
+                @if let Some(shared) = state.serve.ledger.shared() {
+                    (shared_ledger(state, &shared.state()))
+                }
                 (events(state))
             }
         }
@@ -223,6 +227,35 @@ fn tiers(state: &AppState) -> Markup {
                     }
                 }
             }
+        }
+    }
+}
+
+/// How this node's shipping to the shared ledger stands.
+fn shared_ledger(state: &AppState, ship: &ShipState) -> Markup {
+    let ago = |ms: u64| {
+        format!(
+            "{:.0} s ago",
+            crate::ledger::now_ms().saturating_sub(ms) as f64 / 1e3
+        )
+    };
+    let metrics = &state.serve.metrics;
+    html! {
+        h2 { "Shared ledger (PostgreSQL)" }
+        p id="shared-ledger" {
+            @match ship {
+                ShipState::Starting => { "connecting" }
+                ShipState::Shipping { at_ms } => { "shipping; last round " (ago(*at_ms)) }
+                ShipState::Failing { since_ms, error } => {
+                    strong { "not shipping" } " since " (ago(*since_ms)) ": " (error)
+                }
+                ShipState::NewerSchema(newer) => {
+                    strong { "refused" } ": " (newer.to_string())
+                    "; nothing is shipped until this agent is upgraded"
+                }
+            }
+            " · records waiting: " (metrics.ledger_unshipped.get())
+            " · oldest waiting: " (format!("{:.1} s", metrics.ledger_ship_lag_seconds.get()))
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::tenancy::Tier;
 pub use import::{Imported, JSONL};
 pub use postgres::LedgerConfig;
 pub use record::{Record, Usage};
-pub use shared::Shared;
+pub use shared::{Shared, ShipState};
 pub use sqlite::Who;
 
 /// The ledger's database in the state directory.

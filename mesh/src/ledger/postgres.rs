@@ -163,6 +163,14 @@ pub fn schema_version() -> i32 {
     MIGRATIONS.last().map_or(0, |m| m.0)
 }
 
+/// The shared ledger was migrated by a newer agent: this one must not write to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shared ledger has schema version {found}, newer than this agent's {ours}")]
+pub struct NewerSchema {
+    pub found: i32,
+    pub ours: i32,
+}
+
 /// `pg_advisory_lock` key of the migrations ("FMLG").
 const MIGRATION_LOCK: i64 = 0x464d_4c47;
 
@@ -206,10 +214,11 @@ async fn apply(client: &mut Client) -> anyhow::Result<i32> {
         .await?
         .get(0);
     if found > schema_version() {
-        bail!(
-            "the shared ledger has schema version {found}, newer than this agent's {}",
-            schema_version()
-        );
+        return Err(NewerSchema {
+            found,
+            ours: schema_version(),
+        }
+        .into());
     }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
         let tx = client.transaction().await?;

@@ -26,6 +26,22 @@ pub struct Shared {
     reader: tokio::sync::Mutex<Option<Client>>,
     /// (start of month, tokens per tenant of the other origins).
     pub(super) others: Mutex<Option<(u64, HashMap<String, u64>)>>,
+    /// How the last shipping round went.
+    pub(super) state: Mutex<ShipState>,
+}
+
+/// How this node's shipping to the shared ledger stands (the status page shows it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ShipState {
+    /// No round has finished yet.
+    Starting,
+    /// The last round shipped everything waiting, at this time (ms since the epoch).
+    Shipping { at_ms: u64 },
+    /// Rounds fail since `since_ms`; records stay in the outbox and rounds are retried.
+    Failing { since_ms: u64, error: String },
+    /// The database was migrated by a newer agent: nothing is shipped until this node is
+    /// upgraded (rounds are retried, in case it was restored to an older version).
+    NewerSchema(postgres::NewerSchema),
 }
 
 impl Shared {
@@ -41,6 +57,7 @@ impl Shared {
             origin,
             reader: tokio::sync::Mutex::new(None),
             others: Mutex::new(None),
+            state: Mutex::new(ShipState::Starting),
         })
     }
 
@@ -78,6 +95,11 @@ impl Shared {
             *reader = Some(client);
         }
         got
+    }
+
+    /// How shipping stands.
+    pub fn state(&self) -> ShipState {
+        self.state.lock().clone()
     }
 
     /// What the other nodes used this month, as last read (`None`: not read yet or another

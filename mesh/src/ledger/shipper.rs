@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 use super::{
     outbox, postgres,
-    shared::{Shared, READ_TIMEOUT},
+    shared::{Shared, ShipState, READ_TIMEOUT},
     Ledger,
 };
 use crate::{metrics::Metrics, util::now_ms};
@@ -46,6 +46,7 @@ pub async fn run(
             _ = &mut stop => break,
             r = ship.round() => r,
         };
+        ship.note(&result);
         match result {
             Ok(()) => wait = interval,
             Err(e) => {
@@ -122,6 +123,24 @@ impl Shipper {
             self.budgets_read = Some(Instant::now());
         }
         Ok(())
+    }
+
+    /// Keep how the round went for the status page: a failure keeps the time failing began.
+    fn note(&self, result: &anyhow::Result<()>) {
+        let mut state = self.shared.state.lock();
+        *state = match result {
+            Ok(()) => ShipState::Shipping { at_ms: now_ms() },
+            Err(e) => match e.downcast_ref::<postgres::NewerSchema>() {
+                Some(newer) => ShipState::NewerSchema(*newer),
+                None => ShipState::Failing {
+                    since_ms: match &*state {
+                        ShipState::Failing { since_ms, .. } => *since_ms,
+                        _ => now_ms(),
+                    },
+                    error: format!("{e:#}"),
+                },
+            },
+        };
     }
 
     /// The backlog and lag gauges, from the outbox.
