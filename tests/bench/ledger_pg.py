@@ -9,10 +9,15 @@ loopback port) and the real agent (release build):
 2. Invoices over many records: synthetic records of this month inserted straight into the
    shared table (another origin), then `/admin/invoice` and `/admin/usage` timed (they sum in
    PostgreSQL, plus this node's records not shipped yet).
+3. Shipping lag at a steady record rate (`--ship-rate`, default 1,000 records/s, for
+   `--seconds`): more than the agent serves on two cores, so the ledger and its shipper run
+   without the serve path (`mesh/examples/ledger_ship_bench.rs`, the agent's own code): each
+   record's lag from durable locally to its row in PostgreSQL.
 
     python3 tests/bench/ledger_pg.py                       # builds target/release/flatmesh
     python3 tests/bench/ledger_pg.py --seconds 30 --workers 8 --records 1000000,10000000
     python3 tests/bench/ledger_pg.py --bin target/release/flatmesh   # no build
+    python3 tests/bench/ledger_pg.py --ship-rate 1000 --records 0   # the steady-rate shipping lag only
 """
 import argparse
 import statistics
@@ -127,12 +132,22 @@ def main():
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--records", default="1000000", help="comma-separated totals of synthetic records")
     ap.add_argument("--bin", help="this flatmesh binary, as it is (no build)")
+    ap.add_argument("--ship-rate", type=int, default=1000, help="records/s of the steady-rate run (0: skip it)")
     args = ap.parse_args()
     if args.bin:
         conftest.BIN = Path(args.bin)
     else:
-        subprocess.run(["cargo", "build", "--release", "-p", "flatmesh"], cwd=ROOT, check=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "flatmesh", "--bin", "flatmesh",
+                        "--example", "ledger_ship_bench"], cwd=ROOT, check=True)
         conftest.BIN = ROOT / "target" / "release" / "flatmesh"
+    if args.ship_rate:
+        steady = Postgres()
+        try:
+            print(f"shipping at a steady {args.ship_rate} records/s (ledger and shipper alone):")
+            subprocess.run([str(ROOT / "target" / "release" / "examples" / "ledger_ship_bench"), steady.url,
+                            str(args.ship_rate), str(int(args.seconds))], check=True)
+        finally:
+            steady.close()
     pg = Postgres()
     agent = None
     try:
@@ -140,7 +155,7 @@ def main():
         key = key_for(agent, "city-a")
         shipping(agent, pg, key, args.seconds, args.workers)
         print("invoices from the shared ledger:")
-        for total in (int(x) for x in args.records.split(",")):
+        for total in (int(x) for x in args.records.split(",") if int(x) > 0):
             invoices(agent, pg, total)
     finally:
         if agent:
