@@ -1,11 +1,12 @@
 //! Times one quantized matrix × one activation row on one thread, per weight type and shape:
-//! the decode step's kernel alone, in GB/s of weights read.
+//! the decode step's kernel alone, in GB/s of weights read — with the rows in place (the row
+//! kernel) and, where this CPU's kernels take them so, packed eight rows at a time.
 //!
 //! `cargo run --release -p flatmesh-runtime --example kernel_bench`
 
 use std::time::Instant;
 
-use flatmesh_runtime::kernels::{quantize_weights, Kernels, QType};
+use flatmesh_runtime::kernels::{packed, quantize_weights, Kernels, QType};
 
 fn main() {
     let k = Kernels::best();
@@ -34,12 +35,27 @@ fn main() {
         k.quantize_act(qt.act(), &x, &mut a);
         let mut out = vec![0f32; rows];
         let reps = 20 * copies;
-        let t0 = Instant::now();
-        for i in 0..reps {
-            k.matmul(qt, &w[i % copies], &a, cols, 1, &mut out);
+        let time = |f: &mut dyn FnMut(usize)| {
+            let t0 = Instant::now();
+            for i in 0..reps {
+                f(i % copies);
+            }
+            t0.elapsed().as_secs_f64() / reps as f64
+        };
+        let s = time(&mut |i| k.matmul(qt, &w[i], &a, cols, 1, &mut out));
+        let gb = |s: f64| (w[0].len() as f64) / s / 1e9;
+        println!("{name:28} rows   {:8.1} us  {:5.1} GB/s", s * 1e6, gb(s));
+        if k.packs(qt) {
+            let p: Vec<Vec<u8>> = w
+                .iter()
+                .map(|m| {
+                    let mut p = vec![0u8; m.len()];
+                    packed::pack(qt, m, rows, cols, &mut p);
+                    p
+                })
+                .collect();
+            let s = time(&mut |i| k.matmul_packed(qt, &p[i], &a, cols, 1, &mut out));
+            println!("{name:28} packed {:8.1} us  {:5.1} GB/s", s * 1e6, gb(s));
         }
-        let s = t0.elapsed().as_secs_f64() / reps as f64;
-        let gb = (w[0].len() as f64) / s / 1e9;
-        println!("{name:28} {:8.1} us  {gb:5.1} GB/s", s * 1e6);
     }
 }
