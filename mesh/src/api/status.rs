@@ -231,15 +231,11 @@ fn tiers(state: &AppState) -> Markup {
     }
 }
 
-/// How this node's shipping to the shared ledger stands.
+/// How this node's shipping to the shared ledger stands, with its outbox as it is now.
 fn shared_ledger(state: &AppState, ship: &ShipState) -> Markup {
-    let ago = |ms: u64| {
-        format!(
-            "{:.0} s ago",
-            crate::ledger::now_ms().saturating_sub(ms) as f64 / 1e3
-        )
-    };
-    let metrics = &state.serve.metrics;
+    let now = crate::ledger::now_ms();
+    let ago = |ms: u64| format!("{:.0} s ago", now.saturating_sub(ms) as f64 / 1e3);
+    let backlog = state.serve.ledger.backlog().ok();
     html! {
         h2 { "Shared ledger (PostgreSQL)" }
         p id="shared-ledger" {
@@ -249,13 +245,17 @@ fn shared_ledger(state: &AppState, ship: &ShipState) -> Markup {
                 ShipState::Failing { since_ms, error } => {
                     strong { "not shipping" } " since " (ago(*since_ms)) ": " (error)
                 }
-                ShipState::NewerSchema(newer) => {
-                    strong { "refused" } ": " (newer.to_string())
+                ShipState::NewerSchema { since_ms, schema } => {
+                    strong { "refused" } " since " (ago(*since_ms)) ": " (schema.to_string())
                     "; nothing is shipped until this agent is upgraded"
                 }
             }
-            " · records waiting: " (metrics.ledger_unshipped.get())
-            " · oldest waiting: " (format!("{:.1} s", metrics.ledger_ship_lag_seconds.get()))
+            @if let Some(b) = backlog {
+                " · records waiting: " (b.records)
+                @if let Some(oldest) = b.oldest_ms {
+                    " · the oldest finished " (ago(oldest))
+                }
+            }
         }
     }
 }

@@ -107,8 +107,11 @@ const MIGRATIONS: &[(i32, &str)] = &[
 /// insert really added, so a batch shipped twice counts once), and filled from the records
 /// already there. Creating the trigger locks out inserts until the migration commits, so each
 /// record is summed exactly once. A month's usage, invoice or budget then reads at most
-/// ~750 hours per tenant and model instead of every record.
-const ROLLUPS: &str = "CREATE TABLE flatmesh_ledger_hours (
+/// ~750 hours per tenant and model instead of every record. The lock comes first: it waits
+/// for inserts in flight and takes no snapshot, so the fill sees every record committed
+/// before it whatever the server's default isolation level.
+const ROLLUPS: &str = "LOCK TABLE flatmesh_ledger_records IN SHARE ROW EXCLUSIVE MODE;
+    CREATE TABLE flatmesh_ledger_hours (
         hour_ms bigint NOT NULL,
         tenant text NOT NULL,
         tier text NOT NULL,
@@ -341,10 +344,16 @@ pub async fn usage(
                 WHERE origin = $4 AND seq > $5 AND finished_ms >= $6 AND finished_ms < $7
                   AND ($3::text IS NULL OR tenant = $3)
              )
+             , tiers AS (
+                SELECT tenant, tier, min(first_ms) AS first_ms, sum(requests) AS requests,
+                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                    sum(device_seconds) AS device_seconds
+                FROM parts GROUP BY tenant, tier HAVING sum(requests) > 0
+             )
              SELECT tenant, (array_agg(tier ORDER BY first_ms))[1], sum(requests)::bigint,
                 sum(input_tokens)::bigint, sum(output_tokens)::bigint,
                 sum(device_seconds)::float8
-             FROM parts GROUP BY tenant HAVING sum(requests) > 0 ORDER BY tenant",
+             FROM tiers GROUP BY tenant ORDER BY tenant",
             &[&ms(from), &ms(to), &tenant, &origin, &shipped, &h0, &h1],
         )
         .await?;

@@ -40,8 +40,24 @@ pub enum ShipState {
     /// Rounds fail since `since_ms`; records stay in the outbox and rounds are retried.
     Failing { since_ms: u64, error: String },
     /// The database was migrated by a newer agent: nothing is shipped until this node is
-    /// upgraded (rounds are retried, in case it was restored to an older version).
-    NewerSchema(postgres::NewerSchema),
+    /// upgraded (rounds are retried, in case it was restored to an older version). Not
+    /// shipping since `since_ms`.
+    NewerSchema {
+        since_ms: u64,
+        schema: postgres::NewerSchema,
+    },
+}
+
+impl ShipState {
+    /// Since when nothing has been shipped, while rounds fail.
+    pub fn failing_since(&self) -> Option<u64> {
+        match self {
+            ShipState::Failing { since_ms, .. } | ShipState::NewerSchema { since_ms, .. } => {
+                Some(*since_ms)
+            }
+            ShipState::Starting | ShipState::Shipping { .. } => None,
+        }
+    }
 }
 
 impl Shared {
@@ -127,4 +143,25 @@ async fn bounded<T>(query: impl Future<Output = anyhow::Result<T>>) -> anyhow::R
     tokio::time::timeout(QUERY_TIMEOUT, query)
         .await
         .map_err(|_| anyhow::anyhow!("the shared ledger did not answer in {QUERY_TIMEOUT:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_keeps_the_time_it_began_across_kinds_of_failure() {
+        let newer = ShipState::NewerSchema {
+            since_ms: 5,
+            schema: postgres::NewerSchema { found: 3, ours: 2 },
+        };
+        assert_eq!(newer.failing_since(), Some(5));
+        let failing = ShipState::Failing {
+            since_ms: 7,
+            error: "connection refused".into(),
+        };
+        assert_eq!(failing.failing_since(), Some(7));
+        assert_eq!(ShipState::Shipping { at_ms: 9 }.failing_since(), None);
+        assert_eq!(ShipState::Starting.failing_since(), None);
+    }
 }

@@ -117,26 +117,37 @@ impl Shipper {
             .budgets_read
             .is_none_or(|t| t.elapsed() >= BUDGET_EVERY)
         {
+            // A failed read leaves the budgets on the last figures and is tried again next
+            // round; the records shipped all the same.
             let month = super::month::month_bounds(now_ms()).0;
-            let by = postgres::others_tokens(client, month, self.shared.origin).await?;
-            *self.shared.others.lock() = Some((month, by));
-            self.budgets_read = Some(Instant::now());
+            match postgres::others_tokens(client, month, self.shared.origin).await {
+                Ok(by) => {
+                    *self.shared.others.lock() = Some((month, by));
+                    self.budgets_read = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "Could not read the other nodes' use for the budgets; keeping the last"
+                ),
+            }
         }
         Ok(())
     }
 
-    /// Keep how the round went for the status page: a failure keeps the time failing began.
+    /// Keep how the round went for the status page: while rounds fail, the time the failing
+    /// began is kept, whatever the failures.
     fn note(&self, result: &anyhow::Result<()>) {
         let mut state = self.shared.state.lock();
+        let since_ms = state.failing_since().unwrap_or_else(now_ms);
         *state = match result {
             Ok(()) => ShipState::Shipping { at_ms: now_ms() },
             Err(e) => match e.downcast_ref::<postgres::NewerSchema>() {
-                Some(newer) => ShipState::NewerSchema(*newer),
+                Some(schema) => ShipState::NewerSchema {
+                    since_ms,
+                    schema: *schema,
+                },
                 None => ShipState::Failing {
-                    since_ms: match &*state {
-                        ShipState::Failing { since_ms, .. } => *since_ms,
-                        _ => now_ms(),
-                    },
+                    since_ms,
                     error: format!("{e:#}"),
                 },
             },
