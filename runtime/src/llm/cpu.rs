@@ -74,7 +74,7 @@ impl Packed {
                 && !at.contains_key(&m.offset)
             {
                 at.insert(m.offset, len);
-                chosen.push((m, len));
+                chosen.push(m);
                 len += m.bytes();
             }
         }
@@ -87,9 +87,9 @@ impl Packed {
         let _ = bytes.advise(memmap2::Advice::HugePage);
         let mut rest: &mut [u8] = &mut bytes;
         let mut jobs = Vec::new();
-        for (m, _) in &chosen {
+        for m in chosen {
             let (dst, tail) = rest.split_at_mut(m.bytes());
-            jobs.push((*m, dst));
+            jobs.push((m, dst));
             rest = tail;
         }
         jobs.into_par_iter().for_each(|(m, dst)| {
