@@ -95,9 +95,12 @@ impl Agent {
         spawn_background(&config, &state, &stop_rx);
         let grpc = spawn_grpc(&config, &state, listeners.grpc, stopped(stop_rx.clone()));
         let cluster = state.cluster.clone();
+        let unready = state.draining.clone();
         tokio::spawn(async move {
             shutdown.await;
-            // Peers stop forwarding here before this node stops taking requests.
+            // Not ready from now on (a load balancer stops sending here), and peers stop
+            // forwarding here before this node stops taking requests.
+            unready.store(true, std::sync::atomic::Ordering::Relaxed);
             if let Some(c) = cluster {
                 c.leave().await;
             }

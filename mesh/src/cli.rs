@@ -91,6 +91,9 @@ struct ServeArgs {
     /// This node's name in the mesh (mesh.node).
     #[arg(long, env = "FLATMESH_MESH_NODE")]
     mesh_node: Option<String>,
+    /// This node's pool (mesh.pool): `onprem`, `spot`, ...
+    #[arg(long, env = "FLATMESH_MESH_POOL")]
+    mesh_pool: Option<String>,
     /// The URL peers reach this node's HTTP front door at (mesh.advertise).
     #[arg(long, env = "FLATMESH_MESH_ADVERTISE")]
     mesh_advertise: Option<String>,
@@ -165,6 +168,7 @@ impl ServeArgs {
         }
         let mesh_flags = [
             ("--mesh-node", self.mesh_node.is_some()),
+            ("--mesh-pool", self.mesh_pool.is_some()),
             ("--mesh-advertise", self.mesh_advertise.is_some()),
             ("--mesh-advertise-grpc", self.mesh_advertise_grpc.is_some()),
             ("--mesh-token", self.mesh_token.is_some()),
@@ -173,6 +177,9 @@ impl ServeArgs {
             Some(m) => {
                 if let Some(v) = self.mesh_node {
                     m.node = v;
+                }
+                if let Some(v) = self.mesh_pool {
+                    m.pool = v;
                 }
                 if let Some(v) = self.mesh_advertise {
                     m.advertise = Some(v);

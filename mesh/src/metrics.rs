@@ -347,7 +347,7 @@ impl Metrics {
             .expect("register"),
             mesh_placements: register_int_counter_vec_with_registry!(
                 "flatmesh_mesh_placements_total",
-                "Placement decisions of this node, by reason (here, holder, scale_out, load_here, load_peer, wait, pinned).",
+                "Placement decisions of this node, by reason (here, holder, cheaper_holder, scale_out, load_here, load_peer, wait, pinned, confined).",
                 &["reason"],
                 r
             )

@@ -43,6 +43,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/policies", get(policies))
         .route("/admin/policies/{slot}/reload", post(reload_policy))
         .route("/admin/mesh", get(mesh))
+        .route("/admin/drain", get(drain_status).post(drain))
         .route(
             "/admin/ledger/records",
             get(super::mesh_ledger::own_records),
@@ -57,12 +58,39 @@ pub fn routes(state: AppState) -> Router<AppState> {
 async fn mesh(State(state): State<AppState>) -> Response {
     match &state.cluster {
         Some(c) => Json(c.status()).into_response(),
-        None => (
-            axum::http::StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": {"message": "this agent is a single node: no [mesh] is configured", "code": "not_found"}})),
-        )
-            .into_response(),
+        None => single_node(),
     }
+}
+
+/// Start draining this node (a spot instance told it goes away): not ready from now on, no
+/// new work (peers stop forwarding here, its arrivals go to peers), its pinned models loaded
+/// elsewhere. It keeps running until stopped; the answer (and `GET`) says whether it is
+/// drained yet. 404 on a single node.
+async fn drain(State(state): State<AppState>) -> Response {
+    let Some(c) = &state.cluster else {
+        return single_node();
+    };
+    state
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    c.drain();
+    (StatusCode::ACCEPTED, Json(c.drain_status())).into_response()
+}
+
+/// Where this node's drain stands.
+async fn drain_status(State(state): State<AppState>) -> Response {
+    match &state.cluster {
+        Some(c) => Json(c.drain_status()).into_response(),
+        None => single_node(),
+    }
+}
+
+fn single_node() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"error": {"message": "this agent is a single node: no [mesh] is configured", "code": "not_found"}})),
+    )
+        .into_response()
 }
 
 /// With `server.admin_token` set, every admin call needs `Authorization: Bearer <token>`.

@@ -130,10 +130,14 @@ fn nodes(c: &crate::cluster::Cluster) -> Markup {
     html! {
         h2 { "Nodes (etcd " (etcd) ")" }
         table {
-            tr { th { "node" } th { "front door" } th { "state" } th { "models ready" } th { "devices" } }
+            tr { th { "node" } th { "pool (cost)" } th { "front door" } th { "state" } th { "models ready" } th { "devices" } }
             @for n in &mesh.nodes {
                 tr {
                     td { (n.node) }
+                    td {
+                        (n.pool) " (" (n.cost) ")"
+                        @for (k, v) in &n.labels { br; (k) "=" (v) }
+                    }
                     td { (n.http) }
                     td { (if n.draining { "draining" } else { "serving" }) }
                     td { (n.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")) }

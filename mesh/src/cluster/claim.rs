@@ -16,8 +16,17 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpRespo
 pub struct Claims {
     /// The session's client (none while etcd is lost) and the lease claims live under.
     session: Mutex<(Option<Client>, i64)>,
-    /// Models claimed by this node, and when.
-    held: Mutex<BTreeMap<String, Instant>>,
+    /// The claims this node made, by key.
+    held: Mutex<BTreeMap<String, Held>>,
+}
+
+/// A claim this node holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub model: String,
+    /// The node named to load it.
+    pub loader: String,
+    pub since: Instant,
 }
 
 /// The outcome of claiming a model's load for a node.
@@ -59,13 +68,18 @@ impl Claims {
                 loader,
                 Some(PutOptions::new().with_lease(lease)),
             )])
-            .or_else([TxnOp::get(key, None)]);
+            .or_else([TxnOp::get(key.clone(), None)]);
         let answer = tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await;
         let Ok(Ok(resp)) = answer else {
             return Claimed::Unknown;
         };
         if resp.succeeded() {
-            self.held.lock().insert(model.to_string(), Instant::now());
+            let held = Held {
+                model: model.to_string(),
+                loader: loader.to_string(),
+                since: Instant::now(),
+            };
+            self.held.lock().insert(key, held);
             return Claimed::Won;
         }
         let holder = resp.op_responses().into_iter().find_map(|r| match r {
@@ -81,21 +95,16 @@ impl Claims {
         }
     }
 
-    /// The models this node holds claims on, with how long it has held each.
-    pub fn held(&self) -> Vec<(String, Duration)> {
+    /// The claims this node holds, by key.
+    pub fn held(&self) -> Vec<(String, Held)> {
         let held = self.held.lock();
-        held.iter().map(|(m, t)| (m.clone(), t.elapsed())).collect()
+        held.iter().map(|(k, h)| (k.clone(), h.clone())).collect()
     }
 
-    /// Give back the claim on `model` (its copy is ready, or its load failed).
-    pub async fn release(
-        &self,
-        client: &mut Client,
-        key: String,
-        model: &str,
-    ) -> anyhow::Result<()> {
-        client.delete(key, None).await?;
-        self.held.lock().remove(model);
+    /// Give back the claim under `key` (its copy is ready, or its load failed).
+    pub async fn release(&self, client: &mut Client, key: String) -> anyhow::Result<()> {
+        client.delete(key.clone(), None).await?;
+        self.held.lock().remove(&key);
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! The `[mesh]` table: how this agent joins other agents through etcd.
 
-use std::path::PathBuf;
+use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,24 @@ pub struct MeshConfig {
     /// `server.admin_token`. Required in a mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The node pool this node belongs to (`onprem`, `rented`, `spot`): tiers may be held to
+    /// pools (`pools` in a `[[tenancy.tiers]]` entry).
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// Labels of this node (`{region = "dk", kind = "spot"}`): tiers may require some.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// What a copy here costs relative to other nodes: a load goes to the cheapest node with
+    /// room, then overflows to dearer ones, and requests prefer the cheapest copy that is not
+    /// queueing (reserved machines first, spot after).
+    #[serde(default = "default_cost")]
+    pub cost: f64,
+    /// On SIGTERM, how long the node may take to drain before it stops (a spot instance's
+    /// notice): it takes no new work, and waits until nothing runs here and its pinned models
+    /// are ready on other nodes, or this long. `0s` (the default): it stops taking new work
+    /// and stops, finishing what runs within `server.shutdown_grace_seconds`.
+    #[serde(default)]
+    pub drain_notice: Secs,
 }
 
 /// `[mesh.etcd_tls]`: the files are read again at every connection, so a renewed
@@ -102,6 +120,15 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "node".into())
 }
 
+/// The pool of a node that names none.
+pub fn default_pool() -> String {
+    "default".into()
+}
+
+pub fn default_cost() -> f64 {
+    1.0
+}
+
 fn default_prefix() -> String {
     "/flatmesh".into()
 }
@@ -122,6 +149,10 @@ impl MeshConfig {
             prefix: default_prefix(),
             lease_ttl: default_ttl(),
             token: None,
+            pool: default_pool(),
+            labels: BTreeMap::new(),
+            cost: default_cost(),
+            drain_notice: Secs::default(),
         }
     }
 
@@ -152,6 +183,16 @@ impl MeshConfig {
         if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
             anyhow::bail!("mesh.prefix: must start with '/' and not end with one");
         }
+        crate::ids::check_id("mesh.pool", &self.pool)
+            .map_err(|e| anyhow::anyhow!("mesh.pool: {e}"))?;
+        for (k, v) in &self.labels {
+            crate::ids::check_id("label", k)
+                .and_then(|()| crate::ids::check_id("label value", v))
+                .map_err(|e| anyhow::anyhow!("mesh.labels: {e}"))?;
+        }
+        if !self.cost.is_finite() || self.cost < 0.0 {
+            anyhow::bail!("mesh.cost: {} is not a finite number ≥ 0", self.cost);
+        }
         let ttl = self.lease_ttl.0.as_secs();
         if !(1..=300).contains(&ttl) {
             anyhow::bail!("mesh.lease_ttl: {ttl}s is not in [1s, 300s]");
@@ -179,6 +220,36 @@ mod tests {
         c.token = Some("mesh-secret".into());
         c.etcd_tls = tls;
         c.validate()
+    }
+
+    #[test]
+    fn pool_labels_and_cost_are_checked() {
+        let check = |f: &dyn Fn(&mut MeshConfig)| {
+            let mut c = MeshConfig::new(vec!["http://e:2379".into()]);
+            c.node = "n".into();
+            c.token = Some("mesh-secret".into());
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(check(&|_| {}).is_ok());
+        let e = check(&|c| c.pool = "on/prem".into()).unwrap_err();
+        assert!(e.starts_with("mesh.pool:"), "{e}");
+        let e = check(&|c| {
+            c.labels.insert("region".into(), "".into());
+        })
+        .unwrap_err();
+        assert!(e.starts_with("mesh.labels:"), "{e}");
+        for cost in [-1.0, f64::NAN, f64::INFINITY] {
+            let e = check(&|c| c.cost = cost).unwrap_err();
+            assert!(e.starts_with("mesh.cost:"), "{e}");
+        }
+        let c: MeshConfig = toml::from_str(
+            "etcd = ['http://e:2379']\npool = 'spot'\ncost = 0.4\ndrain_notice = '30s'\n\
+             labels = { region = 'dk', kind = 'spot' }\n",
+        )
+        .unwrap();
+        assert_eq!((c.pool.as_str(), c.cost, c.labels.len()), ("spot", 0.4, 2));
+        assert_eq!(c.drain_notice.0, std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -9,8 +9,9 @@
 
 mod claim;
 pub mod config;
+pub mod drain;
 mod endpoints;
-mod placement;
+pub mod placement;
 mod registry;
 mod session;
 mod tenancy;
@@ -66,7 +67,7 @@ pub struct TenantUsage {
 }
 
 /// What a node publishes about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub node: String,
     /// Its HTTP front door, as peers reach it.
@@ -86,6 +87,13 @@ pub struct NodeRecord {
     /// Models whose image is in this node's warm tier.
     #[serde(default)]
     pub warm: Vec<String>,
+    /// Its pool, labels and cost weight (`[mesh]`).
+    #[serde(default = "config::default_pool")]
+    pub pool: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "config::default_cost")]
+    pub cost: f64,
 }
 
 impl NodeRecord {
@@ -230,13 +238,6 @@ impl Cluster {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stop taking new work: peers stop forwarding here at the next publish.
-    pub fn drain(&self) {
-        self.inner
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// The front doors of the other live nodes, by node name.
     pub fn peers(&self) -> Vec<(String, String)> {
         let nodes = self.inner.nodes.read();
@@ -312,6 +313,9 @@ impl Cluster {
                     tokens,
                 })
                 .collect(),
+            pool: self.inner.config.pool.clone(),
+            labels: self.inner.config.labels.clone(),
+            cost: self.inner.config.cost,
         }
     }
 
@@ -377,13 +381,6 @@ impl Cluster {
             *self.inner.unwritten.lock() = Some(change);
         }
         result
-    }
-
-    /// Leave: publish the node as draining so peers stop forwarding here; its record goes
-    /// with its lease after the process ends.
-    pub async fn leave(&self) {
-        self.drain();
-        tokio::time::sleep(PUBLISH_EVERY * 2).await;
     }
 
     /// A metrics handle for the forwarding layer.

@@ -1,12 +1,15 @@
 //! Placement in the mesh: here, forward to a holder, or claim the one load in the mesh for
 //! the node that should load it (chosen by room, warm tier, loads in flight, free bytes).
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use etcd_client::Client;
 
-use super::{claim::Claimed, Cluster, Peer};
-use crate::cache::CopyPhase;
+use super::{claim::Claimed, Cluster, ModelHere, NodeRecord, Peer};
+use crate::{cache::CopyPhase, tenancy::Tier};
 
 /// What this node has of a model.
 #[derive(Default)]
@@ -17,104 +20,203 @@ struct Local {
     bytes: u64,
 }
 
-/// How long a request waits for another node's claimed load before loading here (the
+/// How long a request waits for another node's claimed load before placing it itself (the
 /// claim is asked about again every 250 ms: gone without a copy, the request places anew).
 const CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 /// How long a pinned model may go without a copy before any node, chosen or not, loads it.
 const ORPHAN_GRACE: Duration = Duration::from_secs(3);
 
+/// No live node of the mesh may serve the request: its tier is held to pools or labels that
+/// no live node (able to take work) has.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "tier {tier:?} may run only on {confinement}, and no live node of the mesh there can take \
+     work now (this node is in pool {pool:?})"
+)]
+pub struct Confined {
+    pub tier: String,
+    pub confinement: String,
+    pub pool: String,
+}
+
+/// A cost weight as a key that orders (validated finite and ≥ 0 where it is configured).
+fn cost_key(cost: f64) -> u64 {
+    (cost * 1e6).round() as u64
+}
+
 impl Cluster {
-    /// Where a request for `model` (a model id, vmodels resolved) should run: `None` here,
-    /// or the front door of the peer to forward it to. Here when a copy is ready or loading
-    /// here; else the least leased peer with a ready copy that is not draining; else the
-    /// node that claims the load in etcd first loads it (one load in the mesh) and the
-    /// others wait for its copy and forward there (or load here if its claim goes away).
-    pub async fn place(&self, model: &str) -> Option<Peer> {
-        let here = self.local_state(model);
-        if here.ready || here.loading {
-            self.placed_by("here");
-            return None;
+    /// Whether this node may serve `tier` at all (its pool and labels).
+    pub fn runs_here(&self, tier: &Tier) -> bool {
+        let c = &self.inner.config;
+        tier.runs_on(&c.pool, &c.labels)
+    }
+
+    /// Why `tier` cannot be served here, as the serve path reports it.
+    pub fn confined(&self, tier: &Tier) -> Confined {
+        Confined {
+            tier: tier.name.clone(),
+            confinement: tier.confinement(),
+            pool: self.inner.config.pool.clone(),
         }
-        if let Some(peer) = self.holder(model) {
-            // Copies follow demand: when every copy in the mesh has more requests waiting
-            // than its batch runs, and this node has room without evicting, a copy is added here
-            // (at most one a node; an idle one leaves after its keep_alive).
-            if self.all_queueing(model) && self.record().free() >= here.bytes {
-                tracing::info!(%model, "Every copy is queueing; adding one here");
-                self.placed_by("scale_out");
-                return None;
-            }
-            self.placed_by("holder");
-            return Some(peer);
-        }
-        let key = self.key(&format!("loading/{model}"));
+    }
+
+    fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Where a request of `tier` for `model` (a model id, vmodels resolved) should run: `None`
+    /// here, or the front door of the peer to forward it to; only nodes of the tier's pools and
+    /// labels count. Here when a copy is ready or loading here (unless a cheaper node's copy is
+    /// not queueing); else the holder with the cheapest copy that is not queueing, least leased
+    /// first; else the node that claims the load in etcd first loads it (one load in the mesh
+    /// per model, per tier for a tier held to pools) and the others wait for its copy and
+    /// forward there (or place again if its claim goes away). A draining node takes new work
+    /// only when no other node can.
+    pub async fn place(&self, model: &str, tier: &Tier) -> Result<Option<Peer>, Confined> {
         let me = self.inner.config.node.clone();
-        let loader = self.choose_loader(model, here.bytes);
-        let taken = match self
-            .inner
-            .claims
-            .claim(key.clone(), model, &loader.node)
-            .await
-        {
-            Claimed::Unknown => {
-                self.placed_by("load_here");
-                return None;
-            }
-            Claimed::Won => {
-                self.count_placement(&loader.node, here.bytes);
-                let here = loader.node == me;
-                self.placed_by(if here { "load_here" } else { "load_peer" });
-                return (!here).then_some(loader);
-            }
-            Claimed::Taken(node) => node,
+        let allowed = |n: &NodeRecord| tier.runs_on(&n.pool, &n.labels);
+        let here_ok = self.runs_here(tier) && !self.draining();
+        let key = match tier.confined() {
+            false => self.key(&format!("loading/{model}")),
+            // Another tier's load may land where this one may not run: a load of its own
+            // (`@` is not allowed in ids).
+            true => self.key(&format!("loading/{model}@{}", tier.name)),
         };
-        if taken == me {
-            self.placed_by("load_here");
-            return None; // another node chose this one to load it
-        }
-        self.placed_by("wait");
-        tracing::debug!(%model, loader = %taken, "Another node is loading it; waiting for its copy");
         let started = Instant::now();
-        let mut asked = Instant::now();
-        while started.elapsed() < CLAIM_WAIT {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            if let Some(peer) = self.holder(model) {
-                return Some(peer);
+        let mut waiting = false;
+        loop {
+            let here = self.local_state(model);
+            let holder = self.holder(model, &allowed);
+            if here_ok && (here.ready || here.loading) {
+                match holder {
+                    Some((peer, cost, false)) if cost < self.inner.config.cost => {
+                        self.placed_by("cheaper_holder");
+                        return Ok(Some(peer));
+                    }
+                    _ => {
+                        self.placed_by("here");
+                        return Ok(None);
+                    }
+                }
             }
-            if asked.elapsed() >= Duration::from_millis(250) {
-                asked = Instant::now();
-                // The claim gone without a copy (the load failed, the copy was evicted, or its
-                // claimant died):
-                // place it again.
-                match self.inner.claims.claim(key.clone(), model, &me).await {
-                    Claimed::Taken(_) => {}
-                    Claimed::Won | Claimed::Unknown => return None,
+            if let Some((peer, _, _)) = holder {
+                // Copies follow demand: when every copy in the mesh has more requests waiting
+                // than its batch runs, and this node has room without evicting, a copy is added
+                // here (at most one a node; an idle one leaves after its keep_alive).
+                if here_ok
+                    && self.all_queueing(model, &allowed)
+                    && self.record().free() >= here.bytes
+                {
+                    tracing::info!(%model, "Every copy is queueing; adding one here");
+                    self.placed_by("scale_out");
+                    return Ok(None);
+                }
+                self.placed_by("holder");
+                return Ok(Some(peer));
+            }
+            let Some(loader) = self.choose_loader(model, here.bytes, &allowed) else {
+                return self.last_resort(tier);
+            };
+            let taken = match self
+                .inner
+                .claims
+                .claim(key.clone(), model, &loader.node)
+                .await
+            {
+                Claimed::Unknown if here_ok => {
+                    self.placed_by("load_here");
+                    return Ok(None);
+                }
+                Claimed::Unknown => {
+                    self.placed_by("load_peer");
+                    return Ok(Some(loader));
+                }
+                Claimed::Won => {
+                    self.count_placement(&loader.node, here.bytes);
+                    let here = loader.node == me;
+                    self.placed_by(if here { "load_here" } else { "load_peer" });
+                    return Ok((!here).then_some(loader));
+                }
+                Claimed::Taken(node) => node,
+            };
+            if taken == me {
+                self.placed_by("load_here");
+                return Ok(None); // another node chose this one to load it
+            }
+            if !waiting {
+                waiting = true;
+                self.placed_by("wait");
+                tracing::debug!(%model, loader = %taken, "Another node is loading it; waiting for its copy");
+            }
+            if started.elapsed() >= CLAIM_WAIT {
+                // Its load never came: forward to the node named, or serve here.
+                return match self.live_peer(&taken, &allowed) {
+                    Some(peer) => Ok(Some(peer)),
+                    None if here_ok => Ok(None),
+                    None => Err(self.confined(tier)),
+                };
+            }
+            // Look for its copy; then ask about the claim again (gone without a copy: the load
+            // failed, the copy was evicted, or its claimant died — place it anew).
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_millis(250) {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                if let Some((peer, _, _)) = self.holder(model, &allowed) {
+                    return Ok(Some(peer));
                 }
             }
         }
-        None
     }
 
-    /// The node that should load `model` (`need` bytes): one with room without evicting, then
-    /// one with the model in its warm tier, then the fewest loads in flight, then the most free
-    /// bytes — counting the loads this node sent each node since its last record; this node
-    /// on a tie (no hop).
-    fn choose_loader(&self, model: &str, need: u64) -> Peer {
+    /// No node able to take work may serve the tier: a draining node still serves it itself
+    /// when it may; else the request is refused.
+    fn last_resort(&self, tier: &Tier) -> Result<Option<Peer>, Confined> {
+        if self.runs_here(tier) {
+            self.placed_by("here");
+            Ok(None)
+        } else {
+            self.placed_by("confined");
+            Err(self.confined(tier))
+        }
+    }
+
+    /// `node`'s front doors, when it is a live peer that `allowed` admits and not draining.
+    fn live_peer(&self, node: &str, allowed: &dyn Fn(&NodeRecord) -> bool) -> Option<Peer> {
+        let nodes = self.inner.nodes.read();
+        nodes
+            .get(node)
+            .filter(|n| n.node != self.inner.config.node && !n.draining && allowed(n))
+            .map(peer_of)
+    }
+
+    /// The node that should load `model` (`need` bytes), of those `allowed` admits and not
+    /// draining: one with room without evicting, then the cheapest, then one with the model in
+    /// its warm tier, then the fewest loads in flight, then the most free bytes — counting the
+    /// loads this node sent each node since its last record; this node on a tie (no hop).
+    /// None when no node qualifies.
+    fn choose_loader(
+        &self,
+        model: &str,
+        need: u64,
+        allowed: &dyn Fn(&NodeRecord) -> bool,
+    ) -> Option<Peer> {
         let mine = self.record();
         let nodes = self.inner.nodes.read();
         let placed = self.inner.placed.lock();
         let me = &self.inner.config.node;
         let candidates = nodes
             .values()
-            .filter(|n| n.node != *me && !n.draining)
-            .chain(std::iter::once(&mine));
-        let best = candidates
+            .filter(|n| n.node != *me)
+            .chain(std::iter::once(&mine))
+            .filter(|n| !n.draining && allowed(n));
+        candidates
             .map(|n| {
                 let (count, bytes) = placed.get(&n.node).copied().unwrap_or_default();
                 let free = n.free().saturating_sub(bytes);
                 let key = (
                     free >= need,
+                    std::cmp::Reverse(cost_key(n.cost)),
                     n.warm.iter().any(|w| w == model),
                     std::cmp::Reverse(n.loading.len() + count),
                     free,
@@ -123,28 +225,27 @@ impl Cluster {
                 (key, n)
             })
             .max_by(|a, b| a.0.cmp(&b.0))
-            .map(|(_, n)| n)
-            .unwrap_or(&mine);
-        Peer {
-            node: best.node.clone(),
-            http: best.http.clone(),
-            grpc: best.grpc.clone(),
-        }
+            .map(|(_, n)| peer_of(n))
     }
 
-    /// Whether every live copy of `model` on other nodes has more requests waiting than its
-    /// batch runs (leases over twice `max_concurrency`).
-    fn all_queueing(&self, model: &str) -> bool {
-        let Some(batch) = self.inner.cache.max_concurrency(model) else {
-            return false;
-        };
+    /// Whether a copy of `model` with `ready` copies and `leases` leases has more requests
+    /// waiting than its batch runs (leases over twice `max_concurrency` a copy).
+    fn queueing(&self, model: &str, m: &ModelHere) -> bool {
+        self.inner
+            .cache
+            .max_concurrency(model)
+            .is_some_and(|batch| m.leases > 2 * batch * m.ready)
+    }
+
+    /// Whether every live copy of `model` on other nodes that `allowed` admits is queueing.
+    fn all_queueing(&self, model: &str, allowed: &dyn Fn(&NodeRecord) -> bool) -> bool {
         let nodes = self.inner.nodes.read();
         let mut copies = nodes
             .values()
-            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter(|n| n.node != self.inner.config.node && !n.draining && allowed(n))
             .filter_map(|n| n.models.iter().find(|m| m.id == model && m.ready > 0))
             .peekable();
-        copies.peek().is_some() && copies.all(|m| m.leases > 2 * batch * m.ready)
+        copies.peek().is_some() && copies.all(|m| self.queueing(model, m))
     }
 
     fn placed_by(&self, reason: &str) {
@@ -160,11 +261,7 @@ impl Cluster {
     /// once by the node placement would choose — or, when that node has not done it within
     /// a few seconds, by any node — under the same one-load claim as a request's.
     pub(super) async fn keep_pinned(&self) {
-        if self
-            .inner
-            .draining
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.draining() {
             return;
         }
         let me = self.inner.config.node.clone();
@@ -176,13 +273,24 @@ impl Cluster {
             .filter(|m| m.pinned)
             .map(|m| (m.id, m.bytes.unwrap_or(0)))
             .collect();
+        let tiers = self.inner.tenancy.tiers();
         for (model, bytes) in pinned {
+            // Only where a tier that may use it may run (anywhere when no tier is held).
+            let users: Vec<&Tier> = tiers
+                .iter()
+                .filter(|t| t.models.iter().any(|p| crate::tenancy::glob(p, &model)))
+                .map(|t| &**t)
+                .collect();
+            let allowed = |n: &NodeRecord| {
+                users.is_empty() || users.iter().any(|t| t.runs_on(&n.pool, &n.labels))
+            };
             let here = self.local_state(&model);
             let elsewhere = {
                 let nodes = self.inner.nodes.read();
                 nodes.values().any(|n| {
                     n.node != me
                         && !n.draining
+                        && allowed(n)
                         && (n.loading.contains(&model)
                             || n.models.iter().any(|m| m.id == model && m.ready > 0))
                 })
@@ -197,7 +305,12 @@ impl Cluster {
                 }
             };
             let Some(since) = since else { continue };
-            let chosen = self.choose_loader(&model, bytes).node == me;
+            if !allowed(&self.record()) {
+                continue;
+            }
+            let chosen = self
+                .choose_loader(&model, bytes, &allowed)
+                .is_some_and(|p| p.node == me);
             if !chosen && since.elapsed() < ORPHAN_GRACE {
                 continue;
             }
@@ -222,22 +335,29 @@ impl Cluster {
         e.1 += bytes;
     }
 
-    /// The least leased peer (not this node, not draining) with a ready copy of `model`.
-    fn holder(&self, model: &str) -> Option<Peer> {
+    /// The peer (not this node, not draining, admitted by `allowed`) whose copy of `model`
+    /// should take a request: not queueing first, then the cheapest, then the least leased;
+    /// with its cost and whether it is queueing.
+    fn holder(
+        &self,
+        model: &str,
+        allowed: &dyn Fn(&NodeRecord) -> bool,
+    ) -> Option<(Peer, f64, bool)> {
         let nodes = self.inner.nodes.read();
         nodes
             .values()
-            .filter(|n| n.node != self.inner.config.node && !n.draining)
+            .filter(|n| n.node != self.inner.config.node && !n.draining && allowed(n))
             .filter_map(|n| {
                 let m = n.models.iter().find(|m| m.id == model && m.ready > 0)?;
-                Some((m.leases as f64 / m.ready as f64, n))
+                let queueing = self.queueing(model, m);
+                let load = m.leases as f64 / m.ready as f64;
+                Some(((queueing, cost_key(n.cost), load), n))
             })
-            .min_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, n)| Peer {
-                node: n.node.clone(),
-                http: n.http.clone(),
-                grpc: n.grpc.clone(),
+            .min_by(|a, b| {
+                let ((qa, ca, la), (qb, cb, lb)) = (a.0, b.0);
+                (qa, ca).cmp(&(qb, cb)).then(la.total_cmp(&lb))
             })
+            .map(|((queueing, _, _), n)| (peer_of(n), n.cost, queueing))
     }
 
     fn local_state(&self, model: &str) -> Local {
@@ -255,25 +375,35 @@ impl Cluster {
     /// Give back the claims whose load is over: a copy ready anywhere (as published), or no
     /// node loading it for a while (the load failed, or never started).
     pub(super) async fn release_claims(&self, client: &mut Client) -> anyhow::Result<()> {
-        for (model, held) in self.inner.claims.held() {
-            let here = self.local_state(&model);
+        for (key, held) in self.inner.claims.held() {
+            let model = &held.model;
+            let here = self.local_state(model);
             let (ready, loading) = {
                 let nodes = self.inner.nodes.read();
                 let ready = nodes
-                    .values()
-                    .any(|n| n.models.iter().any(|m| m.id == model && m.ready > 0));
-                (ready, nodes.values().any(|n| n.loading.contains(&model)))
+                    .get(&held.loader)
+                    .is_some_and(|n| n.models.iter().any(|m| m.id == *model && m.ready > 0));
+                (ready, nodes.values().any(|n| n.loading.contains(model)))
             };
-            // A ready copy must be in the published records (this node's own included) before
-            // the claim goes, and have been there a moment: a node whose view lags must see
-            // the copy, not a free claim, or it would load a second one.
-            let over = (ready && held > Duration::from_millis(500))
-                || (!here.loading && !loading && held > Duration::from_secs(1));
+            // The loader's ready copy must be in the published records (this node's own
+            // included) before the claim goes, and have been there a moment: a node whose view
+            // lags must see the copy, not a free claim, or it would load a second one.
+            let held_for = held.since.elapsed();
+            let over = (ready && held_for > Duration::from_millis(500))
+                || (!here.loading && !loading && held_for > Duration::from_secs(1));
             if over {
-                let key = self.key(&format!("loading/{model}"));
-                self.inner.claims.release(client, key, &model).await?;
+                self.inner.claims.release(client, key).await?;
             }
         }
         Ok(())
+    }
+}
+
+/// A node's front doors.
+fn peer_of(n: &NodeRecord) -> Peer {
+    Peer {
+        node: n.node.clone(),
+        http: n.http.clone(),
+        grpc: n.grpc.clone(),
     }
 }

@@ -5,6 +5,7 @@ use flatmesh_runtime::RuntimeError;
 
 use crate::{
     cache::CacheError,
+    cluster::placement::Confined,
     policy::Refusal,
     scheduler::Rejected,
     tenancy::{
@@ -174,6 +175,13 @@ impl ServeError {
             self.kind,
             ErrorKind::InvalidRequest | ErrorKind::NotFound | ErrorKind::TooLarge
         )
+    }
+}
+
+impl From<Confined> for ServeError {
+    /// 503: the tier's pools have no node that can take it now (never run elsewhere).
+    fn from(e: Confined) -> Self {
+        ServeError::new(ErrorKind::Unavailable, "no_node_in_pools", e.to_string()).retry(5)
     }
 }
 

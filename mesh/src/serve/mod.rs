@@ -183,7 +183,7 @@ impl Serve {
         let cache = remember.as_ref().map(|_| "miss");
         let mut admission = admission;
         let mesh = self.mesh.as_deref();
-        if let Place::Peer(cluster, peer) = place::place(mesh, req, &model).await {
+        if let Place::Peer(cluster, peer) = place::place(mesh, req, &model).await? {
             // The peer admits it against its own limits: out of this node's window.
             admission.refund();
             let here = place::Here {

@@ -8,7 +8,7 @@ use super::{
     track::Tracker,
 };
 use crate::{
-    cluster::{Cluster, Peer},
+    cluster::{placement::Confined, Cluster, Peer},
     metrics::Metrics,
     policy::{CachePrompt, Policies},
 };
@@ -56,17 +56,38 @@ pub(super) enum OnPeer {
 }
 
 /// Here when there is no mesh, the request came from a peer (one hop at most), or the mesh's
-/// placement says so; else the peer it names.
-pub(super) async fn place(mesh: Option<&Mesh>, req: &Request, model: &str) -> Place {
-    if req.forwarded.is_some() {
-        return Place::Here;
-    }
+/// placement says so; else the peer it names. A tier held to pools or labels is served only on
+/// a node of them (a node outside a mesh is in pool `default`, with no labels): else refused.
+pub(super) async fn place(
+    mesh: Option<&Mesh>,
+    req: &Request,
+    model: &str,
+) -> Result<Place, ServeError> {
+    let tier = &req.caller.tier;
     let Some(mesh) = mesh else {
-        return Place::Here;
+        let pool = crate::cluster::config::default_pool();
+        if !tier.runs_on(&pool, &Default::default()) {
+            return Err(Confined {
+                tier: tier.name.clone(),
+                confinement: tier.confinement(),
+                pool,
+            }
+            .into());
+        }
+        return Ok(Place::Here);
     };
-    match mesh.cluster.place(model).await {
-        Some(peer) => Place::Peer(mesh.cluster.clone(), peer),
-        None => Place::Here,
+    if req.forwarded.is_some() {
+        // The node that forwarded it chose this one from what it saw; this node's own pool
+        // is what counts.
+        if !mesh.cluster.runs_here(tier) {
+            return Err(mesh.cluster.confined(tier).into());
+        }
+        return Ok(Place::Here);
+    }
+    match mesh.cluster.place(model, tier).await {
+        Ok(Some(peer)) => Ok(Place::Peer(mesh.cluster.clone(), peer)),
+        Ok(None) => Ok(Place::Here),
+        Err(confined) => Err(confined.into()),
     }
 }
 

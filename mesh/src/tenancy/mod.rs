@@ -41,6 +41,47 @@ pub struct Tier {
     /// much later than it was, so it stays loaded longer (`"2m"`; default none).
     #[serde(default)]
     pub residency_bonus: crate::units::Secs,
+    /// The node pools (`[mesh] pool`) whose nodes may serve this tier; empty: any pool. Held
+    /// everywhere: placement, forwarding, copies that follow demand, pinned re-placement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
+    /// Labels (`[mesh] labels`) a node must carry, every one, to serve this tier.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Tier {
+    /// Whether a node of `pool` carrying `labels` may serve this tier.
+    pub fn runs_on(&self, pool: &str, labels: &BTreeMap<String, String>) -> bool {
+        (self.pools.is_empty() || self.pools.iter().any(|p| p == pool))
+            && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// Whether this tier is held to some pools or labels.
+    pub fn confined(&self) -> bool {
+        !self.pools.is_empty() || !self.labels.is_empty()
+    }
+
+    /// Where this tier may run, for messages: `pools [onprem], labels {region=dk}`.
+    pub fn confinement(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.pools.is_empty() {
+            parts.push(format!("pools [{}]", self.pools.join(", ")));
+        }
+        if !self.labels.is_empty() {
+            let labels: Vec<String> = self
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            parts.push(format!("labels {{{}}}", labels.join(", ")));
+        }
+        if parts.is_empty() {
+            "any node".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -187,6 +228,15 @@ impl TenancyConfig {
             if t.weight == 0 {
                 anyhow::bail!("tenancy.tiers[{i}].weight: must be at least 1");
             }
+            for p in &t.pools {
+                crate::ids::check_id("pool", p)
+                    .map_err(|e| anyhow::anyhow!("tenancy.tiers[{i}].pools: {e}"))?;
+            }
+            for (k, v) in &t.labels {
+                crate::ids::check_id("label", k)
+                    .and_then(|()| crate::ids::check_id("label value", v))
+                    .map_err(|e| anyhow::anyhow!("tenancy.tiers[{i}].labels: {e}"))?;
+            }
         }
         for (i, t) in self.tenants.iter().enumerate() {
             crate::ids::check_id("tenant", &t.id)
@@ -226,6 +276,8 @@ impl Tenancy {
                 tokens_per_minute: 0,
                 token_budget: 0,
                 residency_bonus: Default::default(),
+                pools: Vec::new(),
+                labels: BTreeMap::new(),
             });
             tiers.insert("open".into(), open.clone());
             tracing::warn!(

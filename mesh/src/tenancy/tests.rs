@@ -15,6 +15,8 @@ fn config() -> TenancyConfig {
             tokens_per_minute: 0,
             token_budget: 0,
             residency_bonus: Default::default(),
+            pools: Vec::new(),
+            labels: BTreeMap::new(),
         }],
         tenants: vec![TenantConfig {
             id: "city-a".into(),
@@ -124,4 +126,39 @@ fn the_mesh_gets_configured_tiers_and_adopted_ones_can_leave() {
 fn a_node_without_tiers_does_not_share_its_open_tier() {
     let open = Tenancy::new(&TenancyConfig::default(), None).unwrap();
     assert!(!open.shared().iter().any(|c| matches!(c, Shared::Tier(_))));
+}
+
+#[test]
+fn a_tier_runs_only_on_nodes_of_its_pools_with_all_its_labels() {
+    let mut t = config().tiers.remove(0);
+    let labels = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(!t.confined());
+    assert!(t.runs_on("spot", &labels(&[])));
+    t.pools = vec!["onprem".into(), "rented".into()];
+    t.labels = labels(&[("region", "dk")]);
+    assert!(t.confined());
+    assert!(t.runs_on("onprem", &labels(&[("region", "dk"), ("kind", "gpu")])));
+    assert!(t.runs_on("rented", &labels(&[("region", "dk")])));
+    assert!(
+        !t.runs_on("spot", &labels(&[("region", "dk")])),
+        "not one of its pools"
+    );
+    assert!(
+        !t.runs_on("onprem", &labels(&[("region", "de")])),
+        "a label differs"
+    );
+    assert!(!t.runs_on("onprem", &labels(&[])), "a label is missing");
+    assert_eq!(
+        t.confinement(),
+        "pools [onprem, rented], labels {region=dk}"
+    );
+    // Bad names are refused at start, naming the field.
+    let mut c = config();
+    c.tiers[0].pools = vec!["on prem".into()];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.starts_with("tenancy.tiers[0].pools:"), "{e}");
 }
