@@ -82,3 +82,89 @@ def test_a_node_cut_off_from_etcd_serves_on_leaves_the_routing_and_joins_again_o
     assert r.status_code == 201, r.text
     listed = lambda: {m["id"] for m in httpx.get(a.url + "/admin/models", headers=ADMIN).json()["models"]}  # noqa: E731
     wait_until(lambda: "after-heal" in listed(), 2, lambda: sorted(listed()))
+
+
+BUDGET = 300  # tokens a month for tier "metered"
+METERED = f"""
+[tenancy]
+[[tenancy.tiers]]
+name = "metered"
+token_budget = {BUDGET}
+[[tenancy.tenants]]
+id = "city"
+tier = "metered"
+"""
+SENTENCE = "The council meets on Tuesday to discuss the budget."
+
+
+@pytest.fixture
+def metered():
+    for net, _, nodes in three_hosts("/netns-budget", TTL, extra=METERED):
+        yield net, nodes
+
+
+def spend(node, key, limit=200):
+    """Embedding requests at `node` until one is refused: (tokens of the answered ones, the
+    refusal)."""
+    tokens = 0
+    for _ in range(limit):
+        r = node.http.post(node.url + "/v1/embeddings", headers={"authorization": f"Bearer {key}"},
+                           json={"model": EMBED, "input": SENTENCE})
+        if r.status_code != 200:
+            return tokens, r
+        tokens += r.json()["usage"]["total_tokens"]
+    raise AssertionError(f"{node.name} never refused within {limit} requests")
+
+
+def test_a_budget_across_a_partition_is_overshot_by_at_most_the_cut_nodes_share(metered):
+    net, nodes = metered
+    a, b, p = nodes["a"], nodes["b"], nodes["p"]
+    r = a.http.post(a.url + "/admin/tenants/city/keys", headers=ADMIN)
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    auth = {"authorization": f"Bearer {key}"}
+    wait_until(lambda: p.http.get(p.url + "/v1/models", headers=auth).status_code == 200, 10,
+               "p never learnt the key")
+
+    # p and a each serve from a copy of their own (p's requests are not forwarded to a).
+    for node in (p, a):
+        r = node.http.post(node.url + f"/admin/models/{EMBED}/load", headers=ADMIN, timeout=120)
+        assert r.status_code == 200, r.text
+
+    def ask(node):
+        r = node.http.post(node.url + "/v1/embeddings", headers=auth, json={"model": EMBED, "input": SENTENCE})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["total_tokens"]
+    before = sum(ask(a) for _ in range(4)) + sum(ask(p) for _ in range(3))
+    per_request = ask(b)
+    before += per_request
+    time.sleep(1.0)  # published: every node counts the others' tokens
+
+    net.cut("etcd")
+    wait_until(lambda: not p.view()["etcd_connected"], TTL + 10, "p never took etcd as lost")
+    share = (BUDGET - before) // 3
+    on_p, refused = spend(p, key)
+    assert refused.status_code == 429, refused.text
+    message = refused.json()["error"]["message"]
+    assert "1/3" in message and "cannot see the rest of the mesh" in message, message
+    # Its share, no more (admission comes before the tokens are counted: one request over at
+    # most), and not much less.
+    assert share - per_request < on_p < share + per_request, (on_p, share, per_request)
+
+    # The other side, not knowing what p spent, spends what it thinks is left (p's tokens
+    # from before the cut still counted, though p's record has left with its lease).
+    wait_until(lambda: "p" not in a.sees(), TTL + 5, "p never left a's view")
+    on_ab, refused = spend(a, key)
+    assert refused.status_code == 429 and "is spent" in refused.json()["error"]["message"], refused.text
+    total = before + on_p + on_ab
+    print(f"budget {BUDGET}: {before} before the cut, {on_p} on the cut-off node (share {share}), "
+          f"{on_ab} on the other side: {total} in all, {total - BUDGET} over")
+    assert total <= BUDGET + share + 2 * per_request, (before, on_p, on_ab)
+    assert on_ab >= BUDGET - before - on_p - 2 * per_request, "the other side was held back"
+
+    # Back in the mesh, p counts the whole budget again: spent.
+    net.heal()
+    wait_until(lambda: all(n.sees() == set(nodes) for n in nodes.values()), 15, "p never came back")
+    time.sleep(1.0)
+    r = p.http.post(p.url + "/v1/embeddings", headers=auth, json={"model": EMBED, "input": SENTENCE})
+    assert r.status_code == 429 and "is spent" in r.json()["error"]["message"], r.text

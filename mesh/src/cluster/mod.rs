@@ -66,6 +66,9 @@ pub struct TenantUsage {
     pub tokens: u64,
 }
 
+/// A node's tokens per tenant: (start of the month, tokens).
+type TenantMonths = BTreeMap<String, (u64, u64)>;
+
 /// What a node publishes about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
@@ -156,6 +159,9 @@ struct Inner {
     /// Loads this node sent to each node since that node's last record: (count, bytes), so
     /// a burst of placements does not pile onto the node that looked emptiest.
     placed: parking_lot::Mutex<std::collections::HashMap<String, (usize, u64)>>,
+    /// Every other node's tokens per tenant as it last published them (start of month,
+    /// tokens), nodes that left included.
+    usage_seen: parking_lot::Mutex<BTreeMap<String, TenantMonths>>,
     /// Pinned models seen without a copy anywhere in the mesh, and since when.
     orphans: parking_lot::Mutex<std::collections::HashMap<String, Instant>>,
     /// A change whose write failed (etcd went away): written first on reconnecting.
@@ -203,6 +209,7 @@ impl Cluster {
                 claims: Claims::default(),
                 placed: Default::default(),
                 orphans: Default::default(),
+                usage_seen: Default::default(),
                 metrics,
             }),
         }
@@ -319,17 +326,25 @@ impl Cluster {
         }
     }
 
-    /// Sum what the other nodes publish per tenant this month, for the budgets here.
+    /// Sum what the other nodes publish per tenant this month, for the budgets here. A node
+    /// that left (stopped, or cut off), or restarted and has not admitted a tenant since, is
+    /// counted as it last published: its tokens were spent (a node's month only grows).
     fn share_usage(&self, nodes: &BTreeMap<String, NodeRecord>) {
-        let mut sum: std::collections::HashMap<String, (u64, u64)> = Default::default();
+        let mut seen = self.inner.usage_seen.lock();
         for n in nodes.values().filter(|n| n.node != self.inner.config.node) {
+            let known = seen.entry(n.node.clone()).or_default();
             for u in &n.usage {
-                let e = sum.entry(u.tenant.clone()).or_insert((u.month, 0));
-                if e.0 == u.month {
-                    e.1 += u.tokens;
-                } else if u.month > e.0 {
-                    *e = (u.month, u.tokens);
-                }
+                let e = known.entry(u.tenant.clone()).or_insert((u.month, u.tokens));
+                *e = (*e).max((u.month, u.tokens));
+            }
+        }
+        let mut sum: std::collections::HashMap<String, (u64, u64)> = Default::default();
+        for (tenant, &(month, tokens)) in seen.values().flatten() {
+            let e = sum.entry(tenant.clone()).or_insert((month, 0));
+            if e.0 == month {
+                e.1 += tokens;
+            } else if month > e.0 {
+                *e = (month, tokens);
             }
         }
         self.inner.limits.set_peer_usage(sum);

@@ -142,6 +142,11 @@ impl Cluster {
                     error = format!("{e:#}"),
                     "Lost etcd; serving what this node holds and forwarding to known peers"
                 );
+                // Blind to the others' usage: budgets admit only this node's share of what
+                // is left.
+                let me = &self.inner.config.node;
+                let others = self.inner.nodes.read().keys().filter(|n| *n != me).count();
+                self.inner.limits.lost_sight(others + 1);
             } else if !told {
                 tracing::warn!(error = format!("{e:#}"), "Cannot join the mesh through etcd; serving alone and trying again every second");
             } else {
@@ -298,6 +303,7 @@ impl Cluster {
             .inner
             .connected
             .swap(true, std::sync::atomic::Ordering::Relaxed);
+        self.inner.limits.regained_sight();
         let endpoint = self.inner.etcd.current().unwrap_or_default();
         match (kept, was) {
             (None, _) => {

@@ -66,6 +66,19 @@ pub struct Limits {
     /// In a mesh: tokens the other nodes report for each tenant this month (their start of
     /// month, tokens), counted against budgets beside this node's own.
     peers: Arc<Mutex<HashMap<String, (u64, u64)>>>,
+    /// While this node cannot see the other nodes' usage: what it may still spend.
+    cut: Arc<Mutex<Option<Cut>>>,
+}
+
+/// A node cut off from the mesh's usage (etcd lost) admits each budgeted tenant only an equal
+/// share of what was left of its budget when it lost sight, one share per node it last saw:
+/// so the nodes on the other side, which do not know of its spending, can overshoot the
+/// budget by at most that share.
+struct Cut {
+    /// Nodes last seen, this one included.
+    nodes: u64,
+    /// Per tenant: (start of the month, this node's tokens when its share was set, the share).
+    shares: HashMap<String, (u64, u64, u64)>,
 }
 
 /// Counts toward the tenant's concurrency while held.
@@ -197,7 +210,58 @@ impl Limits {
             tiers: Arc::default(),
             ledger,
             peers: Arc::default(),
+            cut: Arc::default(),
         }
+    }
+
+    /// This node lost sight of the other nodes' usage, having last seen `nodes` nodes (itself
+    /// included): from now on each budgeted tenant may spend here only its share of what is
+    /// left ([`Cut`]), until [`Limits::regained_sight`].
+    pub fn lost_sight(&self, nodes: usize) {
+        *self.cut.lock() = Some(Cut {
+            nodes: nodes.max(1) as u64,
+            shares: HashMap::new(),
+        });
+    }
+
+    /// The other nodes' usage is seen again: budgets count it as before.
+    pub fn regained_sight(&self) {
+        *self.cut.lock() = None;
+    }
+
+    /// Cut off from the mesh, is `tenant`'s share of what was left spent here? `own` is this
+    /// node's use this month, `total` the mesh's as last seen.
+    fn over_share(
+        &self,
+        tier: &Tier,
+        tenant: &str,
+        start: u64,
+        own: u64,
+        total: u64,
+    ) -> Option<Over> {
+        let mut cut = self.cut.lock();
+        let cut = cut.as_mut()?;
+        let nodes = cut.nodes;
+        let left = tier.token_budget.saturating_sub(total);
+        let share = cut
+            .shares
+            .entry(tenant.to_string())
+            .or_insert((start, own, left / nodes));
+        if share.0 != start {
+            *share = (start, own, left / nodes); // a new month began meanwhile
+        }
+        let (_, at, allowed) = *share;
+        (own.saturating_sub(at) >= allowed).then(|| {
+            Over(
+                format!(
+                    "this node cannot see the rest of the mesh (etcd is unreachable), so it admits \
+                     only its share (1/{nodes}) of what was left of the token budget of tier {:?}: \
+                     {allowed} tokens, spent",
+                    tier.name
+                ),
+                5,
+            )
+        })
     }
 
     /// Admit a request of `caller` now, or say which limit it is over: requests and tokens
@@ -249,17 +313,18 @@ impl Limits {
             _ => used,
         };
         w.budget = Some((start, used));
-        let used = used + self.peer_usage(&caller.tenant, start);
-        (used >= tier.token_budget).then(|| {
+        let total = used + self.peer_usage(&caller.tenant, start);
+        if total >= tier.token_budget {
             let secs = (end.saturating_sub(now_ms())) / 1000;
-            Over(
+            return Some(Over(
                 format!(
                     "the token budget of tier {:?} for this month ({}) is spent",
                     tier.name, tier.token_budget
                 ),
                 secs.max(1),
-            )
-        })
+            ));
+        }
+        self.over_share(tier, &caller.tenant, start, used, total)
     }
 
     /// What a tier used in the current month: for the pricing policy.
@@ -483,5 +548,41 @@ mod tests {
         assert_eq!(e.retry_after, requests.reset);
         let tokens = e.quotas.tokens.unwrap();
         assert_eq!((tokens.limit, tokens.remaining), (100, 70));
+    }
+
+    #[test]
+    fn cut_off_from_the_mesh_a_node_admits_only_its_share_of_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits::new(Ledger::open(dir.path()).unwrap());
+        let tier: super::super::Tier =
+            toml::from_str("name = 'metered'\ntoken_budget = 1000\n").unwrap();
+        let caller = Caller {
+            tenant: "t".into(),
+            tier: std::sync::Arc::new(tier),
+            authorization: None,
+        };
+        let month = month_bounds(now_ms()).0;
+        drop(limits.admit(&caller).unwrap());
+        limits.add_tokens("t", "metered", 100);
+        // The two other nodes used 500: 400 are left, 100 for each of four nodes.
+        limits.set_peer_usage([("t".to_string(), (month, 500))].into());
+        limits.lost_sight(4);
+        drop(limits.admit(&caller).unwrap());
+        limits.add_tokens("t", "metered", 60);
+        drop(limits.admit(&caller).unwrap());
+        limits.add_tokens("t", "metered", 40);
+        let e = limits.admit(&caller).err().expect("its share is spent");
+        assert!(
+            e.message.contains("1/4") && e.message.contains("100 tokens"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.retry_after, 5);
+        // Sight back: the whole budget counts again (1000 - 200 - 500 left).
+        limits.regained_sight();
+        drop(limits.admit(&caller).unwrap());
+        limits.add_tokens("t", "metered", 300);
+        let e = limits.admit(&caller).err().expect("the budget is spent");
+        assert!(e.message.contains("is spent"), "{}", e.message);
     }
 }
