@@ -10,8 +10,13 @@ N agents (processes on loopback, default 50) join one etcd, then:
   revocation    a tenant key revoked on node 0: time until each node refuses it (401)
   idle etcd     requests per second the whole idle mesh sends etcd, by method, per node
   record        the size of each node's published record (bytes), with M models registered
+  cold burst    C tiny generated models, cold, each asked for once, all at once, at random
+                nodes: loads per node (max against the mean), copies per model in the mesh,
+                and the time until every request was answered
+  node killed   the node holding a pinned model killed (SIGKILL) under requests for it: time
+                until no request reaches it and until the model is ready on another node
 
-    python3 tests/bench/scale.py [--nodes 50] [--models 500] [--idle-seconds 20]
+    python3 tests/bench/scale.py [--nodes 50] [--models 500] [--idle-seconds 20] [--cold 200]
 
 Each agent is started with `[cache] preload = false` and no model loaded: this measures the
 control plane, not inference. Memory: about 60 MB per debug agent. The suite runs a small
@@ -40,8 +45,12 @@ ADMIN = {"authorization": "Bearer bench-secret"}
 TIERS = '[tenancy]\n[[tenancy.tiers]]\nname = "basic"\n'
 
 
+FIXTURES = Path(os.environ.get("TMPDIR", "/tmp")) / f"flatmesh-scale-fixtures-{os.getpid()}"
+
+
 def config(etcd, name):
-    return (f'[server]\nadmin_token = "bench-secret"\n[cache]\npreload = false\n'
+    return (f'[server]\nadmin_token = "bench-secret"\nmodel_roots = ["{FIXTURES}"]\n'
+            f'[cache]\npreload = false\n'
             f'[mesh]\netcd = ["{etcd.endpoint}"]\nnode = "{name}"\nlease_ttl = "5s"\n'
             f'token = "bench-mesh-secret"\n' + TIERS)
 
@@ -117,6 +126,114 @@ def etcd_counters(etcd):
     return out
 
 
+BURST_AUTH = {}   # the key cold_burst made, for the requests after it
+
+
+def cold_burst(agents, count, threads=32, seed=7):
+    """Register `count` tiny generated models on node 0, wait until every node lists them, then
+    ask for each once, all at once, each at a random node. Returns (seconds until every answer,
+    HTTP statuses, loads per node, copies per model)."""
+    import random
+    import shutil
+    import subprocess
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    FIXTURES.mkdir(parents=True)
+    subprocess.run([str(BIN.parent / "make-fixtures"), str(FIXTURES), str(count), "small"], check=True,
+                   capture_output=True)
+    names = [f"cold{i:03d}" for i in range(count)]
+    with httpx.Client(timeout=60) as c:
+        c.post(agents[0].url + "/admin/tenants", headers=ADMIN, json={"id": "burst", "tier": "basic"}).raise_for_status()
+        auth = {"authorization": "Bearer " + c.post(agents[0].url + "/admin/tenants/burst/keys",
+                                                       headers=ADMIN).json()["key"]}
+        BURST_AUTH.update(auth)
+        for i, name in enumerate(names):
+            c.post(agents[0].url + "/admin/models", headers=ADMIN, json={
+                "id": name, "path": str(FIXTURES / f"model-{i:03d}.gguf"), "kv_cache_tokens": 64,
+                "keep_alive": -1}).raise_for_status()
+    last = names[-1]
+    finish(*spread(agents, lambda cl, a: last in {m["id"] for m in cl.get(
+        a.url + "/admin/models", headers=ADMIN).json()["models"]}
+        and cl.get(a.url + "/v1/models", headers=auth).status_code == 200, timeout=60)[1:], "cold registrations")
+    rng = random.Random(seed)
+    at = [rng.randrange(len(agents)) for _ in names]
+
+    def ask(i):
+        with httpx.Client(timeout=120) as cl:
+            return cl.post(agents[at[i]].url + "/v1/completions", headers=auth,
+                           json={"model": names[i], "prompt": "hi", "max_tokens": 1}).status_code
+    t = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        statuses = list(pool.map(ask, range(count)))
+    took = time.perf_counter() - t
+    time.sleep(1.0)  # every record published
+    with httpx.Client(timeout=60) as c:
+        nodes = c.get(agents[0].url + "/admin/mesh", headers=ADMIN).json()["nodes"]
+    loads = {n["node"]: sum(1 for m in n["models"] if m["id"] in set(names)) for n in nodes}
+    copies = {name: 0 for name in names}
+    for n in nodes:
+        for m in n["models"]:
+            if m["id"] in copies:
+                copies[m["id"]] += m["ready"]
+    shutil.rmtree(FIXTURES, ignore_errors=True)
+    return took, statuses, loads, copies
+
+
+def node_killed(agents):
+    """A pinned model's holder killed with SIGKILL while four clients ask the other nodes for
+    it: (seconds until every other node dropped it from its view — p50, max —, seconds until
+    the model was ready on another node, the statuses the clients got)."""
+    import random
+    first = agents[0]
+    with httpx.Client(timeout=60) as c:
+        c.post(first.url + "/admin/models", headers=ADMIN,
+               json={"id": "pinned", "path": EMBED, "pinned": True}).raise_for_status()
+
+        def holders():
+            nodes = c.get(first.url + "/admin/mesh", headers=ADMIN).json()["nodes"]
+            return {n["node"] for n in nodes if any(m["id"] == "pinned" and m["ready"] for m in n["models"])}
+        deadline = time.time() + 60
+        while not holders():
+            if time.time() > deadline:
+                sys.exit("the pinned model was never loaded")
+            time.sleep(0.1)
+        (holder,) = holders()
+    index = int(holder[1:])
+    others = [a for i, a in enumerate(agents) if i != index]
+    statuses, stop = [], threading.Event()
+
+    def ask(seed):
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60) as cl:
+            while not stop.is_set():
+                a = rng.choice(others)
+                try:
+                    statuses.append(cl.post(a.url + "/v1/embeddings", headers=BURST_AUTH,
+                                            json={"model": "pinned", "input": "x"}).status_code)
+                except httpx.HTTPError as e:
+                    statuses.append(repr(e))
+    clients = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    time.sleep(1)
+    agents[index].proc.kill()
+    t0, threads, took = spread(others, lambda cl, a: holder not in sees(cl, a), timeout=60)
+    replaced = None
+    with httpx.Client(timeout=60) as c:
+        while time.perf_counter() - t0 < 60:
+            nodes = c.get(others[0].url + "/admin/mesh", headers=ADMIN).json()["nodes"]
+            if any(n["node"] != holder and any(m["id"] == "pinned" and m["ready"] for m in n["models"])
+                   for n in nodes):
+                replaced = time.perf_counter() - t0
+                break
+            time.sleep(0.02)
+    took = finish(threads, took, "a node killed")
+    time.sleep(1)
+    stop.set()
+    for t in clients:
+        t.join()
+    return (statistics.median(took), max(took)), replaced, statuses
+
+
 def everything(etcd):
     """Every key in etcd and its value's size in bytes."""
     import base64
@@ -132,6 +249,7 @@ def main():
     ap.add_argument("--nodes", type=int, default=50)
     ap.add_argument("--models", type=int, default=500, help="models registered before the record is measured")
     ap.add_argument("--idle-seconds", type=float, default=20.0)
+    ap.add_argument("--cold", type=int, default=200, help="cold models asked for at once")
     args = ap.parse_args()
     etcd = Etcd()
     agents = []
@@ -204,6 +322,8 @@ def main():
                 time.sleep(1)
         time.sleep(2)
         records = everything(etcd)
+        burst = cold_burst(agents, args.cold)
+        killed = node_killed(agents)
         node_records = {k: v for k, v in records.items() if "/nodes/" in k}
 
         print(f"{args.nodes} agents on loopback, one etcd, {BIN.name} "
@@ -226,6 +346,19 @@ def main():
                   f"{min(sizes)}-{max(sizes)} bytes each")
         total = sum(records.values())
         print(f"  etcd holds {len(records)} keys, {total} bytes of values")
+        took, statuses, loads, copies = burst
+        mean = sum(loads.values()) / len(loads)
+        print(f"  {args.cold} cold models asked for at once at random nodes: all answered in {took:.1f} s "
+              f"({sum(s == 200 for s in statuses)} answered 200); loads per node: mean {mean:.1f}, "
+              f"max {max(loads.values())}, min {min(loads.values())}; copies per model: "
+              f"{sorted(set(copies.values()))} ({sum(v == 1 for v in copies.values())} models with exactly one)")
+        (p50, most), replaced, statuses = killed
+        failed = [s for s in statuses if s != 200]
+        print(f"  a pinned model's holder killed (SIGKILL, lease TTL 5 s): out of every view after p50 "
+              f"{p50:.2f} s, max {most:.2f} s; the model ready on another node after "
+              + (f"{replaced:.2f} s" if replaced is not None else "never (60 s)")
+              + f"; {len(statuses)} requests at the other nodes meanwhile, {len(failed)} failed"
+              + (f" ({failed[:3]})" if failed else ""))
     finally:
         for a in agents:
             a.stop()

@@ -9,14 +9,22 @@ the tests' requests to p). So each can be cut from p alone:
 - `cut("peers")`: packets between p and the peers vanish (etcd and clients still reach p);
 - `down()` / `up()`: p's end of the link down: nothing reaches p or leaves it (a flapping link,
   or, with the agent killed while it is down, a host gone without a word);
-- `heal()`: every route back.
+- `heal()`: every route back;
+- `lossy(percent)`: a share of the packets between p and the peers dropped at random, both
+  ways (nftables' `numgen random`; the kernel here has no `sch_netem`), `lossless()` undoes it.
+
+`Delay` is the delay `netem` would add: a TCP relay on this host that hands each chunk on a
+fixed time after it arrived, both ways; p advertises the relay's address to its peers.
 
 Everything is made with `ip` from Debian's iproute2 and removed by `close()`, which the fixtures
 call in a `finally`. Without root (or where namespaces cannot be made) the test is skipped.
 """
 import json
 import os
+import shutil
+import socket
 import subprocess
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +84,32 @@ class Hosts:
             ip("route", "replace", f"{to}/32", "via", PEER_IP, "dev", VETH_NS, "onlink", ns=NS)
         ip("route", "del", f"{PEER_IP}/32", ns=NS, check=False)
 
+    def lossy(self, percent: int):
+        """Drop `percent` % of the packets between p and its peers, each way, at random."""
+        if not shutil.which("nft"):
+            pytest.skip("nft (Debian's nftables) is not installed")
+        rules = f"""
+table inet flatmesh_loss {{
+    chain inbound {{ type filter hook input priority 0; ip saddr {PEER_IP} numgen random mod 100 < {percent} counter drop; }}
+    chain outbound {{ type filter hook output priority 0; ip daddr {PEER_IP} numgen random mod 100 < {percent} counter drop; }}
+}}
+"""
+        r = subprocess.run(["ip", "netns", "exec", NS, "nft", "-f", "-"], input=rules, text=True,
+                           capture_output=True, timeout=30)
+        if r.returncode != 0:
+            pytest.skip(f"nftables cannot drop packets here: {r.stderr.strip()}")
+
+    def dropped(self) -> int:
+        """Packets `lossy` has dropped so far, both ways."""
+        import re
+        r = subprocess.run(["ip", "netns", "exec", NS, "nft", "list", "table", "inet", "flatmesh_loss"],
+                           capture_output=True, text=True, timeout=30)
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", r.stdout))
+
+    def lossless(self):
+        subprocess.run(["ip", "netns", "exec", NS, "nft", "delete", "table", "inet", "flatmesh_loss"],
+                       capture_output=True, timeout=30)
+
     def down(self):
         ip("link", "set", VETH_NS, "down", ns=NS)
 
@@ -86,6 +120,69 @@ class Hosts:
     def close(self):
         ip("netns", "del", NS, check=False)  # takes its end of the veth pair, and so both
         ip("link", "del", VETH_HOST, check=False)
+
+
+class Delay:
+    """A TCP relay from `listen` (host, port) to `target` that hands every chunk on `seconds`
+    after it arrived, in each direction (not throttled: chunks in flight overlap)."""
+
+    def __init__(self, listen: tuple, target: tuple, seconds: float):
+        self.target, self.seconds, self.closed = target, seconds, threading.Event()
+        self.server = socket.create_server(listen)
+        self.address = self.server.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def free_port(host: str) -> int:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+
+    def _accept(self):
+        while not self.closed.is_set():
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            for src, dst in ((client, upstream), (upstream, client)):
+                self._pipe(src, dst)
+
+    def _pipe(self, src, dst):
+        import queue
+        chunks = queue.Queue()
+
+        def read():
+            while True:
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                chunks.put((time.monotonic() + self.seconds, data))
+                if not data:
+                    return
+
+        def write():
+            while True:
+                due, data = chunks.get()
+                time.sleep(max(0.0, due - time.monotonic()))
+                try:
+                    if not data:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    dst.sendall(data)
+                except OSError:
+                    return
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=write, daemon=True).start()
+
+    def close(self):
+        self.closed.set()
+        self.server.close()
 
 
 class Node:
@@ -176,9 +273,9 @@ def wait_until(pred, timeout: float, what) -> float:
     return time.monotonic() - start
 
 
-def three_hosts(prefix: str, ttl: float, extra: str = ""):
+def three_hosts(prefix: str, ttl: float, extra: str = "", p_extra: str = ""):
     """A fixture body: p's host, etcd at ETCD_IP, a and b at PEER_IP, p in its namespace, all
-    seeing each other. Yields (hosts, etcd, nodes)."""
+    seeing each other. Yields (hosts, etcd, nodes); `p_extra` goes into p's `[mesh]` alone."""
     assert BIN.exists(), f"{BIN} is missing: cargo build -p flatmesh"
     net = Hosts()
     etcd, nodes = None, {}
@@ -186,7 +283,7 @@ def three_hosts(prefix: str, ttl: float, extra: str = ""):
         etcd = Etcd(host=ETCD_IP)
         for name in ("a", "b"):
             nodes[name] = Node(name, etcd, PEER_IP, prefix, ttl, extra=extra)
-        nodes["p"] = Node("p", etcd, NODE_IP, prefix, ttl, ns=NS, extra=extra)
+        nodes["p"] = Node("p", etcd, NODE_IP, prefix, ttl, ns=NS, extra=p_extra + extra)
         wait_until(lambda: all(n.sees() == set(nodes) for n in nodes.values()), 30,
                    lambda: {k: sorted(n.sees()) for k, n in nodes.items()})
         yield net, etcd, nodes

@@ -3,7 +3,8 @@
 Three real etcd members on loopback; agents "a", "b" and "c" list all three endpoints (each in
 another order, so one of them talks to the leader and two to followers); agent "d" lists the
 leader alone. Under steady embedding and chat requests to a, b and c and a stream of admin
-writes, the leader is killed with SIGKILL. Then: no request fails; admin writes are accepted
+writes, the leader is killed with SIGKILL. Then: no request fails, and each answered one is in
+exactly one node's ledger, once; admin writes are accepted
 again within seconds; every acknowledged write is in etcd and on every node; a, b and c stay
 connected and keep seeing each other throughout, without joining again; d, whose only member
 is gone, leaves the others' views within its lease.
@@ -183,6 +184,20 @@ def test_no_request_fails_while_the_leader_dies(leader_loss):
               for _, _, i, out in seen if isinstance(out, Exception) or out.status_code != 200]
     assert not failed, failed[:5]
     print(f"{len(seen)} requests, {len(after)} after the kill, none failed")
+
+
+def test_every_answered_request_is_in_one_ledger_once(leader_loss):
+    # The ledgers' records against what the clients were answered: the six requests before
+    # the clock ran, and every 200 of the traffic (forwarded ones are recorded where they ran).
+    answered = 6 + sum(1 for _, _, _, out in leader_loss["traffic"]
+                       if not isinstance(out, Exception) and out.status_code == 200)
+    ids = []
+    for name, a in leader_loss["agents"].items():
+        r = httpx.get(a.url + "/admin/ledger/records", headers=ADMIN, timeout=30)
+        assert r.status_code == 200, r.text
+        ids += [rec["id"] for rec in r.json()["records"]]
+    assert len(ids) == len(set(ids)), "a record in two ledgers, or twice in one"
+    assert len(ids) == answered, f"{len(ids)} records for {answered} answered requests"
 
 
 def test_admin_writes_are_accepted_again_within_seconds(leader_loss):

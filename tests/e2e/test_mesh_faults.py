@@ -8,7 +8,10 @@ Three agents: "a" and "b" on this host, "p" on a host of its own; one etcd. Faul
   requests at a are served, p leaves the views within its lease;
 - p's link flapping (down and up every 2 s; `FLATMESH_FLAP_SECONDS`, default 20; 60 for the issue's minute): no crash;
   afterwards every node sees every node and etcd holds one lease and one record per node and
-  no load claim.
+  no load claim;
+- 200 ms added to every round trip between p and its peers (a relay that delays each chunk) and
+  5% of their packets dropped each way (nftables): every request forwarded to p is answered,
+  with the added latency measured.
 Skipped where network namespaces cannot be made (no root).
 """
 import base64
@@ -202,3 +205,63 @@ def test_a_flapping_link_crashes_nothing_and_leaks_no_lease_claim_or_copy(hosts)
         models = n.http.get(n.url + "/admin/models", headers=ADMIN, timeout=10).json()["models"]
         copies = [m for m in models if m["id"] == EMBED]
         assert len(copies) == 1 and len(copies[0]["copies"]) <= 1, (name, copies)
+
+
+DELAY = 0.1   # each way: 200 ms added to every round trip between p and its peers
+LOSS = 5      # percent of the packets between p and its peers, each way
+RELAY_PORT = None
+
+
+@pytest.fixture
+def slow_hosts():
+    """p advertises a relay on this host that delays what passes it (p's peers reach p only
+    through it); the relay is started once p is up."""
+    from netns import PEER_IP, Delay
+    global RELAY_PORT
+    RELAY_PORT = Delay.free_port("127.0.0.1")  # PEER_IP is not up yet; its ports are as free
+    for net, etcd, nodes in three_hosts("/slow", TTL, p_extra=f'advertise = "http://{PEER_IP}:{RELAY_PORT}"\n'):
+        p = nodes["p"]
+        host, port = p.url.removeprefix("http://").rsplit(":", 1)
+        relay = Delay((PEER_IP, RELAY_PORT), (host, int(port)), 0.0)
+        try:
+            yield net, relay, nodes
+        finally:
+            relay.close()
+
+
+def test_delay_and_loss_between_nodes_slow_forwarded_requests_but_fail_none(slow_hosts):
+    import statistics
+    net, relay, nodes = slow_hosts
+    a, p = nodes["a"], nodes["p"]
+    load_on(p, EMBED)
+    wait_until(lambda: a.holders(EMBED) == {"p"}, 10, lambda: a.holders(EMBED))
+
+    def forwarded(n):
+        took = []
+        for i in range(n):
+            start = time.monotonic()
+            r = a.embed(EMBED, f"forwarded {i}")
+            took.append(time.monotonic() - start)
+            assert r.status_code == 200 and r.headers["x-flatmesh-node"] == "p", r.text
+        return took
+
+    clean = forwarded(20)
+    relay.seconds = DELAY
+    net.lossy(LOSS)
+    try:
+        slow = forwarded(40)
+        dropped = net.dropped()
+    finally:
+        net.lossless()
+        relay.seconds = 0.0
+    p50 = statistics.median(slow) - statistics.median(clean)
+    p99 = sorted(slow)[int(0.99 * (len(slow) - 1))] - sorted(clean)[int(0.99 * (len(clean) - 1))]
+    print(f"forwarded embeddings a -> p: clean p50 {statistics.median(clean) * 1e3:.0f} ms; with "
+          f"{2 * DELAY * 1e3:.0f} ms added to each round trip and {LOSS}% loss each way: p50 "
+          f"{statistics.median(slow) * 1e3:.0f} ms (+{p50 * 1e3:.0f}), p99 +{p99 * 1e3:.0f} ms, "
+          f"max {max(slow) * 1e3:.0f} ms; {dropped} packets dropped")
+    assert dropped > 0, "the link lost nothing: the test did not test loss"
+    # Every one answered by p: one round trip more at the median, and a lost packet's
+    # retransmission (200 ms at least, doubling) bounds the tail.
+    assert 2 * DELAY * 0.9 <= p50 <= 2 * DELAY * 3, p50
+    assert max(slow) < 5.0, max(slow)

@@ -1,7 +1,8 @@
 """The mesh at eight nodes, the suite's small version of tests/bench/scale.py (fifty): a
 registration, a vmodel switch and a key revocation made on one node reach every node within
 two seconds; an idle node writes to etcd at most once a second beyond its lease keep-alive;
-the record each node publishes does not grow with the models registered."""
+the record each node publishes does not grow with the models registered; forty cold models asked
+for at once at random nodes load once each in the mesh, no node more than twice the mean."""
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import scale  # noqa: E402
 from conftest import LLM, Etcd  # noqa: E402
 
 NODES = 8
+COLD = 40
 WITHIN = 2.0
 
 
@@ -72,6 +74,12 @@ def test_changes_reach_eight_nodes_and_an_idle_node_costs_etcd_little():
         after = scale.everything(etcd)
         grew = {k: (before[k], after[k]) for k in before if "/nodes/" in k and k in after and after[k] > before[k] + 64}
         assert not grew, f"node records grew with the registry: {grew}"
+
+        took, statuses, loads, copies = scale.cold_burst(agents, COLD, threads=16)
+        print(f"{COLD} cold models at once over {NODES} nodes: {took:.1f} s, loads per node {sorted(loads.values())}")
+        assert statuses == [200] * COLD, statuses
+        assert set(copies.values()) == {1}, {m: n for m, n in copies.items() if n != 1}
+        assert max(loads.values()) <= 2 * COLD / NODES, loads
     finally:
         for a in agents:
             a.stop()

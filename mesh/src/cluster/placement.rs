@@ -191,10 +191,12 @@ impl Cluster {
     }
 
     /// The node that should load `model` (`need` bytes), of those `allowed` admits and not
-    /// draining: one with room without evicting, then the cheapest, then one with the model in
-    /// its warm tier, then the fewest loads in flight, then the most free bytes — counting the
-    /// loads this node sent each node since its last record; this node on a tie (no hop).
-    /// None when no node qualifies.
+    /// draining: of the nodes with room without evicting, the cheapest, with the model in its
+    /// warm tier, those with the fewest copies (ready, loading, and the loads this node sent
+    /// each since its last record) or one more; of those this node (no hop), else the one the
+    /// model hashes to (rendezvous hashing: a burst of cold models spreads over them instead of
+    /// herding onto the emptiest, even when many nodes choose at once from records a moment
+    /// old). None when no node qualifies.
     fn choose_loader(
         &self,
         model: &str,
@@ -205,27 +207,35 @@ impl Cluster {
         let nodes = self.inner.nodes.read();
         let placed = self.inner.placed.lock();
         let me = &self.inner.config.node;
-        let candidates = nodes
+        let candidates: Vec<(&NodeRecord, u64, usize)> = nodes
             .values()
             .filter(|n| n.node != *me)
             .chain(std::iter::once(&mine))
-            .filter(|n| !n.draining && allowed(n));
-        candidates
+            .filter(|n| !n.draining && allowed(n))
             .map(|n| {
                 let (count, bytes) = placed.get(&n.node).copied().unwrap_or_default();
-                let free = n.free().saturating_sub(bytes);
-                let key = (
-                    free >= need,
-                    std::cmp::Reverse(cost_key(n.cost)),
-                    n.warm.iter().any(|w| w == model),
-                    std::cmp::Reverse(n.loading.len() + count),
-                    free,
-                    n.node == *me,
-                );
-                (key, n)
+                let copies = n.models.len() + n.loading.len() + count;
+                (n, n.free().saturating_sub(bytes), copies)
             })
-            .max_by(|a, b| a.0.cmp(&b.0))
-            .map(|(_, n)| peer_of(n))
+            .collect();
+        let class = |(n, free, _): &(&NodeRecord, u64, usize)| {
+            (
+                *free >= need,
+                std::cmp::Reverse(cost_key(n.cost)),
+                n.warm.iter().any(|w| w == model),
+            )
+        };
+        let best = candidates.iter().map(class).max()?;
+        let top: Vec<_> = candidates.iter().filter(|c| class(c) == best).collect();
+        let fewest = top.iter().map(|c| c.2).min()?;
+        let near = top.into_iter().filter(|c| c.2 <= fewest + 1);
+        let rank = |n: &NodeRecord| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (model, &n.node).hash(&mut h);
+            (n.node != *me, h.finish())
+        };
+        near.map(|c| c.0).min_by_key(|n| rank(n)).map(peer_of)
     }
 
     /// Whether a copy of `model` with `ready` copies and `leases` leases has more requests
