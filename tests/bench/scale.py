@@ -123,13 +123,20 @@ def etcd_counters(etcd):
         for m in re.finditer(name + r'\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)', text):
             key = (name.split("_")[2], m.group(1))
             out[key] = out.get(key, 0) + float(m.group(2))
+    for way in ("received", "sent"):
+        m = re.search(rf"^etcd_network_client_grpc_{way}_bytes_total (\S+)", text, re.M)
+        if m:
+            out[("bytes", way)] = float(m.group(1))
     return out
 
 
 BURST_AUTH = {}   # the key cold_burst made, for the requests after it
 
 
-def cold_burst(agents, count, threads=32, seed=7):
+COUNTED = {}      # etcd's counters over cold_burst's requests, when it was given etcd
+
+
+def cold_burst(agents, count, threads=32, seed=7, etcd=None):
     """Register `count` tiny generated models on node 0, wait until every node lists them, then
     ask for each once, all at once, each at a random node. Returns (seconds until every answer,
     HTTP statuses, loads per node, copies per model)."""
@@ -161,10 +168,14 @@ def cold_burst(agents, count, threads=32, seed=7):
         with httpx.Client(timeout=120) as cl:
             return cl.post(agents[at[i]].url + "/v1/completions", headers=auth,
                            json={"model": names[i], "prompt": "hi", "max_tokens": 1}).status_code
+    before = etcd_counters(etcd) if etcd else {}
     t = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         statuses = list(pool.map(ask, range(count)))
     took = time.perf_counter() - t
+    if etcd:
+        after = etcd_counters(etcd)
+        COUNTED.update({k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)})
     time.sleep(1.0)  # every record published
     with httpx.Client(timeout=60) as c:
         nodes = c.get(agents[0].url + "/admin/mesh", headers=ADMIN).json()["nodes"]
@@ -322,7 +333,8 @@ def main():
                 time.sleep(1)
         time.sleep(2)
         records = everything(etcd)
-        burst = cold_burst(agents, args.cold)
+        burst = cold_burst(agents, args.cold, etcd=etcd)
+        busy_seconds, busy = burst[0], {k: v / burst[0] / args.nodes for k, v in COUNTED.items()}
         killed = node_killed(agents)
         node_records = {k: v for k, v in records.items() if "/nodes/" in k}
 
@@ -346,6 +358,10 @@ def main():
                   f"{min(sizes)}-{max(sizes)} bytes each")
         total = sum(records.values())
         print(f"  etcd holds {len(records)} keys, {total} bytes of values")
+        print(f"  etcd traffic per node while the cold burst's requests ran ({busy_seconds:.1f} s; "
+              f"the loads' claims and the records' changes):")
+        for (kind, method), rate in sorted(busy.items()):
+            print(f"    {kind:8s} {method:20s} {rate:8.3f}/s")
         took, statuses, loads, copies = burst
         mean = sum(loads.values()) / len(loads)
         print(f"  {args.cold} cold models asked for at once at random nodes: all answered in {took:.1f} s "
