@@ -134,6 +134,11 @@ def test_tiers_held_to_pools_run_only_there_loads_go_cheapest_first_and_none_lef
     # a model other nodes hold; the other tiers go on.
     own.proc.kill()
     own.proc.wait()
+    # Within its lease the others still list it: forwarding to it fails, and the held tier is
+    # refused rather than served where it arrived.
+    r = complete(spot, gdpr, "m4")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_node_in_pools", \
+        (r.status_code, served_by(r), r.text)
     wait_until(lambda: sees(spot) == {"rent", "spot"} and sees(rent) == {"rent", "spot"}, 10,
                lambda: (sees(spot), sees(rent)))
     for at, model in ((spot, "m2"), (rent, "m3"), (spot, "m0")):

@@ -1,5 +1,5 @@
 //! Placement in the mesh: here, forward to a holder, or claim the one load in the mesh for
-//! the node that should load it (chosen by room, warm tier, loads in flight, free bytes).
+//! the node that should load it (chosen by room, cost, warm tier, fewest copies, then a hash).
 
 use std::{
     sync::atomic::Ordering,
@@ -76,7 +76,6 @@ impl Cluster {
     pub async fn place(&self, model: &str, tier: &Tier) -> Result<Option<Peer>, Confined> {
         let me = self.inner.config.node.clone();
         let allowed = |n: &NodeRecord| tier.runs_on(&n.pool, &n.labels);
-        let here_ok = self.runs_here(tier) && !self.draining();
         let key = match tier.confined() {
             false => self.key(&format!("loading/{model}")),
             // Another tier's load may land where this one may not run: a load of its own
@@ -86,6 +85,8 @@ impl Cluster {
         let started = Instant::now();
         let mut waiting = false;
         loop {
+            // Read again each pass: a drain that begins while a request waits counts.
+            let here_ok = self.runs_here(tier) && !self.draining();
             let here = self.local_state(model);
             let holder = self.holder(model, &allowed);
             if here_ok && (here.ready || here.loading) {
@@ -140,10 +141,12 @@ impl Cluster {
                 }
                 Claimed::Taken(node) => node,
             };
-            if taken == me {
+            if taken == me && here_ok {
                 self.placed_by("load_here");
                 return Ok(None); // another node chose this one to load it
             }
+            // (Chosen before it began draining, a draining node waits like the others: with no
+            // load here the claim is given back within a second and placed anew.)
             if !waiting {
                 waiting = true;
                 self.placed_by("wait");
@@ -154,7 +157,7 @@ impl Cluster {
                 return match self.live_peer(&taken, &allowed) {
                     Some(peer) => Ok(Some(peer)),
                     None if here_ok => Ok(None),
-                    None => Err(self.confined(tier)),
+                    None => self.last_resort(tier),
                 };
             }
             // Look for its copy; then ask about the claim again (gone without a copy: the load
@@ -388,19 +391,23 @@ impl Cluster {
         for (key, held) in self.inner.claims.held() {
             let model = &held.model;
             let here = self.local_state(model);
+            // Only the loader's own state counts: an unrelated load of the same model (another
+            // tier's, outside this claim's pools) must not keep a failed claim held.
             let (ready, loading) = {
                 let nodes = self.inner.nodes.read();
-                let ready = nodes
-                    .get(&held.loader)
-                    .is_some_and(|n| n.models.iter().any(|m| m.id == *model && m.ready > 0));
-                (ready, nodes.values().any(|n| n.loading.contains(model)))
+                let loader = nodes.get(&held.loader);
+                let ready =
+                    loader.is_some_and(|n| n.models.iter().any(|m| m.id == *model && m.ready > 0));
+                let loading = loader.is_some_and(|n| n.loading.contains(model))
+                    || (held.loader == self.inner.config.node && here.loading);
+                (ready, loading)
             };
             // The loader's ready copy must be in the published records (this node's own
             // included) before the claim goes, and have been there a moment: a node whose view
             // lags must see the copy, not a free claim, or it would load a second one.
             let held_for = held.since.elapsed();
             let over = (ready && held_for > Duration::from_millis(500))
-                || (!here.loading && !loading && held_for > Duration::from_secs(1));
+                || (!loading && held_for > Duration::from_secs(1));
             if over {
                 self.inner.claims.release(client, key).await?;
             }

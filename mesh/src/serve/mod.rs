@@ -164,7 +164,14 @@ impl Serve {
         // Admitted before the response cache is asked: a caller over its limits costs no
         // plugin call (nor the embedding a semantic cache computes).
         let admission = self.admit(&req.caller, &info).await?;
-        let mut remember = match self.look_up(req, &info, &model, &work).await? {
+        // A tier held to other pools keeps its prompts and answers out of this node's
+        // response cache: it is only passed through here.
+        let outside = !place::runs_here(self.mesh.as_deref(), &req.caller.tier);
+        let lookup = match outside {
+            true => Lookup::NotAsked,
+            false => self.look_up(req, &info, &model, &work).await?,
+        };
+        let mut remember = match lookup {
             Lookup::Hit(generation) => {
                 telemetry::attr(&span, "gen_ai.response.model", model.clone());
                 let mut bill = self.bill(req, info);
@@ -201,6 +208,10 @@ impl Serve {
             };
             match here.on_peer((&cluster, &peer), req, decided, tracker).await {
                 place::OnPeer::Answered(served) => return served.map(Prepared::Answered),
+                // The peer could not take it: here, unless the tier may not run here.
+                place::OnPeer::ServeHere(_) if !cluster.runs_here(&req.caller.tier) => {
+                    return Err(cluster.confined(&req.caller.tier).into());
+                }
                 place::OnPeer::ServeHere(kept) => remember = kept,
             }
             admission = self.admit(&req.caller, &info).await?;

@@ -65,12 +65,11 @@ pub(super) async fn place(
 ) -> Result<Place, ServeError> {
     let tier = &req.caller.tier;
     let Some(mesh) = mesh else {
-        let pool = crate::cluster::config::default_pool();
-        if !tier.runs_on(&pool, &Default::default()) {
+        if !runs_here(None, tier) {
             return Err(Confined {
                 tier: tier.name.clone(),
                 confinement: tier.confinement(),
-                pool,
+                pool: crate::cluster::config::default_pool(),
             }
             .into());
         }
@@ -88,6 +87,15 @@ pub(super) async fn place(
         Ok(Some(peer)) => Ok(Place::Peer(mesh.cluster.clone(), peer)),
         Ok(None) => Ok(Place::Here),
         Err(confined) => Err(confined.into()),
+    }
+}
+
+/// Whether `tier` may run on this node: its pool and labels in a mesh, pool `default` with
+/// no labels outside one.
+pub(super) fn runs_here(mesh: Option<&Mesh>, tier: &crate::tenancy::Tier) -> bool {
+    match mesh {
+        Some(m) => m.cluster.runs_here(tier),
+        None => tier.runs_on(&crate::cluster::config::default_pool(), &Default::default()),
     }
 }
 
