@@ -232,12 +232,7 @@ impl Cluster {
         let top: Vec<_> = candidates.iter().filter(|c| class(c) == best).collect();
         let fewest = top.iter().map(|c| c.2).min()?;
         let near = top.into_iter().filter(|c| c.2 <= fewest + 1);
-        let rank = |n: &NodeRecord| {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (model, &n.node).hash(&mut h);
-            (n.node != *me, h.finish())
-        };
+        let rank = |n: &NodeRecord| (n.node != *me, rendezvous(model, &n.node));
         near.map(|c| c.0).min_by_key(|n| rank(n)).map(peer_of)
     }
 
@@ -416,11 +411,47 @@ impl Cluster {
     }
 }
 
+/// The rendezvous weight of `node` for `model`: FNV-1a over both, the same on every node
+/// whatever compiler built it (the standard hasher may change between releases).
+fn rendezvous(model: &str, node: &str) -> u64 {
+    let bytes = model
+        .bytes()
+        .chain(std::iter::once(0xff))
+        .chain(node.bytes());
+    bytes.fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A node's front doors.
 fn peer_of(n: &NodeRecord) -> Peer {
     Peer {
         node: n.node.clone(),
         http: n.http.clone(),
         grpc: n.grpc.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rendezvous;
+
+    #[test]
+    fn rendezvous_weights_are_fixed_and_spread_models_over_nodes() {
+        // Fixed values (FNV-1a 64 of b"\xff" and b"m\xffn"): a weight never depends on the build.
+        assert_eq!(rendezvous("", ""), 0xaf64724c8602eb6e);
+        assert_eq!(rendezvous("m", "n"), 0x985431918aaee91);
+        assert_ne!(rendezvous("m", "n"), rendezvous("n", "m"));
+        // Forty models over eight nodes: each node is first for some, none for most.
+        let nodes: Vec<String> = (0..8).map(|i| format!("n{i:02}")).collect();
+        let mut firsts = vec![0; nodes.len()];
+        for m in 0..40 {
+            let model = format!("cold{m:03}");
+            let best = (0..nodes.len())
+                .min_by_key(|&i| rendezvous(&model, &nodes[i]))
+                .unwrap();
+            firsts[best] += 1;
+        }
+        assert!(firsts.iter().all(|&n| (1..=12).contains(&n)), "{firsts:?}");
     }
 }
